@@ -1,0 +1,27 @@
+"""Test-wide setup.
+
+Without a GPU, the Triton kernels run on the CPU interpreter: ``TRITON_INTERPRET`` must be set
+before any ``@triton.jit`` function is defined, so it is set here, before test modules import the
+package's kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield

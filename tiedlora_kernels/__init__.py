@@ -1,0 +1,19 @@
+"""tiedlora-kernels: fused kernels and drop-in modules for Tied-LoRA-style adapters.
+
+    out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v
+
+with A (r, K) and B (N, r) tied across the layers of a kind. See README.md and SPEC.md.
+"""
+
+from . import reference
+from .config import PRESETS, TiedLoRAConfig
+from .integrations import (adapted_layers, adapter_named_parameters, expected_trainable_parameters, from_peft,
+                           inject, load_adapter, merge, save_adapter, trainable_parameters, unmerge)
+from .modules import TiedFactors, TiedLoRALinear
+from .ops import tied_lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["tied_lora_linear", "reference", "TiedLoRAConfig", "PRESETS", "inject", "merge", "unmerge",
+           "save_adapter", "load_adapter", "from_peft", "trainable_parameters", "expected_trainable_parameters",
+           "adapted_layers", "adapter_named_parameters", "TiedLoRALinear", "TiedFactors"]

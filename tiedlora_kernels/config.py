@@ -1,0 +1,240 @@
+"""Adapter configuration: the presets of Table 1 (SPEC.md) as plain data, plus every knob to build others.
+
+A preset fixes, for each of the four adapter tensors A (r, K), B (N, r), u (r,), v (N,):
+whether it trains, how it is initialised, and whether A and B are tied (one pair per layer
+kind) or owned by each layer. ``u`` / ``v`` initialised to ``None`` mean "absent": the constant 1,
+frozen, costing no memory. Every preset starts as the identity function (its product has exactly
+one zero factor) so that injecting it does not change the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+#: Initialisers for A and B. Bounds use fan_in = K for A (r, K) and fan_in = r for B (N, r).
+#: - ``kaiming_uniform``: U(-sqrt(6/fan_in), +sqrt(6/fan_in)), PEFT VeRA's projections.
+#: - ``lora_kaiming``: U(-1/sqrt(fan_in), +1/sqrt(fan_in)), PEFT LoRA's A (nn.Linear default).
+#: - ``normal``: N(0, 1), the paper's NeMo code.
+#: - ``zeros``: the factor that makes the initial adapter output zero.
+FACTOR_INITS = ("kaiming_uniform", "lora_kaiming", "normal", "zeros")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one adapter tensor is set up: trained or frozen, and its initialiser.
+
+    For A and B ``init`` is one of :data:`FACTOR_INITS`; for u and v it is a float (constant fill)
+    or ``None`` (tensor absent, i.e. the constant 1, which must then be frozen).
+    """
+
+    train: bool
+    init: Union[str, float, None]
+
+
+@dataclass(frozen=True)
+class Preset:
+    A: TensorSpec
+    B: TensorSpec
+    u: TensorSpec
+    v: TensorSpec
+    tied: bool
+    description: str
+
+
+_ONE = TensorSpec(False, None)
+
+#: Table 1 of the paper (SPEC.md). Parameter formulas are in :func:`tiedlora_kernels.trainable_parameters`.
+PRESETS: dict[str, Preset] = {
+    "lora": Preset(TensorSpec(True, "lora_kaiming"), TensorSpec(True, "zeros"), _ONE, _ONE, False,
+                   "LoRA: untied A, B trained"),
+    "vera": Preset(TensorSpec(False, "kaiming_uniform"), TensorSpec(False, "kaiming_uniform"),
+                   TensorSpec(True, 0.1), TensorSpec(True, 0.0), True,
+                   "VeRA: frozen random tied A, B; u, v trained"),
+    "tl1": Preset(TensorSpec(True, "zeros"), TensorSpec(False, "kaiming_uniform"), _ONE, _ONE, True,
+                  "TL1 (B uA⛓): tied A trained, B frozen"),
+    "tl2": Preset(TensorSpec(True, "zeros"), TensorSpec(False, "kaiming_uniform"),
+                  TensorSpec(True, 1.0), TensorSpec(True, 1.0), True,
+                  "TL2 (vB uA⛓): tied A trained, B frozen, u, v trained"),
+    "tl3": Preset(TensorSpec(False, "kaiming_uniform"), TensorSpec(True, "zeros"), _ONE, _ONE, True,
+                  "TL3 (B⛓ A): tied B trained, A frozen"),
+    "tl4": Preset(TensorSpec(False, "kaiming_uniform"), TensorSpec(True, "zeros"),
+                  TensorSpec(True, 1.0), _ONE, True,
+                  "TL4 (B⛓ uA): tied B trained, A frozen, u trained"),
+    "tl5": Preset(TensorSpec(True, "kaiming_uniform"), TensorSpec(True, "zeros"), _ONE, _ONE, True,
+                  "TL5 (B⛓A⛓): tied A, B trained"),
+    "tl6": Preset(TensorSpec(True, "kaiming_uniform"), TensorSpec(True, "zeros"),
+                  TensorSpec(True, 1.0), TensorSpec(True, 1.0), True,
+                  "TL6 (vB⛓uA⛓): tied A, B and per-layer u, v trained (the paper's pick)"),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+@dataclass
+class TiedLoRAConfig:
+    """Everything :func:`tiedlora_kernels.inject` needs to build adapters.
+
+    Args:
+        rank: r, the inner dimension of A (r, K) and B (N, r). Must be >= 1.
+        preset: one of :data:`PRESETS` (``lora``, ``vera``, ``tl1`` .. ``tl6``). The explicit
+            fields below override single entries of the preset.
+        target_modules: which ``nn.Linear`` / HF ``Conv1D`` layers to adapt: ``"all-linear"``
+            (every one but the output head), a regex string matched (``re.fullmatch``) against the
+            full module name, or a list of names, each matching a module whose name equals it or
+            ends with ``"." + name``.
+        alpha: scale numerator; ``None`` follows the paper (alpha = r, so s = 1), otherwise
+            s = alpha / r, or alpha / sqrt(r) with ``rslora=True``.
+        gamma: seed 003's "multiply and divide": every *trained, randomly initialised* factor is
+            drawn with its usual distribution divided by gamma and the path is scaled by gamma
+            (per such factor), so the initial function is unchanged and that factor's effective
+            Adam step grows by gamma. No effect on presets without a trained random factor.
+        dropout: dropout probability on the adapter input (not the base path).
+        train_A, train_B, train_u, train_v: override the preset's trained/frozen choice.
+        init_A, init_B: override the initialiser (see :data:`FACTOR_INITS`).
+        init_u, init_v: override the fill value; ``None`` keeps the preset, ``"absent"`` removes
+            the tensor (constant 1).
+        tied: override tying of A and B across the layers of one kind.
+        seed: seeds every initialiser (a CPU ``torch.Generator`` per tensor), so frozen random
+            factors can be rebuilt from the config instead of being saved.
+        adapter_dtype: dtype of adapter parameters: ``"float32"`` (default; gradients of tied
+            tensors accumulate in fp32) or ``"auto"`` (the base weight's dtype).
+        exclude_modules: names (as in ``target_modules`` lists) never adapted; the default keeps
+            output heads frozen.
+    """
+
+    rank: int = 8
+    preset: str = "tl6"
+    target_modules: Union[str, Sequence[str]] = "all-linear"
+    alpha: Optional[float] = None
+    rslora: bool = False
+    gamma: float = 1.0
+    dropout: float = 0.0
+    train_A: Optional[bool] = None
+    train_B: Optional[bool] = None
+    train_u: Optional[bool] = None
+    train_v: Optional[bool] = None
+    init_A: Optional[str] = None
+    init_B: Optional[str] = None
+    init_u: Union[float, str, None] = None
+    init_v: Union[float, str, None] = None
+    tied: Optional[bool] = None
+    seed: int = 0
+    adapter_dtype: str = "float32"
+    exclude_modules: Sequence[str] = field(default_factory=lambda: ["lm_head", "score", "classifier"])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    def resolved(self) -> Preset:
+        """The preset with every explicit override applied."""
+        p = PRESETS[self.preset]
+
+        def spec(base: TensorSpec, train: Optional[bool], init) -> TensorSpec:
+            if isinstance(init, str) and init == "absent":
+                init = None
+            elif init is None:
+                init = base.init
+            return TensorSpec(base.train if train is None else train, init)
+
+        return Preset(
+            A=spec(p.A, self.train_A, self.init_A),
+            B=spec(p.B, self.train_B, self.init_B),
+            u=spec(p.u, self.train_u, self.init_u),
+            v=spec(p.v, self.train_v, self.init_v),
+            tied=p.tied if self.tied is None else self.tied,
+            description=p.description,
+        )
+
+    @property
+    def scaling(self) -> float:
+        """s of SPEC.md, including gamma (gamma ** number of trained random factors)."""
+        r = self.rank
+        base = 1.0 if self.alpha is None else self.alpha / (math.sqrt(r) if self.rslora else r)
+        return base * self.gamma ** len(self.gamma_factors)
+
+    @property
+    def gamma_factors(self) -> tuple[str, ...]:
+        """Names of the factors whose init is divided by gamma (trained, randomly initialised)."""
+        p = self.resolved()
+        return tuple(n for n in ("A", "B") if getattr(p, n).train and getattr(p, n).init != "zeros")
+
+    @property
+    def torch_adapter_dtype(self) -> Optional[torch.dtype]:
+        """The adapter dtype, or ``None`` for "same as the base weight"."""
+        return None if self.adapter_dtype == "auto" else _DTYPES[self.adapter_dtype]
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for every invalid setting."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"TiedLoRAConfig.rank must be a positive int, got {self.rank!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"TiedLoRAConfig.preset: unknown preset {self.preset!r}; "
+                             f"expected one of {sorted(PRESETS)}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"TiedLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"TiedLoRAConfig.gamma must be a finite number > 0, got {self.gamma!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
+            raise ValueError(f"TiedLoRAConfig.alpha must be a finite number or None, got {self.alpha!r}")
+        if self.adapter_dtype not in (*_DTYPES, "auto"):
+            raise ValueError(f"TiedLoRAConfig.adapter_dtype must be one of {[*_DTYPES, 'auto']}, "
+                             f"got {self.adapter_dtype!r}")
+        for name in ("init_A", "init_B"):
+            val = getattr(self, name)
+            if val is not None and val not in FACTOR_INITS:
+                raise ValueError(f"TiedLoRAConfig.{name} must be one of {FACTOR_INITS}, got {val!r}")
+        for name in ("init_u", "init_v"):
+            val = getattr(self, name)
+            if val is not None and val != "absent" and not isinstance(val, (int, float)):
+                raise ValueError(f"TiedLoRAConfig.{name} must be a number, 'absent' or None, got {val!r}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as e:
+                    raise ValueError(f"TiedLoRAConfig.target_modules: invalid regex "
+                                     f"{self.target_modules!r}: {e}") from None
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError("TiedLoRAConfig.target_modules must be 'all-linear', a regex string or a "
+                             f"non-empty list of module names, got {self.target_modules!r}")
+
+        p = self.resolved()
+        for name in ("u", "v"):
+            s = getattr(p, name)
+            if s.init is None and s.train:
+                raise ValueError(f"TiedLoRAConfig: {name} is absent (constant 1) but train_{name}=True; "
+                                 f"give init_{name} a value to train it")
+        zero = [n for n in "ABuv" if getattr(p, n).init in ("zeros", 0.0, 0)]
+        for n in zero:
+            if not getattr(p, n).train:
+                raise ValueError(f"TiedLoRAConfig: {n} is initialised to zero and frozen, so the adapter "
+                                 f"output is zero forever; set train_{n}=True or another init_{n}")
+        if len(zero) > 1:
+            raise ValueError(f"TiedLoRAConfig: {' and '.join(zero)} are all initialised to zero; each one's "
+                             "gradient is then zero and training can never move them (keep exactly one "
+                             "zero factor)")
+        if not any(getattr(p, n).train for n in "ABuv"):
+            raise ValueError("TiedLoRAConfig: nothing is trained (A, B, u and v all frozen)")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = (self.target_modules if isinstance(self.target_modules, str)
+                               else list(self.target_modules))
+        d["exclude_modules"] = list(self.exclude_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TiedLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"TiedLoRAConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)

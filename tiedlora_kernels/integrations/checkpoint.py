@@ -1,0 +1,218 @@
+"""Adapter checkpoints: one safetensors file (no pickle), written atomically, verified on load.
+
+Layout of ``<dir>/adapter_model.safetensors``: every trained adapter tensor under its
+``state_dict`` name, plus any frozen one that the config's seed cannot rebuild (e.g. VeRA
+projections converted from PEFT). Its metadata holds the config, the adapted layers and a
+SHA-256 of the tensor contents, so the file alone is the whole checkpoint; ``adapter_config.json``
+beside it is a human-readable copy. Optimizer state can ride along in
+``optimizer.safetensors`` (keyed by parameter name, not position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..config import TiedLoRAConfig
+from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, build_factors, inject)
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+FORMAT = "tiedlora-adapter"
+FORMAT_VERSION = "1"
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then fsync and rename over ``path``: a crash leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _layer_table(model: nn.Module) -> list[list]:
+    return [[n, m.kind, m.in_features, m.out_features] for n, m in adapted_layers(model)]
+
+
+def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch.Tensor) -> bool:
+    """True when a frozen factor equals what ``inject`` rebuilds from the config's seed."""
+    if not name.startswith(ROOT_ATTR + ".") or name.count(".") != 2:
+        return False
+    _, group, which = name.split(".")
+    K = getattr(model, ROOT_ATTR)[group].A.shape[1]
+    N = getattr(model, ROOT_ATTR)[group].B.shape[0]
+    fresh = getattr(build_factors(config, group, K, N, "cpu", prm.dtype), which)
+    return torch.equal(fresh, prm.detach().cpu())
+
+
+def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
+    """Write the adapter of ``model`` (and optionally ``optimizer``'s state) to ``directory``.
+
+    Only trained tensors are written, plus frozen ones the seed cannot rebuild. Each file is
+    written to a temporary name, fsynced and renamed, so an interrupted save never leaves a
+    half-written checkpoint behind.
+
+    Returns:
+        The path of the adapter file.
+    """
+    config = adapter_config(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, prm in adapter_named_parameters(model):
+        if prm.requires_grad or not _rebuildable(model, config, name, prm):
+            tensors[name] = prm.detach().to("cpu").contiguous()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config.to_dict()),
+        "layers": json.dumps(_layer_table(model)),
+        "sha256": content_hash(tensors),
+    }
+    path = directory / ADAPTER_FILE
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    human = {**config.to_dict(), "layers": _layer_table(model), "sha256": meta["sha256"]}
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2)))
+    if optimizer is not None:
+        _save_optimizer(model, optimizer, directory / OPTIMIZER_FILE)
+    return path
+
+
+def read_adapter(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tensor]]:
+    """(config, layer table, tensors) of a saved adapter, verified against its content hash."""
+    path = Path(directory) / ADAPTER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load_adapter: {path} is corrupted or truncated ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})")
+    if content_hash(tensors) != meta.get("sha256"):
+        raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch): the file is corrupted")
+    config = TiedLoRAConfig.from_dict(json.loads(meta["config"]))
+    return config, json.loads(meta["layers"]), tensors
+
+
+def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
+    """Load a saved adapter into ``model``, injecting it first if the model has none.
+
+    Verifies the config, the adapted layers (names and shapes), and each tensor's name, shape and
+    dtype, raising a ``ValueError`` that names the first mismatch; nothing is copied until all
+    checks pass. With ``optimizer``, also restores its state from ``optimizer.safetensors``.
+    """
+    config, layers, tensors = read_adapter(directory)
+    if not hasattr(model, ROOT_ATTR):
+        inject(model, config)
+    else:
+        have = adapter_config(model).to_dict()
+        diff = {k: (have[k], v) for k, v in config.to_dict().items() if have.get(k) != v}
+        if diff:
+            raise ValueError(f"load_adapter: the model's adapter config differs from the saved one "
+                             f"(field: (model, file)): {diff}")
+    mine = _layer_table(model)
+    if mine != layers:
+        have = {row[0]: row for row in mine}
+        for row in layers:
+            if have.get(row[0]) != row:
+                raise ValueError(f"load_adapter: saved layer {row[0]!r} (kind, K, N = {row[1:]}) does not match "
+                                 f"the model ({have.get(row[0], ['missing'])[1:] or 'missing'})")
+        raise ValueError(f"load_adapter: the model adapts layers the file does not have: "
+                         f"{sorted(set(have) - {r[0] for r in layers})}")
+    params = dict(adapter_named_parameters(model))
+    for name, t in tensors.items():
+        prm = params.get(name)
+        if prm is None:
+            raise ValueError(f"load_adapter: tensor {name!r} in the file has no counterpart in the model")
+        if tuple(prm.shape) != tuple(t.shape):
+            raise ValueError(f"load_adapter: tensor {name!r} has shape {tuple(t.shape)} in the file, "
+                             f"{tuple(prm.shape)} in the model")
+        if prm.dtype != t.dtype:
+            raise ValueError(f"load_adapter: tensor {name!r} has dtype {t.dtype} in the file, {prm.dtype} in the model")
+    missing = [n for n, prm in params.items() if prm.requires_grad and n not in tensors]
+    if missing:
+        raise ValueError(f"load_adapter: trained tensors missing from the file: {missing}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+    if optimizer is not None:
+        _load_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE)
+    return model
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Optimizer state as safetensors: tensors keyed ``<param name>/<state key>``, groups in metadata."""
+    names = _param_names(model)
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, val in optimizer.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}/{key}"] = (val.detach().cpu().contiguous() if torch.is_tensor(val)
+                                                    else torch.tensor(val))
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    meta = {"param_groups": json.dumps(groups, default=str), "sha256": content_hash(tensors)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load_adapter: optimizer state {path} is missing, corrupted or truncated ({e})") from None
+    if content_hash(tensors) != meta.get("sha256"):
+        raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch)")
+    names = _param_names(model)
+    saved_groups = json.loads(meta["param_groups"])
+    for g, sg in zip(optimizer.param_groups, saved_groups):
+        if [names[id(p)] for p in g["params"]] != sg["params"]:
+            raise ValueError("load_adapter: the optimizer's parameters differ from the saved optimizer's")
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            prefix = names[id(p)] + "/"
+            # Adam keeps "step" on the CPU (unless fused/capturable); everything else lives with its parameter.
+            state = {k[len(prefix):]: (t if k.endswith("/step") else t.to(p.device))
+                     for k, t in tensors.items() if k.startswith(prefix)}
+            if state:
+                optimizer.state[p] = state

@@ -1,0 +1,81 @@
+"""Convert an HF PEFT LoRA or VeRA model into ours, with identical outputs and gradients."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from ..config import TiedLoRAConfig
+from .inject import ROOT_ATTR, adapted_layers, inject
+
+
+def from_peft(peft_model) -> nn.Module:
+    """Turn a ``peft.PeftModel`` holding one LoRA or VeRA adapter into a plain model with our adapters.
+
+    LoRA becomes the ``lora`` preset (untied A, B per layer, PEFT's scaling alpha/r or alpha/sqrt(r));
+    VeRA becomes the ``vera`` preset (PEFT's shared projections, sliced per kind as PEFT slices them
+    per layer; lambda_d -> u, lambda_b -> v). The PEFT wrapper is consumed: its base model is
+    returned with our modules in place of PEFT's.
+
+    Raises:
+        ValueError: for adapters or settings without an exact equivalent (DoRA, per-layer ranks,
+            several adapters, non-linear layers).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.vera import VeraLayer
+
+    name = peft_model.active_adapter
+    if not isinstance(name, str):
+        raise ValueError(f"from_peft: exactly one active adapter is supported, got {name!r}")
+    pcfg = peft_model.peft_config[name]
+    root = peft_model.base_model.model
+    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, (LoraLayer, VeraLayer))]
+    if not layers:
+        raise ValueError("from_peft: the model has no PEFT LoRA or VeRA layers")
+    kinds = {type(m) for _, m in layers}
+    is_vera = all(isinstance(m, VeraLayer) for _, m in layers)
+    if not is_vera and not all(isinstance(m, LoraLayer) for _, m in layers):
+        raise ValueError(f"from_peft: mixed adapter layer types {kinds}")
+    captured = {}
+    for n, m in layers:
+        if not isinstance(m.get_base_layer(), nn.Linear) and type(m.get_base_layer()).__name__ != "Conv1D":
+            raise ValueError(f"from_peft: layer {n!r} adapts a {type(m.get_base_layer()).__name__}; only "
+                             "nn.Linear and Conv1D are supported")
+        if is_vera:
+            captured[n] = dict(u=m.vera_lambda_d[name].detach(), v=m.vera_lambda_b[name].detach(),
+                               A=m.vera_A[name].detach(), B=m.vera_B[name].detach())
+        else:
+            if m.use_dora.get(name, False):
+                raise ValueError(f"from_peft: layer {n!r} uses DoRA, which has no equivalent preset here")
+            captured[n] = dict(A=m.lora_A[name].weight.detach(), B=m.lora_B[name].weight.detach(),
+                               scaling=float(m.scaling[name]))
+            if captured[n]["A"].shape[0] != pcfg.r:
+                raise ValueError(f"from_peft: layer {n!r} has rank {captured[n]['A'].shape[0]} != r={pcfg.r} "
+                                 "(per-layer rank patterns are not supported)")
+    dropout = float(getattr(pcfg, "vera_dropout" if is_vera else "lora_dropout", 0.0) or 0.0)
+    config = TiedLoRAConfig(
+        rank=pcfg.r, preset="vera" if is_vera else "lora", dropout=dropout,
+        target_modules="|".join(re.escape(n) for n, _ in layers), exclude_modules=[],
+        alpha=None if is_vera else float(pcfg.lora_alpha), rslora=bool(getattr(pcfg, "use_rslora", False)),
+    )
+    base = peft_model.unload()
+    inject(base, config)
+    ours = dict(adapted_layers(base))
+    with torch.no_grad():
+        for n, t in captured.items():
+            layer = ours[n]
+            f = layer.factors
+            if is_vera:
+                # One frozen pair per kind, as large as its largest layer: PEFT's leading slices.
+                f.A.copy_(t["A"][:, : f.A.shape[1]])
+                f.B.copy_(t["B"][: f.B.shape[0], :])
+                layer.adapter_u.copy_(t["u"])
+                layer.adapter_v.copy_(t["v"])
+            else:
+                f.A.copy_(t["A"])
+                f.B.copy_(t["B"])
+                layer.scaling = t["scaling"]
+    getattr(base, ROOT_ATTR).config = config
+    return base

@@ -1,0 +1,73 @@
+"""Plain-PyTorch reference of every op: the oracle the fused kernels are tested against.
+
+Nothing here imports from ``tiedlora_kernels.ops``; autograd provides every gradient. These
+functions stay forever, readable first, and are also the ``TIEDLORA_BACKEND=torch`` path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .validation import adapter_compute_dtype, check_tied_lora_inputs
+
+
+def tied_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    u: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v, in plain torch ops.
+
+    Args:
+        x: (..., K) activations.
+        weight: (N, K) frozen base weight (any strides; HF ``Conv1D`` passes ``weight.t()``).
+        bias: (N,) or None.
+        A: (r, K); B: (N, r); u: (r,) or None (= 1); v: (N,) or None (= 1).
+        scaling: s.
+        dropout_p / training: dropout on the adapter input only, active when ``training``.
+
+    Returns:
+        (..., N) in x's dtype. The adapter path is computed in the wider of x's and the adapter's
+        dtype (fp32 adapters on bf16 activations compute the path in fp32, as PEFT does).
+    """
+    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p)
+    base = F.linear(x, weight, bias)
+    ct = adapter_compute_dtype(x, A)
+    xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+    h = F.linear(xd.to(ct), A.to(ct))
+    z = h * u.to(ct) if u is not None else h
+    delta = F.linear(z, B.to(ct))
+    if v is not None:
+        delta = delta * v.to(ct)
+    return base + (scaling * delta).to(x.dtype)
+
+
+def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
+                  v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
+    """W' = W + s * diag(v) B diag(u) A, computed in fp32 (fp64 for fp64 weights), in W's dtype.
+
+    Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None.
+    """
+    ct = torch.promote_types(weight.dtype, torch.float32)
+    Bm = B.to(ct)
+    if u is not None:
+        Bm = Bm * u.to(ct)
+    if v is not None:
+        Bm = Bm * v.to(ct)[:, None]
+    return (weight.to(ct) + scaling * (Bm @ A.to(ct))).to(weight.dtype)
+
+
+def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
+                    v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
+    """Inverse of :func:`merged_weight` (subtracts the same fp32 delta)."""
+    return merged_weight(weight, A, B, u, v, -scaling)
