@@ -6,12 +6,16 @@ package's kernels.
 """
 
 import os
+import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `from helpers import ...` in any test file (pytest runs with --import-mode=importlib).
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(config, items):

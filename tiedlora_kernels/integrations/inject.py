@@ -146,6 +146,9 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """
     if not isinstance(config, TiedLoRAConfig):
         raise TypeError(f"inject: config must be a TiedLoRAConfig, got {type(config).__name__}")
+    if isinstance(model, (nn.Sequential, nn.ModuleList)):
+        # The factors are attached to the root as a child module, which a Sequential would call.
+        raise TypeError(f"inject: the root is an nn.{type(model).__name__}; wrap it in an nn.Module first")
     if hasattr(model, ROOT_ATTR):
         raise ValueError(f"inject: the model already has tiedlora adapters (model.{ROOT_ATTR}); "
                          "inject once, or build a fresh model")

@@ -1,0 +1,107 @@
+"""Presets (Table 1 of SPEC.md), overrides, and the config's errors."""
+
+import pytest
+import torch
+
+from tiedlora_kernels import PRESETS, TiedLoRAConfig, expected_trainable_parameters, inject, trainable_parameters
+
+# Table 1 (fused QKV c_attn: K = d, N = 3d; L layers).
+TABLE1 = {
+    "lora": lambda L, d, r: 4 * L * d * r,
+    "vera": lambda L, d, r: L * (r + 3 * d),
+    "tl1": lambda L, d, r: d * r,
+    "tl2": lambda L, d, r: d * r + L * (r + 3 * d),
+    "tl3": lambda L, d, r: 3 * d * r,
+    "tl4": lambda L, d, r: 3 * d * r + L * r,
+    "tl5": lambda L, d, r: 4 * d * r,
+    "tl6": lambda L, d, r: 4 * d * r + L * (r + 3 * d),
+}
+
+
+def meta_gpt2(L, d):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        return GPT2LMHeadModel(GPT2Config(n_layer=L, n_embd=d, n_head=max(1, d // 64), vocab_size=128))
+
+
+def test_table1_has_every_preset():
+    assert set(TABLE1) == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("L,d,r", [(3, 64, 4), (12, 768, 8), (5, 96, 1)])
+def test_trainable_count_equals_table1(preset, L, d, r):
+    model = meta_gpt2(L, d)
+    inject(model, TiedLoRAConfig(rank=r, preset=preset, target_modules=["c_attn"]))
+    counted = trainable_parameters(model)
+    assert counted["total"] == TABLE1[preset](L, d, r)
+    assert counted["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counted["kinds"]["c_attn"]["layers"] == L
+    assert counted["total"] == expected_trainable_parameters(
+        TiedLoRAConfig(rank=r, preset=preset), [("c_attn", d, 3 * d)] * L)
+
+
+def test_paper_llama2_7b_checks():
+    """SPEC.md: L = 32, d = 4096, r = 8: LoRA ~4.2M, TL5 ~131K, VeRA 9.4% of LoRA, TL6 12.5%."""
+    counts = {}
+    for preset in ("lora", "tl5", "vera", "tl6"):
+        model = meta_gpt2(32, 4096)
+        inject(model, TiedLoRAConfig(rank=8, preset=preset, target_modules=["c_attn"]))
+        counts[preset] = trainable_parameters(model)["total"]
+    assert counts["lora"] == 4_194_304
+    assert counts["tl5"] == 131_072
+    assert round(100 * counts["vera"] / counts["lora"], 1) == 9.4
+    assert round(100 * counts["tl6"] / counts["lora"], 1) == 12.5
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_exactly_one_zero_factor(preset):
+    p = TiedLoRAConfig(preset=preset).resolved()
+    zeros = [n for n in "ABuv" if getattr(p, n).init in ("zeros", 0.0)]
+    assert len(zeros) == 1
+
+
+def test_overrides_build_other_combinations():
+    cfg = TiedLoRAConfig(preset="tl6", train_u=False, init_v="absent", train_v=False, tied=False)
+    p = cfg.resolved()
+    assert (p.A.train, p.B.train, p.u.train, p.v.init, p.tied) == (True, True, False, None, False)
+
+
+def test_scaling():
+    assert TiedLoRAConfig(rank=8).scaling == 1.0
+    assert TiedLoRAConfig(rank=8, alpha=16).scaling == 2.0
+    assert TiedLoRAConfig(rank=16, alpha=16, rslora=True).scaling == 4.0
+    assert TiedLoRAConfig(rank=8, preset="tl6", gamma=10).scaling == 10.0  # A is the trained random factor
+    assert TiedLoRAConfig(rank=8, preset="vera", gamma=10).scaling == 1.0  # no trained random factor
+
+
+BAD = [
+    (dict(rank=0), "rank must be a positive int"),
+    (dict(rank=-3), "rank must be a positive int"),
+    (dict(rank=2.5), "rank must be a positive int"),
+    (dict(preset="tl7"), "unknown preset 'tl7'"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(gamma=0), "gamma must be"),
+    (dict(init_A="xavier"), "init_A must be one of"),
+    (dict(preset="lora", train_B=False), "B is initialised to zero and frozen"),
+    (dict(preset="tl6", init_A="zeros"), "A and B are all initialised to zero"),
+    (dict(preset="lora", train_u=True), "u is absent"),
+    (dict(preset="vera", train_u=False, train_v=False), "v is initialised to zero and frozen"),
+    (dict(target_modules="(unclosed"), "invalid regex"),
+    (dict(target_modules=[]), "target_modules must be"),
+    (dict(adapter_dtype="int8"), "adapter_dtype must be one of"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_invalid_config_raises_naming_the_field(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TiedLoRAConfig(**kw)
+
+
+def test_round_trip_dict():
+    cfg = TiedLoRAConfig(rank=4, preset="vera", target_modules=["q_proj", "v_proj"], alpha=8, seed=3)
+    assert TiedLoRAConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        TiedLoRAConfig.from_dict({**cfg.to_dict(), "bogus": 1})
