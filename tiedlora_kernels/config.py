@@ -37,6 +37,16 @@ class TensorSpec:
     init: Union[str, float, None]
 
 
+#: ``core`` values: how the r-space between A and B is scaled per layer.
+#: - ``vector``: u (r,), the paper's Tied-LoRA;
+#: - ``matrix``: a full M_i (r, r) per layer in place of u (seed 003's Tied-LoRA Extra), init identity;
+#: - ``tensor``: M_i = sum_k w_i[k] LM[k] with LM (k, r, r) tied per kind (tensor embedding adaptation).
+CORES = ("vector", "matrix", "tensor")
+#: ``magnitude`` values: none; ``dora`` (m * (W + dW) / ||W + dW||_row, norm detached);
+#: ``simple_dora`` (m * (W / ||W||_row + dW), seed 003). m (N,) per layer, trained, init ||W||_row.
+MAGNITUDES = ("none", "dora", "simple_dora")
+
+
 @dataclass(frozen=True)
 class Preset:
     A: TensorSpec
@@ -45,6 +55,9 @@ class Preset:
     v: TensorSpec
     tied: bool
     description: str
+    banks: Optional[tuple[int, int]] = None
+    core: str = "vector"
+    magnitude: str = "none"
 
 
 _ONE = TensorSpec(False, None)
@@ -71,6 +84,19 @@ PRESETS: dict[str, Preset] = {
     "tl6": Preset(TensorSpec(True, "kaiming_uniform"), TensorSpec(True, "zeros"),
                   TensorSpec(True, 1.0), TensorSpec(True, 1.0), True,
                   "TL6 (vB⛓uA⛓): tied A, B and per-layer u, v trained (the paper's pick)"),
+    # Seed 003's family (SPEC.md, "Seed 003 variants").
+    "partial": Preset(TensorSpec(True, "kaiming_uniform"), TensorSpec(True, "zeros"), _ONE, _ONE, True,
+                      "Partially tied LoRA: per-kind banks LA (kA, r, K), LB (kB, N, r); per-layer wA, wB",
+                      banks=(2, 2)),
+    "tl_extra": Preset(TensorSpec(True, "kaiming_uniform"), TensorSpec(True, "zeros"), _ONE, _ONE, True,
+                       "Tied-LoRA Extra: tied A, B; per-layer M_i (r, r) in place of u", core="matrix"),
+    "tensor_embed": Preset(TensorSpec(True, "kaiming_uniform"), TensorSpec(True, "zeros"), _ONE, _ONE, True,
+                           "Tensor embedding: tied A, B, LM (k, r, r); per-layer w_i, M_i = sum_k w_i[k] LM[k]",
+                           core="tensor"),
+    "dora": Preset(TensorSpec(True, "lora_kaiming"), TensorSpec(True, "zeros"), _ONE, _ONE, False,
+                   "DoRA: LoRA plus per-layer magnitude m, row norm of W + dW detached", magnitude="dora"),
+    "simple_dora": Preset(TensorSpec(True, "lora_kaiming"), TensorSpec(True, "zeros"), _ONE, _ONE, False,
+                          "Simple DoRA: (x W0^T + LoRA) * m, W0 = W / ||W||_row frozen", magnitude="simple_dora"),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -101,6 +127,12 @@ class TiedLoRAConfig:
         init_u, init_v: override the fill value; ``None`` keeps the preset, ``"absent"`` removes
             the tensor (constant 1).
         tied: override tying of A and B across the layers of one kind.
+        banks: partial tying (kA, kB): per kind, A and B are banks (kA, r, K), (kB, N, r) and each
+            layer mixes them with its own wA (kA,), wB (kB,). ``None`` keeps the preset.
+        core: ``vector`` / ``matrix`` / ``tensor`` (see :data:`CORES`); ``None`` keeps the preset.
+        core_bank: k of the tied LM (k, r, r) for ``core="tensor"``.
+        magnitude: ``none`` / ``dora`` / ``simple_dora`` (see :data:`MAGNITUDES`); ``None`` keeps
+            the preset. Combines with any preset, tied ones included.
         seed: seeds every initialiser (a CPU ``torch.Generator`` per tensor), so frozen random
             factors can be rebuilt from the config instead of being saved.
         adapter_dtype: dtype of adapter parameters: ``"float32"`` (default; gradients of tied
@@ -125,6 +157,10 @@ class TiedLoRAConfig:
     init_u: Union[float, str, None] = None
     init_v: Union[float, str, None] = None
     tied: Optional[bool] = None
+    banks: Optional[tuple[int, int]] = None
+    core: Optional[str] = None
+    core_bank: int = 4
+    magnitude: Optional[str] = None
     seed: int = 0
     adapter_dtype: str = "float32"
     exclude_modules: Sequence[str] = field(default_factory=lambda: ["lm_head", "score", "classifier"])
@@ -151,6 +187,9 @@ class TiedLoRAConfig:
             v=spec(p.v, self.train_v, self.init_v),
             tied=p.tied if self.tied is None else self.tied,
             description=p.description,
+            banks=p.banks if self.banks is None else tuple(self.banks),
+            core=p.core if self.core is None else self.core,
+            magnitude=p.magnitude if self.magnitude is None else self.magnitude,
         )
 
     @property
@@ -206,7 +245,21 @@ class TiedLoRAConfig:
             raise ValueError("TiedLoRAConfig.target_modules must be 'all-linear', a regex string or a "
                              f"non-empty list of module names, got {self.target_modules!r}")
 
+        if self.core is not None and self.core not in CORES:
+            raise ValueError(f"TiedLoRAConfig.core must be one of {CORES}, got {self.core!r}")
+        if self.magnitude is not None and self.magnitude not in MAGNITUDES:
+            raise ValueError(f"TiedLoRAConfig.magnitude must be one of {MAGNITUDES}, got {self.magnitude!r}")
+        if isinstance(self.core_bank, bool) or not isinstance(self.core_bank, int) or self.core_bank < 1:
+            raise ValueError(f"TiedLoRAConfig.core_bank must be an int >= 1, got {self.core_bank!r}")
+        if self.banks is not None and (len(tuple(self.banks)) != 2 or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.banks)):
+            raise ValueError(f"TiedLoRAConfig.banks must be a pair of ints >= 1 (kA, kB), got {self.banks!r}")
         p = self.resolved()
+        if p.banks is not None and not p.tied:
+            raise ValueError("TiedLoRAConfig.banks (partial tying) needs tied=True: the banks are shared per kind")
+        if p.core != "vector" and p.u.init is not None:
+            raise ValueError(f"TiedLoRAConfig: core={p.core!r} replaces u by a matrix; set init_u='absent' "
+                             "(or use core='vector')")
         for name in ("u", "v"):
             s = getattr(p, name)
             if s.init is None and s.train:
@@ -229,6 +282,8 @@ class TiedLoRAConfig:
         d["target_modules"] = (self.target_modules if isinstance(self.target_modules, str)
                                else list(self.target_modules))
         d["exclude_modules"] = list(self.exclude_modules)
+        if self.banks is not None:
+            d["banks"] = list(self.banks)
         return d
 
     @classmethod
@@ -237,4 +292,6 @@ class TiedLoRAConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"TiedLoRAConfig: unknown fields {sorted(unknown)}")
+        if d.get("banks") is not None:
+            d = {**d, "banks": tuple(d["banks"])}
         return cls(**d)

@@ -25,30 +25,39 @@ LAYOUTS = ("linear", "conv1d")
 
 
 class TiedFactors(nn.Module):
-    """The A (r, K_max) and B (N_max, r) of one kind (tied) or of one layer (untied).
+    """The factors of one kind (tied) or of one layer (untied).
 
-    A layer with K <= K_max inputs and N <= N_max outputs uses the leading slices
-    ``A[:, :K]`` and ``B[:N, :]`` (PEFT VeRA's rule for kinds whose layers differ in shape).
+    ``A`` is (r, K_max) and ``B`` (N_max, r); with partial tying they are banks (kA, r, K_max)
+    and (kB, N_max, r) that each layer mixes with its own weights. ``core_bank`` is the tied
+    LM (k, r, r) of tensor embedding adaptation, else None. A layer with K <= K_max inputs and
+    N <= N_max outputs uses the leading slices (PEFT VeRA's rule for kinds whose layers differ).
     """
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, train_A: bool, train_B: bool):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, train_A: bool, train_B: bool,
+                 core_bank: Optional[torch.Tensor] = None):
         super().__init__()
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
+        self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self.A.shape[-2]
+
+    @property
+    def banked(self) -> bool:
+        return self.A.dim() == 3
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (r, K), B (N, r)) for a layer of that size: views, so gradients reach the full tensors."""
-        A = self.A if self.A.shape[1] == in_features else self.A[:, :in_features]
-        B = self.B if self.B.shape[0] == out_features else self.B[:out_features, :]
+        """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
+        A = self.A if self.A.shape[-1] == in_features else self.A[..., :in_features]
+        B = self.B if self.B.shape[-2] == out_features else self.B[..., :out_features, :]
         return A, B
 
     def extra_repr(self) -> str:
+        bank = "" if self.core_bank is None else f", core_bank={tuple(self.core_bank.shape)}"
         return (f"A={tuple(self.A.shape)}{'' if self.A.requires_grad else ' frozen'}, "
-                f"B={tuple(self.B.shape)}{'' if self.B.requires_grad else ' frozen'}")
+                f"B={tuple(self.B.shape)}{'' if self.B.requires_grad else ' frozen'}{bank}")
 
 
 class AdapterFactors(nn.ModuleDict):
@@ -57,29 +66,55 @@ class AdapterFactors(nn.ModuleDict):
 
 
 class TiedLoRALinear(nn.Module):
-    """``out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v``, a drop-in for ``nn.Linear`` / ``Conv1D``.
+    """A drop-in for ``nn.Linear`` / ``Conv1D`` carrying one adapter of the Tied-LoRA family.
+
+    Every variant reduces to the one fused op on *effective* tensors (A_i, B_i, u_i, v_i), plus
+    an optional per-row output scale c (DoRA's magnitude):
+
+        out = c * (x W^T + s * (((dropout(x) A_i^T) * u_i) B_i^T) * v_i) + b
+
+    - plain / tied: A_i, B_i are the kind's A, B (leading slices);
+    - partial tying: A_i = sum_k wA[k] LA[k], B_i = sum_k wB[k] LB[k];
+    - Tied-LoRA Extra / tensor embedding: B_i = B M_i with M_i = ``adapter_M`` or
+      sum_k ``adapter_wM``[k] LM[k] (so z B^T with z = h M_i^T costs one r x r product, folded
+      into B once per call: N r^2 flops, nothing per token);
+    - DoRA: c = m / ||W + dW||_row (detached), bias added after the scale;
+    - Simple DoRA: c = m / ||W||_row and v_i multiplied by ||W||_row, which is
+      (x W0^T + s dW x) * m with W0 = W / ||W||_row, without rewriting the frozen weight.
 
     Args:
         weight: the frozen base weight parameter, (N, K) for ``layout="linear"``, (K, N) for
             ``layout="conv1d"`` (kept as is, so ``state_dict`` keys and shapes do not change).
         bias: (N,) parameter or None.
         factors: the kind's :class:`TiedFactors` (referenced, not registered here).
-        u: (r,) parameter or None (constant 1). v: (N,) parameter or None (constant 1).
+        per_layer: this layer's own adapter parameters, any of ``adapter_u`` (r,), ``adapter_v``
+            (N,), ``adapter_wA`` (kA,), ``adapter_wB`` (kB,), ``adapter_M`` (r, r), ``adapter_wM``
+            (k,), ``adapter_m`` (N,).
+        magnitude: ``none``, ``dora`` or ``simple_dora``.
         scaling: s. dropout: adapter-input dropout probability.
         kind: the layer kind (name suffix) this layer is tied by.
     """
 
+    PER_LAYER = ("adapter_u", "adapter_v", "adapter_wA", "adapter_wB", "adapter_M", "adapter_wM", "adapter_m")
+
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], *, layout: str,
-                 factors: TiedFactors, u: Optional[nn.Parameter], v: Optional[nn.Parameter],
-                 scaling: float, dropout: float, kind: str):
+                 factors: TiedFactors, per_layer: dict, scaling: float, dropout: float, kind: str,
+                 magnitude: str = "none"):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"TiedLoRALinear: layout must be one of {LAYOUTS}, got {layout!r}")
+        unknown = set(per_layer) - set(self.PER_LAYER)
+        if unknown:
+            raise ValueError(f"TiedLoRALinear: unknown per-layer parameters {sorted(unknown)}")
         self.weight = weight
         self.bias = bias
         self.layout = layout
-        self.adapter_u = u
-        self.adapter_v = v
+        for name in self.PER_LAYER:
+            setattr(self, name, per_layer.get(name))
+        self.magnitude = magnitude
+        if magnitude == "simple_dora":
+            # ||W||_row of the frozen weight: W0 = W / norm without rewriting W.
+            self.register_buffer("weight_row_norm", _row_norm(self.weight_nk()).detach(), persistent=False)
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.kind = kind
@@ -108,31 +143,70 @@ class TiedLoRALinear(nn.Module):
         return self.weight if self.layout == "linear" else self.weight.t()
 
     def adapter_tensors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(A (r, K), B (N, r), u (r,) or None, v (N,) or None) as this layer uses them."""
+        """The effective (A_i (r, K), B_i (N, r), u_i (r,) or None, v_i (N,) or None) of this layer."""
         A, B = self._factors.slices(self.in_features, self.out_features)
-        return A, B, self.adapter_u, self.adapter_v
+        if self._factors.banked:
+            A = torch.einsum("k,krK->rK", self.adapter_wA.to(A.dtype), A)
+            B = torch.einsum("k,kNr->Nr", self.adapter_wB.to(B.dtype), B)
+        M = self.adapter_M
+        if self.adapter_wM is not None:
+            M = torch.einsum("k,krs->rs", self.adapter_wM, self._factors.core_bank)
+        if M is not None:
+            B = B @ M.to(B.dtype)
+        v = self.adapter_v
+        if self.magnitude == "simple_dora":
+            n = self.weight_row_norm.to(B.dtype)
+            v = n if v is None else v * n
+        return A, B, self.adapter_u, v
+
+    def row_scale(self, A, B, u, v) -> Optional[torch.Tensor]:
+        """c (N,) of the class docstring, or None when there is no magnitude."""
+        if self.magnitude == "none":
+            return None
+        m = self.adapter_m
+        if self.magnitude == "simple_dora":
+            return m / self.weight_row_norm.to(m.dtype)
+        with torch.no_grad():  # DoRA treats ||W + dW||_row as a constant (detached), as the paper and PEFT do.
+            norm = _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
+        return m / norm.to(m.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight_nk(), self.bias)
         A, B, u, v = self.adapter_tensors()
-        return tied_lora_linear(x, self.weight_nk(), self.bias, A, B, u, v, self.scaling,
-                                self.dropout, self.training)
+        c = self.row_scale(A, B, u, v)
+        if c is None:
+            return tied_lora_linear(x, self.weight_nk(), self.bias, A, B, u, v, self.scaling,
+                                    self.dropout, self.training)
+        y = tied_lora_linear(x, self.weight_nk(), None, A, B, u, v, self.scaling, self.dropout, self.training)
+        out = y * c.to(y.dtype)
+        return out + self.bias if self.bias is not None else out
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the base weight (fp32 arithmetic, weight dtype kept)."""
+        """Fold the adapter into the base weight: W' = c * (W + dW) (fp32 arithmetic, weight dtype kept)."""
         if self.merged:
             return
-        self._set_weight_nk(reference.merged_weight(self.weight_nk(), *self.adapter_tensors(), self.scaling))
+        A, B, u, v = self.adapter_tensors()
+        c = self.row_scale(A, B, u, v)
+        w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling)
+        if c is not None:
+            self.register_buffer("merged_row_scale", c.float(), persistent=False)
+            w = (w.float() * c.float()[:, None]).to(w.dtype)
+        self._set_weight_nk(w)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (subtracts the same fp32 delta)."""
+        """Undo :meth:`merge` (divides by the stored c, subtracts the same fp32 delta)."""
         if not self.merged:
             return
-        self._set_weight_nk(reference.unmerged_weight(self.weight_nk(), *self.adapter_tensors(), self.scaling))
+        w = self.weight_nk()
+        if self.magnitude != "none":
+            w = (w.float() / self.merged_row_scale[:, None]).to(w.dtype)
+            del self.merged_row_scale
+        A, B, u, v = self.adapter_tensors()
+        self._set_weight_nk(reference.unmerged_weight(w, A, B, u, v, self.scaling))
         self.merged = False
 
     def _set_weight_nk(self, w_nk: torch.Tensor) -> None:
@@ -142,8 +216,12 @@ class TiedLoRALinear(nn.Module):
         self.weight.copy_(w_nk if self.layout == "linear" else w_nk.t())
 
     def extra_repr(self) -> str:
-        u = "u" if self.adapter_u is not None else "-"
-        v = "v" if self.adapter_v is not None else "-"
+        own = ",".join(n.removeprefix("adapter_") for n in self.PER_LAYER if getattr(self, n) is not None) or "-"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"kind={self.kind!r}, layout={self.layout}, scaling={self.scaling:g}, {u}{v}, "
-                f"dropout={self.dropout:g}, merged={self.merged}")
+                f"kind={self.kind!r}, layout={self.layout}, scaling={self.scaling:g}, per_layer={own}, "
+                f"magnitude={self.magnitude}, dropout={self.dropout:g}, merged={self.merged}")
+
+
+def _row_norm(w: torch.Tensor) -> torch.Tensor:
+    """||w||_2 per output row, in fp32 (fp64 for fp64 weights)."""
+    return torch.linalg.vector_norm(w.to(torch.promote_types(w.dtype, torch.float32)), dim=1)

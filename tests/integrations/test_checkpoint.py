@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import randomize_adapters, tiny_gpt2, tiny_llama
-from tiedlora_kernels import TiedLoRAConfig, inject, load_adapter, save_adapter
+from tiedlora_kernels import PRESETS, TiedLoRAConfig, inject, load_adapter, save_adapter
 from tiedlora_kernels.integrations.checkpoint import ADAPTER_FILE, CONFIG_FILE
 
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -21,7 +21,7 @@ def trained(preset="tl6", family="llama", **kw):
     return model
 
 
-@pytest.mark.parametrize("preset", ["lora", "vera", "tl1", "tl3", "tl6"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_round_trip_into_fresh_model(tmp_path, preset):
     model = trained(preset)
     save_adapter(model, tmp_path)

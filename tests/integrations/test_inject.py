@@ -105,21 +105,25 @@ def test_shapes_differ_within_kind_use_leading_slices():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_merge_unmerge_round_trip(family, dtype):
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_merge_unmerge_round_trip(family, dtype, preset):
     model = (tiny_gpt2() if family == "gpt2" else tiny_llama()).to(dtype)
-    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    inject(model, TiedLoRAConfig(rank=4, preset=preset))
     randomize_adapters(model)
     w0 = {n: m.weight.detach().clone() for n, m in adapted_layers(model)}
     adapted = model(IDS).logits
     merge(model)
     assert all(m.merged for _, m in adapted_layers(model))
+    merged_norm = {n: m.weight.double().norm() for n, m in adapted_layers(model)}
     merged = model(IDS).logits
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert rel_err(merged, adapted) < tol
     unmerge(model)
     for n, m in adapted_layers(model):
         assert m.weight.dtype == dtype
-        assert rel_err(m.weight, w0[n]) < (1e-6 if dtype == torch.float32 else 1e-2)
+        # Storing W' = W + dW in the weight dtype rounds it once: the round trip is exact up to that rounding.
+        eps = torch.finfo(dtype).eps
+        assert rel_err(m.weight, w0[n]) < 2 * eps * (1 + merged_norm[n] / w0[n].double().norm())
     assert rel_err(model(IDS).logits, adapted) < tol
 
 

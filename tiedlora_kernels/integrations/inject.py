@@ -109,19 +109,69 @@ def init_factor(shape: tuple[int, int], init: str, gen: torch.Generator, divisor
 
 
 def build_factors(config: TiedLoRAConfig, group: str, K: int, N: int, device, dtype) -> TiedFactors:
-    """The A (r, K), B (N, r) of one group, initialised as the config says (seeded per group)."""
+    """The factors of one group, initialised as the config says (seeded per group and tensor).
+
+    A (r, K), B (N, r); with ``banks`` (kA, kB) the banks (kA, r, K), (kB, N, r), each slice drawn
+    like the unbanked factor; with ``core="tensor"`` also LM (k, r, r) ~ N(0, 1/r).
+    """
     p = config.resolved()
     r = config.rank
+    kA, kB = p.banks or (None, None)
+    on_meta = torch.device(device).type == "meta"
     tensors = {}
-    for name, shape in (("A", (r, K)), ("B", (N, r))):
-        spec = getattr(p, name)
-        if torch.device(device).type == "meta":
-            tensors[name] = torch.empty(shape, device="meta", dtype=dtype)
+    for name, shape, bank in (("A", (r, K), kA), ("B", (N, r), kB)):
+        full = shape if bank is None else (bank, *shape)
+        if on_meta:
+            tensors[name] = torch.empty(full, device="meta", dtype=dtype)
             continue
+        spec = getattr(p, name)
         divisor = config.gamma if name in config.gamma_factors else 1.0
-        t = init_factor(shape, spec.init, _generator(config.seed, group, name), divisor)
+        draws = [init_factor(shape, spec.init, _generator(config.seed, group, name if bank is None else f"{name}{i}"),
+                             divisor) for i in range(bank or 1)]
+        t = draws[0] if bank is None else torch.stack(draws)
         tensors[name] = t.to(device=device, dtype=dtype)
-    return TiedFactors(tensors["A"], tensors["B"], p.A.train, p.B.train)
+    core_bank = None
+    if p.core == "tensor":
+        k = config.core_bank
+        lm = (torch.empty((k, r, r), device="meta", dtype=dtype) if on_meta else
+              (torch.randn((k, r, r), generator=_generator(config.seed, group, "LM")) / math.sqrt(r)).to(device, dtype))
+        core_bank = lm
+    return TiedFactors(tensors["A"], tensors["B"], p.A.train, p.B.train, core_bank)
+
+
+def build_per_layer(config: TiedLoRAConfig, name: str, weight_nk: torch.Tensor, N: int, dtype) -> dict:
+    """The per-layer parameters of one layer (see :class:`TiedLoRALinear`), seeded by layer name."""
+    p = config.resolved()
+    r = config.rank
+    dev = weight_nk.device
+    on_meta = dev.type == "meta"
+    out = {}
+
+    def param(t: torch.Tensor, train: bool = True) -> nn.Parameter:
+        return nn.Parameter(t.to(device=dev, dtype=dtype), requires_grad=train)
+
+    def mixing(k: int, tag: str) -> torch.Tensor:
+        # N(0, 1/k): each layer starts from its own random combination of the bank.
+        if on_meta:
+            return torch.empty(k, device="meta")
+        return torch.randn(k, generator=_generator(config.seed, name, tag)) / math.sqrt(k)
+
+    if p.u.init is not None:
+        out["adapter_u"] = param(torch.full((r,), float(p.u.init), device=dev), p.u.train)
+    if p.v.init is not None:
+        out["adapter_v"] = param(torch.full((N,), float(p.v.init), device=dev), p.v.train)
+    if p.banks is not None:
+        out["adapter_wA"] = param(mixing(p.banks[0], "wA"), p.A.train)
+        out["adapter_wB"] = param(mixing(p.banks[1], "wB"), p.B.train)
+    if p.core == "matrix":
+        out["adapter_M"] = param(torch.eye(r, device=dev))
+    elif p.core == "tensor":
+        out["adapter_wM"] = param(mixing(config.core_bank, "wM"))
+    if p.magnitude != "none":
+        # m starts at ||W||_row (= ||W + dW||_row, dW = 0), so the layer starts as the identity change.
+        norm = torch.linalg.vector_norm(weight_nk.float(), dim=1) if not on_meta else torch.empty(N, device="meta")
+        out["adapter_m"] = param(norm)
+    return out
 
 
 def group_name(target: TargetLayer, tied: bool) -> str:
@@ -180,16 +230,12 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
         for t in members:
             base = modules[t.name]
             w = base.weight
-            dtype = config.torch_adapter_dtype or w.dtype
-            u = v = None
-            if p.u.init is not None:
-                u = nn.Parameter(torch.full((r,), float(p.u.init), device=w.device, dtype=dtype),
-                                 requires_grad=p.u.train)
-            if p.v.init is not None:
-                v = nn.Parameter(torch.full((t.out_features,), float(p.v.init), device=w.device, dtype=dtype),
-                                 requires_grad=p.v.train)
-            layer = TiedLoRALinear(base.weight, base.bias, layout=t.layout, factors=factors[g], u=u, v=v,
-                                   scaling=config.scaling, dropout=config.dropout, kind=t.kind)
+            w_nk = w if t.layout == "linear" else w.t()
+            per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features,
+                                        config.torch_adapter_dtype or w.dtype)
+            layer = TiedLoRALinear(base.weight, base.bias, layout=t.layout, factors=factors[g], per_layer=per_layer,
+                                   scaling=config.scaling, dropout=config.dropout, kind=t.kind,
+                                   magnitude=p.magnitude)
             layer.train(base.training)
             parent_name, _, child = t.name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
@@ -217,12 +263,12 @@ def adapter_config(model: nn.Module) -> TiedLoRAConfig:
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Every adapter tensor (trained or frozen) by its ``state_dict`` name: the factors under
-    ``tiedlora.``, and each layer's ``adapter_u`` / ``adapter_v``."""
+    ``tiedlora.``, and each layer's own ``adapter_*`` parameters."""
     adapter_config(model)
     for n, prm in getattr(model, ROOT_ATTR).named_parameters():
         yield f"{ROOT_ATTR}.{n}", prm
     for name, layer in adapted_layers(model):
-        for pn in ("adapter_u", "adapter_v"):
+        for pn in TiedLoRALinear.PER_LAYER:
             prm = getattr(layer, pn)
             if prm is not None:
                 yield f"{name}.{pn}", prm
@@ -244,32 +290,42 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+#: Keys of :func:`trainable_parameters`' per-kind breakdown, and the tensors they count.
+_COUNT_KEYS = {"A": ("A",), "B": ("B",), "u": ("adapter_u",), "v": ("adapter_v",),
+               "banks_w": ("adapter_wA", "adapter_wB"), "core": ("adapter_M", "adapter_wM", "core_bank"),
+               "m": ("adapter_m",)}
+
+
 def trainable_parameters(model: nn.Module) -> dict:
-    """Trainable adapter parameters, in total and per kind, split into A, B, u, v.
+    """Trainable adapter parameters, in total and per kind.
 
     Returns ``{"total": int, "kinds": {kind: {"layers": L, "A": n, "B": n, "u": n, "v": n,
-    "total": n}}}``. Tied tensors count once. Compare with :func:`expected_trainable_parameters`.
+    "banks_w": n, "core": n, "m": n, "total": n}}}``. Tied tensors count once. Compare with
+    :func:`expected_trainable_parameters`.
     """
     adapter_config(model)
     kinds: dict[str, dict] = {}
     seen: set[int] = set()
     for _, layer in adapted_layers(model):
-        k = kinds.setdefault(layer.kind, {"layers": 0, "A": 0, "B": 0, "u": 0, "v": 0, "total": 0})
+        k = kinds.setdefault(layer.kind, {"layers": 0, **{key: 0 for key in _COUNT_KEYS}, "total": 0})
         k["layers"] += 1
-        f = layer.factors
-        for key, prm in (("A", f.A), ("B", f.B), ("u", layer.adapter_u), ("v", layer.adapter_v)):
-            if prm is not None and prm.requires_grad and id(prm) not in seen:
-                seen.add(id(prm))
-                k[key] += prm.numel()
-                k["total"] += prm.numel()
+        for key, names in _COUNT_KEYS.items():
+            for n in names:
+                prm = getattr(layer.factors if n in ("A", "B", "core_bank") else layer, n)
+                if prm is not None and prm.requires_grad and id(prm) not in seen:
+                    seen.add(id(prm))
+                    k[key] += prm.numel()
+                    k["total"] += prm.numel()
     return {"total": sum(k["total"] for k in kinds.values()), "kinds": kinds}
 
 
 def expected_trainable_parameters(config: TiedLoRAConfig, layers: list[tuple[str, int, int]]) -> int:
-    """Table 1's count, generalised: ``layers`` lists (kind, K, N) per adapted layer.
+    """Table 1's count, generalised to every variant: ``layers`` lists (kind, K, N) per adapted layer.
 
-    Per kind with L layers and r = rank: trained A costs r*K (tied, K the kind's largest) or
-    sum r*K_i (untied); B likewise N*r; u costs L*r; v costs sum N_i.
+    Per kind with L layers, r = rank, K/N the kind's largest (tied) or each layer's (untied):
+    trained A costs r*K (tied), sum r*K_i (untied), or kA*r*K + L*kA with banks; B likewise
+    with N and kB; u costs L*r, v sum N_i; core ``matrix`` L*r^2, ``tensor`` k*r^2 + L*k;
+    a magnitude sum N_i.
     """
     p = config.resolved()
     r = config.rank
@@ -278,13 +334,21 @@ def expected_trainable_parameters(config: TiedLoRAConfig, layers: list[tuple[str
         by_kind[kind].append((K, N))
     total = 0
     for shapes in by_kind.values():
+        L = len(shapes)
         Ks, Ns = [k for k, _ in shapes], [n for _, n in shapes]
+        kA, kB = p.banks or (1, 1)
         if p.A.train:
-            total += r * (max(Ks) if p.tied else sum(Ks))
+            total += r * (max(Ks) if p.tied else sum(Ks)) * kA + (L * kA if p.banks else 0)
         if p.B.train:
-            total += r * (max(Ns) if p.tied else sum(Ns))
+            total += r * (max(Ns) if p.tied else sum(Ns)) * kB + (L * kB if p.banks else 0)
         if p.u.train:
-            total += r * len(shapes)
+            total += r * L
         if p.v.train:
+            total += sum(Ns)
+        if p.core == "matrix":
+            total += L * r * r
+        elif p.core == "tensor":
+            total += config.core_bank * r * r + L * config.core_bank
+        if p.magnitude != "none":
             total += sum(Ns)
     return total

@@ -14,13 +14,14 @@ from .inject import ROOT_ATTR, adapted_layers, inject
 def from_peft(peft_model) -> nn.Module:
     """Turn a ``peft.PeftModel`` holding one LoRA or VeRA adapter into a plain model with our adapters.
 
-    LoRA becomes the ``lora`` preset (untied A, B per layer, PEFT's scaling alpha/r or alpha/sqrt(r));
+    LoRA becomes the ``lora`` preset (untied A, B per layer, PEFT's scaling alpha/r or alpha/sqrt(r)),
+    or ``dora`` with ``use_dora=True`` (PEFT's magnitude vector becomes m);
     VeRA becomes the ``vera`` preset (PEFT's shared projections, sliced per kind as PEFT slices them
     per layer; lambda_d -> u, lambda_b -> v). The PEFT wrapper is consumed: its base model is
     returned with our modules in place of PEFT's.
 
     Raises:
-        ValueError: for adapters or settings without an exact equivalent (DoRA, per-layer ranks,
+        ValueError: for adapters or settings without an exact equivalent (per-layer ranks,
             several adapters, non-linear layers).
     """
     from peft.tuners.lora import LoraLayer
@@ -47,16 +48,19 @@ def from_peft(peft_model) -> nn.Module:
             captured[n] = dict(u=m.vera_lambda_d[name].detach(), v=m.vera_lambda_b[name].detach(),
                                A=m.vera_A[name].detach(), B=m.vera_B[name].detach())
         else:
-            if m.use_dora.get(name, False):
-                raise ValueError(f"from_peft: layer {n!r} uses DoRA, which has no equivalent preset here")
             captured[n] = dict(A=m.lora_A[name].weight.detach(), B=m.lora_B[name].weight.detach(),
                                scaling=float(m.scaling[name]))
+            if m.use_dora.get(name, False):
+                captured[n]["m"] = m.lora_magnitude_vector[name].weight.detach()
             if captured[n]["A"].shape[0] != pcfg.r:
                 raise ValueError(f"from_peft: layer {n!r} has rank {captured[n]['A'].shape[0]} != r={pcfg.r} "
                                  "(per-layer rank patterns are not supported)")
     dropout = float(getattr(pcfg, "vera_dropout" if is_vera else "lora_dropout", 0.0) or 0.0)
+    dora = {"m" in t for t in captured.values()}
+    if len(dora) > 1:
+        raise ValueError("from_peft: some layers use DoRA and some do not")
     config = TiedLoRAConfig(
-        rank=pcfg.r, preset="vera" if is_vera else "lora", dropout=dropout,
+        rank=pcfg.r, preset="vera" if is_vera else ("dora" if dora == {True} else "lora"), dropout=dropout,
         target_modules="|".join(re.escape(n) for n, _ in layers), exclude_modules=[],
         alpha=None if is_vera else float(pcfg.lora_alpha), rslora=bool(getattr(pcfg, "use_rslora", False)),
     )
@@ -77,5 +81,7 @@ def from_peft(peft_model) -> nn.Module:
                 f.A.copy_(t["A"])
                 f.B.copy_(t["B"])
                 layer.scaling = t["scaling"]
+                if "m" in t:
+                    layer.adapter_m.copy_(t["m"])
     getattr(base, ROOT_ATTR).config = config
     return base

@@ -1,0 +1,195 @@
+"""Seed 003's adapter family: gamma, partial tying, Tied-LoRA Extra, tensor embedding, DoRA, Simple DoRA.
+
+Each variant is checked against an explicit formula or an equivalent known adapter; the generic
+checks (identity at init, training, merge, save/load, counts) run over every preset elsewhere.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import randomize_adapters, rel_err, tiny_llama
+from tiedlora_kernels import TiedLoRAConfig, adapted_layers, from_peft, inject
+
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+TARGETS = ["q_proj", "down_proj"]
+
+
+def injected(preset, n_layer=3, **kw):
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=n_layer)
+    return inject(model, TiedLoRAConfig(rank=4, preset=preset, target_modules=TARGETS, **kw))
+
+
+def logits_and_loss(model):
+    model.zero_grad()
+    out = model(IDS, labels=IDS)
+    out.loss.backward()
+    return out.logits.detach()
+
+
+@pytest.mark.parametrize("gamma", [4.0, 30.0])
+def test_gamma_keeps_initial_function_and_scales_adam_step(gamma):
+    plain, boosted = injected("tl6"), injected("tl6", gamma=gamma)
+    with torch.no_grad():
+        for m in (plain, boosted):  # the same non-zero B in both, so A gets a gradient
+            for f in m.tiedlora.values():
+                f.B.copy_(torch.randn(f.B.shape, generator=torch.Generator().manual_seed(9)) * 0.1)
+    assert boosted.tiedlora.config.scaling == gamma * plain.tiedlora.config.scaling
+    for kind in TARGETS:  # s * A is the same tensor, so the same function
+        assert rel_err(boosted.tiedlora[kind].A * gamma, plain.tiedlora[kind].A) < 1e-6
+    assert rel_err(logits_and_loss(boosted), logits_and_loss(plain)) < 1e-5
+    steps = {}
+    for name, m, s in (("plain", plain, 1.0), ("boosted", boosted, gamma)):
+        a0 = m.tiedlora["q_proj"].A.detach().clone()
+        logits_and_loss(m)
+        opt = torch.optim.Adam([m.tiedlora["q_proj"].A], lr=1e-3)
+        opt.step()
+        steps[name] = ((m.tiedlora["q_proj"].A.detach() - a0) * s).norm()  # step of the effective factor s*A
+    assert steps["boosted"] / steps["plain"] == pytest.approx(gamma, rel=1e-3)
+
+
+def _copy_lora_into_partial(lora, partial, L):
+    ll, lp = dict(adapted_layers(lora)), dict(adapted_layers(partial))
+    with torch.no_grad():
+        for kind in TARGETS:
+            names = sorted(n for n in lp if n.endswith(kind))
+            for i, n in enumerate(names):
+                f = partial.tiedlora[kind]
+                f.A[i].copy_(ll[n].factors.A)
+                f.B[i].copy_(ll[n].factors.B)
+                lp[n].adapter_wA.copy_(torch.eye(L)[i])
+                lp[n].adapter_wB.copy_(torch.eye(L)[i])
+
+
+def test_partial_tying_with_one_bank_equals_tied_lora():
+    tl5, partial = injected("tl5"), injected("partial", banks=(1, 1))
+    randomize_adapters(tl5)
+    with torch.no_grad():
+        for kind in TARGETS:
+            partial.tiedlora[kind].A[0].copy_(tl5.tiedlora[kind].A)
+            partial.tiedlora[kind].B[0].copy_(tl5.tiedlora[kind].B)
+        for _, layer in adapted_layers(partial):
+            layer.adapter_wA.fill_(1.0)
+            layer.adapter_wB.fill_(1.0)
+    assert rel_err(logits_and_loss(partial), logits_and_loss(tl5)) < 1e-6
+    for kind in TARGETS:  # d LA[0] = sum_i wA_i dA_i = Tied-LoRA's dA when w = 1
+        assert rel_err(partial.tiedlora[kind].A.grad[0], tl5.tiedlora[kind].A.grad) < 1e-5
+        assert rel_err(partial.tiedlora[kind].B.grad[0], tl5.tiedlora[kind].B.grad) < 1e-5
+
+
+def test_partial_tying_with_L_banks_is_as_expressive_as_lora():
+    L = 3
+    lora, partial = injected("lora", n_layer=L), injected("partial", n_layer=L, banks=(L, L))
+    randomize_adapters(lora)
+    _copy_lora_into_partial(lora, partial, L)
+    assert rel_err(logits_and_loss(partial), logits_and_loss(lora)) < 1e-6
+
+
+def test_tl_extra_with_diagonal_core_equals_tl6():
+    tl6, extra = injected("tl6", init_v="absent", train_v=False), injected("tl_extra")
+    randomize_adapters(tl6)
+    with torch.no_grad():
+        for kind in TARGETS:
+            extra.tiedlora[kind].A.copy_(tl6.tiedlora[kind].A)
+            extra.tiedlora[kind].B.copy_(tl6.tiedlora[kind].B)
+        lt = dict(adapted_layers(tl6))
+        for n, layer in adapted_layers(extra):
+            layer.adapter_M.copy_(torch.diag(lt[n].adapter_u))
+    assert rel_err(logits_and_loss(extra), logits_and_loss(tl6)) < 1e-6
+    for n, layer in adapted_layers(extra):  # dM's diagonal is TL6's du
+        assert rel_err(torch.diagonal(layer.adapter_M.grad), lt[n].adapter_u.grad) < 1e-5
+
+
+def test_tensor_embedding_with_one_hot_weights_equals_tl_extra():
+    L = 3
+    extra, tensor = injected("tl_extra", n_layer=L), injected("tensor_embed", n_layer=L, core_bank=L)
+    randomize_adapters(extra)
+    le = dict(adapted_layers(extra))
+    with torch.no_grad():
+        for kind in TARGETS:
+            tensor.tiedlora[kind].A.copy_(extra.tiedlora[kind].A)
+            tensor.tiedlora[kind].B.copy_(extra.tiedlora[kind].B)
+            for i, n in enumerate(sorted(n for n in le if n.endswith(kind))):
+                tensor.tiedlora[kind].core_bank[i].copy_(le[n].adapter_M)
+                dict(adapted_layers(tensor))[n].adapter_wM.copy_(torch.eye(L)[i])
+    assert rel_err(logits_and_loss(tensor), logits_and_loss(extra)) < 1e-6
+
+
+def test_simple_dora_matches_its_formula():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 10)
+    model = torch.nn.ModuleDict({"proj": lin})
+    inject(model, TiedLoRAConfig(rank=3, preset="simple_dora", target_modules=["proj"]))
+    randomize_adapters(model, std=0.3)
+    layer, f = model["proj"], model.tiedlora["proj"]
+    x = torch.randn(5, 12, dtype=torch.float64)
+    W = layer.weight.double()
+    W0 = W / W.norm(dim=1, keepdim=True)
+    expected = (x @ W0.T + layer.scaling * (x @ f.A.double().T) @ f.B.double().T) * layer.adapter_m.double() \
+        + layer.bias.double()
+    assert rel_err(layer(x.float()), expected) < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dora_matches_its_formula(tied):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"proj": torch.nn.Linear(12, 10)})})
+    inject(model, TiedLoRAConfig(rank=3, preset="dora", target_modules=["proj"], tied=tied))
+    randomize_adapters(model, std=0.3)
+    layer = model["a"]["proj"]
+    A, B = layer.factors.A.double(), layer.factors.B.double()
+    W = layer.weight.double()
+    Wp = W + layer.scaling * B @ A
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = (x @ Wp.T) * (layer.adapter_m.double() / Wp.norm(dim=1)) + layer.bias.double()
+    assert rel_err(layer(x.float()), expected) < 1e-5
+
+
+def test_dora_matches_peft_use_dora():
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                                                   use_dora=True, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "lora_magnitude" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.zero_grad()
+    out_p = pm(IDS, labels=IDS)
+    out_p.loss.backward()
+    grads_p = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    ours = from_peft(pm)
+    assert ours.tiedlora.config.preset == "dora"
+    out_o = ours(IDS, labels=IDS)
+    assert rel_err(out_o.logits, out_p.logits) < 1e-5
+    out_o.loss.backward()
+    layers = dict(adapted_layers(ours))
+    for n, g in grads_p.items():
+        lname = n.removeprefix("base_model.model.").split(".lora_")[0]
+        mine = (layers[lname].adapter_m if "magnitude" in n else
+                getattr(layers[lname].factors, "A" if ".lora_A." in n else "B"))
+        assert rel_err(mine.grad, g) < 1e-4, n
+
+
+@pytest.mark.parametrize("magnitude", ["dora", "simple_dora"])
+def test_magnitude_combines_with_tying(magnitude):
+    model = injected("tl6", magnitude=magnitude)
+    before = copy.deepcopy(model)
+    assert model.tiedlora.config.resolved().tied
+    assert rel_err(logits_and_loss(model), logits_and_loss(before)) < 1e-6
+    assert all(layer.adapter_m is not None for _, layer in adapted_layers(model))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(preset="partial", tied=False), "needs tied=True"),
+    (dict(preset="tl_extra", init_u=1.0), "replaces u by a matrix"),
+    (dict(preset="partial", banks=(0, 2)), "banks must be a pair"),
+    (dict(core="cube"), "core must be one of"),
+    (dict(magnitude="mora"), "magnitude must be one of"),
+])
+def test_invalid_variant_fields(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TiedLoRAConfig(**kw)
