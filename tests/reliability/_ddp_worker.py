@@ -1,0 +1,168 @@
+"""One rank of the distributed-training checks, and the single-process recipe they are compared with.
+
+Run as ``python _ddp_worker.py OUT_DIR CASES_JSON`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
+and ``MASTER_PORT`` set (gloo, CPU). One process group serves every case in ``CASES_JSON`` (a
+list of ``{"name", "preset", "ckpt", "wrap"[, "static_graph"]}``: ``wrap`` is ``"ddp"`` or ``"fsdp2"``,
+``ckpt`` is false, true (transformers' default non-reentrant activation checkpointing) or
+``"reentrant"``; a case with ``"expect_error": true`` records the ``RuntimeError`` it raises): startup
+(imports, rendezvous) costs more than the training itself. Each rank trains on its contiguous
+slice of the same global batch; after the last step rank 0 writes ``OUT_DIR/<name>.pt`` with the
+full (gathered) value of every trainable parameter and a few facts about the wrapper.
+
+The test imports :func:`build_model`, :func:`global_batch`, :func:`make_optimizer` and
+:func:`train_single` from this file, so both sides run literally the same recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+
+from helpers import tiny_llama  # noqa: E402
+
+from tiedlora_kernels import TiedLoRAConfig, inject  # noqa: E402
+
+STEPS = 3
+GLOBAL_BATCH = 4  # rows; each of the 2 ranks trains on 2
+SEQ = 12
+LR = 2.0
+
+
+def build_model(preset: str, ckpt) -> torch.nn.Module:
+    """The tiny LLaMA (hidden 32, 2 layers, vocab 97) with a rank-4 adapter, identical on every call."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2, hidden=32)
+    inject(model, TiedLoRAConfig(rank=4, preset=preset, seed=3))
+    with torch.no_grad():
+        # Move the zero-initialised factor off zero, so every trained tensor gets a gradient at step 1.
+        g = torch.Generator().manual_seed(11)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.train()
+    if ckpt == "reentrant":
+        model.enable_input_require_grads()  # reentrant checkpoint: no gradient flows unless an input needs one
+        model.activation_checkpointing_enable({"use_reentrant": True})
+    elif ckpt:
+        model.activation_checkpointing_enable()  # transformers' default: non-reentrant checkpoint
+    return model
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """Token ids (GLOBAL_BATCH, SEQ) of one step, the same on every rank."""
+    return torch.randint(0, 97, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # Plain SGD: the update is the gradient itself, so a wrong reduction (sum for mean, a tied
+    # gradient reduced twice or not at all) shows up in the parameters at full size.
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_single(preset: str, ckpt: bool, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce."""
+    model = build_model(preset, ckpt)
+    opt = make_optimizer(model)
+    for step in range(STEPS):
+        ids = global_batch(step)[rows]
+        opt.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    return trainable_state(model)
+
+
+def _run_ddp(case: dict, rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = build_model(case["preset"], case["ckpt"])
+    ddp = DDP(model, static_graph=case.get("static_graph", False))  # find_unused_parameters=False: every trained tensor must get a gradient each step
+    trainable = [p for p in ddp.parameters() if p.requires_grad]
+    tied = [f.A for f in model.tiedlora.values()] + [f.B for f in model.tiedlora.values()]
+    facts = {
+        "n_trainable": len(trainable),
+        "n_unique_trainable": len({id(p) for p in trainable}),
+        "n_named_trainable": sum(p.requires_grad for _, p in model.named_parameters()),
+        # How many times each tied factor appears among DDP's parameters (must be exactly once).
+        "tied_occurrences": [sum(q is t for q in ddp.parameters()) for t in tied],
+        "all_grads_present": True,
+    }
+    opt = make_optimizer(model)
+    half = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        ids = global_batch(step)[rank * half:(rank + 1) * half]
+        opt.zero_grad(set_to_none=True)
+        ddp(ids, labels=ids).loss.backward()
+        facts["all_grads_present"] &= all(p.grad is not None for p in trainable)
+        opt.step()
+    return {"params": trainable_state(model), "facts": facts}
+
+
+def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = build_model(case["preset"], case["ckpt"])
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    # The root unit owns everything not inside a decoder layer: embeddings, norm, head and
+    # model.tiedlora, i.e. the tied A and B, registered only there.
+    fully_shard(model, mesh=mesh)
+    tied_names = [f"tiedlora.{g}.{w}" for g in model.tiedlora for w in ("A", "B")]
+    named = dict(model.named_parameters())
+    facts = {
+        "tied_are_dtensors": all(isinstance(named[n], DTensor) for n in tied_names),
+        "n_named_trainable": sum(p.requires_grad for p in named.values()),
+    }
+    opt = make_optimizer(model)
+    half = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        ids = global_batch(step)[rank * half:(rank + 1) * half]
+        opt.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+    return {"params": full, "facts": facts}
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    out_dir, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # A rank that dies must not leave the other one waiting for ever.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        for case in cases:
+            run = _run_fsdp2 if case["wrap"] == "fsdp2" else _run_ddp
+            if case.get("expect_error"):
+                # A configuration that must be refused: record torch's message instead of dying.
+                try:
+                    result = {"params": run(case, rank, world)["params"], "error": None}
+                except RuntimeError as e:
+                    result = {"params": None, "error": str(e)}
+            else:
+                result = run(case, rank, world)
+            if rank == 0:
+                torch.save(result, out_dir / f"{case['name']}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
