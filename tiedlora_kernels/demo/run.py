@@ -38,11 +38,14 @@ DEFAULT_LR = 1e-2
 
 #: (default, --quick) sizes.
 SIZES = {
-    "base_steps": (400, 30),
-    "steps": (200, 25),
-    "n_train": (4000, 400),
-    "n_test": (256, 64),
+    "base_steps": (400, 20),
+    "steps": (160, 12),
+    "batch_size": (16, 8),
+    "n_train": (4000, 200),
+    "n_test": (256, 32),
 }
+#: Built-in model shape (hidden, layers, intermediate), default and --quick.
+MODEL_SHAPE = ((96, 3, 256), (64, 2, 172))
 
 
 def _csv(kind):
@@ -56,19 +59,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated presets (default: every key of tiedlora_kernels.PRESETS: "
                         f"{','.join(PRESETS)})")
     p.add_argument("--ranks", type=_csv(int), default=[8], help="comma-separated ranks (default: 8)")
-    p.add_argument("--steps", type=int, default=None, help="adapter training steps per preset (default 200; "
-                                                           "--quick: 25)")
+    p.add_argument("--steps", type=int, default=None, help="adapter training steps per preset (default 160; "
+                                                           "--quick: 12)")
     p.add_argument("--base-steps", type=int, default=None,
-                   help="base-model pretraining steps (default 400; --quick: 30; ignored with --model)")
-    p.add_argument("--batch-size", type=int, default=16, help="adapter training batch size (default 16)")
+                   help="base-model pretraining steps (default 400; --quick: 20; ignored with --model)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="adapter training batch size (default 16; --quick: 8)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate for every preset (default: per preset, see PRESET_LR)")
     p.add_argument("--base-lr", type=float, default=3e-3, help="base pretraining learning rate (default 3e-3)")
     p.add_argument("--gamma", type=float, default=1.0, help="seed 003's gamma for the adapters (default 1)")
     p.add_argument("--target-modules", default="all-linear",
                    help="'all-linear' (default), a regex, or comma-separated module names")
-    p.add_argument("--n-train", type=int, default=None, help="train problems (default 4000; --quick: 400)")
-    p.add_argument("--n-test", type=int, default=None, help="test problems (default 256; --quick: 64)")
+    p.add_argument("--n-train", type=int, default=None, help="train problems (default 4000; --quick: 200)")
+    p.add_argument("--n-test", type=int, default=None, help="test problems (default 256; --quick: 32)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate test loss every N steps for the curves (default: steps / 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model init and batch order (default 0)")
@@ -77,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapt a pretrained causal LM (transformers from_pretrained, with its own tokenizer) "
                         "instead of pretraining the tiny built-in one")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default ./demo_out)")
-    p.add_argument("--quick", action="store_true", help="tiny run (seconds) for CI and smoke tests")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run (seconds; smaller built-in model, few steps) for CI and smoke tests")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -124,13 +129,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     base_steps = args.base_steps if args.base_steps is not None else size["base_steps"]
     n_train = args.n_train if args.n_train is not None else size["n_train"]
     n_test = args.n_test if args.n_test is not None else size["n_test"]
+    batch_size = args.batch_size if args.batch_size is not None else size["batch_size"]
     presets = args.presets if args.presets is not None else list(PRESETS)
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"tiedlora demo: unknown presets {unknown}; expected some of {list(PRESETS)}")
     if not args.ranks or any(r < 1 for r in args.ranks):
         raise SystemExit(f"tiedlora demo: --ranks must be positive integers, got {args.ranks}")
-    if steps < 1 or args.batch_size < 1:
+    if steps < 1 or batch_size < 1:
         raise SystemExit("tiedlora demo: --steps and --batch-size must be >= 1")
     eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 5)
     target = args.target_modules
@@ -147,7 +153,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         model_desc = f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, pretrained)"
     else:
         tok = CharTokenizer()
-        model = build_tiny_llama(tok.vocab_size, seed=args.seed).to(device)
+        hidden, layers, intermediate = MODEL_SHAPE[1 if quick else 0]
+        model = build_tiny_llama(tok.vocab_size, hidden=hidden, layers=layers, intermediate=intermediate,
+                                 seed=args.seed).to(device)
         n_params = sum(p.numel() for p in model.parameters())
         c = model.config
         model_desc = (f"tiny LLaMA ({c.num_hidden_layers} layers, hidden {c.hidden_size}, {n_params:,} parameters, "
@@ -162,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     eval_train_limit = min(n_train, n_test)
     gen = torch.Generator().manual_seed(args.seed)
     # One batch order for every preset and rank, so the comparison is like for like.
-    batches = [torch.randint(0, n_train, (args.batch_size,), generator=gen).tolist() for _ in range(steps)]
+    batches = [torch.randint(0, n_train, (batch_size,), generator=gen).tolist() for _ in range(steps)]
 
     initial_train = task_loss_bits(model, train, tok.pad_id, device, limit=eval_train_limit)
     baseline = {"train_bits": initial_train,
@@ -190,8 +198,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                 f"exact match {100 * res.accuracy:.1f}%  [{res.seconds:.1f} s]")
 
     settings = {"presets": presets, "ranks": args.ranks, "steps": steps, "base_steps": 0 if args.model else base_steps,
-                "batch_size": args.batch_size, "lr": args.lr, "preset_lr": {p: r["lr"] for p, r in
-                                                                         zip(presets, rows)},
+                "batch_size": batch_size, "lr": args.lr, "preset_lr": {r["preset"]: r["lr"] for r in rows},
                 "base_lr": args.base_lr, "gamma": args.gamma, "target_modules": target, "n_train": n_train,
                 "n_test": n_test, "acc_examples": n_test, "eval_train_examples": eval_train_limit,
                 "eval_every": eval_every, "seed": args.seed, "quick": quick, "model": args.model,

@@ -27,8 +27,8 @@ LN2 = math.log(2.0)
 IGNORE = -100
 
 
-def build_tiny_llama(vocab_size: int, *, hidden: int = 128, layers: int = 4, heads: int = 4,
-                     intermediate: int = 344, max_positions: int = 256, seed: int = 0) -> nn.Module:
+def build_tiny_llama(vocab_size: int, *, hidden: int = 96, layers: int = 3, heads: int = 4,
+                     intermediate: int = 256, max_positions: int = 256, seed: int = 0) -> nn.Module:
     """A small LLaMA built from a ``LlamaConfig`` (no download), initialised under ``seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
