@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from helpers import tiny_llama  # noqa: E402
 
-from tiedlora_kernels import TiedLoRAConfig, inject  # noqa: E402
+from tiedlora_kernels import TiedLoRAConfig, inject, save_adapter  # noqa: E402
 
 STEPS = 3
 GLOBAL_BATCH = 4  # rows; each of the 2 ranks trains on 2
@@ -105,6 +105,8 @@ def _run_ddp(case: dict, rank: int, world: int) -> dict:
         ddp(ids, labels=ids).loss.backward()
         facts["all_grads_present"] &= all(p.grad is not None for p in trainable)
         opt.step()
+    if rank == 0 and case.get("save_dir"):
+        save_adapter(ddp.module, case["save_dir"])  # the wrapped module is the plain model
     return {"params": trainable_state(model), "facts": facts}
 
 
@@ -135,7 +137,21 @@ def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
         opt.step()
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for n, p in model.named_parameters() if p.requires_grad}
+    if case.get("save_dir"):
+        save_fsdp2_adapter(model, case["preset"], case["ckpt"], case["save_dir"], rank)
     return {"params": full, "facts": facts}
+
+
+def save_fsdp2_adapter(model, preset, ckpt, directory, rank) -> None:
+    """The docs/DISTRIBUTED.md recipe: ``save_adapter`` needs plain tensors, so gather the full
+    state dict (a collective: every rank calls it) and save from an unsharded copy on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        plain = build_model(preset, ckpt)
+        plain.load_state_dict(full)
+        save_adapter(plain, directory)
 
 
 def main() -> None:

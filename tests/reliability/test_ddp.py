@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from helpers import rel_err
+from tiedlora_kernels import load_adapter
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 _spec = importlib.util.spec_from_file_location("tiedlora_ddp_worker", WORKER)
@@ -62,6 +63,7 @@ def _free_port() -> int:
 def dist_results(tmp_path_factory) -> dict:
     """Run every case once in a 2-process gloo group; {case name: what rank 0 saved}."""
     out = tmp_path_factory.mktemp("ddp")
+    cases = [{**c, "save_dir": str(out / f"{c['name']}-adapter")} for c in CASES]
     port = _free_port()
     procs, logs = [], []
     for rank in range(WORLD_SIZE):
@@ -69,7 +71,7 @@ def dist_results(tmp_path_factory) -> dict:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(WORLD_SIZE), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "TIEDLORA_BACKEND": "torch"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), json.dumps(CASES)],
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), json.dumps(cases)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     try:
@@ -87,7 +89,7 @@ def dist_results(tmp_path_factory) -> dict:
         text.append(log.read()[-3000:])
         log.close()
     assert codes == [0] * WORLD_SIZE, f"workers exited with {codes}:\n" + "\n---\n".join(text)
-    return {c["name"]: torch.load(out / f"{c['name']}.pt") for c in CASES}
+    return {c["name"]: {**torch.load(out / f"{c['name']}.pt"), "save_dir": c["save_dir"]} for c in cases}
 
 
 @pytest.mark.parametrize("case", TRAINED, ids=[c["name"] for c in TRAINED])
@@ -106,6 +108,20 @@ def test_distributed_steps_equal_one_process_on_the_whole_batch(dist_results, ca
     # The check can fail: training on one half only (no gradient exchange) lands far away.
     worst = max(rel_err(control[n] - init[n], single[n] - init[n]) for n in single)
     assert worst > TOL["control_min"], worst
+
+
+@pytest.mark.parametrize("case", TRAINED, ids=[c["name"] for c in TRAINED])
+def test_adapter_saved_after_distributed_training_loads_into_a_plain_model(dist_results, case):
+    """DDP: rank 0 saves ``ddp.module``; FSDP2: the gathered-state-dict recipe of docs/DISTRIBUTED.md."""
+    got = dist_results[case["name"]]
+    fresh = worker.tiny_llama(n_layer=2, hidden=32)
+    base = worker.build_model(case["preset"], case["ckpt"]).state_dict()
+    fresh.load_state_dict({k: v for k, v in base.items() if not k.startswith("tiedlora.") and ".adapter_" not in k},
+                          strict=False)
+    load_adapter(fresh, got["save_dir"])
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, got["params"][name]), name
 
 
 @pytest.mark.parametrize("case", [c for c in TRAINED if c["wrap"] == "ddp"],
