@@ -98,10 +98,10 @@ def plot_curves(results: dict, path: Path) -> Optional[Path]:
         return None
     rows = results["rows"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     labels = sorted({(r["preset"], r["rank"]) for r in rows}, key=lambda k: [(x["preset"], x["rank"]) for x in
                                                                             rows].index(k))
-    color = {k: cmap(i % 10) for i, k in enumerate(labels)}
+    color = {k: cmap(i % cmap.N) for i, k in enumerate(labels)}
     multi_rank = len({r["rank"] for r in rows}) > 1
     for r in rows:
         key = (r["preset"], r["rank"])
