@@ -38,11 +38,11 @@ DEFAULT_LR = 1e-2
 
 #: (default, --quick) sizes.
 SIZES = {
-    "base_steps": (400, 20),
-    "steps": (160, 12),
+    "base_steps": (300, 20),
+    "steps": (120, 12),
     "batch_size": (16, 8),
     "n_train": (4000, 200),
-    "n_test": (256, 32),
+    "n_test": (192, 32),
 }
 #: Built-in model shape (hidden, layers, intermediate), default and --quick.
 MODEL_SHAPE = ((96, 3, 256), (64, 2, 172))
@@ -59,10 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated presets (default: every key of tiedlora_kernels.PRESETS: "
                         f"{','.join(PRESETS)})")
     p.add_argument("--ranks", type=_csv(int), default=[8], help="comma-separated ranks (default: 8)")
-    p.add_argument("--steps", type=int, default=None, help="adapter training steps per preset (default 160; "
+    p.add_argument("--steps", type=int, default=None, help="adapter training steps per preset (default 120; "
                                                            "--quick: 12)")
     p.add_argument("--base-steps", type=int, default=None,
-                   help="base-model pretraining steps (default 400; --quick: 20; ignored with --model)")
+                   help="base-model pretraining steps (default 300; --quick: 20; ignored with --model)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="adapter training batch size (default 16; --quick: 8)")
     p.add_argument("--lr", type=float, default=None,
@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", default="all-linear",
                    help="'all-linear' (default), a regex, or comma-separated module names")
     p.add_argument("--n-train", type=int, default=None, help="train problems (default 4000; --quick: 200)")
-    p.add_argument("--n-test", type=int, default=None, help="test problems (default 256; --quick: 32)")
+    p.add_argument("--n-test", type=int, default=None, help="test problems (default 192; --quick: 32)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate test loss every N steps for the curves (default: steps / 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model init and batch order (default 0)")
