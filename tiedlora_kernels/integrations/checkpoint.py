@@ -32,13 +32,15 @@ FORMAT = "tiedlora-adapter"
 FORMAT_VERSION = "1"
 
 
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+def content_hash(tensors: dict[str, torch.Tensor], *texts: str) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order, then over ``texts`` (metadata)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().reshape(-1).contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for text in texts:
+        h.update(b"|" + text.encode())
     return h.hexdigest()
 
 
@@ -99,19 +101,27 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         "format_version": FORMAT_VERSION,
         "config": json.dumps(config.to_dict()),
         "layers": json.dumps(_layer_table(model)),
-        "sha256": content_hash(tensors),
     }
+    # The hash covers the metadata too: a flipped bit in the config (a scale, a dropout) is refused.
+    meta["sha256"] = content_hash(tensors, meta["config"], meta["layers"])
     path = directory / ADAPTER_FILE
+    if optimizer is not None:
+        # Written first and stamped with the adapter's hash: a crash between the two renames leaves a
+        # pair that load_adapter refuses instead of silently resuming with another save's moments.
+        _save_optimizer(model, optimizer, directory / OPTIMIZER_FILE, meta["sha256"])
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     human = {**config.to_dict(), "layers": _layer_table(model), "sha256": meta["sha256"]}
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2)))
-    if optimizer is not None:
-        _save_optimizer(model, optimizer, directory / OPTIMIZER_FILE)
     return path
 
 
 def read_adapter(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tensor]]:
     """(config, layer table, tensors) of a saved adapter, verified against its content hash."""
+    config, layers, tensors, _ = _read_verified(directory)
+    return config, layers, tensors
+
+
+def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tensor], str]:
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}")
@@ -123,10 +133,17 @@ def read_adapter(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tenso
         raise ValueError(f"load_adapter: {path} is corrupted or truncated ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})")
-    if content_hash(tensors) != meta.get("sha256"):
+    missing = [k for k in ("config", "layers", "sha256") if k not in meta]
+    if missing:
+        raise ValueError(f"load_adapter: {path} lacks metadata {missing}: the file is corrupted")
+    if content_hash(tensors, meta["config"], meta["layers"]) != meta["sha256"]:
         raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch): the file is corrupted")
-    config = TiedLoRAConfig.from_dict(json.loads(meta["config"]))
-    return config, json.loads(meta["layers"]), tensors
+    try:
+        config = TiedLoRAConfig.from_dict(json.loads(meta["config"]))
+        layers = json.loads(meta["layers"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"load_adapter: {path} has an unreadable config ({e})") from None
+    return config, layers, tensors, meta["sha256"]
 
 
 def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
@@ -136,7 +153,7 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     dtype, raising a ``ValueError`` that names the first mismatch; nothing is copied until all
     checks pass. With ``optimizer``, also restores its state from ``optimizer.safetensors``.
     """
-    config, layers, tensors = read_adapter(directory)
+    config, layers, tensors, sha256 = _read_verified(directory)
     if not hasattr(model, ROOT_ATTR):
         inject(model, config)
     else:
@@ -171,7 +188,7 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         for name, t in tensors.items():
             params[name].copy_(t)
     if optimizer is not None:
-        _load_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE)
+        _load_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE, sha256)
     return model
 
 
@@ -179,7 +196,7 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
     """Optimizer state as safetensors: tensors keyed ``<param name>/<state key>``, groups in metadata."""
     names = _param_names(model)
     tensors = {}
@@ -190,19 +207,24 @@ def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                                                     else torch.tensor(val))
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
-    meta = {"param_groups": json.dumps(groups, default=str), "sha256": content_hash(tensors)}
+    meta = {"param_groups": json.dumps(groups, default=str), "adapter_sha256": adapter_sha256}
+    meta["sha256"] = content_hash(tensors, meta["param_groups"], adapter_sha256)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"load_adapter: optimizer state {path} is missing, corrupted or truncated ({e})") from None
-    if content_hash(tensors) != meta.get("sha256"):
+    if "param_groups" not in meta or content_hash(tensors, meta["param_groups"], meta.get("adapter_sha256", "")) \
+            != meta.get("sha256"):
         raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch)")
+    if meta.get("adapter_sha256") != adapter_sha256:
+        raise ValueError(f"load_adapter: the optimizer state in {path} belongs to another save of the adapter "
+                         "(its adapter_sha256 differs): refusing to resume with mismatched moments")
     names = _param_names(model)
     saved_groups = json.loads(meta["param_groups"])
     for g, sg in zip(optimizer.param_groups, saved_groups):
