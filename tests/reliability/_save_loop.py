@@ -1,6 +1,6 @@
 """A process that keeps saving adapters into one directory until it is killed.
 
-``python _save_loop.py DIR SLOW_FILE PAUSE_AT [--optimizer]``
+``python _save_loop.py DIR SLOW_FILE PAUSE_AT PAUSE_VERSION PAUSE_EXTRA [--optimizer]``
 
 Saves version 0 normally (the known-good checkpoint), then versions 1, 2, ... in a loop, each a
 different adapter (alternately a rank-2 TL6 and a bigger rank-6 LoRA, with distinct values; with
@@ -14,7 +14,9 @@ the test where the process is:
 - ``REPLACED i NAME``: NAME was just renamed into place;
 - ``DONE i``: ``save_adapter`` returned.
 
-At the marker named by ``PAUSE_AT`` the process sleeps 0.3 s, a window for the test's SIGKILL.
+At the marker ``PAUSE_AT`` of version ``PAUSE_VERSION`` (and, for ``REPLACED``, file name
+``PAUSE_EXTRA``; ``-`` for any) the process stops (sleeps 60 s) until the test's SIGKILL, so
+the kill lands at exactly that point however slow the machine is.
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ def saved_hash(model: nn.Module) -> str:
 
 def main() -> None:
     directory, slow_file, pause_at = sys.argv[1], sys.argv[2], sys.argv[3]
-    with_optimizer = "--optimizer" in sys.argv[4:]
+    pause_version, pause_extra = int(sys.argv[4]), sys.argv[5]
+    with_optimizer = "--optimizer" in sys.argv[6:]
     current = [0]
 
     def say(line: str) -> None:
         print(line, flush=True)
-        if line.split()[0] == pause_at:
-            time.sleep(0.3)
+        word, i, *rest = line.split()
+        if (word, int(i)) == (pause_at, pause_version) and pause_extra in ("-", *rest):
+            time.sleep(60)
 
     def slow_save_file(tensors, filename, metadata=None):
         data = safetensors_bytes(tensors, metadata=metadata)
