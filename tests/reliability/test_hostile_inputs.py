@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 import tiedlora_kernels
 from tiedlora_kernels import TiedLoRAConfig, inject, reference
 
-KERNEL_FILE = Path(tiedlora_kernels.__file__).parent / "ops" / "tied_lora_linear.py"
-needs_kernels = pytest.mark.skipif(not KERNEL_FILE.exists(), reason="Triton kernels (ops/tied_lora_linear.py) not written yet")
+KERNEL_FILE = Path(tiedlora_kernels.__file__).parent / "ops" / "tied_lora_triton.py"
+needs_kernels = pytest.mark.skipif(not KERNEL_FILE.exists(), reason="Triton kernels (ops/tied_lora_triton.py) missing")
 
 #: Elementwise bound factor per activation dtype: |ours - exact| <= TOL * (abs-value bound) + floor.
 #: Derivation: fp32/fp64 sums of at most ~100 terms (K, N, r <= 12, rows <= 81) cost < 100 eps;

@@ -2,7 +2,8 @@
 
 ``TIEDLORA_BACKEND`` (read at call time) picks the implementation of :func:`tied_lora_linear`:
 
-- ``auto`` (default): the Triton kernels for CUDA tensors, the torch reference otherwise;
+- ``auto`` (default): the Triton kernels for CUDA tensors in fp32/bf16/fp16 with a frozen base
+  layer, the torch reference otherwise (CPU tensors, fp64, a base weight that trains);
 - ``torch``: always the reference (``tiedlora_kernels.reference``);
 - ``triton``: always the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` set
   before the kernels are first imported (how CI checks kernel parity without a GPU).
@@ -32,15 +33,17 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(x: torch.Tensor) -> str:
-    """The backend that will run for activations ``x``: ``"torch"`` or ``"triton"``."""
+def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> str:
+    """The backend that will run for activations ``x`` (and base ``weight``/``bias``): ``"torch"`` or ``"triton"``."""
     want = os.environ.get("TIEDLORA_BACKEND", "auto").strip().lower() or "auto"
     if want not in BACKENDS:
         raise ValueError(f"TIEDLORA_BACKEND must be one of {BACKENDS}, got {want!r}")
     if want == "torch":
         return "torch"
     if want == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
+        fits = x.is_cuda and x.dtype != torch.float64 and not base_trains
+        return "triton" if fits and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
     if not x.is_cuda and not triton_interpreting():
@@ -83,8 +86,8 @@ def tied_lora_linear(
         True
     """
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p)
-    if resolve_backend(x) == "triton":
-        from .tied_lora_linear import tied_lora_linear_triton
+    if resolve_backend(x, weight, bias) == "triton":
+        from .tied_lora_triton import tied_lora_linear_triton
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training)
     return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training)
