@@ -96,10 +96,12 @@ def test_layouts_and_optional_tensors(monkeypatch, path, variant):
 
 
 @pytest.mark.parametrize("path", ["fused", "epilogue"])
-@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_bf16_activations(monkeypatch, path, adapter_dtype):
-    t = make(37, 48, 40, 8, dtype=torch.bfloat16, adapter_dtype=adapter_dtype)
-    check(t, path=path, monkeypatch=monkeypatch, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float32), (torch.float16, torch.float16)],
+                         ids=["bf16-fp32", "bf16-bf16", "fp16-fp32", "fp16-fp16"])
+def test_low_precision_activations(monkeypatch, path, dtype, adapter_dtype):
+    t = make(37, 48, 40, 8, dtype=dtype, adapter_dtype=adapter_dtype)
+    check(t, path=path, monkeypatch=monkeypatch, dtype=dtype)
 
 
 #: Trained tensors of each preset (SPEC.md Table 1); absent u / v are None.
