@@ -106,3 +106,46 @@ def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path):
         o.step()
     for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_refused_load_leaves_a_plain_model_untouched(tmp_path):
+    save_adapter(trained("tl6"), tmp_path)
+    other = tiny_llama(hidden=48)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="load_adapter"):
+        load_adapter(other, tmp_path)
+    assert not hasattr(other, "tiedlora")
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(tmp_path):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    save_adapter(trained("tl6"), tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / ADAPTER_FILE).stat().st_mode & 0o777 == 0o666 & ~mask
+    path = tmp_path / ADAPTER_FILE
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "format_version": "99"})
+    with pytest.raises(ValueError, match="format_version '99'"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_optimizer_hyperparameters_come_back(tmp_path):
+    model = trained("tl6")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.8, 0.9),
+                            weight_decay=0.05)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    save_adapter(model, tmp_path, optimizer=opt)
+    resumed = tiny_llama()
+    resumed.load_state_dict(model.state_dict(), strict=False)
+    load_adapter(resumed, tmp_path)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1.0)
+    load_adapter(resumed, tmp_path, optimizer=opt2)
+    g = opt2.param_groups[0]
+    assert (g["lr"], g["betas"], g["weight_decay"]) == (3e-3, (0.8, 0.9), 0.05)

@@ -143,15 +143,9 @@ def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
 
 
 def save_fsdp2_adapter(model, preset, ckpt, directory, rank) -> None:
-    """The docs/DISTRIBUTED.md recipe: ``save_adapter`` needs plain tensors, so gather the full
-    state dict (a collective: every rank calls it) and save from an unsharded copy on rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        plain = build_model(preset, ckpt)
-        plain.load_state_dict(full)
-        save_adapter(plain, directory)
+    """save_adapter straight on the sharded model: every rank calls it (the shards of the tied
+    factors are gathered, a collective) and rank 0 writes."""
+    save_adapter(model, directory)
 
 
 def main() -> None:

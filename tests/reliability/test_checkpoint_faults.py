@@ -234,7 +234,7 @@ def test_a_foreign_safetensors_file_is_refused(tmp_path):
 
 def _forged_hash(tensors, meta) -> str:
     """The hash save_adapter would write (tensors, then the config and layer metadata)."""
-    return loop.ckpt.content_hash(tensors, meta["config"], meta["layers"])
+    return loop.ckpt.content_hash(tensors, meta["format_version"], meta["config"], meta["layers"])
 
 
 def test_a_dtype_or_shape_forged_consistently_with_the_hash_is_refused(tmp_path):

@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import TiedLoRAConfig
-from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, build_factors, inject)
+from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, build_factors,
+                     find_targets, inject)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -50,6 +51,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved adapter gets the usual mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,6 +66,27 @@ def _atomic_write(path: Path, write) -> None:
         os.close(dfd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank's CPU: FSDP2 shards (DTensors) are gathered (a collective:
+    every rank must call save_adapter)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.to("cpu").contiguous()
+
+
+def _is_writer() -> bool:
+    """Rank 0 writes; every rank takes part in gathering sharded tensors."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def _layer_table(model: nn.Module) -> list[list]:
     return [[n, m.kind, m.in_features, m.out_features] for n, m in adapted_layers(model)]
 
@@ -76,7 +99,7 @@ def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch
     K = getattr(model, ROOT_ATTR)[group].A.shape[1]
     N = getattr(model, ROOT_ATTR)[group].B.shape[0]
     fresh = getattr(build_factors(config, group, K, N, "cpu", prm.dtype), which)
-    return torch.equal(fresh, prm.detach().cpu())
+    return torch.equal(fresh, _full(prm))
 
 
 def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
@@ -84,7 +107,8 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
 
     Only trained tensors are written, plus frozen ones the seed cannot rebuild. Each file is
     written to a temporary name, fsynced and renamed, so an interrupted save never leaves a
-    half-written checkpoint behind.
+    half-written checkpoint behind. Under ``torch.distributed`` every rank must call it (FSDP2
+    shards are gathered); rank 0 writes.
 
     Returns:
         The path of the adapter file.
@@ -95,7 +119,11 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     tensors = {}
     for name, prm in adapter_named_parameters(model):
         if prm.requires_grad or not _rebuildable(model, config, name, prm):
-            tensors[name] = prm.detach().to("cpu").contiguous()
+            tensors[name] = _full(prm)
+    if not _is_writer():
+        if optimizer is not None:
+            _optimizer_tensors(model, optimizer)  # the same collectives as rank 0
+        return directory / ADAPTER_FILE
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -103,7 +131,7 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         "layers": json.dumps(_layer_table(model)),
     }
     # The hash covers the metadata too: a flipped bit in the config (a scale, a dropout) is refused.
-    meta["sha256"] = content_hash(tensors, meta["config"], meta["layers"])
+    meta["sha256"] = content_hash(tensors, meta["format_version"], meta["config"], meta["layers"])
     path = directory / ADAPTER_FILE
     if optimizer is not None:
         # Written first and stamped with the adapter's hash: a crash between the two renames leaves a
@@ -133,10 +161,13 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
         raise ValueError(f"load_adapter: {path} is corrupted or truncated ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})")
-    missing = [k for k in ("config", "layers", "sha256") if k not in meta]
+    missing = [k for k in ("format_version", "config", "layers", "sha256") if k not in meta]
     if missing:
         raise ValueError(f"load_adapter: {path} lacks metadata {missing}: the file is corrupted")
-    if content_hash(tensors, meta["config"], meta["layers"]) != meta["sha256"]:
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"load_adapter: {path} has format_version {meta['format_version']!r}; this version of "
+                         f"tiedlora-kernels reads {FORMAT_VERSION!r}")
+    if content_hash(tensors, meta["format_version"], meta["config"], meta["layers"]) != meta["sha256"]:
         raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch): the file is corrupted")
     try:
         config = TiedLoRAConfig.from_dict(json.loads(meta["config"]))
@@ -144,6 +175,26 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
     except (ValueError, TypeError) as e:
         raise ValueError(f"load_adapter: {path} has an unreadable config ({e})") from None
     return config, layers, tensors, meta["sha256"]
+
+
+def _targets_or_refuse(model: nn.Module, config: TiedLoRAConfig):
+    try:
+        return find_targets(model, config)
+    except ValueError as e:
+        raise ValueError(f"load_adapter: the saved adapter does not fit this model ({e})") from None
+
+
+def _check_layers(mine: list, saved: list) -> None:
+    """Refuse, naming the first difference, unless the model adapts exactly the saved layers."""
+    if mine == saved:
+        return
+    have = {row[0]: row for row in mine}
+    for row in saved:
+        if have.get(row[0]) != row:
+            raise ValueError(f"load_adapter: saved layer {row[0]!r} (kind, K, N = {row[1:]}) does not match "
+                             f"the model ({have.get(row[0], ['missing'])[1:] or 'missing'})")
+    raise ValueError(f"load_adapter: the model adapts layers the file does not have: "
+                     f"{sorted(set(have) - {r[0] for r in saved})}")
 
 
 def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
@@ -155,6 +206,9 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     """
     config, layers, tensors, sha256 = _read_verified(directory)
     if not hasattr(model, ROOT_ATTR):
+        # Check the layers before injecting, so a refused file leaves the model untouched.
+        _check_layers([[t.name, t.kind, t.in_features, t.out_features] for t in _targets_or_refuse(model, config)],
+                      layers)
         inject(model, config)
     else:
         have = adapter_config(model).to_dict()
@@ -162,15 +216,7 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         if diff:
             raise ValueError(f"load_adapter: the model's adapter config differs from the saved one "
                              f"(field: (model, file)): {diff}")
-    mine = _layer_table(model)
-    if mine != layers:
-        have = {row[0]: row for row in mine}
-        for row in layers:
-            if have.get(row[0]) != row:
-                raise ValueError(f"load_adapter: saved layer {row[0]!r} (kind, K, N = {row[1:]}) does not match "
-                                 f"the model ({have.get(row[0], ['missing'])[1:] or 'missing'})")
-        raise ValueError(f"load_adapter: the model adapts layers the file does not have: "
-                         f"{sorted(set(have) - {r[0] for r in layers})}")
+    _check_layers(_layer_table(model), layers)
     params = dict(adapter_named_parameters(model))
     for name, t in tensors.items():
         prm = params.get(name)
@@ -186,7 +232,12 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         raise ValueError(f"load_adapter: trained tensors missing from the file: {missing}")
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t)
+            prm = params[name]
+            if hasattr(prm, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(prm.device_mesh.device_type), prm.device_mesh, prm.placements)
+            prm.copy_(t)
     if optimizer is not None:
         _load_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE, sha256)
     return model
@@ -196,17 +247,22 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
-    """Optimizer state as safetensors: tensors keyed ``<param name>/<state key>``, groups in metadata."""
+def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """(state tensors keyed ``<param name>/<state key>``, param groups with parameters by name)."""
     names = _param_names(model)
     tensors = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, val in optimizer.state.get(p, {}).items():
-                tensors[f"{names[id(p)]}/{key}"] = (val.detach().cpu().contiguous() if torch.is_tensor(val)
-                                                    else torch.tensor(val))
+                tensors[f"{names[id(p)]}/{key}"] = _full(val) if torch.is_tensor(val) else torch.tensor(val)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
+    return tensors, groups
+
+
+def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
+    """Optimizer state as safetensors: tensors keyed ``<param name>/<state key>``, groups in metadata."""
+    tensors, groups = _optimizer_tensors(model, optimizer)
     meta = {"param_groups": json.dumps(groups, default=str), "adapter_sha256": adapter_sha256}
     meta["sha256"] = content_hash(tensors, meta["param_groups"], adapter_sha256)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -227,9 +283,14 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                          "(its adapter_sha256 differs): refusing to resume with mismatched moments")
     names = _param_names(model)
     saved_groups = json.loads(meta["param_groups"])
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+            [names[id(p)] for p in g["params"]] != sg["params"] for g, sg in zip(optimizer.param_groups, saved_groups)):
+        raise ValueError("load_adapter: the optimizer's parameters differ from the saved optimizer's")
     for g, sg in zip(optimizer.param_groups, saved_groups):
-        if [names[id(p)] for p in g["params"]] != sg["params"]:
-            raise ValueError("load_adapter: the optimizer's parameters differ from the saved optimizer's")
+        # Hyperparameters (lr, betas, weight decay, ...) come back too; JSON turned tuples into lists.
+        for k, v in sg.items():
+            if k != "params" and k in g:
+                g[k] = tuple(v) if isinstance(g[k], tuple) else v
     for g in optimizer.param_groups:
         for p in g["params"]:
             prefix = names[id(p)] + "/"
