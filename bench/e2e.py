@@ -1,7 +1,8 @@
 """End-to-end: training steps of a LLaMA-style model built from a config, adapters on all linear layers.
 
 Configs: no adapter (but backward through every layer, the speed limit), ours TL6, ours LoRA,
-PEFT LoRA, and the seed-003 variants (ours DoRA vs PEFT DoRA, Simple DoRA, Tied-LoRA Extra).
+PEFT LoRA, and the seed-003 variants (ours DoRA vs PEFT DoRA, Simple DoRA, Tied-LoRA Extra,
+tensor embedding, partial tying).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ GPU_MODEL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=97)
 CONFIGS = ["no_adapter", "ours_tl6", "ours_lora", "peft_lora", "ours_dora", "peft_dora", "ours_simple_dora",
-           "ours_tl_extra"]
+           "ours_tl_extra", "ours_tensor_embed", "ours_partial"]
 
 
 def _build(config: str, base, rank: int):
