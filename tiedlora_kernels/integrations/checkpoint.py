@@ -143,6 +143,16 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     return path
 
 
+def _read_safetensors(path: Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; any read failure is a ValueError naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"load_adapter: {what} {path} is missing, corrupted or truncated ({e})") from None
+
+
 def read_adapter(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tensor]]:
     """(config, layer table, tensors) of a saved adapter, verified against its content hash."""
     config, layers, tensors, _ = _read_verified(directory)
@@ -153,12 +163,7 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"load_adapter: {path} is corrupted or truncated ({e})") from None
+    meta, tensors = _read_safetensors(path, "adapter")
     if meta.get("format") != FORMAT:
         raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})")
     missing = [k for k in ("format_version", "config", "layers", "sha256") if k not in meta]
@@ -269,12 +274,7 @@ def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
 
 
 def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"load_adapter: optimizer state {path} is missing, corrupted or truncated ({e})") from None
+    meta, tensors = _read_safetensors(path, "optimizer state")
     if "param_groups" not in meta or content_hash(tensors, meta["param_groups"], meta.get("adapter_sha256", "")) \
             != meta.get("sha256"):
         raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch)")

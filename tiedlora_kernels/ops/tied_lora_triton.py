@@ -67,6 +67,49 @@ def _dot(a, b, TO_F32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _h_step(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ar, stride_ak, seed, K, p, keep_scale,
+            IN_DROPOUT: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr):
+    """One K tile of h = x_d A^T: b_h [BM, BR] += x_d [BM, BK] @ A^T [BK, BR]."""
+    b_a = tl.load(A + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
+                  mask=m_r[None, :] & m_k[:, None], other=0.0)                          # [BK, BR]
+    if not ADAPTER_F32:
+        b_a = b_a.to(b_x.dtype)
+    if IN_DROPOUT:
+        keep = _keep_mask(seed, o_m, o_k, K, p)
+        b_x = tl.where(keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
+    return b_h + _dot(b_x, b_a, ADAPTER_F32, PREC)
+
+
+@triton.jit
+def _z_from_h(b_h, X, U, o_r, m_r, scaling, HAS_U: tl.constexpr, ADAPTER_F32: tl.constexpr):
+    """z = s * h * u [BM, BR], in the dtype of the rank-r dot. Padded rank columns are zeroed:
+    they hold inf * 0 = NaN when x has an inf, which must not reach the output."""
+    b_z = tl.where(m_r[None, :], b_h, 0.0) * scaling
+    if HAS_U:
+        b_z *= tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+    if not ADAPTER_F32:
+        b_z = b_z.to(X.dtype.element_ty)
+    return b_z
+
+
+@triton.jit
+def _delta_tile(b_z, X, B, V, o_m, o_n, o_r, m_n, m_r, stride_bn, stride_br, seed, N, p, keep_scale,
+                HAS_V: tl.constexpr, OUT_MASK: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr):
+    """The rank-r term for columns o_n: (z B^T) * v [* mask / (1 - p)], [BM, BN] fp32."""
+    b_bt = tl.load(B + o_n[None, :] * stride_bn + o_r[:, None] * stride_br,
+                   mask=m_n[None, :] & m_r[:, None], other=0.0)                         # [BR, BN]
+    if not ADAPTER_F32:
+        b_bt = b_bt.to(X.dtype.element_ty)
+    b_delta = _dot(b_z, b_bt, ADAPTER_F32, PREC)                                          # [BM, BN]
+    if HAS_V:
+        b_delta *= tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if OUT_MASK:
+        keep = _keep_mask(seed, o_m, o_n, N, p)
+        b_delta = tl.where(keep, b_delta * keep_scale, 0.0)
+    return b_delta
+
+
+@triton.jit
 def _tied_lora_fused_kernel(
     X, W, BIAS, A, B, U, V, OUT, H, SEED,
     M, N, K, R,
@@ -110,37 +153,14 @@ def _tied_lora_fused_kernel(
         b_w = tl.load(W + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk,
                       mask=m_n[None, :] & m_k[:, None], other=0.0)                      # [BK, BN]
         b_acc += _dot(b_x, b_w, BASE_F32, PREC)
-        b_a = tl.load(A + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
-                      mask=m_r[None, :] & m_k[:, None], other=0.0)                      # [BK, BR]
-        if not ADAPTER_F32:
-            b_a = b_a.to(b_x.dtype)
-        if IN_DROPOUT:
-            keep = _keep_mask(seed, o_m, o_k, K, p)
-            b_xd = tl.where(keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
-            b_h += _dot(b_xd, b_a, ADAPTER_F32, PREC)
-        else:
-            b_h += _dot(b_x, b_a, ADAPTER_F32, PREC)
-
-    # Padded rank columns hold inf * 0 = NaN when x has an inf: zero them so they cannot reach out.
-    b_h = tl.where(m_r[None, :], b_h, 0.0)
+        b_h = _h_step(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ar, stride_ak, seed, K, p, keep_scale,
+                      IN_DROPOUT, ADAPTER_F32, PREC)
     if WRITE_H:
         if i_n == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
-    b_z = b_h * scaling                                                                  # [BM, BR]
-    if HAS_U:
-        b_z *= tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
-    b_bt = tl.load(B + o_n[None, :] * stride_bn + o_r[:, None] * stride_br,
-                   mask=m_n[None, :] & m_r[:, None], other=0.0)                         # [BR, BN]
-    if not ADAPTER_F32:
-        b_z = b_z.to(X.dtype.element_ty)
-        b_bt = b_bt.to(X.dtype.element_ty)
-    b_delta = _dot(b_z, b_bt, ADAPTER_F32, PREC)                                          # [BM, BN]
-    if HAS_V:
-        b_delta *= tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    if OUT_MASK:
-        keep = _keep_mask(seed, o_m, o_n, N, p)
-        b_delta = tl.where(keep, b_delta * keep_scale, 0.0)
-    b_acc += b_delta
+    b_z = _z_from_h(b_h, X, U, o_r, m_r, scaling, HAS_U, ADAPTER_F32)                    # [BM, BR]
+    b_acc += _delta_tile(b_z, X, B, V, o_m, o_n, o_r, m_n, m_r, stride_bn, stride_br, seed, N, p, keep_scale,
+                         HAS_V, OUT_MASK, ADAPTER_F32, PREC)
     if HAS_BIAS:
         b_acc += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_acc.to(OUT.dtype.element_ty),
@@ -173,38 +193,19 @@ def _tied_lora_epilogue_kernel(
         m_k = o_k < K
         b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
                       mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
-        if IN_DROPOUT:
-            keep = _keep_mask(seed, o_m, o_k, K, p)
-            b_x = tl.where(keep, b_x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
-        b_a = tl.load(A + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
-                      mask=m_r[None, :] & m_k[:, None], other=0.0)                      # [BK, BR]
-        if not ADAPTER_F32:
-            b_a = b_a.to(X.dtype.element_ty)
-        b_h += _dot(b_x, b_a, ADAPTER_F32, PREC)
-    b_h = tl.where(m_r[None, :], b_h, 0.0)  # padded rank columns: no NaN from inf * 0
+        b_h = _h_step(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ar, stride_ak, seed, K, p, keep_scale,
+                      IN_DROPOUT, ADAPTER_F32, PREC)
     if WRITE_H:
         if i_s == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
     if WRITE_OUT:
-        b_z = b_h * scaling
-        if HAS_U:
-            b_z *= tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
-        if not ADAPTER_F32:
-            b_z = b_z.to(X.dtype.element_ty)
+        b_z = _z_from_h(b_h, X, U, o_r, m_r, scaling, HAS_U, ADAPTER_F32)                # [BM, BR]
         n_lo = i_s * n_per_split
         for n0 in range(n_lo, min(n_lo + n_per_split, N), BLOCK_N):
             o_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             m_n = o_n < N
-            b_bt = tl.load(B + o_n[None, :] * stride_bn + o_r[:, None] * stride_br,
-                           mask=m_n[None, :] & m_r[:, None], other=0.0)                  # [BR, BN]
-            if not ADAPTER_F32:
-                b_bt = b_bt.to(X.dtype.element_ty)
-            b_delta = _dot(b_z, b_bt, ADAPTER_F32, PREC)                                  # [BM, BN]
-            if HAS_V:
-                b_delta *= tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-            if OUT_MASK:
-                keep = _keep_mask(seed, o_m, o_n, N, p)
-                b_delta = tl.where(keep, b_delta * keep_scale, 0.0)
+            b_delta = _delta_tile(b_z, X, B, V, o_m, o_n, o_r, m_n, m_r, stride_bn, stride_br, seed, N, p,
+                                  keep_scale, HAS_V, OUT_MASK, ADAPTER_F32, PREC)        # [BM, BN]
             p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
             m_out = m_m[:, None] & m_n[None, :]
             b_out = tl.load(p_out, mask=m_out, other=0.0).to(tl.float32)
