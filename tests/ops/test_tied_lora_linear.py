@@ -1,0 +1,437 @@
+"""``tiedlora_kernels/ops/tied_lora_linear.py`` against the float64 reference: forward and every gradient.
+
+Without a GPU the real kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes stay small;
+tests marked ``cuda`` cover realistic shapes and run wherever a GPU is at hand.
+Gradients are always taken with a random upstream gradient, on random B (never the zero init).
+"""
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiedlora_kernels
+from helpers import rel_err
+from tiedlora_kernels import reference
+from tiedlora_kernels.ops import triton_interpreting
+
+if not (torch.cuda.is_available() or triton_interpreting()):
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+# importlib, not `from tiedlora_kernels.ops import tied_lora_linear`: that name is the public op.
+kernels = importlib.import_module("tiedlora_kernels.ops.tied_lora_linear")
+public_tied_lora_linear = tiedlora_kernels.tied_lora_linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PATHS = ("fused", "epilogue")
+PARAMS = ("x", "A", "B", "u", "v")
+#: ‖out − ref‖ / ‖ref‖ against float64 inputs-as-given, per activation dtype, for the output and
+#: every gradient. fp32: IEEE dots, so only summation-order error; fp16/bf16: the output's and the
+#: operands' roundings (bf16: 2^-9, fp16: 2^-11 per element).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+#: Table 1 presets: which tensors train and whether u / v exist (frozen 1 = None). x trains too
+#: (a middle layer); ``test_x_frozen`` covers the first layer.
+PRESETS = {
+    "lora": dict(train=("x", "A", "B"), u=False, v=False),
+    "vera": dict(train=("x", "u", "v"), u=True, v=True),
+    "tl1": dict(train=("x", "A"), u=False, v=False),
+    "tl3": dict(train=("x", "B"), u=False, v=False),
+    "tl4": dict(train=("x", "B", "u"), u=True, v=False),
+    "tl6": dict(train=("x", "A", "B", "u", "v"), u=True, v=True),
+}
+
+
+def make(M, K, N, r, *, dtype=torch.float32, adapter_dtype=torch.float32, lead=(), bias=True, u=True, v=True,
+         train=PARAMS, x_layout="contiguous", w_layout="linear", seed=0):
+    """Random inputs of one layer, as a dict of leaves; B random so the adapter path is non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    cast = lambda tensor, dt: tensor.to(device=DEVICE, dtype=dt)  # noqa: E731
+    # Views are taken after the cast, so the kernels see the strides asked for.
+    if x_layout == "transposed":  # (.., K, M) storage viewed as (.., M, K): unit stride along M
+        x = cast(rnd(*lead, K, M), dtype).transpose(-1, -2)
+    elif x_layout == "sliced":  # every other column of a wider buffer: stride 2 along K
+        x = cast(rnd(*lead, M, 2 * K), dtype)[..., ::2]
+    else:
+        x = cast(rnd(*lead, M, K), dtype)
+    # HF Conv1D stores (K, N) and passes weight.t()
+    weight = cast(rnd(K, N) / K**0.5, dtype).t() if w_layout == "conv1d" else cast(rnd(N, K) / K**0.5, dtype)
+    t = dict(x=x, weight=weight, bias=cast(rnd(N), dtype) if bias else None,
+             A=cast(rnd(r, K) / K**0.5, adapter_dtype), B=cast(rnd(N, r), adapter_dtype),
+             u=cast(rnd(r), adapter_dtype) if u else None, v=cast(rnd(N), adapter_dtype) if v else None)
+    for name in PARAMS:
+        if t[name] is not None:
+            t[name].requires_grad_(name in train)
+    return t
+
+
+def upstream(shape, dtype, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+def run(fn, t, G, scaling=0.7, **kw):
+    """out and the .grad of every adapter tensor (None where frozen) after out.backward(G)."""
+    for name in PARAMS:
+        if t[name] is not None:
+            t[name].grad = None
+    out = fn(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], scaling, **kw)
+    out.backward(G)
+    return out, {n: t[n].grad for n in PARAMS if t[n] is not None}
+
+
+def as_f64(t):
+    return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in t.items()}
+
+
+def kernel(x, weight, bias, A, B, u, v, scaling, dropout_p=0.0, training=True):
+    return kernels.tied_lora_linear_triton(x, weight, bias, A, B, u, v, scaling, dropout_p, training)
+
+
+def oracle(x, weight, bias, A, B, u, v, scaling):
+    return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, 0.0, True)
+
+
+def assert_matches(out, grads, ref, ref_grads, t, tol):
+    assert out.dtype == t["x"].dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < tol, f"out: {rel_err(out, ref):.2e}"
+    for name in PARAMS:
+        if t[name] is None:
+            continue
+        if t[name].requires_grad:
+            assert grads[name] is not None and grads[name].dtype == t[name].dtype, name
+            err = rel_err(grads[name], ref_grads[name])
+            # a gradient is rounded to its parameter's dtype at the end (bf16 adapters: 2^-9)
+            assert err < max(tol, TOL[t[name].dtype]), f"d{name}: {err:.2e}"
+        else:
+            assert grads[name] is None, f"frozen {name} got a gradient"
+
+
+def check(t, scaling=0.7, tol=None):
+    G = upstream(t["x"].shape[:-1] + (t["weight"].shape[0],), t["x"].dtype)
+    out, grads = run(kernel, t, G, scaling)
+    t64 = as_f64(t)
+    ref, ref_grads = run(oracle, t64, G.double(), scaling)
+    assert_matches(out, grads, ref, ref_grads, t, TOL[t["x"].dtype] if tol is None else tol)
+    return out, grads
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("TIEDLORA_FWD_PATH", request.param)
+    return request.param
+
+
+SHAPES = [(1, 5, 3, 1), (7, 33, 40, 3), (37, 33, 40, 16), (37, 5, 40, 1), (7, 33, 3, 16), (20, 64, 17, 5)]
+
+
+@pytest.mark.parametrize("M,K,N,r", SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in SHAPES])
+def test_parity_shapes(M, K, N, r, path):
+    check(make(M, K, N, r))
+
+
+@pytest.mark.parametrize("r", [64, 200], ids=lambda r: f"r{r}")
+def test_large_rank(r, path):
+    check(make(5, 33, 40, r))
+
+
+@pytest.mark.parametrize("layout", ["lead3d", "x_sliced", "x_transposed", "w_conv1d"])
+def test_layouts(layout, path):
+    kw = dict(lead=(2,)) if layout == "lead3d" else {}
+    if layout.startswith("x_"):
+        kw = dict(x_layout=layout[2:], lead=(3,) if layout == "x_transposed" else ())
+    if layout == "w_conv1d":
+        kw = dict(w_layout="conv1d", lead=(2,))
+    t = make(7, 33, 40, 3, **kw)
+    if layout.startswith("x_"):
+        assert not t["x"].is_contiguous()
+    if layout == "w_conv1d":
+        assert t["weight"].stride() == (1, 40)
+    out, _ = check(t)
+    assert out.shape == t["x"].shape[:-1] + (40,)
+
+
+@pytest.mark.parametrize("bias,u,v", [(False, False, False), (True, True, False), (False, False, True)],
+                         ids=["nobias-nou-nov", "bias-u-nov", "nobias-nou-v"])
+def test_optional_tensors(bias, u, v, path):
+    check(make(7, 33, 40, 3, bias=bias, u=u, v=v))
+
+
+def _saved_storages(fn):
+    """Run fn under a saved-tensors hook; return the storages of everything autograd saved."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_frozen_sets(preset, path, monkeypatch):
+    spec = PRESETS[preset]
+    t = make(7, 33, 40, 3, u=spec["u"], v=spec["v"], train=spec["train"])
+    calls = {"_da": 0, "_db_dv": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+
+        def counted(*args, _original=original, _name=name, **kw):
+            calls[_name] += 1
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, counted)
+    G = upstream((7, 40), torch.float32)
+    out, saved = _saved_storages(lambda: kernel(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7))
+    x_saved = t["x"].untyped_storage().data_ptr() in saved
+    assert x_saved == t["A"].requires_grad, "x must be saved exactly when A trains"
+    out.backward(G)
+    assert calls["_da"] == int(t["A"].requires_grad), "dA pass must run only when A trains"
+    trains_b_or_v = t["B"].requires_grad or (t["v"] is not None and t["v"].requires_grad)
+    assert calls["_db_dv"] == int(trains_b_or_v), "dB/dv pass must run only when B or v trains"
+    check(t)
+
+
+def test_split_reductions_and_column_splits(path, monkeypatch):
+    """As on a GPU: several row splits in the dA / dB / dv partial sums, several column splits in the
+    epilogue kernel (the interpreter otherwise runs one of each)."""
+    monkeypatch.setattr(kernels, "_target_programs", lambda device: 12)
+    check(make(100, 33, 70, 5, lead=()))
+
+
+def test_x_frozen_g_without_dx(path):
+    """First layer: x is frozen, so g comes from the h-only epilogue pass over G; A and u still train."""
+    check(make(7, 33, 40, 3, train=("A", "B", "u", "v")))
+
+
+def test_tied_over_three_layers(path):
+    """The same A, B in three chained layers: dA, dB equal the float64 sums over layers."""
+    D, r, L = 24, 3, 3
+    gen = torch.Generator().manual_seed(5)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    shared = dict(A=(rnd(r, D) / D**0.5).requires_grad_(), B=(rnd(D, r) / r**0.5).requires_grad_())
+    layers = [dict(weight=rnd(D, D) / D**0.5, bias=rnd(D), u=rnd(r).requires_grad_(), v=rnd(D).requires_grad_())
+              for _ in range(L)]
+    x = rnd(2, 5, D).requires_grad_()
+    G = upstream((2, 5, D), torch.float32)
+
+    def forward(fn, x, A, B, layers):
+        for lay in layers:
+            x = torch.tanh(fn(x, lay["weight"], lay["bias"], A, B, lay["u"], lay["v"], 0.7))
+        return x
+
+    leaves = [x, shared["A"], shared["B"]] + [lay[n] for lay in layers for n in ("u", "v")]
+    got = torch.autograd.grad(forward(kernel, x, shared["A"], shared["B"], layers), leaves, G)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, A64, B64 = leaves64[:3]
+    layers64 = [dict(weight=lay["weight"].double(), bias=lay["bias"].double(), u=leaves64[3 + 2 * i],
+                     v=leaves64[4 + 2 * i]) for i, lay in enumerate(layers)]
+    want = torch.autograd.grad(forward(oracle, x64, A64, B64, layers64), leaves64, G.double())
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) < TOL[torch.float32], f"leaf {i}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_same_in_forward_and_backward(p, path):
+    """Reference built from the helper's explicit mask for the seed the op draws: forward, dx and dA
+    agree only if the backward recomputes the very mask the forward used."""
+    t = make(2, 33, 40, 3, lead=(5,))
+    G = upstream((5, 2, 40), torch.float32)
+    torch.manual_seed(123)
+    out, grads = run(kernel, t, G, 0.7, dropout_p=p, training=True)
+    torch.manual_seed(123)
+    seed = kernels.draw_dropout_seed(DEVICE)
+    keep = kernels.dropout_mask(seed, (10, 33), p).reshape(5, 2, 33)
+
+    def masked_oracle(x, weight, bias, A, B, u, v, scaling):
+        x_d = x * keep.double() / (1 - p)
+        return F.linear(x, weight, bias) + oracle(x_d, torch.zeros_like(weight), None, A, B, u, v, scaling)
+
+    ref, ref_grads = run(masked_oracle, as_f64(t), G.double())
+    assert_matches(out, grads, ref, ref_grads, t, TOL[torch.float32])
+    no_drop, _ = run(kernel, t, G, 0.7, dropout_p=0.0)
+    assert rel_err(out, no_drop) > 1e-3, "dropout changed nothing"
+
+
+def test_dropout_mask_fraction_and_seeds():
+    p = 0.3
+    seed = kernels.draw_dropout_seed(DEVICE)
+    keep = kernels.dropout_mask(seed, (64, 96), p)
+    assert keep.shape == (64, 96) and keep.dtype == torch.bool
+    assert abs((~keep).float().mean().item() - p) < 0.03
+    assert torch.equal(keep, kernels.dropout_mask(seed, (64, 96), p))
+    assert not torch.equal(keep, kernels.dropout_mask(seed + 1, (64, 96), p))
+
+
+def test_dropout_off_in_eval():
+    t = make(7, 33, 40, 3)
+    args = (t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7)
+    assert torch.equal(kernel(*args, dropout_p=0.5, training=False), kernel(*args, dropout_p=0.0))
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["bf16-act-fp32-adapt", "bf16-act-bf16-adapt", "fp16-act-fp32-adapt",
+                              "fp32-act-bf16-adapt"])
+def test_low_precision(dtype, adapter_dtype, path):
+    check(make(37, 33, 40, 16, dtype=dtype, adapter_dtype=adapter_dtype))
+
+
+def test_empty_batch(path):
+    t = make(0, 33, 40, 3, lead=(2,))
+    out, grads = run(kernel, t, upstream((2, 0, 40), torch.float32))
+    assert out.shape == (2, 0, 40)
+    assert grads["x"].shape == (2, 0, 33)
+    for name in ("A", "B", "u", "v"):
+        assert torch.equal(grads[name], torch.zeros_like(t[name])), name
+
+
+def test_deterministic(path):
+    t = make(37, 33, 40, 16, lead=(2,))
+    G = upstream((2, 37, 40), torch.float32)
+    runs = []
+    for _ in range(3):
+        torch.manual_seed(7)
+        out, grads = run(kernel, t, G, 0.7, dropout_p=0.2)
+        runs.append([out.detach()] + [grads[n].clone() for n in PARAMS])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.fixture
+def nan_allocations(monkeypatch):
+    """torch.empty / empty_like return NaN-filled tensors, so any element a kernel fails to write shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(alloc):
+        def wrapped(*args, **kw):
+            t = alloc(*args, **kw)
+            return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+        return wrapped
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
+@pytest.mark.parametrize("M,K,N,r", [(37, 33, 40, 16), (5, 65, 70, 3)], ids=["M37-K33-N40-r16", "M5-K65-N70-r3"])
+def test_nan_poisoned_allocations(M, K, N, r, path, nan_allocations):
+    check(make(M, K, N, r))
+
+
+def test_public_op_routes_to_these_kernels(monkeypatch):
+    """tiedlora_kernels.tied_lora_linear with TIEDLORA_BACKEND=triton runs this module's kernels.
+
+    The dispatcher imports ``tied_lora_linear_triton`` from a kernel module at call time: both names
+    it has used resolve to a counting wrapper of this module's function.
+    """
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return kernels.tied_lora_linear_triton(*args)
+
+    shim = types.ModuleType("tied_lora_linear_shim")
+    shim.tied_lora_linear_triton = counted
+    for name in ("tiedlora_kernels.ops.tied_lora_triton", "tiedlora_kernels.ops.tied_lora_linear"):
+        monkeypatch.setitem(sys.modules, name, shim)
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    t = make(7, 33, 40, 3, lead=(2,))
+    G = upstream((2, 7, 40), torch.float32)
+
+    def public(x, weight, bias, A, B, u, v, scaling):
+        return public_tied_lora_linear(x, weight, bias, A, B, u, v, scaling, 0.0, True)
+
+    out, grads = run(public, t, G)
+    assert calls, "the public op did not reach the Triton kernels"
+    ref, ref_grads = run(oracle, as_f64(t), G.double())
+    assert_matches(out, grads, ref, ref_grads, t, TOL[torch.float32])
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) of a block using the op: no graph break, same values as eager."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    t = make(7, 33, 40, 3, lead=(2,))
+    G = upstream((2, 7, 40), torch.float32)
+
+    def block(x, weight, bias, A, B, u, v, scaling):
+        return torch.tanh(kernel(x, weight, bias, A, B, u, v, scaling, dropout_p=0.1, training=True)) * 2
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):  # the seed drawn as in eager
+        torch.manual_seed(11)
+        out, grads = run(torch.compile(block, fullgraph=True), t, G)
+        grads = {k: g.clone() for k, g in grads.items()}
+    torch.manual_seed(11)
+    eager, eager_grads = run(block, t, G)
+    assert rel_err(out, eager) < 1e-6
+    for name in PARAMS:
+        assert rel_err(grads[name], eager_grads[name]) < 1e-6, name
+
+
+def test_forward_path_switch(monkeypatch):
+    monkeypatch.setenv("TIEDLORA_FWD_PATH", "auto")
+    assert kernels.choose_forward_path(1, 16) == "epilogue"
+    assert kernels.choose_forward_path(64, 16) == "epilogue"
+    assert kernels.choose_forward_path(4096, 16) == "fused"
+    assert kernels.choose_forward_path(4096, 128) == "epilogue"
+    monkeypatch.setenv("TIEDLORA_FWD_PATH", "fused")
+    assert kernels.choose_forward_path(1, 256) == "fused"
+    monkeypatch.setenv("TIEDLORA_FWD_PATH", "cublas")
+    with pytest.raises(ValueError, match="TIEDLORA_FWD_PATH"):
+        kernels.choose_forward_path(8, 8)
+
+
+def test_clear_errors(monkeypatch):
+    t = make(7, 33, 40, 3)
+    args = [t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7, 0.0, True]
+    with pytest.raises(ValueError, match="weight requires grad"):
+        kernels.tied_lora_linear_triton(args[0], t["weight"].clone().requires_grad_(), *args[2:])
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            kernels.tied_lora_linear_triton(*args)
+
+
+# Realistic shapes on a GPU (skipped without one). bf16 rel. error against float64 stays ~3e-3.
+
+GPU_SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 4096, 128), (1, 4096, 4096, 16), (64, 4096, 11008, 64),
+              (4095, 4000, 4100, 256)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M,K,N,r", GPU_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in GPU_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_realistic(M, K, N, r, dtype, path):
+    check(make(M, K, N, r, dtype=dtype, adapter_dtype=torch.float32, lead=()), tol=TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["vera", "tl6"])
+def test_gpu_bf16_adapters_presets(preset, path):
+    spec = PRESETS[preset]
+    t = make(2048, 2048, 3072, 16, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16, u=spec["u"], v=spec["v"],
+             train=spec["train"], w_layout="conv1d")
+    check(t, tol=TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+def test_gpu_fp32_and_dropout(path):
+    t = make(1024, 1024, 1536, 32)
+    check(t)
+    G = upstream((1024, 1536), torch.float32)
+    torch.manual_seed(3)
+    out, _ = run(kernel, t, G, 0.7, dropout_p=0.1)
+    torch.manual_seed(3)
+    keep = kernels.dropout_mask(kernels.draw_dropout_seed(DEVICE), (1024, 1024), 0.1)
+    assert abs((~keep).float().mean().item() - 0.1) < 0.005
+    t64 = as_f64(t)
+    ref = F.linear(t64["x"], t64["weight"], t64["bias"]) + oracle(
+        t64["x"] * keep.double() / 0.9, torch.zeros_like(t64["weight"]), None, t64["A"], t64["B"], t64["u"],
+        t64["v"], 0.7)
+    assert rel_err(out, ref) < TOL[torch.float32]
