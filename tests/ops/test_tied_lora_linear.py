@@ -208,6 +208,11 @@ def test_x_frozen_g_without_dx(path):
     check(make(7, 33, 40, 3, train=("A", "B", "u", "v")))
 
 
+def test_only_x_trains(path):
+    """Frozen adapter, trained input: dx alone (g used in the dX epilogue, never stored)."""
+    check(make(7, 33, 40, 3, train=("x",)))
+
+
 def test_tied_over_three_layers(path):
     """The same A, B in three chained layers: dA, dB equal the float64 sums over layers."""
     D, r, L = 24, 3, 3
@@ -385,6 +390,14 @@ def test_forward_path_switch(monkeypatch):
     monkeypatch.setenv("TIEDLORA_FWD_PATH", "cublas")
     with pytest.raises(ValueError, match="TIEDLORA_FWD_PATH"):
         kernels.choose_forward_path(8, 8)
+
+
+def test_fused_config_pruning_by_rank():
+    """The GPU tile list keeps its large tiles at small rank and only BLOCK_M = 64 tiles at r = 256."""
+    configs = kernels.FUSED_GPU_CONFIGS
+    assert kernels._prune_fused_configs(configs, {}, BLOCK_R=16) == configs
+    big_rank = kernels._prune_fused_configs(configs, {}, BLOCK_R=256)
+    assert big_rank and all(c.kwargs["BLOCK_M"] == 64 for c in big_rank)
 
 
 def test_clear_errors(monkeypatch):

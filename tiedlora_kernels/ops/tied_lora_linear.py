@@ -350,15 +350,19 @@ def _rows_bucket(M: int) -> int:
     return min(triton.next_power_of_2(max(M, 1)), 8192)
 
 
+#: GPU tiles of the fused GEMM (the last one fits shared memory even at r = 256 with fp32 inputs).
+FUSED_GPU_CONFIGS = [
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=4),
+]
+
+
 def _fused_configs() -> list:
     if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
         return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4)]
-    return [
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=4),
-    ]
+    return FUSED_GPU_CONFIGS
 
 
 def _prune_fused_configs(configs, named_args, **kwargs):
@@ -470,7 +474,7 @@ def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_d
     else:
         block_m = 16 if M <= 16 else (32 if M <= 32 or block_r >= 128 else 64)
         block_n = 64 if block_r >= 128 else 128
-        block_k, warps = 64, 4
+        block_k, warps = 64, 8 if block_r >= 128 else 4
     n_pid_m = triton.cdiv(M, block_m)
     n_col_tiles = triton.cdiv(N, block_n)
     # Split the columns so decode (one row block) still fills the device; each split recomputes h.
@@ -617,9 +621,9 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
     if need_g:
         # g = (G v) B is the "h" of dx = G W + (s g u A) * keep / (1 - p): roles (G, W^T, (v B)^T, A^T).
         vb_t = (B.float() if v is None else B.float() * v.float()[:, None]).t()  # (r, N) fp32, N x r only
-        if need_x:
+        if need_x:  # g is kept only for dA / du
             dx, g = _adapted_matmul(G, weight.t(), None, vb_t, A.t(), u, None, scaling, dropout_p, seed,
-                                    x_dropout=False, out_dropout=dropping, store_h=True,
+                                    x_dropout=False, out_dropout=dropping, store_h=need_a or need_u,
                                     path=choose_forward_path(M, r))
         else:
             g = torch.empty((M, r), device=G.device, dtype=torch.float32)
