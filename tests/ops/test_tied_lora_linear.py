@@ -159,12 +159,12 @@ def test_optional_tensors(bias, u, v, path):
     check(make(7, 33, 40, 3, bias=bias, u=u, v=v))
 
 
-def _saved_storages(fn):
-    """Run fn under a saved-tensors hook; return the storages of everything autograd saved."""
+def _saved_tensors(fn):
+    """Run fn under a saved-tensors hook; return its output and (storage pointer, shape) of all it saved."""
     saved = []
 
     def pack(t):
-        saved.append(t.untyped_storage().data_ptr())
+        saved.append((t.untyped_storage().data_ptr(), tuple(t.shape)))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -174,8 +174,11 @@ def _saved_storages(fn):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_frozen_sets(preset, path, monkeypatch):
+    """Frozen tensors get no gradient, launch no pass, and keep nothing alive: x is saved only when A
+    trains, h only when B, u or v trains, and no dropout mask is ever saved (only the seed)."""
     spec = PRESETS[preset]
-    t = make(7, 33, 40, 3, u=spec["u"], v=spec["v"], train=spec["train"])
+    M, K, N, r = 7, 33, 40, 3
+    t = make(M, K, N, r, u=spec["u"], v=spec["v"], train=spec["train"])
     calls = {"_da": 0, "_db_dv": 0}
     for name in calls:
         original = getattr(kernels, name)
@@ -185,14 +188,17 @@ def test_presets_frozen_sets(preset, path, monkeypatch):
             return _original(*args, **kw)
 
         monkeypatch.setattr(kernels, name, counted)
-    G = upstream((7, 40), torch.float32)
-    out, saved = _saved_storages(lambda: kernel(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7))
-    x_saved = t["x"].untyped_storage().data_ptr() in saved
-    assert x_saved == t["A"].requires_grad, "x must be saved exactly when A trains"
-    out.backward(G)
-    assert calls["_da"] == int(t["A"].requires_grad), "dA pass must run only when A trains"
-    trains_b_or_v = t["B"].requires_grad or (t["v"] is not None and t["v"].requires_grad)
-    assert calls["_db_dv"] == int(trains_b_or_v), "dB/dv pass must run only when B or v trains"
+    trains = {n: t[n] is not None and t[n].requires_grad for n in PARAMS}
+    out, saved = _saved_tensors(lambda: kernel(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7,
+                                               dropout_p=0.1, training=True))
+    x_ptr, w_ptr = t["x"].untyped_storage().data_ptr(), t["weight"].untyped_storage().data_ptr()
+    assert any(ptr == x_ptr for ptr, _ in saved) == trains["A"], "x must be saved exactly when A trains"
+    assert any(shape == (M, r) for _, shape in saved) == (trains["B"] or trains["u"] or trains["v"]), "h"
+    big = [shape for ptr, shape in saved if ptr not in (x_ptr, w_ptr) and torch.Size(shape).numel() >= M * K]
+    assert not big, f"an M x K tensor (a dropout mask?) was saved: {big}"
+    out.backward(upstream((M, N), torch.float32))
+    assert calls["_da"] == int(trains["A"]), "dA pass must run only when A trains"
+    assert calls["_db_dv"] == int(trains["B"] or trains["v"]), "dB/dv pass must run only when B or v trains"
     check(t)
 
 
@@ -201,6 +207,29 @@ def test_split_reductions_and_column_splits(path, monkeypatch):
     epilogue kernel (the interpreter otherwise runs one of each)."""
     monkeypatch.setattr(kernels, "_target_programs", lambda device: 12)
     check(make(100, 33, 70, 5, lead=()))
+
+
+def test_sliced_factors_and_strided_vectors(path):
+    """SPEC's rule for tied layers of different shapes: each uses A_full[:, :K], B_full[:N, :] (views
+    with the full tensors' strides); u, v, bias given as strided views. Gradients reach the full tensors."""
+    M, K, N, r = 7, 33, 40, 3
+    gen = torch.Generator().manual_seed(9)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    leaves = dict(x=rnd(M, K), A=rnd(r, K + 7) / K**0.5, B=rnd(N + 5, r), u=rnd(2 * r), v=rnd(2 * N))
+    leaves = {k: t.requires_grad_() for k, t in leaves.items()}
+    weight, bias = rnd(N, K) / K**0.5, rnd(2 * N)[::2]
+    G = upstream((M, N), torch.float32)
+
+    def grads(fn, leaves, weight, bias):
+        out = fn(leaves["x"], weight, bias, leaves["A"][:, :K], leaves["B"][:N], leaves["u"][::2],
+                 leaves["v"][1::2], 0.7)
+        return [out] + list(torch.autograd.grad(out, list(leaves.values()), G.to(out.dtype)))
+
+    got = grads(kernel, leaves, weight, bias)
+    want = grads(oracle, {k: t.detach().double().requires_grad_() for k, t in leaves.items()}, weight.double(),
+                 bias.double())
+    for name, a, b in zip(["out"] + list(leaves), got, want):
+        assert rel_err(a, b) < TOL[torch.float32], name
 
 
 def test_x_frozen_g_without_dx(path):

@@ -431,6 +431,12 @@ def choose_forward_path(M: int, r: int) -> str:
 # Launchers
 
 
+def _vec(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A (n,) vector argument as the kernels read it (unit stride: a strided u, v or bias is copied,
+    n elements at most), or a placeholder pointer that a False HAS_* flag keeps unread."""
+    return t.contiguous() if t is not None else placeholder
+
+
 def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x_dropout, out_dropout,
                     store_h, path):
     """out (M, N) = x w_nk^T + bias + s * ((x_d a_rk^T * u) b_nr^T) * v [* keep / (1 - p)].
@@ -446,8 +452,8 @@ def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _tied_lora_fwd_tuned[grid](
-            x, w_nk, bias if bias is not None else x, a_rk, b_nr, u if u is not None else x,
-            v if v is not None else x, out, h if h is not None else x, seed if seed is not None else x,
+            x, w_nk, _vec(bias, x), a_rk, b_nr, _vec(u, x),
+            _vec(v, x), out, h if h is not None else x, seed if seed is not None else x,
             M, N, K, r, _rows_bucket(M),
             x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1), a_rk.stride(0), a_rk.stride(1),
             b_nr.stride(0), b_nr.stride(1), out.stride(0), out.stride(1), h.stride(0) if h is not None else 0,
@@ -482,7 +488,7 @@ def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_d
     cols_per_split = triton.cdiv(n_col_tiles, splits) * block_n
     splits = triton.cdiv(N, cols_per_split) if out is not None else 1
     _tied_lora_epilogue_kernel[(n_pid_m, splits)](
-        x, a_rk, b_nr, u if u is not None else x, v if v is not None else x,
+        x, a_rk, b_nr, _vec(u, x), _vec(v, x),
         out if out is not None else x, h if h is not None else x, seed if seed is not None else x,
         M, N, K, r, cols_per_split,
         x.stride(0), x.stride(1), a_rk.stride(0), a_rk.stride(1), b_nr.stride(0), b_nr.stride(1),
@@ -508,7 +514,7 @@ def _db_dv(G, h, u, v, B, scaling, need_db, need_dv):
     db_part = torch.empty((splits, N, r), device=G.device, dtype=torch.float32) if need_db else None
     dv_part = torch.empty((splits, N), device=G.device, dtype=torch.float32) if need_dv else None
     _tied_lora_bwd_db_dv_kernel[(n_tiles, splits)](
-        G, h, u if u is not None else h, v if v is not None else h, B,
+        G, h, _vec(u, h), _vec(v, h), B,
         db_part if need_db else h, dv_part if need_dv else h,
         M, N, r, rows,
         G.stride(0), G.stride(1), h.stride(0), B.stride(0), B.stride(1),
@@ -532,7 +538,7 @@ def _da(x, g, u, scaling, p_drop, seed, x_dropout):
     splits, rows = _row_splits(M, block_m, n_tiles, 4 * K * r, x.device)
     da_part = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
     _tied_lora_bwd_da_kernel[(n_tiles, splits)](
-        x, g, u if u is not None else g, da_part, seed if seed is not None else g,
+        x, g, _vec(u, g), da_part, seed if seed is not None else g,
         M, K, r, rows,
         x.stride(0), x.stride(1), g.stride(0),
         float(scaling), float(p_drop),
