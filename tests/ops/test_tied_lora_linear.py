@@ -202,7 +202,7 @@ def test_presets_frozen_sets(preset, path, monkeypatch):
     check(t)
 
 
-def test_split_reductions_and_column_splits(path, monkeypatch):
+def test_split_reductions_and_column_splits(path, monkeypatch, nan_allocations):
     """As on a GPU: several row splits in the dA / dB / dv partial sums, several column splits in the
     epilogue kernel (the interpreter otherwise runs one of each)."""
     monkeypatch.setattr(kernels, "_target_programs", lambda device: 12)

@@ -442,7 +442,7 @@ def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x
     """out (M, N) = x w_nk^T + bias + s * ((x_d a_rk^T * u) b_nr^T) * v [* keep / (1 - p)].
 
     Every matrix is a 2-D view with arbitrary strides: x (M, K), w_nk (N, K), a_rk (r, K),
-    b_nr (N, r); u (r,), v (N,), bias (N,) contiguous or None. Serves the forward and, with
+    b_nr (N, r); u (r,), v (N,), bias (N,) any stride, or None. Serves the forward and, with
     transposed views, dX. Returns (out in x's dtype, h = x_d a_rk^T (M, r) fp32 or None).
     """
     M, K = x.shape
