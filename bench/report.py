@@ -1,53 +1,100 @@
-"""Markdown table and PNG plots of a benchmark run."""
+"""Markdown table and PNG plots of a benchmark run (``results.json`` -> ``results.md``, ``ratio_*.png``).
+
+``python -m bench.report DIR`` rebuilds both from ``DIR/results.json`` (e.g. after merging runs).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+IMPL_ORDER = ["limit", "merged", "ours", "ours_fused", "ours_epilogue", "reference", "addmm", "peft_lora", "peft_vera"]
 
 
 def _fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
-def markdown(meta: dict, records: list[dict], e2e: list[dict]) -> str:
-    head = [f"# Benchmark ({meta['mode']})", "",
-            f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-            f"driver {meta.get('driver')}; commit {meta.get('commit')}; {meta['date']}", "",
-            f"Command: `{meta['command']}`", ""]
-    if not meta["speed_claims"]:
-        head += ["**Smoke mode on a CPU: these timings check that the benchmark runs; they are not speed claims.**", ""]
+def _mb(v):
+    return "-" if v is None else f"{v / 2**20:.1f}"
+
+
+def _header(meta: dict) -> list[str]:
+    dirty = " (with uncommitted changes)" if meta.get("dirty") else ""
+    out = [f"# Benchmark: {meta['device']} ({meta['mode']}, grid {meta.get('grid')})", "",
+           f"- date: {meta['date']}; commit {meta.get('commit')}{dirty}",
+           f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, driver {meta.get('driver')}, "
+           f"transformers {meta.get('transformers')}, peft {meta.get('peft')}; kernels: {meta.get('kernel_module')}",
+           f"- command: `{meta['command']}`",
+           f"- timing: {meta.get('timing')}",
+           f"- correctness: {meta.get('tolerance')}; a record that fails gets no ratio", ""]
+    if meta["mode"] != "gpu":
+        out += ["**Smoke mode on a CPU: these timings only show that the benchmark runs; they are not speed "
+                "claims.**", ""]
+    elif not meta["speed_claims"]:
+        out += [f"**No speed claims: {meta.get('no_claims_reason', 'see meta')}.**", ""]
     if meta.get("truncated"):
-        head += [f"Truncated: {meta['truncated']}", ""]
-    rows = ["| op | M | K | N | r | preset | impl | median ms | x limit | vs PEFT LoRA | TFLOP/s | saved MB | ok |",
-            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in records:
+        out += [f"Truncated: {meta['truncated']}.", ""]
+    return out
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    out = ["## Targets of the kernel work (issue 4)", "",
+           "`ours` (the default forward path) is what is judged; the forced paths are shown for information.", "",
+           "| target | impl | preset | M | measured | goal | status |", "|---|---|---|---:|---:|---|---|"]
+    for t in rows:
+        status = f"**{t['status']}**" if t["binding"] else t["status"]
+        out.append(f"| {t['target']} | {t['impl']} | {t['preset'] or '-'} | {t['M'] or '-'} | {_fmt(t['value'])} | "
+                   f"{t['goal']} | {status} |")
+    return out + [""]
+
+
+def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict] | None = None) -> str:
+    out = _header(meta)
+    if targets:
+        out += targets_table(targets)
+    out += ["## Per-layer microbenchmarks", "",
+            "ratio = median time / the base layer alone (`limit`, F.linear) on the same shape; vs PEFT = PEFT "
+            "LoRA time at the same rank / this time; saved = activation bytes autograd keeps for backward "
+            "(frozen weights excluded); peak = extra device memory during one call.", ""]
+    rows = ["| op | M | K | N | r | preset | impl | median ms | x limit | vs PEFT LoRA | TFLOP/s | GB/s | saved MB "
+            "| peak MB | rel err | ok |",
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    order = {n: i for i, n in enumerate(IMPL_ORDER)}
+    recs = sorted(records, key=lambda r: (r["K"], r["N"], r["op"], r["M"], r["rank"], r["preset"],
+                                          order.get(r["impl"], 99)))
+    for r in recs:
+        lead = f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {r['rank']} | {r['preset']} | {r['impl']} |"
         if "error" in r:
-            rows.append(f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {r['rank']} | {r['preset']} | {r['impl']} | "
-                        f"error: {r['error'][:60]} | | | | | no |")
+            rows.append(f"{lead} error: {r['error'][:80].replace('|', '/')} | | | | | | | | | no |")
             continue
-        saved = r.get("saved_bytes")
-        rows.append(f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {r['rank']} | {r['preset']} | {r['impl']} | "
-                    f"{r['median_ms']:.4f} | {_fmt(r.get('ratio_to_limit'))} | {_fmt(r.get('speedup_vs_peft_lora'))} | "
-                    f"{r['tflops']:.2f} | {_fmt(saved / 2**20 if saved is not None else None, '.1f')} | "
-                    f"{'yes' if r.get('ok', True) else 'NO'} |")
-    out = head + rows
+        err = max(r.get("rel_err", 0.0), r.get("rel_err_grad", 0.0)) if "rel_err" in r else None
+        ok = "-" if "ok" not in r else "yes" if r["ok"] else "**NO**"
+        rows.append(f"{lead} {r['median_ms']:.4f} | {_fmt(r.get('ratio_to_limit'))} | "
+                    f"{_fmt(r.get('speedup_vs_peft_lora'), '.2f')} | {r['tflops']:.1f} | {r['gbps']:.0f} | "
+                    f"{_mb(r.get('saved_bytes'))} | {_mb(r.get('peak_mem_bytes'))} | {_fmt(err, '.1e')} | {ok} |")
+    out += rows
     if e2e:
-        out += ["", "## End-to-end training step", "",
-                "| config | layers | hidden | tokens/step | step ms | tokens/s | x no-adapter | peak MB | trainable |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        base = next((e["step_ms"] for e in e2e if e["config"] == "no_adapter"), None)
+        out += ["", "## End-to-end training step", ""]
+        first = next((e for e in e2e if "step_ms" in e), None)
+        if first:
+            out += [f"LLaMA-style, {first['layers']} layers, hidden {first['hidden']}, intermediate "
+                    f"{first['intermediate']}, rank {first['rank']}, batch {first['batch']} x {first['seq']} tokens, "
+                    f"{first['dtype']}, AdamW; median of {first['steps']} steps after one warm-up step.", ""]
+        out += ["| config | step ms | tokens/s | x no-adapter | peak MB | trainable |", "|---|---:|---:|---:|---:|---:|"]
         for e in e2e:
-            ratio = e["step_ms"] / base if base else None
-            peak = e.get("peak_mem_bytes")
-            out.append(f"| {e['config']} | {e['layers']} | {e['hidden']} | {e['tokens']} | {e['step_ms']:.2f} | "
-                       f"{e['tokens_per_s']:.0f} | {_fmt(ratio)} | {_fmt(peak / 2**20 if peak else None, '.0f')} | "
-                       f"{e['trainable']} |")
+            if "error" in e:
+                out.append(f"| {e['config']} | error: {e['error'][:80].replace('|', '/')} | | | | |")
+                continue
+            out.append(f"| {e['config']} | {e['step_ms']:.2f} | {e['tokens_per_s']:.0f} | "
+                       f"{_fmt(e.get('ratio_to_no_adapter'))} | {_mb(e.get('peak_mem_bytes'))} | {e['trainable']} |")
     return "\n".join(out) + "\n"
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
-    """ratio to limit vs M, one PNG per (op, K, N), one line per (impl, preset, rank)."""
+    """Ratio to the limit vs M: one PNG per (op, K, N), one panel per rank, one line per (impl, preset)."""
     try:
         import matplotlib
 
@@ -55,24 +102,48 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    series = defaultdict(lambda: defaultdict(list))
+    series = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
-        if "ratio_to_limit" in r and r["impl"] not in ("limit",):
-            series[(r["op"], r["K"], r["N"])][(r["impl"], r["preset"], r["rank"])].append((r["M"], r["ratio_to_limit"]))
+        if "ratio_to_limit" in r and r["impl"] != "limit":
+            series[(r["op"], r["K"], r["N"])][r["rank"]][(r["impl"], r["preset"])].append((r["M"], r["ratio_to_limit"]))
     paths = []
-    for (op, K, N), lines in sorted(series.items()):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for (impl, preset, rank), pts in sorted(lines.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} {preset} r{rank}")
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rows M")
-        ax.set_ylabel("time / limit (base layer alone)")
-        ax.set_title(f"{op}, K={K}, N={N}")
-        ax.legend(fontsize=6, ncol=2)
+    for (op, K, N), by_rank in sorted(series.items()):
+        ranks = sorted(by_rank)
+        fig, axes = plt.subplots(1, len(ranks), figsize=(4.5 * len(ranks), 4.2), sharey=True, squeeze=False)
+        for ax, rank in zip(axes[0], ranks):
+            for (impl, preset), pts in sorted(by_rank[rank].items(), key=lambda kv: (IMPL_ORDER.index(kv[0][0])
+                                                                                    if kv[0][0] in IMPL_ORDER else 99,
+                                                                                    kv[0][1])):
+                pts.sort()
+                style = "-" if impl.startswith("ours") else "--" if impl.startswith("peft") else ":"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
+                        label=f"{impl} {preset}")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rows M")
+            ax.set_title(f"rank {rank}")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("time / base layer alone")
+        axes[0][-1].legend(fontsize=6, ncol=1, loc="upper right")
+        fig.suptitle(f"{op}, K={K}, N={N}")
         path = out / f"ratio_{op}_K{K}_N{N}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run import add_ratios, targets
+
+    out = Path((sys.argv[1:] if argv is None else argv)[0])
+    data = json.loads((out / "results.json").read_text())
+    add_ratios(data["records"])
+    tg = targets(data["records"], data["e2e"]) if data["meta"]["speed_claims"] else []
+    (out / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"], tg))
+    plots(data["records"], out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
