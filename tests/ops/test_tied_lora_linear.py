@@ -21,6 +21,8 @@ from tiedlora_kernels.ops import triton_interpreting
 if not (torch.cuda.is_available() or triton_interpreting()):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+pytestmark = [] if torch.cuda.is_available() else [pytest.mark.interpreter]
+
 # importlib, not `from tiedlora_kernels.ops import tied_lora_linear`: that name is the public op.
 kernels = importlib.import_module("tiedlora_kernels.ops.tied_lora_linear")
 public_tied_lora_linear = tiedlora_kernels.tied_lora_linear
