@@ -416,6 +416,7 @@ def test_forward_path_switch(monkeypatch):
     assert kernels.choose_forward_path(64, 16) == "epilogue"
     assert kernels.choose_forward_path(4096, 16) == "fused"
     assert kernels.choose_forward_path(4096, 128) == "epilogue"
+    assert kernels.choose_forward_path(4096, 16, x_dropout=True) == "epilogue"
     monkeypatch.setenv("TIEDLORA_FWD_PATH", "fused")
     assert kernels.choose_forward_path(1, 256) == "fused"
     monkeypatch.setenv("TIEDLORA_FWD_PATH", "cublas")

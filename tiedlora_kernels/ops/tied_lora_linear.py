@@ -411,13 +411,15 @@ def _precisions(act_dtype: torch.dtype) -> dict:
     return dict(UPCAST=False, MAIN_PREC="tf32", SMALL_PREC="tf32")  # MAIN_PREC is moot for 16-bit operands
 
 
-def choose_forward_path(M: int, r: int) -> str:
+def choose_forward_path(M: int, r: int, x_dropout: bool = False) -> str:
     """``fused`` or ``epilogue`` for an (M, K) x (K, N) product with rank r.
 
     ``TIEDLORA_FWD_PATH`` (``fused``, ``epilogue`` or ``auto``, read at each call) forces a path.
-    ``auto``: ``epilogue`` for decode (M <= 64: cuBLAS GEMV + one launch) and for ranks above 32
+    ``auto``: ``epilogue`` for decode (M <= 64: cuBLAS GEMV + one launch), for ranks above 32
     (the fused kernel's h accumulator and its per-N-tile recompute of h, r / BLOCK_N extra flops,
-    outweigh the epilogue path's extra read of x and read/write of out); ``fused`` otherwise.
+    outweigh the epilogue path's extra read of x and read/write of out), and with dropout on x
+    (every N tile of the fused GEMM would redraw the Philox mask of its x tiles: M K N / BLOCK_N
+    draws on CUDA cores instead of M K once per column split); ``fused`` otherwise.
     Unmeasured on a GPU so far: the benchmark (both paths side by side) should revise these cut-offs.
     """
     want = os.environ.get("TIEDLORA_FWD_PATH", "auto").strip().lower() or "auto"
@@ -425,7 +427,7 @@ def choose_forward_path(M: int, r: int) -> str:
         raise ValueError(f"TIEDLORA_FWD_PATH must be one of {FWD_PATHS}, got {want!r}")
     if want != "auto":
         return want
-    return "epilogue" if M <= DECODE_ROWS or r > FUSED_MAX_RANK else "fused"
+    return "epilogue" if M <= DECODE_ROWS or r > FUSED_MAX_RANK or x_dropout else "fused"
 
 
 # Launchers
@@ -592,7 +594,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if M == 0:
         return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32)
     out, h = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, x_dropout=dropout_p > 0,
-                             out_dropout=False, store_h=store_h, path=choose_forward_path(M, r))
+                             out_dropout=False, store_h=store_h, path=choose_forward_path(M, r, dropout_p > 0))
     return out, (h if h is not None else x.new_empty((0, r), dtype=torch.float32))
 
 
