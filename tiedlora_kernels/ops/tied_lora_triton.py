@@ -1,609 +1,711 @@
-"""Fused Triton kernels for the adapted linear layer, and the op that autograd and torch.compile see.
+"""Triton kernels for the tied low-rank adapted linear layer, its autograd, and its torch.library op.
 
-    h   = x_d A^T                                   (M, r)   x_d = x * mask / (1 - p)
-    out = x W^T + b + s * ((h * u) B^T) * v         (M, N)
+Formula (SPEC.md, names as there), for x flattened to (M, K):
 
-Forward, two paths (``TIEDLORA_FWD_PATH=fused|epilogue|auto``):
+    x_d = x * keep / (1 - p)                   (M, K)   keep from Philox(seed, m * K + k), p = 0: x_d = x
+    h   = x_d A^T                              (M, r)
+    z   = s * h * u                            (M, r)
+    out = x W^T + b + (z B^T) * v              (M, N)
 
-- ``fused``: one Triton GEMM over x W^T that, while streaming the x tiles along K, also
-  accumulates h for its row block; the epilogue adds s * ((h u) B^T) v and the bias to the fp32
-  accumulator before the single store. x is read once, out written once. The price: every
-  N-tile program recomputes h, r / BLOCK_N extra tensor-core work (12% at r = 16, BN = 128).
-- ``epilogue``: cuBLAS computes x W^T + b, then one kernel per row block computes h (a skinny
-  pass over x) and adds the rank-r update into out in place. Costs one more read of x and one
-  read+write of out, but no redundant flops: the better choice for large r and for decode
-  (M <= 64, where it is the only launch beside the cuBLAS GEMV).
+Forward, two paths (``TIEDLORA_FWD_PATH=fused|epilogue|auto``, see :func:`choose_forward_path`):
 
-Backward, for G = dL/dout (M, N). The same two kernels serve dX, because
-dX = G W + (s g u) A with g = (G v) B has exactly the forward's shape with (x, W, A, B) replaced
-by (G, W^T, (B v)^T, A^T): while the dX GEMM streams G it accumulates g, and the dropout mask
-(recomputed from the Philox seed, never stored) multiplies the adapter term. Then:
-- dB = (G v)^T z and dv = sum_rows(G * (z B^T)) from one more pass over G (z = s h u from the
-  saved h), split over row chunks and reduced in fp32 without atomics (deterministic);
-- dA = (s g u)^T x_d from one pass over x (mask recomputed), split the same way;
-- du = s * sum_rows(g * h), an (M, r) reduction in torch.
+- ``fused`` (``_tied_lora_fwd_kernel``): one Triton GEMM over x W^T (grouped program order, fp32
+  accumulator). While a program streams its x tiles along K it also accumulates h for its row
+  block; the epilogue adds z B^T * v and the bias to the accumulator; one store. Traffic: x read
+  once per N-tile column (as any GEMM), W once per row block, out written once, h (M, r) written
+  once (by the programs with pid_n == 0). Extra work: every N tile recomputes h, r / BLOCK_N more
+  tensor-core flops (12% at r = 16, BLOCK_N = 128).
+- ``epilogue`` (cuBLAS + ``_tied_lora_epilogue_kernel``): ``F.linear`` computes x W^T + b, then one
+  kernel per (row block, column split) computes h (a skinny pass over x) and adds z B^T * v into
+  out in place. Traffic beyond cuBLAS: x read once more per column split, out read and written once
+  more. No redundant flops; one launch beyond the base GEMM/GEMV, hence the decode path (M <= 64).
 
-Saved for backward: h (M, r, fp32) when B, u or v train; x only when A trains; the weight (a
-view of the frozen parameter, not a copy). Frozen tensors cost nothing: their kernels are not
-launched and nothing is allocated for them.
+Backward, G = dL/dout (M, N), v B = diag(v) B, g = (G * v) B (M, r), gh = s * g * u:
 
-Precision: the base product runs on bf16/fp16 tensor cores (fp32 inputs: IEEE dots, no TF32,
-so fp32 results match the reference to ~1e-6). The rank-r dots run in fp32 (TF32 tensor cores)
-when the adapter is fp32, the default, and in the activation dtype otherwise.
-Under ``TRITON_INTERPRET=1`` (CPU) bf16 operands of ``tl.dot`` are upcast to fp32 first:
-triton 3.6/3.9's interpreter returns garbage for bf16 dots; on a GPU they stay bf16.
+- dx = G W + (gh A) * keep / (1 - p) has the forward's shape with (x, W, A, B, u, v) replaced by
+  (G, W^T, (v B)^T, A^T, u, None) and the dropout mask moved to the output columns: the same two
+  kernels compute it, and the fused one stores g (its "h") from the same pass over G (one-pass
+  idea: g costs no extra read of G). When x is frozen but g is needed (A or u trains), the
+  epilogue kernel runs in "h only" mode: one skinny pass over G.
+- dB = (G v)^T z and dv = sum_rows(G * (z B^T)) (``_tied_lora_bwd_db_dv_kernel``): one more pass
+  over G, grid (column tiles, row splits), fp32 partials (splits, N, r) summed by torch:
+  a deterministic two-stage reduction, no atomics.
+- dA = gh^T x_d (``_tied_lora_bwd_da_kernel``): one pass over x, the dropout mask recomputed from
+  (seed, m * K + k), grid (K tiles, row splits), same two-stage fp32 reduction.
+- du = s * sum_rows(g * h): an (M, r) reduction in torch.
+
+Saved for backward: h (M, r) fp32 only when B, u or v trains; x only when A trains (nothing of
+size M x K is kept when A is frozen); the frozen weight, A, B, u, v (parameters: no copies); the
+dropout seed (one int64), never the mask. Only the needed gradients are computed; frozen tensors
+launch nothing and allocate nothing. All accumulation is fp32; gradients are returned in each
+parameter's dtype.
+
+Precision. The main-loop dots (x W^T, x_d A^T, G W, G (v B)) run in the activation dtype with fp32
+accumulators: bf16/fp16 on tensor cores, fp32 with ``input_precision="ieee"`` (matches the fp32
+reference to ~1e-6; TF32 is used only when ``torch.get_float32_matmul_precision()`` allows it, as
+for cuBLAS). The small rank-r dots (z B^T, dB, dv, dA) take fp32 operands (TF32 tensor cores for
+16-bit activations, where they cost < 1% of the GEMM). Under ``TRITON_INTERPRET=1`` bf16 operands
+are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot returns garbage in triton 3.6 and
+3.9); on a GPU they stay bf16.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import triton_interpreting
 
-# ---------------------------------------------------------------------------------------------
+FWD_PATHS = ("auto", "fused", "epilogue")
+#: Rows at or below which the forward is cuBLAS + one epilogue launch (decode).
+DECODE_ROWS = 64
+#: Largest padded rank the fused GEMM takes in ``auto`` mode: beyond it the [BLOCK_M, R] h
+#: accumulator and the per-N-tile recompute of h cost more than the epilogue path's extra traffic.
+FUSED_MAX_RANK = 32
+
+
 # Kernels
-# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _keep_mask(seed, o_row, o_col, n_cols, p):
-    """Philox keep-mask for elements (row, col) of a row-major (.., n_cols) tensor: True = kept."""
-    offsets = (o_row[:, None] * n_cols + o_col[None, :]).to(tl.int32)
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, o_row, o_col, n_cols, p_drop):
+    """Philox keep-mask of elements (row, col) of a row-major (.., n_cols) tensor (True = kept)."""
+    o_elem = o_row[:, None] * n_cols + o_col[None, :]  # int64: no wrap for M * K >= 2^31
+    return tl.rand(seed, o_elem) >= p_drop
 
 
 @triton.jit
-def _dot(a, b, TO_F32: tl.constexpr, PREC: tl.constexpr):
-    """fp32-accumulated a @ b; with TO_F32 both operands are upcast first (PREC: "ieee" or "tf32")."""
-    if TO_F32:
+def _mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator; UPCAST casts both operands to fp32 first (interpreter bf16)."""
+    if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
-def _h_step(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ar, stride_ak, seed, K, p, keep_scale,
-            IN_DROPOUT: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr):
-    """One K tile of h = x_d A^T: b_h [BM, BR] += x_d [BM, BK] @ A^T [BK, BR]."""
-    b_a = tl.load(A + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
-                  mask=m_r[None, :] & m_k[:, None], other=0.0)                          # [BK, BR]
-    if not ADAPTER_F32:
-        b_a = b_a.to(b_x.dtype)
-    if IN_DROPOUT:
-        keep = _keep_mask(seed, o_m, o_k, K, p)
-        b_x = tl.where(keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
-    return b_h + _dot(b_x, b_a, ADAPTER_F32, PREC)
-
-
-@triton.jit
-def _z_from_h(b_h, X, U, o_r, m_r, scaling, HAS_U: tl.constexpr, ADAPTER_F32: tl.constexpr):
-    """z = s * h * u [BM, BR], in the dtype of the rank-r dot. Padded rank columns are zeroed:
-    they hold inf * 0 = NaN when x has an inf, which must not reach the output."""
-    b_z = tl.where(m_r[None, :], b_h, 0.0) * scaling
-    if HAS_U:
-        b_z *= tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
-    if not ADAPTER_F32:
-        b_z = b_z.to(X.dtype.element_ty)
-    return b_z
-
-
-@triton.jit
-def _delta_tile(b_z, X, B, V, o_m, o_n, o_r, m_n, m_r, stride_bn, stride_br, seed, N, p, keep_scale,
-                HAS_V: tl.constexpr, OUT_MASK: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr):
-    """The rank-r term for columns o_n: (z B^T) * v [* mask / (1 - p)], [BM, BN] fp32."""
-    b_bt = tl.load(B + o_n[None, :] * stride_bn + o_r[:, None] * stride_br,
-                   mask=m_n[None, :] & m_r[:, None], other=0.0)                         # [BR, BN]
-    if not ADAPTER_F32:
-        b_bt = b_bt.to(X.dtype.element_ty)
-    b_delta = _dot(b_z, b_bt, ADAPTER_F32, PREC)                                          # [BM, BN]
-    if HAS_V:
-        b_delta *= tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    if OUT_MASK:
-        keep = _keep_mask(seed, o_m, o_n, N, p)
-        b_delta = tl.where(keep, b_delta * keep_scale, 0.0)
-    return b_delta
-
-
-@triton.jit
-def _tied_lora_fused_kernel(
+def _tied_lora_fwd_kernel(
     X, W, BIAS, A, B, U, V, OUT, H, SEED,
-    M, N, K, R,
+    M, N, K, R, ROWS_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_om, stride_on, stride_hm,
-    scaling, p, keep_scale,
+    scaling, p_drop,
     HAS_BIAS: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr,
-    IN_DROPOUT: tl.constexpr, OUT_MASK: tl.constexpr, WRITE_H: tl.constexpr,
-    BASE_F32: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr,
+    X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr,
+    UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out = X W^T + bias + s * ((X_d A^T * u) B^T) * v [* mask/(1-p)], h = X_d A^T stored by pid_n == 0.
+    """OUT = X W^T + BIAS + s * ((X_d A^T * U) B^T) * V [* keep / (1 - p) on OUT's columns].
 
-    X (M, K), W (N, K), A (R, K), B (N, R): any strides. Grouped ordering for L2 reuse of W.
+    X (M, K), W (N, K), A (R, K), B (N, R), OUT (M, N): any strides. U (R,), V (N,), BIAS (N,)
+    contiguous. H (M, R) fp32 receives X_d A^T from the programs of the first column tile.
+    X_DROPOUT drops X's elements (m, k) in the adapter input; OUT_DROPOUT drops the adapter term's
+    elements (m, n) (the dX use). ROWS_BUCKET is only an autotune key.
     """
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = min(n_m - first_m, GROUP_M)
-    i_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    i_n = (pid % (GROUP_M * n_n)) // size_m
+    i_pid = tl.program_id(0)
+    n_pid_m = tl.cdiv(M, BLOCK_M)
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row blocks sweep the column tiles together, so W tiles are reused from L2.
+    n_group = GROUP_M * n_pid_n
+    i_m0 = (i_pid // n_group) * GROUP_M
+    group_rows = min(n_pid_m - i_m0, GROUP_M)
+    i_m = i_m0 + (i_pid % n_group) % group_rows
+    i_n = (i_pid % n_group) // group_rows
 
-    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
     m_m = o_m < M
     m_n = o_n < N
     m_r = o_r < R
-    seed = tl.load(SEED) if (IN_DROPOUT or OUT_MASK) else 0
+    if X_DROPOUT or OUT_DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - p_drop)
 
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
     b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)    # [BM, BR]
     for k0 in range(0, K, BLOCK_K):
-        o_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
-        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
-        b_w = tl.load(W + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk,
-                      mask=m_n[None, :] & m_k[:, None], other=0.0)                      # [BK, BN]
-        b_acc += _dot(b_x, b_w, BASE_F32, PREC)
-        b_h = _h_step(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ar, stride_ak, seed, K, p, keep_scale,
-                      IN_DROPOUT, ADAPTER_F32, PREC)
-    if WRITE_H:
+        p_x = X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
+        p_wt = W + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
+        b_wt = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0.0)                     # [BK, BN]
+        b_acc = _mma(b_x, b_wt, b_acc, UPCAST, MAIN_PREC)
+        p_at = A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
+        b_at = tl.load(p_at, mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)      # [BK, BR]
+        if X_DROPOUT:
+            b_keep = _keep(seed, o_m, o_k, K, p_drop)
+            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
+        b_h = _mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
+
+    # Padded rank columns are 0 * x: NaN where x holds an inf. Zero them so they cannot reach out.
+    b_h = tl.where(m_r[None, :], b_h, 0.0)
+    if STORE_H:
         if i_n == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
-    b_z = _z_from_h(b_h, X, U, o_r, m_r, scaling, HAS_U, ADAPTER_F32)                    # [BM, BR]
-    b_acc += _delta_tile(b_z, X, B, V, o_m, o_n, o_r, m_n, m_r, stride_bn, stride_br, seed, N, p, keep_scale,
-                         HAS_V, OUT_MASK, ADAPTER_F32, PREC)
+    b_z = b_h * scaling                                                                       # [BM, BR]
+    if HAS_U:
+        b_z = b_z * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+    p_bt = B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn
+    b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)         # [BR, BN]
+    b_delta = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                                   # [BM, BN]
+    if HAS_V:
+        b_delta = b_delta * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if OUT_DROPOUT:
+        b_delta = tl.where(_keep(seed, o_m, o_n, N, p_drop), b_delta * keep_scale, 0.0)
+    b_acc += b_delta
     if HAS_BIAS:
         b_acc += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_acc.to(OUT.dtype.element_ty),
-             mask=m_m[:, None] & m_n[None, :])
+    p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
+    tl.store(p_out, b_acc.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
 @triton.jit
 def _tied_lora_epilogue_kernel(
     X, A, B, U, V, OUT, H, SEED,
-    M, N, K, R, n_per_split,
+    M, N, K, R, cols_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_om, stride_on, stride_hm,
-    scaling, p, keep_scale,
-    HAS_U: tl.constexpr, HAS_V: tl.constexpr, IN_DROPOUT: tl.constexpr, OUT_MASK: tl.constexpr,
-    WRITE_H: tl.constexpr, WRITE_OUT: tl.constexpr, BASE_F32: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr,
+    scaling, p_drop,
+    HAS_U: tl.constexpr, HAS_V: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    STORE_H: tl.constexpr, UPDATE_OUT: tl.constexpr,
+    UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """In place: OUT += s * ((X_d A^T * u) B^T) * v [* mask/(1-p)] over columns
-    [pid_s * n_per_split, (pid_s + 1) * n_per_split); h = X_d A^T stored by split 0."""
+    """In place OUT[:, cols] += s * ((X_d A^T * U) B^T) * V [* keep / (1 - p)], cols = this split's range.
+
+    Grid (row blocks, column splits); each split recomputes h for its row block (a skinny pass over
+    X: cheap, and it keeps this a single launch). H (M, R) fp32 receives h from split 0.
+    UPDATE_OUT=False only stores h (the backward's g when x is frozen).
+    """
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
-    o_m = (i_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
     m_m = o_m < M
     m_r = o_r < R
-    seed = tl.load(SEED) if (IN_DROPOUT or OUT_MASK) else 0
+    if X_DROPOUT or OUT_DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - p_drop)
 
     b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # [BM, BR]
     for k0 in range(0, K, BLOCK_K):
-        o_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m_k = o_k < K
-        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
-        b_h = _h_step(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ar, stride_ak, seed, K, p, keep_scale,
-                      IN_DROPOUT, ADAPTER_F32, PREC)
-    if WRITE_H:
+        p_x = X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
+        if X_DROPOUT:
+            b_keep = _keep(seed, o_m, o_k, K, p_drop)
+            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
+        p_at = A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
+        b_at = tl.load(p_at, mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)      # [BK, BR]
+        b_h = _mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
+    b_h = tl.where(m_r[None, :], b_h, 0.0)  # padded rank columns: no NaN from inf * 0
+    if STORE_H:
         if i_s == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
-    if WRITE_OUT:
-        b_z = _z_from_h(b_h, X, U, o_r, m_r, scaling, HAS_U, ADAPTER_F32)                # [BM, BR]
-        n_lo = i_s * n_per_split
-        for n0 in range(n_lo, min(n_lo + n_per_split, N), BLOCK_N):
-            o_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    if UPDATE_OUT:
+        b_z = b_h * scaling                                                                   # [BM, BR]
+        if HAS_U:
+            b_z = b_z * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+        n_lo = i_s.to(tl.int64) * cols_per_split
+        for n0 in range(n_lo, min(n_lo + cols_per_split, N), BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             m_n = o_n < N
-            b_delta = _delta_tile(b_z, X, B, V, o_m, o_n, o_r, m_n, m_r, stride_bn, stride_br, seed, N, p,
-                                  keep_scale, HAS_V, OUT_MASK, ADAPTER_F32, PREC)        # [BM, BN]
+            p_bt = B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn
+            b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BR, BN]
+            b_delta = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                           # [BM, BN]
+            if HAS_V:
+                b_delta = b_delta * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            if OUT_DROPOUT:
+                b_delta = tl.where(_keep(seed, o_m, o_n, N, p_drop), b_delta * keep_scale, 0.0)
             p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
             m_out = m_m[:, None] & m_n[None, :]
-            b_out = tl.load(p_out, mask=m_out, other=0.0).to(tl.float32)
-            tl.store(p_out, (b_out + b_delta).to(OUT.dtype.element_ty), mask=m_out)
+            b_out = tl.load(p_out, mask=m_out, other=0.0).to(tl.float32) + b_delta
+            tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
-def _tied_lora_bwd_dB_dv_kernel(
+def _tied_lora_bwd_db_dv_kernel(
     G, H, U, V, B, DB_PART, DV_PART,
-    M, N, R, m_per_split,
+    M, N, R, rows_per_split,
     stride_gm, stride_gn, stride_hm, stride_bn, stride_br,
     scaling,
     HAS_U: tl.constexpr, HAS_V: tl.constexpr, NEED_DB: tl.constexpr, NEED_DV: tl.constexpr,
-    BASE_F32: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr,
+    SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Partial sums over rows [pid_s * m_per_split, ...) of dB = (G v)^T z and
-    dv = sum_rows(G * (z B^T)), z = s h u. DB_PART (S, N, R), DV_PART (S, N), fp32."""
+    """Row-split partials of dB = (G V)^T z and dv = sum_rows(G * (z B^T)), z = s * H * U.
+
+    Grid (column tiles, row splits). G (M, N) any strides, H (M, R) fp32; DB_PART (splits, N, R)
+    and DV_PART (splits, N) fp32, contiguous, every element written (zeros for an empty split).
+    """
     i_n = tl.program_id(0)
     i_s = tl.program_id(1)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
     m_n = o_n < N
     m_r = o_r < R
-    b_su = tl.full((BLOCK_R,), scaling, tl.float32)
+    b_su = tl.zeros((BLOCK_R,), dtype=tl.float32) + scaling                                  # [BR]
     if HAS_U:
-        b_su *= tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)
+        b_su = b_su * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)
     if HAS_V:
-        b_v = tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_v = tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)                           # [BN]
     if NEED_DV:
-        b_bt = tl.load(B + o_n[None, :] * stride_bn + o_r[:, None] * stride_br,
-                       mask=m_n[None, :] & m_r[:, None], other=0.0)                     # [BR, BN]
-        if not ADAPTER_F32:
-            b_bt = b_bt.to(G.dtype.element_ty)
-    b_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # [BN, BR]
-    b_dv = tl.zeros((BLOCK_N,), dtype=tl.float32)          # [BN]
-    m_lo = i_s * m_per_split
-    for m0 in range(m_lo, min(m_lo + m_per_split, M), BLOCK_M):
-        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        p_bt = B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn
+        b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)     # [BR, BN]
+    b_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)                                    # [BN, BR]
+    b_dv = tl.zeros((BLOCK_N,), dtype=tl.float32)                                            # [BN]
+    row_lo = i_s.to(tl.int64) * rows_per_split
+    for m0 in range(row_lo, min(row_lo + rows_per_split, M), BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_m = o_m < M
-        b_g = tl.load(G + o_m[:, None] * stride_gm + o_n[None, :] * stride_gn,
-                      mask=m_m[:, None] & m_n[None, :], other=0.0)                      # [BM, BN]
-        b_z = tl.load(H + o_m[:, None] * stride_hm + o_r[None, :],
-                      mask=m_m[:, None] & m_r[None, :], other=0.0) * b_su[None, :]      # [BM, BR]
-        if not ADAPTER_F32:
-            b_z = b_z.to(G.dtype.element_ty)
+        p_g = G + o_m[:, None] * stride_gm + o_n[None, :] * stride_gn
+        b_g = tl.load(p_g, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)       # [BM, BN]
+        p_h = H + o_m[:, None] * stride_hm + o_r[None, :]
+        b_z = tl.load(p_h, mask=m_m[:, None] & m_r[None, :], other=0.0) * b_su[None, :]      # [BM, BR]
         if NEED_DB:
             b_gv = b_g
             if HAS_V:
-                b_gv = (b_g.to(tl.float32) * b_v[None, :]).to(G.dtype.element_ty)
-            b_db += _dot(tl.trans(b_gv), b_z, ADAPTER_F32, PREC)
+                b_gv = b_g * b_v[None, :]
+            b_db = tl.dot(tl.trans(b_gv), b_z, b_db, input_precision=SMALL_PREC)
         if NEED_DV:
-            b_zb = _dot(b_z, b_bt, ADAPTER_F32, PREC)                                    # [BM, BN]
-            b_dv += tl.sum(b_g.to(tl.float32) * b_zb, axis=0)
+            b_zbt = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                             # [BM, BN]
+            b_dv += tl.sum(b_g * b_zbt, axis=0)
     if NEED_DB:
-        tl.store(DB_PART + i_s * N * R + o_n[:, None] * R + o_r[None, :], b_db, mask=m_n[:, None] & m_r[None, :])
+        p_db = DB_PART + i_s.to(tl.int64) * N * R + o_n[:, None] * R + o_r[None, :]
+        tl.store(p_db, b_db, mask=m_n[:, None] & m_r[None, :])
     if NEED_DV:
-        tl.store(DV_PART + i_s * N + o_n, b_dv, mask=m_n)
+        tl.store(DV_PART + i_s.to(tl.int64) * N + o_n, b_dv, mask=m_n)
 
 
 @triton.jit
-def _tied_lora_bwd_dA_kernel(
-    X, GH, DA_PART, SEED,
-    M, K, R, m_per_split,
-    stride_xm, stride_xk, stride_ghm,
-    p, keep_scale,
-    IN_DROPOUT: tl.constexpr, BASE_F32: tl.constexpr, ADAPTER_F32: tl.constexpr, PREC: tl.constexpr,
+def _tied_lora_bwd_da_kernel(
+    X, GR, U, DA_PART, SEED,
+    M, K, R, rows_per_split,
+    stride_xm, stride_xk, stride_gm,
+    scaling, p_drop,
+    HAS_U: tl.constexpr, X_DROPOUT: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Partial sums over rows of dA = gh^T x_d (gh = s g u, (M, R) fp32). DA_PART (S, R, K) fp32."""
+    """Row-split partials of dA = (s * g * U)^T X_d; the dropout mask is recomputed from SEED.
+
+    Grid (K tiles, row splits). X (M, K) any strides, GR = g (M, R) fp32; DA_PART (splits, R, K)
+    fp32 contiguous, every element written.
+    """
     i_k = tl.program_id(0)
     i_s = tl.program_id(1)
-    o_k = (i_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    o_k = i_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
     m_k = o_k < K
     m_r = o_r < R
-    seed = tl.load(SEED) if IN_DROPOUT else 0
-    b_da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # [BR, BK]
-    m_lo = i_s * m_per_split
-    for m0 in range(m_lo, min(m_lo + m_per_split, M), BLOCK_M):
-        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    if X_DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - p_drop)
+    b_su = tl.zeros((BLOCK_R,), dtype=tl.float32) + scaling                                  # [BR]
+    if HAS_U:
+        b_su = b_su * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)
+    b_da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)                                    # [BR, BK]
+    row_lo = i_s.to(tl.int64) * rows_per_split
+    for m0 in range(row_lo, min(row_lo + rows_per_split, M), BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_m = o_m < M
-        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
-        if IN_DROPOUT:
-            keep = _keep_mask(seed, o_m, o_k, K, p)
-            b_x = tl.where(keep, b_x.to(tl.float32) * keep_scale, 0.0).to(X.dtype.element_ty)
-        b_gh = tl.load(GH + o_m[:, None] * stride_ghm + o_r[None, :],
-                       mask=m_m[:, None] & m_r[None, :], other=0.0)                     # [BM, BR]
-        if not ADAPTER_F32:
-            b_gh = b_gh.to(X.dtype.element_ty)
-        b_da += _dot(tl.trans(b_gh), b_x, ADAPTER_F32, PREC)
-    tl.store(DA_PART + i_s * R * K + o_r[:, None] * K + o_k[None, :], b_da, mask=m_r[:, None] & m_k[None, :])
+        p_x = X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0).to(tl.float32)      # [BM, BK]
+        if X_DROPOUT:
+            b_x = tl.where(_keep(seed, o_m, o_k, K, p_drop), b_x * keep_scale, 0.0)
+        p_g = GR + o_m[:, None] * stride_gm + o_r[None, :]
+        b_gh = tl.load(p_g, mask=m_m[:, None] & m_r[None, :], other=0.0) * b_su[None, :]     # [BM, BR]
+        b_da = tl.dot(tl.trans(b_gh), b_x, b_da, input_precision=SMALL_PREC)
+    p_da = DA_PART + i_s.to(tl.int64) * R * K + o_r[:, None] * K + o_k[None, :]
+    tl.store(p_da, b_da, mask=m_r[:, None] & m_k[None, :])
 
 
 @triton.jit
-def _dropout_mask_kernel(SEED, OUT, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The keep-mask the kernels apply to x (M, K) for this seed: 1 kept, 0 dropped."""
-    o_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    o_k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    keep = _keep_mask(tl.load(SEED), o_m, o_k, K, p)
-    tl.store(OUT + o_m[:, None] * K + o_k[None, :], keep.to(tl.int8), mask=(o_m < M)[:, None] & (o_k < K)[None, :])
+def _dropout_keep_kernel(SEED, KEEP, M, K, p_drop, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """KEEP (M, K) int8 contiguous: 1 where the kernels keep x[m, k] for this seed, else 0."""
+    o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b_keep = _keep(tl.load(SEED), o_m, o_k, K, p_drop)
+    tl.store(KEEP + o_m[:, None] * K + o_k[None, :], b_keep.to(tl.int8), mask=(o_m < M)[:, None] & (o_k < K)[None, :])
 
 
-# ---------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------
-
-FWD_PATHS = ("auto", "fused", "epilogue")
-#: Rows at or below which the forward uses the epilogue path (decode: cuBLAS GEMV + one launch).
-SMALL_M = 64
+# Launch configuration
 
 
 def _block_r(r: int) -> int:
+    """Padded rank: a power of two, at least 16 (the smallest tl.dot dimension on tensor cores)."""
     return max(16, triton.next_power_of_2(r))
 
 
-def _dot_flags(act_dtype: torch.dtype, *adapters: Optional[torch.Tensor]) -> dict:
-    """Precision of the kernels' dots, as constexpr kwargs.
+def _rows_bucket(M: int) -> int:
+    """Row count bucketed for autotune keys, so each batch size does not retune."""
+    return min(triton.next_power_of_2(max(M, 1)), 8192)
 
-    BASE_F32: upcast the activation dot's operands (only on the interpreter for bf16, whose bf16
-    ``tl.dot`` is wrong). ADAPTER_F32: run the rank-r dots in fp32 when an adapter tensor is fp32
-    (TF32 tensor cores on fp16/bf16 activations: ~8x the mantissa of bf16 at a cost of r / BLOCK_N),
-    else in the activation dtype. PREC: "ieee" for fp32 activations (no TF32 rounding), else "tf32".
+
+#: GPU tiles of the fused GEMM (the last one fits shared memory even at r = 256 with fp32 inputs).
+FUSED_GPU_CONFIGS = [
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=4),
+]
+
+
+def _fused_configs() -> list:
+    if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
+        return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), num_warps=4)]
+    return FUSED_GPU_CONFIGS
+
+
+def _prune_fused_configs(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 accumulators (acc [BM, BN] + h [BM, BR]) would spill at large rank."""
+    block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_r) <= 128 * 192]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_tied_lora_fwd_tuned = triton.autotune(
+    configs=_fused_configs(), key=["ROWS_BUCKET", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": _prune_fused_configs},
+)(_tied_lora_fwd_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device twice over (1 under the interpreter: programs run serially)."""
+    if triton_interpreting() or device.type != "cuda":
+        return 1
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int, device) -> tuple[int, int]:
+    """(splits, rows per split) of a two-stage row reduction: enough programs to fill the device,
+    no more splits than row blocks, and at most 256 MiB of fp32 partials."""
+    n_blocks = triton.cdiv(M, block_m)
+    splits = max(1, min(n_blocks, _target_programs(device) // max(other_programs, 1),
+                        (256 << 20) // max(bytes_per_split, 1)))
+    rows = triton.cdiv(n_blocks, splits) * block_m
+    return triton.cdiv(M, rows), rows
+
+
+def _precisions(act_dtype: torch.dtype) -> dict:
+    """constexpr dot settings: UPCAST bf16 under the interpreter; IEEE fp32 unless torch allows TF32."""
+    interp = triton_interpreting()
+    if interp:
+        return dict(UPCAST=act_dtype == torch.bfloat16, MAIN_PREC="ieee", SMALL_PREC="ieee")
+    if act_dtype == torch.float32:
+        prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return dict(UPCAST=False, MAIN_PREC=prec, SMALL_PREC=prec)
+    return dict(UPCAST=False, MAIN_PREC="tf32", SMALL_PREC="tf32")  # MAIN_PREC is moot for 16-bit operands
+
+
+def choose_forward_path(M: int, r: int, x_dropout: bool = False) -> str:
+    """``fused`` or ``epilogue`` for an (M, K) x (K, N) product with rank r.
+
+    ``TIEDLORA_FWD_PATH`` (``fused``, ``epilogue`` or ``auto``, read at each call) forces a path.
+    ``auto``: ``epilogue`` for decode (M <= 64: cuBLAS GEMV + one launch), for ranks above 32
+    (the fused kernel's h accumulator and its per-N-tile recompute of h, r / BLOCK_N extra flops,
+    outweigh the epilogue path's extra read of x and read/write of out), and with dropout on x
+    (every N tile of the fused GEMM would redraw the Philox mask of its x tiles: M K N / BLOCK_N
+    draws on CUDA cores instead of M K once per column split); ``fused`` otherwise.
+    Unmeasured on a GPU so far: the benchmark (both paths side by side) should revise these cut-offs.
     """
-    interp_bf16 = act_dtype == torch.bfloat16 and triton_interpreting()
-    fp32_adapter = any(t is not None and t.dtype == torch.float32 for t in adapters)
-    return dict(BASE_F32=interp_bf16, ADAPTER_F32=interp_bf16 or fp32_adapter,
-                PREC="ieee" if act_dtype == torch.float32 else "tf32")
-
-
-def _fused_blocks(M: int, N: int, K: int) -> dict:
-    if triton_interpreting():  # few, large programs: the interpreter's cost is per program
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
-    if M <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-def _splits(n_rows: int, block: int, other_programs: int) -> tuple[int, int]:
-    """(splits, rows per split) for a split-row reduction: enough programs to fill the GPU,
-    never more splits than row blocks. The partials are summed in fp32 afterwards."""
-    n_blocks = triton.cdiv(max(n_rows, 1), block)
-    target = 1 if triton_interpreting() else max(1, 264 // max(other_programs, 1))
-    splits = max(1, min(n_blocks, target))
-    per = triton.cdiv(n_blocks, splits) * block
-    return triton.cdiv(max(n_rows, 1), per), per
-
-
-def choose_fwd_path(M: int, r: int) -> str:
-    """``TIEDLORA_FWD_PATH`` if set, else epilogue for decode (M <= 64) or large ranks, fused otherwise."""
     want = os.environ.get("TIEDLORA_FWD_PATH", "auto").strip().lower() or "auto"
     if want not in FWD_PATHS:
         raise ValueError(f"TIEDLORA_FWD_PATH must be one of {FWD_PATHS}, got {want!r}")
     if want != "auto":
         return want
-    # Recomputing h per N tile costs r / BLOCK_N extra flops in the fused path.
-    return "epilogue" if M <= SMALL_M or r > 32 else "fused"
+    return "epilogue" if M <= DECODE_ROWS or r > FUSED_MAX_RANK or x_dropout else "fused"
 
 
-def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p, seed, *, in_dropout, out_mask, path, write_h):
-    """out (M, N) = x w^T + bias + s * ((x_d a^T * u) b^T) * v [* mask]; returns (out, h (M, r) fp32 or None).
+# Launchers
 
-    Every matrix argument is a 2-D view with arbitrary strides: x (M, K), w_nk (N, K), a_rk (r, K),
-    b_nr (N, r). Used for the forward and, with transposed views, for dX.
+
+def _vec(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A (n,) vector argument as the kernels read it (unit stride: a strided u, v or bias is copied,
+    n elements at most), or a placeholder pointer that a False HAS_* flag keeps unread."""
+    return t.contiguous() if t is not None else placeholder
+
+
+def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x_dropout, out_dropout,
+                    store_h, path):
+    """out (M, N) = x w_nk^T + bias + s * ((x_d a_rk^T * u) b_nr^T) * v [* keep / (1 - p)].
+
+    Every matrix is a 2-D view with arbitrary strides: x (M, K), w_nk (N, K), a_rk (r, K),
+    b_nr (N, r); u (r,), v (N,), bias (N,) any stride, or None. Serves the forward and, with
+    transposed views, dX. Returns (out in x's dtype, h = x_d a_rk^T (M, r) fp32 or None).
     """
     M, K = x.shape
     N, r = b_nr.shape
-    BR = _block_r(r)
-    h = torch.empty((M, r), device=x.device, dtype=torch.float32) if write_h else x.new_empty((1, 1), dtype=torch.float32)
-    keep_scale = 1.0 / (1.0 - p) if (in_dropout or out_mask) else 1.0
-    seed_t = seed if seed is not None else x.new_zeros(1, dtype=torch.int64)
-    dummy = x.new_empty(1)
+    h = torch.empty((M, r), device=x.device, dtype=torch.float32) if store_h else None
     if path == "fused":
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        cfg = _fused_blocks(M, N, K)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _tied_lora_fused_kernel[grid](
-            x, w_nk, bias if bias is not None else dummy, a_rk, b_nr, u if u is not None else dummy,
-            v if v is not None else dummy, out, h, seed_t,
-            M, N, K, r,
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _tied_lora_fwd_tuned[grid](
+            x, w_nk, _vec(bias, x), a_rk, b_nr, _vec(u, x),
+            _vec(v, x), out, h if h is not None else x, seed if seed is not None else x,
+            M, N, K, r, _rows_bucket(M),
             x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1), a_rk.stride(0), a_rk.stride(1),
-            b_nr.stride(0), b_nr.stride(1), out.stride(0), out.stride(1), h.stride(0),
-            float(scaling), float(p), float(keep_scale),
+            b_nr.stride(0), b_nr.stride(1), out.stride(0), out.stride(1), h.stride(0) if h is not None else 0,
+            float(scaling), float(p_drop),
             HAS_BIAS=bias is not None, HAS_U=u is not None, HAS_V=v is not None,
-            IN_DROPOUT=in_dropout, OUT_MASK=out_mask, WRITE_H=write_h, **_dot_flags(x.dtype, a_rk, b_nr),
-            BLOCK_R=BR, **cfg,
+            X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h,
+            BLOCK_R=_block_r(r), **_precisions(x.dtype),
         )
-        return out, (h if write_h else None)
-    out = torch.nn.functional.linear(x, w_nk, bias)  # cuBLAS
-    _adapter_epilogue_(out, x, a_rk, b_nr, u, v, h, seed_t, scaling, p, in_dropout=in_dropout,
-                       out_mask=out_mask, write_h=write_h, write_out=True)
-    return out, (h if write_h else None)
+        return out, h
+    out = F.linear(x, w_nk, bias)  # cuBLAS base product; the adapter term is added in place
+    _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, out=out, h=h, x_dropout=x_dropout,
+                      out_dropout=out_dropout)
+    return out, h
 
 
-def _adapter_epilogue_(out, x, a_rk, b_nr, u, v, h, seed_t, scaling, p, *, in_dropout, out_mask, write_h, write_out):
-    """In place out += adapter term (if ``write_out``); h = x_d a^T into ``h`` (if ``write_h``)."""
+def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_dropout, out_dropout):
+    """out += s * ((x_d a_rk^T * u) b_nr^T) * v in place (when ``out`` is given); h = x_d a_rk^T into
+    ``h`` (when given). x (M, K), a_rk (r, K), b_nr (N, r), out (M, N): any strides."""
     M, K = x.shape
     N, r = b_nr.shape
-    BR = _block_r(r)
-    keep_scale = 1.0 / (1.0 - p) if (in_dropout or out_mask) else 1.0
-    BM = 16 if M <= 16 else (32 if triton_interpreting() or M <= 32 else 64)
-    BN = 32 if triton_interpreting() else 128
-    n_m = triton.cdiv(M, BM)
-    n_split = 1 if not write_out else max(1, min(triton.cdiv(N, BN), 1 if triton_interpreting() else 132 // n_m))
-    n_per_split = triton.cdiv(triton.cdiv(N, BN), n_split) * BN
-    n_split = triton.cdiv(N, n_per_split) if write_out else 1
-    dummy = x.new_empty(1)
-    _tied_lora_epilogue_kernel[(n_m, n_split)](
-        x, a_rk, b_nr, u if u is not None else dummy, v if v is not None else dummy,
-        out if out is not None else dummy, h, seed_t,
-        M, N, K, r, n_per_split,
+    block_r = _block_r(r)
+    if triton_interpreting():
+        block_m, block_n, block_k, warps = 32, 32, 32, 4
+    else:
+        block_m = 16 if M <= 16 else (32 if M <= 32 or block_r >= 128 else 64)
+        block_n = 64 if block_r >= 128 else 128
+        block_k, warps = 64, 8 if block_r >= 128 else 4
+    n_pid_m = triton.cdiv(M, block_m)
+    n_col_tiles = triton.cdiv(N, block_n)
+    # Split the columns so decode (one row block) still fills the device; each split recomputes h.
+    splits = 1 if out is None else max(1, min(n_col_tiles, _target_programs(x.device) // n_pid_m))
+    cols_per_split = triton.cdiv(n_col_tiles, splits) * block_n
+    splits = triton.cdiv(N, cols_per_split) if out is not None else 1
+    _tied_lora_epilogue_kernel[(n_pid_m, splits)](
+        x, a_rk, b_nr, _vec(u, x), _vec(v, x),
+        out if out is not None else x, h if h is not None else x, seed if seed is not None else x,
+        M, N, K, r, cols_per_split,
         x.stride(0), x.stride(1), a_rk.stride(0), a_rk.stride(1), b_nr.stride(0), b_nr.stride(1),
-        out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0, h.stride(0),
-        float(scaling), float(p), float(keep_scale),
-        HAS_U=u is not None, HAS_V=v is not None, IN_DROPOUT=in_dropout, OUT_MASK=out_mask,
-        WRITE_H=write_h, WRITE_OUT=write_out, **_dot_flags(x.dtype, a_rk, b_nr),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=32 if triton_interpreting() else 64, BLOCK_R=BR,
+        out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
+        h.stride(0) if h is not None else 0,
+        float(scaling), float(p_drop),
+        HAS_U=u is not None, HAS_V=v is not None, X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout,
+        STORE_H=h is not None, UPDATE_OUT=out is not None, **_precisions(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
     )
 
 
-def _dB_dv(G, h, u, v, B, scaling, need_dB, need_dv):
+def _db_dv(G, h, u, v, B, scaling, need_db, need_dv):
+    """(dB (N, r) fp32 or None, dv (N,) fp32 or None) from one pass over G (M, N) and h (M, r) fp32."""
     M, N = G.shape
-    r = h.shape[1]
-    BN = 32 if triton_interpreting() else 64
-    BM = 32 if triton_interpreting() else 64
-    n_n = triton.cdiv(N, BN)
-    splits, per = _splits(M, BM, n_n)
-    dB_part = torch.empty((splits, N, r), device=G.device, dtype=torch.float32) if need_dB else G.new_empty(1)
-    dv_part = torch.empty((splits, N), device=G.device, dtype=torch.float32) if need_dv else G.new_empty(1)
-    dummy = G.new_empty(1)
-    _tied_lora_bwd_dB_dv_kernel[(n_n, splits)](
-        G, h, u if u is not None else dummy, v if v is not None else dummy, B, dB_part, dv_part,
-        M, N, r, per,
+    r = B.shape[1]
+    block_r = _block_r(r)
+    interp = triton_interpreting()
+    block_m = 32 if interp else 64
+    block_n = 32 if interp or block_r >= 128 else 64
+    n_tiles = triton.cdiv(N, block_n)
+    splits, rows = _row_splits(M, block_m, n_tiles, 4 * N * (r + 1), G.device)
+    db_part = torch.empty((splits, N, r), device=G.device, dtype=torch.float32) if need_db else None
+    dv_part = torch.empty((splits, N), device=G.device, dtype=torch.float32) if need_dv else None
+    _tied_lora_bwd_db_dv_kernel[(n_tiles, splits)](
+        G, h, _vec(u, h), _vec(v, h), B,
+        db_part if need_db else h, dv_part if need_dv else h,
+        M, N, r, rows,
         G.stride(0), G.stride(1), h.stride(0), B.stride(0), B.stride(1),
         float(scaling),
-        HAS_U=u is not None, HAS_V=v is not None, NEED_DB=need_dB, NEED_DV=need_dv,
-        **_dot_flags(G.dtype, B), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=_block_r(r),
+        HAS_U=u is not None, HAS_V=v is not None, NEED_DB=need_db, NEED_DV=need_dv,
+        SMALL_PREC=_precisions(G.dtype)["SMALL_PREC"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8 if block_r >= 128 else 4,
     )
-    return (dB_part.sum(0) if need_dB else None), (dv_part.sum(0) if need_dv else None)
+    return (db_part.sum(0) if need_db else None), (dv_part.sum(0) if need_dv else None)
 
 
-def _dA(x, gh, A, seed_t, p, in_dropout):
+def _da(x, g, u, scaling, p_drop, seed, x_dropout):
+    """dA (r, K) fp32 = (s g u)^T x_d from one pass over x (M, K) and g (M, r) fp32."""
     M, K = x.shape
-    r = gh.shape[1]
-    BK = 32 if triton_interpreting() else 64
-    BM = 32 if triton_interpreting() else 64
-    n_k = triton.cdiv(K, BK)
-    splits, per = _splits(M, BM, n_k)
-    dA_part = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
-    _tied_lora_bwd_dA_kernel[(n_k, splits)](
-        x, gh, dA_part, seed_t, M, K, r, per,
-        x.stride(0), x.stride(1), gh.stride(0),
-        float(p), 1.0 / (1.0 - p) if in_dropout else 1.0,
-        IN_DROPOUT=in_dropout, **_dot_flags(x.dtype, A), BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=_block_r(r),
+    r = g.shape[1]
+    block_r = _block_r(r)
+    interp = triton_interpreting()
+    block_m = 32 if interp else 64
+    block_k = 32 if interp or block_r >= 128 else 64
+    n_tiles = triton.cdiv(K, block_k)
+    splits, rows = _row_splits(M, block_m, n_tiles, 4 * K * r, x.device)
+    da_part = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
+    _tied_lora_bwd_da_kernel[(n_tiles, splits)](
+        x, g, _vec(u, g), da_part, seed if seed is not None else g,
+        M, K, r, rows,
+        x.stride(0), x.stride(1), g.stride(0),
+        float(scaling), float(p_drop),
+        HAS_U=u is not None, X_DROPOUT=x_dropout, SMALL_PREC=_precisions(x.dtype)["SMALL_PREC"],
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=8 if block_r >= 128 else 4,
     )
-    return dA_part.sum(0)
+    return da_part.sum(0)
 
 
-def draw_seed(device) -> torch.Tensor:
-    """The Philox seed of one dropout call, from torch's generator (torch.manual_seed reproduces it)."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+def draw_dropout_seed(device) -> torch.Tensor:
+    """One call's Philox seed, a (1,) int64 tensor drawn from torch's generator on ``device``
+    (``torch.manual_seed`` reproduces it; no host sync)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The keep-mask (M, K) bool that the kernels apply to x for ``seed`` (a 1-element int64 tensor)."""
-    out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
-    _dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](seed, out, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
-    return out.bool()
+def dropout_mask(seed: torch.Tensor, shape, p: float, device=None) -> torch.Tensor:
+    """The keep-mask the kernels apply to x for ``seed``: bool (M, K), True = kept.
 
-
-# ---------------------------------------------------------------------------------------------
-# The op: torch.library custom ops with a registered autograd formula (no graph breaks)
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and not triton_interpreting():
-        raise RuntimeError(f"tied_lora_linear (triton): tensors must be on a CUDA device (x is on {x.device}); "
-                           "set TRITON_INTERPRET=1 before importing to run the kernels on the CPU interpreter")
-
-
-@torch.library.custom_op("tiedlora::tied_lora_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
-            u: Optional[torch.Tensor], v: Optional[torch.Tensor], seed: torch.Tensor, scaling: float,
-            dropout_p: float, save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (out (M, N), h (M, r) fp32, or an empty (0, r) tensor when not saved)."""
-    _check_device(x)
-    M = x.shape[0]
-    r = A.shape[0]
-    dropout = dropout_p > 0.0
-    if M == 0:
-        return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
-    path = choose_fwd_path(M, r)
-    out, h = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, in_dropout=dropout,
-                             out_mask=False, path=path, write_h=save_h)
-    return out, (h if save_h else x.new_empty((0, r), dtype=torch.float32))
-
-
-@_fwd_op.register_fake
-def _(x, weight, bias, A, B, u, v, seed, scaling, dropout_p, save_h):
-    M, r = x.shape[0], A.shape[0]
-    return x.new_empty((M, weight.shape[0])), x.new_empty((M if save_h else 0, r), dtype=torch.float32)
-
-
-@torch.library.custom_op("tiedlora::tied_lora_bwd", mutates_args=())
-def _bwd_op(G: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-            u: Optional[torch.Tensor], v: Optional[torch.Tensor], h: torch.Tensor, seed: torch.Tensor,
-            scaling: float, dropout_p: float, needs: list[bool]) -> list[torch.Tensor]:
-    """Gradients [dx, dA, dB, du, dv]; an unneeded one comes back as an empty tensor.
-
-    ``needs`` = (x, A, B, u, v). G (M, N); x (M, K) (empty when A is frozen); h (M, r) fp32
-    (empty when B, u and v are all frozen).
+    Args:
+        seed: (1,) int64 tensor, as from :func:`draw_dropout_seed`.
+        shape: (M, K), x flattened to 2-D.
+        p: dropout probability.
+        device: defaults to ``seed.device``.
     """
-    need_x, need_A, need_B, need_u, need_v = needs
-    _check_device(G)
-    M, N = G.shape
-    K = weight.shape[1]
-    r = A.shape[0]
+    M, K = shape
+    device = seed.device if device is None else torch.device(device)
+    keep = torch.empty((M, K), device=device, dtype=torch.int8)
+    if M * K:
+        _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](
+            seed.to(device), keep, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
+    return keep.bool()
+
+
+# The op: torch.library custom ops with a registered autograd formula (torch.compile sees no break)
+
+
+def _require_device(t: torch.Tensor) -> None:
+    if not t.is_cuda and not triton_interpreting():
+        raise RuntimeError(f"tied_lora_linear (triton): tensors must be on a CUDA device, got {t.device}; "
+                           "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter, "
+                           "or use TIEDLORA_BACKEND=torch")
+
+
+@torch.library.custom_op("tiedlora::tied_lora_linear_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                scaling: float, dropout_p: float, store_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (out (M, N) in x's dtype, h (M, r) fp32, or (0, r) when ``store_h`` is False)."""
+    _require_device(x)
+    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
     if M == 0:
-        zeros = lambda t, need: torch.zeros_like(t) if need else G.new_empty(0)  # noqa: E731
-        return [G.new_zeros((0, K)) if need_x else G.new_empty(0), zeros(A, need_A), zeros(B, need_B),
+        return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32)
+    out, h = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, x_dropout=dropout_p > 0,
+                             out_dropout=False, store_h=store_h, path=choose_forward_path(M, r, dropout_p > 0))
+    return out, (h if h is not None else x.new_empty((0, r), dtype=torch.float32))
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, A, B, u, v, seed, scaling, dropout_p, store_h):
+    M, r = x.shape[0], A.shape[0]
+    return x.new_empty((M, weight.shape[0])), x.new_empty((M if store_h else 0, r), dtype=torch.float32)
+
+
+@torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
+def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 u: Optional[torch.Tensor], v: Optional[torch.Tensor], h: Optional[torch.Tensor],
+                 seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                 needs: list[bool]) -> list[torch.Tensor]:
+    """[dx (M, K), dA, dB, du, dv] for ``needs`` = (x, A, B, u, v); an unneeded one is a 0-element tensor.
+
+    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v trains).
+    """
+    need_x, need_a, need_b, need_u, need_v = needs
+    _require_device(G)
+    M = G.shape[0]
+    K = weight.shape[1]
+    nothing = G.new_empty(0)
+    if M == 0:  # empty batch: zero gradients, no launch
+        zeros = lambda t, need: torch.zeros_like(t) if need else nothing.clone()  # noqa: E731
+        return [G.new_zeros((0, K)) if need_x else nothing.clone(), zeros(A, need_a), zeros(B, need_b),
                 zeros(u, need_u), zeros(v, need_v)]
-    dropout = dropout_p > 0.0
-    # g = (G v) B is the "h" of the dX product: (G, W^T, (B v)^T, A^T) in place of (x, W, A, B).
-    Bv = B if v is None else B * v[:, None].to(B.dtype)
-    need_g = need_x or need_A or need_u
+    r = A.shape[0]
+    dropping = dropout_p > 0
+    need_g = need_x or need_a or need_u
     dx = g = None
-    if need_x:
-        dx, g = _adapted_matmul(G, weight.t(), None, Bv.t(), A.t(), u, None, scaling, dropout_p, seed,
-                                in_dropout=False, out_mask=dropout, path=choose_fwd_path(M, r), write_h=need_g)
-    elif need_g:
-        g = torch.empty((M, r), device=G.device, dtype=torch.float32)
-        _adapter_epilogue_(None, G, Bv.t(), A.t(), None, None, g, seed, scaling, dropout_p,
-                           in_dropout=False, out_mask=False, write_h=True, write_out=False)
-    dA = du = dB = dv = None
-    if need_A or need_u:
-        su = scaling if u is None else scaling * u.float()
-        if need_A:
-            dA = _dA(x, g * su, A, seed, dropout_p, dropout)
-        if need_u:
-            du = scaling * (g * h).sum(0)
-    if need_B or need_v:
-        dB, dv = _dB_dv(G, h, u, v, B, scaling, need_B, need_v)
-    # Unneeded gradients come back as distinct empty tensors (outputs of a custom op may not alias).
-    cast = lambda t, like: t.to(like.dtype) if t is not None else G.new_empty(0)  # noqa: E731
-    return [dx if dx is not None else G.new_empty(0), cast(dA, A), cast(dB, B), cast(du, u), cast(dv, v)]
+    if need_g:
+        # g = (G v) B is the "h" of dx = G W + (s g u A) * keep / (1 - p): roles (G, W^T, (v B)^T, A^T).
+        vb_t = (B.float() if v is None else B.float() * v.float()[:, None]).t()  # (r, N) fp32, N x r only
+        if need_x:  # g is kept only for dA / du
+            dx, g = _adapted_matmul(G, weight.t(), None, vb_t, A.t(), u, None, scaling, dropout_p, seed,
+                                    x_dropout=False, out_dropout=dropping, store_h=need_a or need_u,
+                                    path=choose_forward_path(M, r))
+        else:
+            g = torch.empty((M, r), device=G.device, dtype=torch.float32)
+            _adapter_epilogue(G, vb_t, A.t(), None, None, scaling, 0.0, None, out=None, h=g,
+                              x_dropout=False, out_dropout=False)
+    da = du = db = dv = None
+    if need_a:
+        da = _da(x, g, u, scaling, dropout_p, seed, dropping)
+    if need_u:
+        du = scaling * (g * h).sum(0)
+    if need_b or need_v:
+        db, dv = _db_dv(G, h, u, v, B, scaling, need_b, need_v)
+    # Outputs of a custom op may not alias each other: each unneeded slot gets its own empty tensor.
+    cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
+    return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v)]
 
 
-@_bwd_op.register_fake
+@_backward_op.register_fake
 def _(G, x, weight, A, B, u, v, h, seed, scaling, dropout_p, needs):
-    need_x, need_A, need_B, need_u, need_v = needs
     like = lambda t, need: t.new_empty(t.shape) if need else G.new_empty(0)  # noqa: E731
-    return [G.new_empty((G.shape[0], weight.shape[1])) if need_x else G.new_empty(0), like(A, need_A),
-            like(B, need_B), like(u, need_u), like(v, need_v)]
+    return [G.new_empty((G.shape[0], weight.shape[1])) if needs[0] else G.new_empty(0),
+            like(A, needs[1]), like(B, needs[2]), like(u, needs[3]), like(v, needs[4])]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, u, v, seed, scaling, dropout_p, save_h = inputs
-    _, h = output
+    x, weight, bias, A, B, u, v, seed, scaling, dropout_p, store_h = inputs
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_u, ctx.has_v = u is not None, v is not None
-    # x is needed only for dA: with A frozen nothing of size M x K is kept alive for backward.
-    keep_x = A.requires_grad
-    ctx.save_for_backward(x if keep_x else None, weight, A, B, u, v, h, seed)
+    # x only feeds dA: with A frozen nothing of size M x K stays alive (h, (M, r), is kept instead).
+    ctx.save_for_backward(x if A.requires_grad else None, weight, A, B, u, v, output[1] if store_h else None, seed)
 
 
 def _backward(ctx, grad_out, grad_h):
     x, weight, A, B, u, v, h, seed = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4],
-             ctx.has_u and ctx.needs_input_grad[5], ctx.has_v and ctx.needs_input_grad[6]]
+    ni = ctx.needs_input_grad
+    needs = [ni[0], ni[3], ni[4], ctx.has_u and ni[5], ctx.has_v and ni[6]]
     if not any(needs):
         return (None,) * 11
-    empty = grad_out.new_empty(0)
-    dx, dA, dB, du, dv = _bwd_op(grad_out, x if x is not None else empty, weight, A, B, u, v, h, seed,
-                                 ctx.scaling, ctx.dropout_p, needs)
-    pick = lambda t, need: t if need else None  # noqa: E731
-    return (pick(dx, needs[0]), None, None, pick(dA, needs[1]), pick(dB, needs[2]), pick(du, needs[3]),
-            pick(dv, needs[4]), None, None, None, None)
+    grads = _backward_op(grad_out, x, weight, A, B, u, v, h, seed, ctx.scaling, ctx.dropout_p, needs)
+    dx, da, db, du, dv = (t if need else None for t, need in zip(grads, needs))
+    return dx, None, None, da, db, du, dv, None, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                             B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], scaling: float,
                             dropout_p: float, training: bool) -> torch.Tensor:
-    """The Triton implementation of :func:`tiedlora_kernels.tied_lora_linear` (same arguments; validated
-    by the caller). Flattens leading dims (a view whenever strides allow), launches, restores them."""
-    _check_device(x)
+    """The Triton implementation of :func:`tiedlora_kernels.ops.tied_lora_linear` (inputs validated by it).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16, any leading dims and strides (flattened with ``reshape``: a view
+            whenever the leading dims merge, a copy otherwise; the kernels take any 2-D strides).
+        weight: (N, K) frozen, x's dtype, any strides (HF ``Conv1D``'s ``weight.t()`` is read in place).
+        bias: (N,) frozen or None.
+        A: (r, K); B: (N, r); u: (r,) or None; v: (N,) or None: fp32 or x's dtype, trained or frozen.
+        scaling: s. dropout_p: dropout on the adapter input, applied only when ``training``; the
+            Philox seed is drawn from torch's generator (see :func:`draw_dropout_seed`).
+
+    Returns:
+        (..., N) in x's dtype, differentiable in x, A, B, u, v (whichever require grad).
+    """
+    _require_device(x)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.requires_grad:
-            raise ValueError(f"tied_lora_linear (triton): {name} requires grad, but the kernels treat the base layer "
-                             "as frozen; freeze it or use TIEDLORA_BACKEND=torch to train it")
+            raise ValueError(f"tied_lora_linear (triton): {name} requires grad, but the kernels treat the base "
+                             "layer as frozen; freeze it, or use TIEDLORA_BACKEND=torch to train it")
     p = float(dropout_p) if training else 0.0
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    seed = draw_seed(x.device) if p > 0 else torch.zeros(1, device=x.device, dtype=torch.int64)
-    save_h = B.requires_grad or (u is not None and u.requires_grad) or (v is not None and v.requires_grad)
-    out, _ = _fwd_op(x2, weight, bias, A, B, u, v, seed, float(scaling), p, bool(save_h))
-    return out.reshape(*lead, weight.shape[0])
+    seed = draw_dropout_seed(x.device) if p > 0 else None
+    store_h = B.requires_grad or any(t is not None and t.requires_grad for t in (u, v))
+    out, _ = _forward_op(x2, weight, bias, A, B, u, v, seed, float(scaling), p, bool(store_h))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["tied_lora_linear_triton", "choose_forward_path", "dropout_mask", "draw_dropout_seed", "FWD_PATHS"]
