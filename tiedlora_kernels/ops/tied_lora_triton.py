@@ -90,6 +90,42 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _h_update(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ak, stride_ar, seed, keep_scale, K, p_drop,
+              X_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr):
+    """One K tile of h = X_d A^T: b_h [BM, BR] + x_d [BM, BK] @ A^T [BK, BR]."""
+    p_at = A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
+    b_at = tl.load(p_at, mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)          # [BK, BR]
+    if X_DROPOUT:
+        b_keep = _keep(seed, o_m, o_k, K, p_drop)
+        b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
+    return _mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
+
+
+@triton.jit
+def _z_of_h(b_h, U, o_r, m_r, scaling, HAS_U: tl.constexpr):
+    """z = s * h * u [BM, BR] fp32. Padded rank columns are 0 * x, NaN where x holds an inf: they
+    are zeroed so they cannot reach the output."""
+    b_z = tl.where(m_r[None, :], b_h, 0.0) * scaling
+    if HAS_U:
+        b_z = b_z * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+    return b_z
+
+
+@triton.jit
+def _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, keep_scale, N, p_drop,
+                HAS_V: tl.constexpr, OUT_DROPOUT: tl.constexpr, SMALL_PREC: tl.constexpr):
+    """The adapter term of columns o_n: (z B^T) * v [* keep / (1 - p)], [BM, BN] fp32."""
+    p_bt = B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn
+    b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)             # [BR, BN]
+    b_delta = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                                       # [BM, BN]
+    if HAS_V:
+        b_delta = b_delta * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if OUT_DROPOUT:
+        b_delta = tl.where(_keep(seed, o_m, o_n, N, p_drop), b_delta * keep_scale, 0.0)
+    return b_delta
+
+
+@triton.jit
 def _tied_lora_fwd_kernel(
     X, W, BIAS, A, B, U, V, OUT, H, SEED,
     M, N, K, R, ROWS_BUCKET,
@@ -125,9 +161,8 @@ def _tied_lora_fwd_kernel(
     m_m = o_m < M
     m_n = o_n < N
     m_r = o_r < R
-    if X_DROPOUT or OUT_DROPOUT:
-        seed = tl.load(SEED)
-        keep_scale = 1.0 / (1.0 - p_drop)
+    seed = tl.load(SEED) if (X_DROPOUT or OUT_DROPOUT) else 0
+    keep_scale = 1.0 / (1.0 - p_drop)
 
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
     b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)    # [BM, BR]
@@ -139,29 +174,14 @@ def _tied_lora_fwd_kernel(
         p_wt = W + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
         b_wt = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0.0)                     # [BK, BN]
         b_acc = _mma(b_x, b_wt, b_acc, UPCAST, MAIN_PREC)
-        p_at = A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
-        b_at = tl.load(p_at, mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)      # [BK, BR]
-        if X_DROPOUT:
-            b_keep = _keep(seed, o_m, o_k, K, p_drop)
-            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
-        b_h = _mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
-
-    # Padded rank columns are 0 * x: NaN where x holds an inf. Zero them so they cannot reach out.
-    b_h = tl.where(m_r[None, :], b_h, 0.0)
+        b_h = _h_update(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ak, stride_ar, seed, keep_scale, K, p_drop,
+                        X_DROPOUT, UPCAST, MAIN_PREC)
     if STORE_H:
         if i_n == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
-    b_z = b_h * scaling                                                                       # [BM, BR]
-    if HAS_U:
-        b_z = b_z * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
-    p_bt = B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn
-    b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)         # [BR, BN]
-    b_delta = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                                   # [BM, BN]
-    if HAS_V:
-        b_delta = b_delta * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    if OUT_DROPOUT:
-        b_delta = tl.where(_keep(seed, o_m, o_n, N, p_drop), b_delta * keep_scale, 0.0)
-    b_acc += b_delta
+    b_z = _z_of_h(b_h, U, o_r, m_r, scaling, HAS_U)                                          # [BM, BR]
+    b_acc += _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, keep_scale, N, p_drop,
+                         HAS_V, OUT_DROPOUT, SMALL_PREC)
     if HAS_BIAS:
         b_acc += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
@@ -191,9 +211,8 @@ def _tied_lora_epilogue_kernel(
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
     m_m = o_m < M
     m_r = o_r < R
-    if X_DROPOUT or OUT_DROPOUT:
-        seed = tl.load(SEED)
-        keep_scale = 1.0 / (1.0 - p_drop)
+    seed = tl.load(SEED) if (X_DROPOUT or OUT_DROPOUT) else 0
+    keep_scale = 1.0 / (1.0 - p_drop)
 
     b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # [BM, BR]
     for k0 in range(0, K, BLOCK_K):
@@ -201,31 +220,19 @@ def _tied_lora_epilogue_kernel(
         m_k = o_k < K
         p_x = X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)                      # [BM, BK]
-        if X_DROPOUT:
-            b_keep = _keep(seed, o_m, o_k, K, p_drop)
-            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
-        p_at = A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
-        b_at = tl.load(p_at, mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)      # [BK, BR]
-        b_h = _mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
-    b_h = tl.where(m_r[None, :], b_h, 0.0)  # padded rank columns: no NaN from inf * 0
+        b_h = _h_update(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ak, stride_ar, seed, keep_scale, K, p_drop,
+                        X_DROPOUT, UPCAST, MAIN_PREC)
     if STORE_H:
         if i_s == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
     if UPDATE_OUT:
-        b_z = b_h * scaling                                                                   # [BM, BR]
-        if HAS_U:
-            b_z = b_z * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+        b_z = _z_of_h(b_h, U, o_r, m_r, scaling, HAS_U)                                      # [BM, BR]
         n_lo = i_s.to(tl.int64) * cols_per_split
         for n0 in range(n_lo, min(n_lo + cols_per_split, N), BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             m_n = o_n < N
-            p_bt = B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn
-            b_bt = tl.load(p_bt, mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BR, BN]
-            b_delta = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                           # [BM, BN]
-            if HAS_V:
-                b_delta = b_delta * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-            if OUT_DROPOUT:
-                b_delta = tl.where(_keep(seed, o_m, o_n, N, p_drop), b_delta * keep_scale, 0.0)
+            b_delta = _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, keep_scale, N,
+                                  p_drop, HAS_V, OUT_DROPOUT, SMALL_PREC)                    # [BM, BN]
             p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
             m_out = m_m[:, None] & m_n[None, :]
             b_out = tl.load(p_out, mask=m_out, other=0.0).to(tl.float32) + b_delta
