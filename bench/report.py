@@ -70,7 +70,7 @@ def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dic
         if "error" in r:
             rows.append(f"{lead} error: {r['error'][:80].replace('|', '/')} | | | | | | | | | no |")
             continue
-        err = max(r.get("rel_err", 0.0), r.get("rel_err_grad", 0.0)) if "rel_err" in r else None
+        err = max(r.get("rel_err", 0.0), r.get("rel_err_grad") or 0.0) if "rel_err" in r else None
         ok = "-" if "ok" not in r else "yes" if r["ok"] else "**NO**"
         rows.append(f"{lead} {r['median_ms']:.4f} | {_fmt(r.get('ratio_to_limit'))} | "
                     f"{_fmt(r.get('speedup_vs_peft_lora'), '.2f')} | {r['tflops']:.1f} | {r['gbps']:.0f} | "

@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -44,7 +45,9 @@ TOL_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SECONDS_PER_CASE_GPU = 0.6
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def _rel_err(out: Optional[torch.Tensor], ref: torch.Tensor) -> float:
+    if out is None:  # a trained tensor that got no gradient: as wrong as can be
+        return math.inf
     out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -98,7 +101,10 @@ def check(impl: Impl, x: torch.Tensor, G: Optional[torch.Tensor]) -> dict:
         # dX, then each trained factor (the merged layer has none: dX only).
         errs = [_rel_err(g, r) for g, r in zip(grads, ref_grads)]
         eager = [_rel_err(g, r) for g, r in zip(eager_grads, ref_grads)]
-        rec["rel_err_grad"] = max(errs)
+        finite = [e for e in errs if math.isfinite(e)]
+        rec["rel_err_grad"] = max(finite) if finite else None  # JSON has no inf
+        if len(finite) < len(errs):
+            rec["missing_grad"] = True
         rec["rel_err_grad_eager"] = max(eager)
         ok = ok and all(e <= TOL_FACTOR * q + floor for e, q in zip(errs, eager))
     rec["ok"] = bool(ok)
@@ -327,6 +333,8 @@ def environment(device: str, mode: str, argv: list[str]) -> dict:
         meta["dirty"] = bool(dirty) if meta["commit"] else None
     except OSError:
         meta["commit"], meta["dirty"] = None, None
+    if not meta["commit"]:  # a copy of the tree without .git (the GPU session script passes it in)
+        meta["commit"] = os.environ.get("BENCH_COMMIT") or None
     if device == "cuda":
         meta["device"] = torch.cuda.get_device_name()
         props = torch.cuda.get_device_properties(0)
