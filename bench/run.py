@@ -88,7 +88,8 @@ def check(impl: Impl, x: torch.Tensor, G: Optional[torch.Tensor]) -> dict:
     """Relative errors of output and gradients vs the fp32 oracle, next to eager bf16's, and the verdict."""
     if impl.factors is None:
         return {}
-    params = [p for p in impl.factors[2:6] if p is not None and p.requires_grad]
+    named = [(n, p) for n, p in zip("ABuv", impl.factors[2:6]) if p is not None and p.requires_grad]
+    params = [p for _, p in named]
     W, b, A, B, u, v, s = impl.factors
     with env(**impl.env):
         out, grads = _run_once(impl.fn, x, G, params)
@@ -101,6 +102,7 @@ def check(impl: Impl, x: torch.Tensor, G: Optional[torch.Tensor]) -> dict:
         # dX, then each trained factor (the merged layer has none: dX only).
         errs = [_rel_err(g, r) for g, r in zip(grads, ref_grads)]
         eager = [_rel_err(g, r) for g, r in zip(eager_grads, ref_grads)]
+        rec["rel_err_grads"] = {n: (e if math.isfinite(e) else None) for n, e in zip(["x"] + [n for n, _ in named], errs)}
         finite = [e for e in errs if math.isfinite(e)]
         rec["rel_err_grad"] = max(finite) if finite else None  # JSON has no inf
         if len(finite) < len(errs):
@@ -389,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=sorted(GRIDS), default=None,
                     help="shape grid (default: targets on CUDA, smoke on CPU)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/latest"), help="output directory")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: bench/results/<date>-<device> on CUDA, "
+                         "bench/results/smoke-cpu on a CPU, which git ignores)")
     ap.add_argument("--max-minutes", type=float, default=8.0,
                     help="overall budget: no new case starts after it (the end-to-end part included)")
     ap.add_argument("--e2e-minutes", type=float, default=None,
@@ -411,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         print("SMOKE MODE (no CUDA): tiny shapes, torch paths only. These timings are NOT speed claims.",
               file=sys.stderr)
     meta = environment(device, mode, argv)
+    if args.out is None:
+        name = (f"{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9.-]+', '_', meta['device'])}"
+                if device == "cuda" else "smoke-cpu")
+        args.out = Path(__file__).resolve().parent / "results" / name
     meta["grid"] = grid_name
     if args.tests_exit_code is not None:
         meta["tests_exit_code"] = args.tests_exit_code

@@ -220,3 +220,17 @@ def test_gpu_session_script_is_valid_bash():
     text = script.read_text()
     assert "-m cuda tests" in text and '-m "not cuda" tests' in text
     assert '"$PY" -m bench --grid targets' in text and "--tests-exit-code" in text and '"$OUT' in text
+
+
+@cpu_only
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_kernel_impls_measure_under_the_interpreter(impl):
+    """The GPU-only impls go through the same measure() on the Triton interpreter: the env reaches the
+    backward, the check passes, and each trained tensor's gradient error is recorded."""
+    cache = _InputCache("cpu")
+    recs = [measure(Case(16, 64, 48, 4, "tl6"), impl, op, "cpu", cache) for op in ("fwd", "fwd_bwd")]
+    assert [r["env"]["TIEDLORA_FWD_PATH"] for r in recs] == [impl.removeprefix("ours_").replace("ours", "auto")] * 2
+    assert all(r["ok"] for r in recs), recs
+    assert set(recs[1]["rel_err_grads"]) == {"x", "A", "B", "u", "v"}
+    assert all(0 < e < 2e-2 for e in recs[1]["rel_err_grads"].values())
