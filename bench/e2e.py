@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from tiedlora_kernels import TiedLoRAConfig, inject, trainable_parameters
+from tiedlora_kernels.ops import resolve_backend
 
 GPU_MODEL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=32000)
@@ -79,6 +80,7 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
                 if opt:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                return loss.detach()
 
             step()  # warm-up: kernel compilation and autotuning, optimizer state
             if device == "cuda":
@@ -87,7 +89,7 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()
-                step()
+                loss = step()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -99,7 +101,9 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
                             tokens=batch * seq, steps=steps, step_ms=ms, step_ms_min=min(times),
                             step_ms_max=max(times), tokens_per_s=batch * seq / (ms / 1e3),
                             peak_mem_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
-                            trainable=trainable, dtype=str(dtype).removeprefix("torch.")))
+                            trainable=trainable, dtype=str(dtype).removeprefix("torch."), loss=float(loss),
+                            backend=(resolve_backend(ids.new_empty(1, dtype=dtype)) if config.startswith("ours")
+                                     else None)))
         except Exception as e:  # e.g. an older peft without DoRA: recorded, not fatal
             out.append(dict(config=config, error=f"{type(e).__name__}: {e}"[:300]))
         finally:

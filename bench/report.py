@@ -51,11 +51,40 @@ def targets_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+PIVOT_COLS = ["ours", "ours_fused", "ours_epilogue", "addmm", "reference", "merged"]
+
+
+def pivot(records: list[dict]) -> list[str]:
+    """One row per (op, M, K, N, rank, preset): the limit's median and every impl's time / limit.
+    PEFT LoRA / VeRA do not depend on our preset: their ratio at the same shape and rank is shown in every row."""
+    limit = {(r["op"], r["M"], r["K"], r["N"]): r["median_ms"] for r in records if r["impl"] == "limit" and "median_ms" in r}
+    cell = {}
+    for r in records:
+        val = ("err" if "error" in r else "WRONG" if r.get("ok") is False else _fmt(r.get("ratio_to_limit"), ".2f"))
+        key = (r["op"], r["M"], r["K"], r["N"], r["rank"])
+        cell[(*key, r["preset"], r["impl"])] = val
+        if r["impl"].startswith("peft_"):
+            cell[(*key, r["impl"])] = val
+    rows = sorted({k[:6] for k in cell if len(k) == 7 and k[6] in PIVOT_COLS})
+    if not rows:
+        return []
+    out = ["## At a glance: time / limit (lower is better; 1.00 = the frozen base layer alone)", "",
+           "| op | M | K | N | r | preset | limit ms | " + " | ".join(PIVOT_COLS) + " | PEFT LoRA (same r) | PEFT VeRA (same r) |",
+           "|---|---:|---:|---:|---:|---|---:|" + "---:|" * (len(PIVOT_COLS) + 2)]
+    for op, M, K, N, rank, preset in sorted(rows, key=lambda k: (k[2], k[3], k[0], k[1], k[4], k[5])):
+        cols = [cell.get((op, M, K, N, rank, preset, c), "-") for c in PIVOT_COLS]
+        cols += [cell.get((op, M, K, N, rank, c), "-") for c in ("peft_lora", "peft_vera")]
+        out.append(f"| {op} | {M} | {K} | {N} | {rank} | {preset} | {_fmt(limit.get((op, M, K, N)), '.4f')} | "
+                   + " | ".join(cols) + " |")
+    return out + [""]
+
+
 def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict] | None = None) -> str:
     out = _header(meta)
     if targets:
         out += targets_table(targets)
-    out += ["## Per-layer microbenchmarks", "",
+    out += pivot(records)
+    out += ["## Per-layer microbenchmarks, every figure", "",
             "ratio = median time / the base layer alone (`limit`, F.linear) on the same shape; vs PEFT = PEFT "
             "LoRA time at the same rank / this time; saved = activation bytes autograd keeps for backward "
             "(frozen weights excluded); peak = extra device memory during one call.", ""]

@@ -236,21 +236,23 @@ def _key(r: dict) -> tuple:
 
 
 def add_ratios(records: list[dict]) -> None:
-    """ratio_to_limit and speedup_vs_peft_lora, from medians of the same run and shape (PEFT LoRA at
-    the same rank). Records that failed their check or errored get neither."""
+    """ratio_to_limit, speedup_vs_peft_lora and speedup_vs_peft_vera, from medians of the same run
+    and shape (PEFT at the same rank). Records that failed their check or errored get none."""
     shape = lambda r: (r["op"], r["M"], r["K"], r["N"])  # noqa: E731
+    usable = lambda r: "median_ms" in r and r.get("ok") is not False  # noqa: E731
     limit = {shape(r): r["median_ms"] for r in records if r["impl"] == "limit" and "median_ms" in r}
-    peft = {(*shape(r), r["rank"]): r["median_ms"] for r in records
-            if r["impl"] == "peft_lora" and "median_ms" in r and r.get("ok") is not False}
+    peft = {name: {(*shape(r), r["rank"]): r["median_ms"] for r in records if r["impl"] == name and usable(r)}
+            for name in ("peft_lora", "peft_vera")}
     for r in records:
-        r.pop("ratio_to_limit", None)
-        r.pop("speedup_vs_peft_lora", None)
-        if r.get("ok") is False or "median_ms" not in r:
+        for f in ("ratio_to_limit", "speedup_vs_peft_lora", "speedup_vs_peft_vera"):
+            r.pop(f, None)
+        if not usable(r):
             continue
         if shape(r) in limit:
             r["ratio_to_limit"] = r["median_ms"] / limit[shape(r)]
-        if (*shape(r), r["rank"]) in peft:
-            r["speedup_vs_peft_lora"] = peft[(*shape(r), r["rank"])] / r["median_ms"]
+        for name, med in peft.items():
+            if (*shape(r), r["rank"]) in med:
+                r["speedup_vs_" + name] = med[(*shape(r), r["rank"])] / r["median_ms"]
 
 
 #: The issue's goals for the kernels: (name, impl, op, M filter, K, N, rank, field, bound, "<=" or ">=").

@@ -94,7 +94,10 @@ def test_ratios_in_smoke_json_come_from_its_medians(smoke):
     recs = data["records"]
     limit = {(r["op"], r["M"]): r["median_ms"] for r in recs if r["impl"] == "limit"}
     peft = {(r["op"], r["M"], r["rank"]): r["median_ms"] for r in recs if r["impl"] == "peft_lora"}
+    vera = {(r["op"], r["M"], r["rank"]): r["median_ms"] for r in recs if r["impl"] == "peft_vera"}
     for r in recs:
+        assert r["speedup_vs_peft_vera"] == pytest.approx(vera[(r["op"], r["M"], r["rank"])] / r["median_ms"],
+                                                          rel=1e-12)
         assert r["ratio_to_limit"] == pytest.approx(r["median_ms"] / limit[(r["op"], r["M"])], rel=1e-12)
         assert r["speedup_vs_peft_lora"] == pytest.approx(peft[(r["op"], r["M"], r["rank"])] / r["median_ms"],
                                                           rel=1e-12)
@@ -109,6 +112,8 @@ def test_smoke_e2e(smoke):
         assert "error" not in e, e
         assert e["step_ms"] > 0 and e["tokens_per_s"] == pytest.approx(e["tokens"] / (e["step_ms"] / 1e3))
         assert e["ratio_to_no_adapter"] == pytest.approx(e["step_ms"] / e2e["no_adapter"]["step_ms"])
+        assert e["loss"] == pytest.approx(e2e["no_adapter"]["loss"], rel=0.2)  # every preset starts as the identity
+    assert e2e["ours_tl6"]["backend"] == "torch" and e2e["peft_lora"]["backend"] is None
     assert e2e["no_adapter"]["trainable"] == 0
     assert e2e["ours_tl6"]["trainable"] < e2e["ours_lora"]["trainable"] == e2e["peft_lora"]["trainable"]
 
@@ -120,7 +125,11 @@ def test_smoke_table_and_plots(smoke):
     assert data["meta"]["device"] in md and data["meta"]["command"] in md
     for impl in SMOKE_IMPLS:
         assert f"| {impl} |" in md
-    assert md.count("\n| fwd |") + md.count("\n| fwd_bwd |") == len(data["records"])
+    glance, detail = md.split("## At a glance")[1].split("## Per-layer microbenchmarks, every figure")
+    detail = detail.split("## End-to-end")[0]
+    assert detail.count("\n| fwd |") + detail.count("\n| fwd_bwd |") == len(data["records"])
+    # the pivot: one row per (op, M, rank, preset) of the smoke grid
+    assert glance.count("\n| fwd |") + glance.count("\n| fwd_bwd |") == 2 * 3 * 2 * 3
     pytest.importorskip("matplotlib")
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["ratio_fwd_K64_N48.png", "ratio_fwd_bwd_K64_N48.png"] == sorted(data["meta"]["plots"])
