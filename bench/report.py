@@ -79,6 +79,23 @@ def pivot(records: list[dict]) -> list[str]:
     return out + [""]
 
 
+def e2e_table(e2e: list[dict]) -> list[str]:
+    out = []
+    first = next((e for e in e2e if "step_ms" in e), None)
+    if first:
+        out += [f"LLaMA-style, {first['layers']} layers, hidden {first['hidden']}, intermediate "
+                f"{first['intermediate']}, rank {first['rank']}, batch {first['batch']} x {first['seq']} tokens, "
+                f"{first['dtype']}, AdamW; median of {first['steps']} steps after one warm-up step.", ""]
+    out += ["| config | step ms | tokens/s | x no-adapter | peak MB | trainable |", "|---|---:|---:|---:|---:|---:|"]
+    for e in e2e:
+        if "error" in e:
+            out.append(f"| {e['config']} | error: {e['error'][:80].replace('|', '/')} | | | | |")
+            continue
+        out.append(f"| {e['config']} | {e['step_ms']:.2f} | {e['tokens_per_s']:.0f} | "
+                   f"{_fmt(e.get('ratio_to_no_adapter'))} | {_mb(e.get('peak_mem_bytes'))} | {e['trainable']} |")
+    return out
+
+
 def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict] | None = None) -> str:
     out = _header(meta)
     if targets:
@@ -106,19 +123,7 @@ def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dic
                     f"{_mb(r.get('saved_bytes'))} | {_mb(r.get('peak_mem_bytes'))} | {_fmt(err, '.1e')} | {ok} |")
     out += rows
     if e2e:
-        out += ["", "## End-to-end training step", ""]
-        first = next((e for e in e2e if "step_ms" in e), None)
-        if first:
-            out += [f"LLaMA-style, {first['layers']} layers, hidden {first['hidden']}, intermediate "
-                    f"{first['intermediate']}, rank {first['rank']}, batch {first['batch']} x {first['seq']} tokens, "
-                    f"{first['dtype']}, AdamW; median of {first['steps']} steps after one warm-up step.", ""]
-        out += ["| config | step ms | tokens/s | x no-adapter | peak MB | trainable |", "|---|---:|---:|---:|---:|---:|"]
-        for e in e2e:
-            if "error" in e:
-                out.append(f"| {e['config']} | error: {e['error'][:80].replace('|', '/')} | | | | |")
-                continue
-            out.append(f"| {e['config']} | {e['step_ms']:.2f} | {e['tokens_per_s']:.0f} | "
-                       f"{_fmt(e.get('ratio_to_no_adapter'))} | {_mb(e.get('peak_mem_bytes'))} | {e['trainable']} |")
+        out += ["", "## End-to-end training step", ""] + e2e_table(e2e)
     return "\n".join(out) + "\n"
 
 
@@ -162,13 +167,38 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def readme_snippet(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict], folder: str) -> str:
+    """The README's speed section for one GPU run: where it came from, the targets, the target shape's ratios."""
+    if meta["mode"] != "gpu":
+        raise ValueError("only a GPU run goes into the README (this one is %r)" % meta["mode"])
+    dirty = " plus uncommitted changes" if meta.get("dirty") else ""
+    out = [f"Latest GPU run: {meta['date'][:10]}, {meta['device']} (driver {meta.get('driver')}), torch "
+           f"{meta['torch']}, triton {meta['triton']}, commit `{(meta.get('commit') or 'unknown')[:12]}`{dirty}; "
+           f"`{meta['command']}`; full tables and plots in [`{folder}`]({folder}).", ""]
+    if not meta["speed_claims"]:
+        out += [f"**No speed claims from this run: {meta.get('no_claims_reason', 'see results.json')}.**", ""]
+    out += targets_table([t for t in targets if t["binding"]])[2:]
+    glance = pivot([r for r in records if r["K"] == 4096 and r["N"] == 4096])
+    out += glance[2:] if glance else []
+    if e2e:
+        out += [""] + e2e_table(e2e)
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report DIR [--readme]``: rebuild DIR's results.md and plots from its JSON; with
+    --readme, print the README speed section for that run instead."""
     from .run import add_ratios, targets
 
-    out = Path((sys.argv[1:] if argv is None else argv)[0])
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0])
     data = json.loads((out / "results.json").read_text())
     add_ratios(data["records"])
     tg = targets(data["records"], data["e2e"]) if data["meta"]["speed_claims"] else []
+    if "--readme" in args:
+        print(readme_snippet(data["meta"], data["records"], data["e2e"], targets(data["records"], data["e2e"]),
+                             out.as_posix()), end="")
+        return 0
     (out / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"], tg))
     plots(data["records"], out)
     return 0

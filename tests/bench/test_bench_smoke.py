@@ -243,3 +243,23 @@ def test_kernel_impls_measure_under_the_interpreter(impl):
     assert all(r["ok"] for r in recs), recs
     assert set(recs[1]["rel_err_grads"]) == {"x", "A", "B", "u", "v"}
     assert all(0 < e < 2e-2 for e in recs[1]["rel_err_grads"].values())
+
+
+def test_report_rebuilds_from_json_and_readme_snippet_is_gpu_only(smoke, tmp_path):
+    import shutil
+
+    from bench.report import main as report_main
+    from bench.report import readme_snippet
+
+    out, data = smoke
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "results.md").unlink()
+    assert report_main([str(copy)]) == 0
+    assert (copy / "results.md").read_text().split("- date:")[1] == (out / "results.md").read_text().split("- date:")[1]
+    with pytest.raises(ValueError, match="only a GPU run"):
+        readme_snippet(data["meta"], data["records"], data["e2e"], [], "x")
+    gpu = dict(data["meta"], mode="gpu", speed_claims=True, device="H100 (fake, for the renderer)")
+    text = readme_snippet(gpu, data["records"], data["e2e"], targets(data["records"], data["e2e"]), "bench/results/x")
+    assert "H100 (fake, for the renderer)" in text and gpu["commit"][:12] in text and "| no_adapter |" in text
+    assert text.count("| e2e step, TL6 <= 1.10x no adapter |") == 1
