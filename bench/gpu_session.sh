@@ -3,6 +3,7 @@
 # the pytest-benchmark microbenchmarks; everything lands under $OUT.
 #
 #   OUT=/some/dir BENCH_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh
+# (a dry run of the flow on a CPU: BENCH_GRID=smoke BUDGET_S=300 OUT=/tmp/x bash bench/gpu_session.sh)
 #
 # Run from anywhere; it cds to the repository root. Assumes torch, triton, transformers, peft and
 # pytest are installed (no network needed; matplotlib / tqdm / pytest-benchmark are optional).
@@ -49,7 +50,7 @@ BENCH_S=$(( $(left) - 140 ))
 BENCH_S=$(( BENCH_S > 300 ? 300 : BENCH_S ))
 if [ "$BENCH_S" -ge 60 ]; then
   BENCH_MIN=$("$PY" -c "print(round(($BENCH_S - 25) / 60, 2))")
-  timeout -s INT -k 20 "$BENCH_S" "$PY" -m bench --grid targets --max-minutes "$BENCH_MIN" --e2e-minutes 1.4 \
+  timeout -s INT -k 20 "$BENCH_S" "$PY" -m bench --grid "${BENCH_GRID:-targets}" --max-minutes "$BENCH_MIN" --e2e-minutes 1.4 \
     --tests-exit-code "$CUDA_RC" --out "$OUT/bench" > "$OUT/bench.log" 2>&1
   echo "benchmark: exit $?; $(tail -1 "$OUT/bench.log")" | tee -a "$OUT/SUMMARY.md"
 else

@@ -127,8 +127,11 @@ def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dic
     return "\n".join(out) + "\n"
 
 
-def plots(records: list[dict], out: Path) -> list[Path]:
-    """Ratio to the limit vs M: one PNG per (op, K, N), one panel per rank, one line per (impl, preset)."""
+PRESET_STYLE = {"lora": "-", "vera": "--", "tl6": ":"}
+
+
+def plots(records: list[dict], out: Path, note: str = "") -> list[Path]:
+    """Ratio to the limit vs M: one PNG per (op, K, N), one panel per rank; colour = impl, line style = preset."""
     try:
         import matplotlib
 
@@ -136,35 +139,41 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    colours = {impl: plt.get_cmap("tab10")(i) for i, impl in enumerate(IMPL_ORDER)}
     series = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
         if "ratio_to_limit" in r and r["impl"] != "limit":
             series[(r["op"], r["K"], r["N"])][r["rank"]][(r["impl"], r["preset"])].append((r["M"], r["ratio_to_limit"]))
     paths = []
+    order = lambda kv: (IMPL_ORDER.index(kv[0][0]) if kv[0][0] in IMPL_ORDER else 99, kv[0][1])  # noqa: E731
     for (op, K, N), by_rank in sorted(series.items()):
         ranks = sorted(by_rank)
         fig, axes = plt.subplots(1, len(ranks), figsize=(4.5 * len(ranks), 4.2), sharey=True, squeeze=False)
         for ax, rank in zip(axes[0], ranks):
-            for (impl, preset), pts in sorted(by_rank[rank].items(), key=lambda kv: (IMPL_ORDER.index(kv[0][0])
-                                                                                    if kv[0][0] in IMPL_ORDER else 99,
-                                                                                    kv[0][1])):
+            for (impl, preset), pts in sorted(by_rank[rank].items(), key=order):
                 pts.sort()
-                style = "-" if impl.startswith("ours") else "--" if impl.startswith("peft") else ":"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
-                        label=f"{impl} {preset}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], PRESET_STYLE.get(preset, "-"), marker="o",
+                        markersize=3, color=colours.get(impl), label=f"{impl} {preset}")
             ax.axhline(1.0, color="black", linewidth=0.8)
+            for goal in (1.10, 1.25):  # the issue's fwd+bwd targets at r = 16 / 128, for the eye
+                ax.axhline(goal, color="grey", linewidth=0.6, linestyle="-.")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("rows M")
             ax.set_title(f"rank {rank}")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("time / base layer alone")
-        axes[0][-1].legend(fontsize=6, ncol=1, loc="upper right")
-        fig.suptitle(f"{op}, K={K}, N={N}")
+        axes[0][-1].legend(fontsize=6, ncol=1, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"{op}, K={K}, N={N}{note}")
         path = out / f"ratio_{op}_K{K}_N{N}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_note(meta: dict) -> str:
+    return (f" ({meta['device']})" if meta["mode"] == "gpu" else
+            " - SMOKE MODE on a CPU: not a speed claim")
 
 
 def readme_snippet(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict], folder: str) -> str:
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                              out.as_posix()), end="")
         return 0
     (out / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"], tg))
-    plots(data["records"], out)
+    plots(data["records"], out, plot_note(data["meta"]))
     return 0
 
 

@@ -370,13 +370,13 @@ def write_json(out: Path, meta: dict, records: list[dict], e2e: list[dict]) -> N
 
 
 def write(out: Path, meta: dict, records: list[dict], e2e: list[dict], with_plots: bool = True) -> None:
-    from .report import markdown, plots
+    from .report import markdown, plot_note, plots
 
     write_json(out, meta, records, e2e)
     tg = targets(records, e2e) if meta["speed_claims"] else []
     (out / "results.md").write_text(markdown(meta, records, e2e, tg))
     if with_plots:
-        meta["plots"] = [p.name for p in plots(records, out)]
+        meta["plots"] = [p.name for p in plots(records, out, plot_note(meta))]
         write_json(out, meta, records, e2e)
 
 
