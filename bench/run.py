@@ -133,6 +133,20 @@ def time_ms(fn, device: str, grad_to_none=None) -> dict:
     return dict(median_ms=statistics.median(times), p20_ms=q[0], p80_ms=q[-1])
 
 
+def back_to_back_ms(fn, calls: int = 200) -> float:
+    """Decode as an eager loop sees it: ``calls`` calls queued back to back, one sync, wall time per
+    call. Includes the Python / launch overhead that do_bench's cache flush hides, and an L2 kept
+    warm (W of 32 MB fits in an H100's 50 MB): a diagnostic next to median_ms, not a replacement."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
 def saved_bytes(fn, x, weights) -> tuple[int, int]:
     """(activation bytes, weight bytes) of the distinct storages autograd saves for backward.
     Storages of the frozen weights and trained tensors (``weights``) and of any Parameter are
@@ -195,6 +209,8 @@ def measure(case: Case, impl_name: str, op: str, device: str, cache: _InputCache
             grads = xg + impl.params
             rec["saved_bytes"], rec["saved_weight_bytes"] = saved_bytes(impl.fn, xg[0], impl.weights + impl.params)
         rec.update(time_ms(run, device, grad_to_none=grads))
+        if device == "cuda" and op == "fwd" and case.M <= 64:
+            rec["back_to_back_ms"] = back_to_back_ms(run)
         if device == "cuda":
             if grads:
                 for g in grads:
