@@ -13,7 +13,7 @@
 # SIGINT, so pytest prints its summary and the benchmark writes what it measured.
 #
 # Outputs: env.txt, gpu_tests_cuda.log, bench.log, bench/{results.json,results.md,ratio_*.png},
-# gpu_tests_full.log, pytest_benchmark.{log,json}, SUMMARY.md.
+# gpu_tests.log, pytest_benchmark.{log,json}, SUMMARY.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -61,8 +61,8 @@ phase "full test suite on CUDA (cuda-marked ones already ran)"
 FULL_S=$(( $(left) - 45 ))
 if [ "$FULL_S" -gt 20 ]; then
   timeout -s INT -k 15 "$FULL_S" "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" tests -rfE --maxfail=25 \
-    > "$OUT/gpu_tests_full.log" 2>&1
-  echo "full suite: exit $?; $(tail -1 "$OUT/gpu_tests_full.log")" | tee -a "$OUT/SUMMARY.md"
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "full suite: exit $?; $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/SUMMARY.md"
 else
   echo "full suite: skipped (out of time)" | tee -a "$OUT/SUMMARY.md"
 fi
