@@ -28,6 +28,9 @@ done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
 unset TRITON_INTERPRET TIEDLORA_BACKEND TIEDLORA_FWD_PATH
+# pyproject's addopts carry --benchmark-disable, which pytest rejects without pytest-benchmark.
+PYTEST_OPTS=()
+"$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS=(-o "addopts=-ra --import-mode=importlib")
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 phase() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "$OUT/SUMMARY.md"; }
 
@@ -41,7 +44,7 @@ phase() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "
 } > "$OUT/env.txt" 2>&1
 
 phase "cuda-marked tests"
-timeout -s INT -k 15 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -rfE > "$OUT/gpu_tests_cuda.log" 2>&1
+timeout -s INT -k 15 120 "$PY" -m pytest ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} -q -p no:cacheprovider -m cuda tests -rfE > "$OUT/gpu_tests_cuda.log" 2>&1
 CUDA_RC=$?
 echo "cuda-marked tests: exit $CUDA_RC; $(tail -1 "$OUT/gpu_tests_cuda.log")" | tee -a "$OUT/SUMMARY.md"
 
@@ -60,7 +63,7 @@ fi
 phase "full test suite on CUDA (cuda-marked ones already ran)"
 FULL_S=$(( $(left) - 45 ))
 if [ "$FULL_S" -gt 20 ]; then
-  timeout -s INT -k 15 "$FULL_S" "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" tests -rfE --maxfail=25 \
+  timeout -s INT -k 15 "$FULL_S" "$PY" -m pytest ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} -q -p no:cacheprovider -m "not cuda" tests -rfE --maxfail=25 \
     > "$OUT/gpu_tests.log" 2>&1
   echo "full suite: exit $?; $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/SUMMARY.md"
 else

@@ -227,7 +227,7 @@ def test_gpu_session_script_is_valid_bash():
     script = ROOT / "bench" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert "-m cuda tests" in text and '-m "not cuda" tests' in text
+    assert "-p no:cacheprovider -m cuda tests" in text and "-m \"not cuda\" tests" in text
     assert '"$PY" -m bench --grid "${BENCH_GRID:-targets}"' in text and "--tests-exit-code" in text and '"$OUT' in text
 
 
