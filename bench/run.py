@@ -506,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, old_term)
     meta["wall_s"] = round(time.monotonic() - start, 1)
-    write(args.out, meta, records, e2e)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second interrupt must not cut the last write
+    try:
+        write(args.out, meta, records, e2e)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     bad = [r for r in records if r.get("ok") is False or "error" in r]
     print(f"wrote {args.out}/results.json, results.md and plots; {len(records)} measurements, {len(bad)} failed "
           f"or errored, {len(e2e)} end-to-end configs", file=sys.stderr)
