@@ -39,6 +39,7 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
+        self._fp32_views: dict[str, tuple[int, torch.Tensor]] = {}
 
     @property
     def rank(self) -> int:
@@ -48,10 +49,30 @@ class TiedFactors(nn.Module):
     def banked(self) -> bool:
         return self.A.dim() == 3
 
+    def accumulating(self, name: str) -> torch.Tensor:
+        """The factor as the layers should use it. A trained bf16/fp16 factor is replaced by one fp32
+        cast shared by every layer of the kind: each layer's gradient is added into that fp32 tensor
+        and the sum is rounded to the parameter's dtype once (used directly, autograd would add the
+        per-layer gradients in bf16). The cast has no saved state, so sharing it across forward
+        passes is safe; it is redone whenever the parameter changes (its version moves)."""
+        p = getattr(self, name)
+        if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
+            return p
+        cached = self._fp32_views.get(name)
+        if cached is None or cached[0] != p._version:
+            cached = (p._version, p.float())
+            self._fp32_views[name] = cached
+        return cached[1]
+
+    def __getstate__(self):
+        # The casts are graph nodes of past forwards: never copied or pickled with the module.
+        return {**self.__dict__, "_fp32_views": {}}
+
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
-        A = self.A if self.A.shape[-1] == in_features else self.A[..., :in_features]
-        B = self.B if self.B.shape[-2] == out_features else self.B[..., :out_features, :]
+        A, B = self.accumulating("A"), self.accumulating("B")
+        A = A if A.shape[-1] == in_features else A[..., :in_features]
+        B = B if B.shape[-2] == out_features else B[..., :out_features, :]
         return A, B
 
     def extra_repr(self) -> str:
