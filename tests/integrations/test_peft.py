@@ -25,6 +25,26 @@ def _loss_and_grads(model, key):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and key(n)}
 
 
+def check_parity(pm, peft_key, ours_tensor):
+    """PEFT model vs from_peft(PEFT model): logits, loss, and each PEFT gradient against ours.
+
+    ``ours_tensor(layers, peft_param_name)`` names our tensor that a PEFT parameter became."""
+    logits_p = pm(IDS).logits.detach()
+    loss_p, grads_p = _loss_and_grads(pm, lambda n: peft_key in n)
+    ours = from_peft(pm)
+    assert rel_err(ours(IDS).logits, logits_p) < 1e-6
+    loss_o, _ = _loss_and_grads(ours, lambda n: True)
+    assert rel_err(loss_o, loss_p) < 1e-6
+    layers = dict(adapted_layers(ours))
+    for n, g in grads_p.items():
+        assert rel_err(ours_tensor(layers, n).grad, g) < 1e-5, n
+    assert trainable_parameters(ours)["total"] == sum(g.numel() for g in grads_p.values())
+
+
+def _layer(layers, peft_name, sep):
+    return layers[peft_name.removeprefix("base_model.model.").split(sep)[0]]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lora_parity(family):
     base = tiny_llama() if family == "llama" else tiny_gpt2()
@@ -32,18 +52,8 @@ def test_lora_parity(family):
     pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                                                    fan_in_fan_out=family == "gpt2"))
     _randomize(pm, ["lora_B"])
-    logits_p = pm(IDS).logits.detach()
-    loss_p, grads_p = _loss_and_grads(pm, lambda n: "lora_" in n)
-    ours = from_peft(pm)
-    assert rel_err(ours(IDS).logits, logits_p) < 1e-6
-    loss_o, _ = _loss_and_grads(ours, lambda n: True)
-    assert rel_err(loss_o, loss_p) < 1e-6
-    layers = dict(adapted_layers(ours))
-    for n, g in grads_p.items():
-        lname = n.removeprefix("base_model.model.").split(".lora_")[0]
-        which = "A" if ".lora_A." in n else "B"
-        assert rel_err(getattr(layers[lname].factors, which).grad, g) < 1e-5, n
-    assert trainable_parameters(ours)["total"] == sum(g.numel() for g in grads_p.values())
+    check_parity(pm, "lora_", lambda layers, n: getattr(_layer(layers, n, ".lora_").factors,
+                                                        "A" if ".lora_A." in n else "B"))
 
 
 def test_vera_parity():
@@ -51,15 +61,5 @@ def test_vera_parity():
     pm = peft.get_peft_model(base, peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj", "up_proj"],
                                                    vera_dropout=0.0))
     _randomize(pm, ["vera_lambda_b"])
-    logits_p = pm(IDS).logits.detach()
-    loss_p, grads_p = _loss_and_grads(pm, lambda n: "vera_lambda" in n)
-    ours = from_peft(pm)
-    assert rel_err(ours(IDS).logits, logits_p) < 1e-6
-    loss_o, _ = _loss_and_grads(ours, lambda n: True)
-    assert rel_err(loss_o, loss_p) < 1e-6
-    layers = dict(adapted_layers(ours))
-    for n, g in grads_p.items():
-        lname = n.removeprefix("base_model.model.").split(".vera_lambda")[0]
-        mine = layers[lname].adapter_u if "lambda_d" in n else layers[lname].adapter_v
-        assert rel_err(mine.grad, g) < 1e-5, n
-    assert trainable_parameters(ours)["total"] == sum(g.numel() for g in grads_p.values())
+    check_parity(pm, "vera_lambda", lambda layers, n: getattr(_layer(layers, n, ".vera_lambda"),
+                                                              "adapter_u" if "lambda_d" in n else "adapter_v"))
