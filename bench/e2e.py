@@ -107,7 +107,7 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
         except Exception as e:  # e.g. an older peft without DoRA: recorded, not fatal
             out.append(dict(config=config, error=f"{type(e).__name__}: {e}"[:300]))
         finally:
-            del model, opt
+            model = opt = None  # release this config before the next is built
             if device == "cuda":
                 torch.cuda.empty_cache()
         limit = next((e["step_ms"] for e in out if e["config"] == "no_adapter" and "step_ms" in e), None)

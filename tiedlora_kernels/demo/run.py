@@ -10,8 +10,6 @@ adapters, train them with AdamW on the word-problem task in the same seeded batc
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
