@@ -70,15 +70,21 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train_single(preset: str, ckpt: bool, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
-    """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce."""
-    model = build_model(preset, ckpt)
-    opt = make_optimizer(model)
+def train(forward, opt, rows: slice, after_backward=None) -> None:
+    """``STEPS`` optimizer steps of ``forward`` (a model or its wrapper) on ``global_batch(step)[rows]``."""
     for step in range(STEPS):
         ids = global_batch(step)[rows]
         opt.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
+        forward(ids, labels=ids).loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
+
+
+def train_single(preset: str, ckpt: bool, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce."""
+    model = build_model(preset, ckpt)
+    train(model, make_optimizer(model), rows)
     return trainable_state(model)
 
 
@@ -97,14 +103,12 @@ def _run_ddp(case: dict, rank: int, world: int) -> dict:
         "tied_occurrences": [sum(q is t for q in ddp.parameters()) for t in tied],
         "all_grads_present": True,
     }
-    opt = make_optimizer(model)
     half = GLOBAL_BATCH // world
-    for step in range(STEPS):
-        ids = global_batch(step)[rank * half:(rank + 1) * half]
-        opt.zero_grad(set_to_none=True)
-        ddp(ids, labels=ids).loss.backward()
+
+    def check_grads():
         facts["all_grads_present"] &= all(p.grad is not None for p in trainable)
-        opt.step()
+
+    train(ddp, make_optimizer(model), slice(rank * half, (rank + 1) * half), check_grads)
     if rank == 0 and case.get("save_dir"):
         save_adapter(ddp.module, case["save_dir"])  # the wrapped module is the plain model
     return {"params": trainable_state(model), "facts": facts}
@@ -128,24 +132,14 @@ def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
         "tied_are_dtensors": all(isinstance(named[n], DTensor) for n in tied_names),
         "n_named_trainable": sum(p.requires_grad for p in named.values()),
     }
-    opt = make_optimizer(model)
     half = GLOBAL_BATCH // world
-    for step in range(STEPS):
-        ids = global_batch(step)[rank * half:(rank + 1) * half]
-        opt.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        opt.step()
+    train(model, make_optimizer(model), slice(rank * half, (rank + 1) * half))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for n, p in model.named_parameters() if p.requires_grad}
     if case.get("save_dir"):
-        save_fsdp2_adapter(model, case["preset"], case["ckpt"], case["save_dir"], rank)
+        # Straight on the sharded model: every rank calls it (shards are gathered), rank 0 writes.
+        save_adapter(model, case["save_dir"])
     return {"params": full, "facts": facts}
-
-
-def save_fsdp2_adapter(model, preset, ckpt, directory, rank) -> None:
-    """save_adapter straight on the sharded model: every rank calls it (the shards of the tied
-    factors are gathered, a collective) and rank 0 writes."""
-    save_adapter(model, directory)
 
 
 def main() -> None:

@@ -510,14 +510,21 @@ def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_d
     )
 
 
+def _reduction_tiles(r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_M, column block, num_warps) of the split-row gradient reductions (dB/dv over
+    N columns, dA over K columns): narrower column tiles and 8 warps at large rank keep the
+    [columns, BLOCK_R] fp32 accumulator in registers."""
+    block_r = _block_r(r)
+    interp = triton_interpreting()
+    block_cols = 32 if interp or block_r >= 128 else 64
+    return block_r, 32 if interp else 64, block_cols, 8 if block_r >= 128 else 4
+
+
 def _db_dv(G, h, u, v, B, scaling, need_db, need_dv):
     """(dB (N, r) fp32 or None, dv (N,) fp32 or None) from one pass over G (M, N) and h (M, r) fp32."""
     M, N = G.shape
     r = B.shape[1]
-    block_r = _block_r(r)
-    interp = triton_interpreting()
-    block_m = 32 if interp else 64
-    block_n = 32 if interp or block_r >= 128 else 64
+    block_r, block_m, block_n, warps = _reduction_tiles(r)
     n_tiles = triton.cdiv(N, block_n)
     splits, rows = _row_splits(M, block_m, n_tiles, 4 * N * (r + 1), G.device)
     db_part = torch.empty((splits, N, r), device=G.device, dtype=torch.float32) if need_db else None
@@ -530,7 +537,7 @@ def _db_dv(G, h, u, v, B, scaling, need_db, need_dv):
         float(scaling),
         HAS_U=u is not None, HAS_V=v is not None, NEED_DB=need_db, NEED_DV=need_dv,
         SMALL_PREC=_precisions(G.dtype)["SMALL_PREC"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8 if block_r >= 128 else 4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
     )
     return (db_part.sum(0) if need_db else None), (dv_part.sum(0) if need_dv else None)
 
@@ -539,10 +546,7 @@ def _da(x, g, u, scaling, p_drop, seed, x_dropout):
     """dA (r, K) fp32 = (s g u)^T x_d from one pass over x (M, K) and g (M, r) fp32."""
     M, K = x.shape
     r = g.shape[1]
-    block_r = _block_r(r)
-    interp = triton_interpreting()
-    block_m = 32 if interp else 64
-    block_k = 32 if interp or block_r >= 128 else 64
+    block_r, block_m, block_k, warps = _reduction_tiles(r)
     n_tiles = triton.cdiv(K, block_k)
     splits, rows = _row_splits(M, block_m, n_tiles, 4 * K * r, x.device)
     da_part = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
@@ -552,7 +556,7 @@ def _da(x, g, u, scaling, p_drop, seed, x_dropout):
         x.stride(0), x.stride(1), g.stride(0),
         float(scaling), float(p_drop),
         HAS_U=u is not None, X_DROPOUT=x_dropout, SMALL_PREC=_precisions(x.dtype)["SMALL_PREC"],
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=8 if block_r >= 128 else 4,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
     )
     return da_part.sum(0)
 
