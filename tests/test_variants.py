@@ -214,3 +214,52 @@ def test_every_preset_runs_on_the_kernels(monkeypatch, preset):
     assert rel_err(results["triton"][0], results["torch"][0]) < 1e-5
     for got, want in zip(results["triton"][1], results["torch"][1]):
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["simple_dora", "dora"])
+def test_magnitude_applied_in_the_kernel_epilogue(monkeypatch, preset):
+    """On the kernels the magnitude is the op's row scale: in forward and backward, no op outside
+    the tiedlora custom ops produces an (M, N) tensor (no separate y * m, + b, or G * m pass), and
+    dm still matches the torch path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tiedlora_kernels.ops import triton_interpreting
+
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    M, K, N = 6, 12, 10
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(K, N)})
+    inject(model, TiedLoRAConfig(rank=3, preset=preset, target_modules=["proj"]))
+    randomize_adapters(model, std=0.3)
+    layer = model["proj"]
+    x = torch.randn(M, K)
+    G = torch.randn(M, N)
+
+    class FullSizeOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            if any(isinstance(o, torch.Tensor) and o.shape == (M, N) for o in outs):
+                self.seen.append(str(func))
+            return out
+
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+        layer.adapter_m.grad = None
+        mode = FullSizeOps()
+        with mode:
+            layer(x).backward(G)
+        grads[backend] = layer.adapter_m.grad.clone()
+        if backend == "triton":
+            free = ("aten.view.", "aten.detach.", "aten._unsafe_view.", "aten.reshape.")  # no data touched
+            outside = [f for f in mode.seen if not f.startswith(("tiedlora.",) + free)]
+            assert outside == [], f"(M, N) work outside the fused ops: {outside}"
+        else:
+            assert any("mul" in f for f in mode.seen)  # the check can see an unfused scale
+    assert rel_err(grads["triton"], grads["torch"]) < 1e-5

@@ -195,13 +195,9 @@ class TiedLoRALinear(nn.Module):
         if self.merged:
             return nn.functional.linear(x, self.weight_nk(), self.bias)
         A, B, u, v = self.adapter_tensors()
-        c = self.row_scale(A, B, u, v)
-        if c is None:
-            return tied_lora_linear(x, self.weight_nk(), self.bias, A, B, u, v, self.scaling,
-                                    self.dropout, self.training)
-        y = tied_lora_linear(x, self.weight_nk(), None, A, B, u, v, self.scaling, self.dropout, self.training)
-        out = y * c.to(y.dtype)
-        return out + self.bias if self.bias is not None else out
+        # The magnitude c is the op's row scale: applied in the kernels' epilogue, before the bias.
+        return tied_lora_linear(x, self.weight_nk(), self.bias, A, B, u, v, self.scaling, self.dropout,
+                                self.training, row_scale=self.row_scale(A, B, u, v))
 
     @torch.no_grad()
     def merge(self) -> None:

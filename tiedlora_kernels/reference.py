@@ -25,8 +25,10 @@ def tied_lora_linear(
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     training: bool = True,
+    row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v, in plain torch ops.
+    """out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v, in plain torch ops; with a row scale
+    c, out = c * (x W^T + s * (((dropout(x) A^T) * u) B^T) * v) + b (DoRA's and Simple DoRA's magnitude).
 
     Args:
         x: (..., K) activations.
@@ -35,12 +37,19 @@ def tied_lora_linear(
         A: (r, K); B: (N, r); u: (r,) or None (= 1); v: (N,) or None (= 1).
         scaling: s.
         dropout_p / training: dropout on the adapter input only, active when ``training``.
+        row_scale: c (N,) or None, one scale per output feature, applied before the bias.
 
     Returns:
         (..., N) in x's dtype. The adapter path is computed in the wider of x's and the adapter's
-        dtype (fp32 adapters on bf16 activations compute the path in fp32, as PEFT does).
+        dtype (fp32 adapters on bf16 activations compute the path in fp32, as PEFT does); the row
+        scale multiplies the rounded pre-scale output in the wider of x's and c's dtype.
     """
-    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p)
+    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    if row_scale is not None:
+        y = tied_lora_linear(x, weight, None, A, B, u, v, scaling, dropout_p, training)
+        ct = torch.promote_types(y.dtype, row_scale.dtype)
+        out = (y.to(ct) * row_scale.to(ct)).to(x.dtype)
+        return out + bias if bias is not None else out
     base = F.linear(x, weight, bias)
     ct = adapter_compute_dtype(x, A)
     xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x

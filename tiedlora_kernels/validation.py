@@ -29,7 +29,7 @@ def _check_tensor(name: str, t, shape: tuple, device: torch.device) -> None:
         raise ValueError(f"tied_lora_linear: {name} must be on {device} (the device of x), got {_describe(t)}")
 
 
-def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p) -> None:
+def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale=None) -> None:
     """Validate the arguments of ``tied_lora_linear`` (see its docstring for the shapes)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tied_lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
@@ -63,6 +63,8 @@ def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p) -> N
         _check_tensor("u", u, (r,), dev)
     if v is not None:
         _check_tensor("v", v, (N,), dev)
+    if row_scale is not None:
+        _check_tensor("row_scale", row_scale, (N,), dev)
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
         raise ValueError(f"tied_lora_linear: scaling must be a finite float, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):

@@ -26,7 +26,7 @@ public_tied_lora_linear = tiedlora_kernels.tied_lora_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ("fused", "epilogue")
-PARAMS = ("x", "A", "B", "u", "v")
+PARAMS = ("x", "A", "B", "u", "v", "c")  # c: the row scale (DoRA / Simple DoRA magnitude)
 #: ‖out − ref‖ / ‖ref‖ against float64 inputs-as-given, per activation dtype, for the output and
 #: every gradient. fp32: IEEE dots, so only summation-order error; fp16/bf16: the output's and the
 #: operands' roundings (bf16: 2^-9, fp16: 2^-11 per element).
@@ -44,8 +44,9 @@ PRESETS = {
 
 
 def make(M, K, N, r, *, dtype=torch.float32, adapter_dtype=torch.float32, lead=(), bias=True, u=True, v=True,
-         train=PARAMS, x_layout="contiguous", w_layout="linear", seed=0):
-    """Random inputs of one layer, as a dict of leaves; B random so the adapter path is non-trivial."""
+         c=False, train=PARAMS, x_layout="contiguous", w_layout="linear", seed=0):
+    """Random inputs of one layer, as a dict of leaves; B random so the adapter path is non-trivial.
+    ``c`` adds a row scale around 1 (a magnitude), some entries negative."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     cast = lambda tensor, dt: tensor.to(device=DEVICE, dtype=dt)  # noqa: E731
@@ -60,7 +61,8 @@ def make(M, K, N, r, *, dtype=torch.float32, adapter_dtype=torch.float32, lead=(
     weight = cast(rnd(K, N) / K**0.5, dtype).t() if w_layout == "conv1d" else cast(rnd(N, K) / K**0.5, dtype)
     t = dict(x=x, weight=weight, bias=cast(rnd(N), dtype) if bias else None,
              A=cast(rnd(r, K) / K**0.5, adapter_dtype), B=cast(rnd(N, r), adapter_dtype),
-             u=cast(rnd(r), adapter_dtype) if u else None, v=cast(rnd(N), adapter_dtype) if v else None)
+             u=cast(rnd(r), adapter_dtype) if u else None, v=cast(rnd(N), adapter_dtype) if v else None,
+             c=cast(1 + rnd(N), adapter_dtype) if c else None)
     for name in PARAMS:
         if t[name] is not None:
             t[name].requires_grad_(name in train)
@@ -76,6 +78,8 @@ def run(fn, t, G, scaling=0.7, **kw):
     for name in PARAMS:
         if t[name] is not None:
             t[name].grad = None
+    if t.get("c") is not None:
+        kw["row_scale"] = t["c"]
     out = fn(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], scaling, **kw)
     out.backward(G)
     return out, {n: t[n].grad for n in PARAMS if t[n] is not None}
@@ -85,12 +89,13 @@ def as_f64(t):
     return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in t.items()}
 
 
-def kernel(x, weight, bias, A, B, u, v, scaling, dropout_p=0.0, training=True):
-    return kernels.tied_lora_linear_triton(x, weight, bias, A, B, u, v, scaling, dropout_p, training)
+def kernel(x, weight, bias, A, B, u, v, scaling, dropout_p=0.0, training=True, row_scale=None):
+    return kernels.tied_lora_linear_triton(x, weight, bias, A, B, u, v, scaling, dropout_p, training,
+                                           row_scale=row_scale)
 
 
-def oracle(x, weight, bias, A, B, u, v, scaling):
-    return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, 0.0, True)
+def oracle(x, weight, bias, A, B, u, v, scaling, row_scale=None):
+    return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, 0.0, True, row_scale)
 
 
 def assert_matches(out, grads, ref, ref_grads, t, tol):
@@ -206,6 +211,7 @@ def test_split_reductions_and_column_splits(path, monkeypatch, nan_allocations):
     epilogue kernel (the interpreter otherwise runs one of each)."""
     monkeypatch.setattr(kernels, "_target_programs", lambda device: 12)
     check(make(100, 33, 70, 5, lead=()))
+    check(make(100, 33, 70, 5, lead=(), c=True))  # dc's row splits too
 
 
 def test_sliced_factors_and_strided_vectors(path):
@@ -290,6 +296,59 @@ def test_dropout_mask_same_in_forward_and_backward(p, path):
     assert rel_err(out, no_drop) > 1e-3, "dropout changed nothing"
 
 
+ROW_SCALE_CASES = {  # (M, K, N, r, make kwargs): rows = 1, rank 1, odd N, no bias, 3-D and sliced x, presets
+    "M37-r16": (37, 33, 40, 16, {}),
+    "M1-r1-nobias": (1, 5, 3, 1, dict(bias=False)),
+    "M7-N17-lead3d": (7, 33, 17, 5, dict(lead=(2,))),
+    "x_sliced-conv1d": (7, 33, 40, 3, dict(x_layout="sliced", w_layout="conv1d")),
+    "frozen-c-lora": (7, 33, 40, 3, dict(u=False, v=False, train=("x", "A", "B"))),
+    "c-only": (7, 33, 40, 3, dict(train=("c",))),
+    "simple-dora-no-x": (7, 33, 40, 3, dict(u=False, v=False, train=("A", "B", "c"))),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_SCALE_CASES))
+def test_row_scale(case, path):
+    """out = c * (x W^T + adapter) + b with c in the epilogue: forward and every gradient, dc included."""
+    M, K, N, r, kw = ROW_SCALE_CASES[case]
+    check(make(M, K, N, r, c=True, **kw))
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["bf16-act-fp32-adapt", "bf16-act-bf16-adapt"])
+def test_row_scale_low_precision(dtype, adapter_dtype, path):
+    check(make(37, 33, 40, 16, dtype=dtype, adapter_dtype=adapter_dtype, c=True))
+
+
+@pytest.mark.parametrize("c_trains", [True, False], ids=["c-trains", "c-frozen"])
+def test_row_scale_saves_preoutput_only_when_trained(c_trains, path):
+    """The pre-scale output y (M, N) is kept for dc = sum_rows(G * y) only when c trains."""
+    M, K, N, r = 7, 33, 40, 3
+    t = make(M, K, N, r, c=True, train=("x", "A", "B", "u", "v") + (("c",) if c_trains else ()))
+    out, saved = _saved_tensors(lambda: run(kernel, t, upstream((M, N), torch.float32))[0])
+    assert any(shape == (M, N) for _, shape in saved) == c_trains
+    check(t)
+
+
+def test_row_scale_with_dropout(path):
+    """Dropout on the adapter input with a row scale: the same mask in forward and backward."""
+    p = 0.3
+    t = make(10, 33, 40, 3, c=True)
+    G = upstream((10, 40), torch.float32)
+    torch.manual_seed(5)
+    out, grads = run(kernel, t, G, 0.7, dropout_p=p, training=True)
+    torch.manual_seed(5)
+    keep = kernels.dropout_mask(kernels.draw_dropout_seed(DEVICE), (10, 33), p)
+
+    def masked_oracle(x, weight, bias, A, B, u, v, scaling, row_scale):
+        y = F.linear(x, weight) + oracle(x * keep.double() / (1 - p), torch.zeros_like(weight), None, A, B, u, v,
+                                         scaling)
+        return y * row_scale + bias
+
+    ref, ref_grads = run(masked_oracle, as_f64(t), G.double())
+    assert_matches(out, grads, ref, ref_grads, t, TOL[torch.float32])
+
+
 def test_dropout_mask_fraction_and_seeds():
     p = 0.3
     seed = kernels.draw_dropout_seed(DEVICE)
@@ -321,6 +380,9 @@ def test_empty_batch(path):
     assert grads["x"].shape == (2, 0, 33)
     for name in ("A", "B", "u", "v"):
         assert torch.equal(grads[name], torch.zeros_like(t[name])), name
+    t = make(0, 33, 40, 3, c=True)
+    _, grads = run(kernel, t, upstream((0, 40), torch.float32))
+    assert torch.equal(grads["c"], torch.zeros_like(t["c"]))
 
 
 def test_deterministic(path):
@@ -330,7 +392,7 @@ def test_deterministic(path):
     for _ in range(3):
         torch.manual_seed(7)
         out, grads = run(kernel, t, G, 0.7, dropout_p=0.2)
-        runs.append([out.detach()] + [grads[n].clone() for n in PARAMS])
+        runs.append([out.detach()] + [g.clone() for g in grads.values()])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
@@ -353,6 +415,7 @@ def nan_allocations(monkeypatch):
 @pytest.mark.parametrize("M,K,N,r", [(37, 33, 40, 16), (5, 65, 70, 3)], ids=["M37-K33-N40-r16", "M5-K65-N70-r3"])
 def test_nan_poisoned_allocations(M, K, N, r, path, nan_allocations):
     check(make(M, K, N, r))
+    check(make(M, K, N, r, c=True))
 
 
 def test_public_op_routes_to_these_kernels(monkeypatch):
@@ -364,9 +427,9 @@ def test_public_op_routes_to_these_kernels(monkeypatch):
     calls = []
     original = kernels.tied_lora_linear_triton
 
-    def counted(*args):
+    def counted(*args, **kw):
         calls.append(1)
-        return original(*args)
+        return original(*args, **kw)
 
     monkeypatch.setattr(kernels, "tied_lora_linear_triton", counted)
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
@@ -387,11 +450,12 @@ def test_torch_compile_fullgraph():
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    t = make(7, 33, 40, 3, lead=(2,))
+    t = make(7, 33, 40, 3, lead=(2,), c=True)
     G = upstream((2, 7, 40), torch.float32)
 
-    def block(x, weight, bias, A, B, u, v, scaling):
-        return torch.tanh(kernel(x, weight, bias, A, B, u, v, scaling, dropout_p=0.1, training=True)) * 2
+    def block(x, weight, bias, A, B, u, v, scaling, row_scale):
+        return torch.tanh(kernel(x, weight, bias, A, B, u, v, scaling, dropout_p=0.1, training=True,
+                                 row_scale=row_scale)) * 2
 
     torch._dynamo.reset()
     with inductor_config.patch(fallback_random=True):  # the seed drawn as in eager
@@ -401,7 +465,8 @@ def test_torch_compile_fullgraph():
     torch.manual_seed(11)
     eager, eager_grads = run(block, t, G)
     assert rel_err(out, eager) < 1e-6
-    for name in PARAMS:
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
         assert rel_err(grads[name], eager_grads[name]) < 1e-6, name
 
 
@@ -458,6 +523,13 @@ def test_gpu_bf16_adapters_presets(preset, path):
     t = make(2048, 2048, 3072, 16, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16, u=spec["u"], v=spec["v"],
              train=spec["train"], w_layout="conv1d")
     check(t, tol=TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 4096])
+def test_gpu_row_scale(M, path):
+    """Simple DoRA's shape of the op on a GPU: bf16 activations, fp32 adapters, trained magnitude."""
+    check(make(M, 4096, 4096, 16, dtype=torch.bfloat16, u=False, v=False, c=True), tol=TOL[torch.bfloat16])
 
 
 @pytest.mark.cuda

@@ -63,8 +63,12 @@ def tied_lora_linear(
     scaling: float = 1.0,
     dropout_p: float = 0.0,
     training: bool = True,
+    row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Adapted linear layer: out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v.
+
+    With ``row_scale`` c: out = c * (x W^T + s * (((dropout(x) A^T) * u) B^T) * v) + b, the
+    magnitude of DoRA and Simple DoRA, applied in the kernels' epilogue.
 
     Args:
         x: (..., K) activations, any leading dims and strides; fp32, bf16 or fp16.
@@ -75,9 +79,11 @@ def tied_lora_linear(
         u: (r,) or None (constant 1); v: (N,) or None (constant 1).
         scaling: s (alpha / r, times gamma).
         dropout_p: dropout probability on the adapter input; applied only when ``training``.
+        row_scale: (N,) or None; fp32 or x's dtype, trained or frozen.
 
     Returns:
-        (..., N) tensor in x's dtype, differentiable in x, A, B, u and v (whichever require grad).
+        (..., N) tensor in x's dtype, differentiable in x, A, B, u, v and row_scale (whichever
+        require grad).
 
     Example:
         >>> x = torch.randn(2, 7, 32); W = torch.randn(48, 32)
@@ -85,9 +91,10 @@ def tied_lora_linear(
         >>> torch.allclose(tied_lora_linear(x, W, None, A, B), x @ W.T)
         True
     """
-    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p)
+    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
     if resolve_backend(x, weight, bias) == "triton":
         from .tied_lora_triton import tied_lora_linear_triton
 
-        return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training)
-    return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training)
+        return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
+                                       row_scale=row_scale)
+    return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)

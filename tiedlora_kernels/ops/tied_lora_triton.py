@@ -6,6 +6,8 @@ Formula (SPEC.md, names as there), for x flattened to (M, K):
     h   = x_d A^T                              (M, r)
     z   = s * h * u                            (M, r)
     out = x W^T + b + (z B^T) * v              (M, N)
+    with a row scale c (N,): y = x W^T + (z B^T) * v, out = y * c + b (DoRA / Simple DoRA's
+    magnitude, applied in the epilogue of either path; y is also stored when c trains)
 
 Forward, two paths (``TIEDLORA_FWD_PATH=fused|epilogue|auto``, see :func:`choose_forward_path`):
 
@@ -33,9 +35,13 @@ Backward, G = dL/dout (M, N), v B = diag(v) B, g = (G * v) B (M, r), gh = s * g 
 - dA = gh^T x_d (``_tied_lora_bwd_da_kernel``): one pass over x, the dropout mask recomputed from
   (seed, m * K + k), grid (K tiles, row splits), same two-stage fp32 reduction.
 - du = s * sum_rows(g * h): an (M, r) reduction in torch.
+- With a row scale, ``_row_scale_bwd_kernel`` first makes one pass over G (and y): it writes
+  G * c, the gradient of y that every step above then uses in place of G, and the split-row
+  partials of dc = sum_rows(G * y). (Scaling G inside the GEMM's main loop instead would save that
+  M x N write and read; not done before a GPU measurement says it pays.)
 
 Saved for backward: h (M, r) fp32 only when B, u or v trains; x only when A trains (nothing of
-size M x K is kept when A is frozen); the frozen weight, A, B, u, v (parameters: no copies); the
+size M x K is kept when A is frozen); y (M, N) only when a row scale trains; the frozen weight, A, B, u, v (parameters: no copies); the
 dropout seed (one int64), never the mask. Only the needed gradients are computed; frozen tensors
 launch nothing and allocate nothing. All accumulation is fp32; gradients are returned in each
 parameter's dtype.
@@ -126,22 +132,38 @@ def _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, 
 
 
 @triton.jit
+def _scale_bias_tile(b_y, BIAS, C, Y, o_out, o_n, m_n, m_out, HAS_BIAS: tl.constexpr,
+                     HAS_ROW_SCALE: tl.constexpr, STORE_Y: tl.constexpr):
+    """The output tile y * c + b from the fp32 pre-scale tile y [BM, BN]; y itself is stored to Y at
+    offsets o_out when STORE_Y (rounded to Y's dtype, as the unfused ``y * c`` would have saved it)."""
+    if HAS_ROW_SCALE:
+        if STORE_Y:
+            tl.store(Y + o_out, b_y.to(Y.dtype.element_ty), mask=m_out)
+        b_y = b_y * tl.load(C + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        b_y += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    return b_y
+
+
+@triton.jit
 def _tied_lora_fwd_kernel(
-    X, W, BIAS, A, B, U, V, OUT, H, SEED,
+    X, W, BIAS, A, B, U, V, C, OUT, Y, H, SEED,
     M, N, K, R, ROWS_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_om, stride_on, stride_hm,
     scaling, p_drop,
-    HAS_BIAS: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr,
-    X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, STORE_Y: tl.constexpr,
     UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """OUT = X W^T + BIAS + s * ((X_d A^T * U) B^T) * V [* keep / (1 - p) on OUT's columns].
+    """OUT = Y * C + BIAS, Y = X W^T + s * ((X_d A^T * U) B^T) * V [* keep / (1 - p) on OUT's columns].
 
-    X (M, K), W (N, K), A (R, K), B (N, R), OUT (M, N): any strides. U (R,), V (N,), BIAS (N,)
-    contiguous. H (M, R) fp32 receives X_d A^T from the programs of the first column tile.
+    X (M, K), W (N, K), A (R, K), B (N, R), OUT (M, N): any strides. U (R,), V (N,), C (N,), BIAS (N,)
+    contiguous; without HAS_ROW_SCALE, C = 1. Y (M, N), OUT's strides, receives the pre-scale
+    output when STORE_Y (the row scale's gradient needs it). H (M, R) fp32 receives X_d A^T from
+    the programs of the first column tile.
     X_DROPOUT drops X's elements (m, k) in the adapter input; OUT_DROPOUT drops the adapter term's
     elements (m, n) (the dX use). ROWS_BUCKET is only an autotune key.
     """
@@ -182,24 +204,27 @@ def _tied_lora_fwd_kernel(
     b_z = _z_of_h(b_h, U, o_r, m_r, scaling, HAS_U)                                          # [BM, BR]
     b_acc += _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, keep_scale, N, p_drop,
                          HAS_V, OUT_DROPOUT, SMALL_PREC)
-    if HAS_BIAS:
-        b_acc += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
-    tl.store(p_out, b_acc.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    o_out = o_m[:, None] * stride_om + o_n[None, :] * stride_on
+    b_out = _scale_bias_tile(b_acc, BIAS, C, Y, o_out, o_n, m_n, m_m[:, None] & m_n[None, :],
+                             HAS_BIAS, HAS_ROW_SCALE, STORE_Y)
+    tl.store(OUT + o_out, b_out.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
 @triton.jit
 def _tied_lora_epilogue_kernel(
-    X, A, B, U, V, OUT, H, SEED,
+    X, BIAS, A, B, U, V, C, OUT, Y, H, SEED,
     M, N, K, R, cols_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_om, stride_on, stride_hm,
     scaling, p_drop,
-    HAS_U: tl.constexpr, HAS_V: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    STORE_H: tl.constexpr, UPDATE_OUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_Y: tl.constexpr, UPDATE_OUT: tl.constexpr,
     UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """In place OUT[:, cols] += s * ((X_d A^T * U) B^T) * V [* keep / (1 - p)], cols = this split's range.
+    """In place OUT[:, cols] += s * ((X_d A^T * U) B^T) * V [* keep / (1 - p)], cols = this split's range;
+    with HAS_ROW_SCALE, OUT[:, cols] = (OUT + that) * C + BIAS, the pre-scale value stored to Y
+    (OUT's strides) when STORE_Y. HAS_BIAS only with HAS_ROW_SCALE (else cuBLAS added the bias).
 
     Grid (row blocks, column splits); each split recomputes h for its row block (a skinny pass over
     X: cheap, and it keeps this a single launch). H (M, R) fp32 receives h from split 0.
@@ -233,10 +258,11 @@ def _tied_lora_epilogue_kernel(
             m_n = o_n < N
             b_delta = _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, keep_scale, N,
                                   p_drop, HAS_V, OUT_DROPOUT, SMALL_PREC)                    # [BM, BN]
-            p_out = OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on
+            o_out = o_m[:, None] * stride_om + o_n[None, :] * stride_on
             m_out = m_m[:, None] & m_n[None, :]
-            b_out = tl.load(p_out, mask=m_out, other=0.0).to(tl.float32) + b_delta
-            tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=m_out)
+            b_out = tl.load(OUT + o_out, mask=m_out, other=0.0).to(tl.float32) + b_delta
+            b_out = _scale_bias_tile(b_out, BIAS, C, Y, o_out, o_n, m_n, m_out, HAS_BIAS, HAS_ROW_SCALE, STORE_Y)
+            tl.store(OUT + o_out, b_out.to(OUT.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
@@ -333,6 +359,38 @@ def _tied_lora_bwd_da_kernel(
         b_da = tl.dot(tl.trans(b_gh), b_x, b_da, input_precision=SMALL_PREC)
     p_da = DA_PART + i_s.to(tl.int64) * R * K + o_r[:, None] * K + o_k[None, :]
     tl.store(p_da, b_da, mask=m_r[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _row_scale_bwd_kernel(
+    G, Y, C, GS, DC_PART,
+    M, N, rows_per_split,
+    stride_gm, stride_gn, stride_ym,
+    NEED_DC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """GS = G * C (the gradient reaching the pre-scale output) and row-split partials of
+    dC = sum_rows(G * Y), from one pass over G (and Y).
+
+    Grid (column tiles, row splits). G (M, N) any strides; Y (M, N) row-major with row stride
+    stride_ym; GS (M, N) contiguous in G's dtype; DC_PART (splits, N) fp32, every element written.
+    """
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_c = tl.load(C + o_n, mask=m_n, other=0.0).to(tl.float32)                                 # [BN]
+    b_dc = tl.zeros((BLOCK_N,), dtype=tl.float32)                                            # [BN]
+    row_lo = i_s.to(tl.int64) * rows_per_split
+    for m0 in range(row_lo, min(row_lo + rows_per_split, M), BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_mn = (o_m < M)[:, None] & m_n[None, :]
+        b_g = tl.load(G + o_m[:, None] * stride_gm + o_n[None, :] * stride_gn, mask=m_mn, other=0.0).to(tl.float32)
+        tl.store(GS + o_m[:, None] * N + o_n[None, :], (b_g * b_c[None, :]).to(GS.dtype.element_ty), mask=m_mn)
+        if NEED_DC:
+            b_y = tl.load(Y + o_m[:, None] * stride_ym + o_n[None, :], mask=m_mn, other=0.0).to(tl.float32)
+            b_dc += tl.sum(b_g * b_y, axis=0)
+    if NEED_DC:
+        tl.store(DC_PART + i_s.to(tl.int64) * N + o_n, b_dc, mask=m_n)
 
 
 @triton.jit
@@ -447,40 +505,48 @@ def _vec(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
 
 
 def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x_dropout, out_dropout,
-                    store_h, path):
-    """out (M, N) = x w_nk^T + bias + s * ((x_d a_rk^T * u) b_nr^T) * v [* keep / (1 - p)].
+                    store_h, path, row_scale=None, store_y=False):
+    """out (M, N) = c * y + bias, y = x w_nk^T + s * ((x_d a_rk^T * u) b_nr^T) * v [* keep / (1 - p)].
 
     Every matrix is a 2-D view with arbitrary strides: x (M, K), w_nk (N, K), a_rk (r, K),
-    b_nr (N, r); u (r,), v (N,), bias (N,) any stride, or None. Serves the forward and, with
-    transposed views, dX. Returns (out in x's dtype, h = x_d a_rk^T (M, r) fp32 or None).
+    b_nr (N, r); u (r,), v (N,), bias (N,), row_scale c (N,) any stride, or None (c = 1). Serves
+    the forward and, with transposed views, dX. Returns (out in x's dtype, h = x_d a_rk^T (M, r)
+    fp32 or None, y (M, N) in x's dtype when ``store_y`` (only with a row scale) or None).
     """
     M, K = x.shape
     N, r = b_nr.shape
     h = torch.empty((M, r), device=x.device, dtype=torch.float32) if store_h else None
+    store_y = store_y and row_scale is not None
     if path == "fused":
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        y = torch.empty_like(out) if store_y else None
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _tied_lora_fwd_tuned[grid](
-            x, w_nk, _vec(bias, x), a_rk, b_nr, _vec(u, x),
-            _vec(v, x), out, h if h is not None else x, seed if seed is not None else x,
+            x, w_nk, _vec(bias, x), a_rk, b_nr, _vec(u, x), _vec(v, x), _vec(row_scale, x),
+            out, y if y is not None else out, h if h is not None else x, seed if seed is not None else x,
             M, N, K, r, _rows_bucket(M),
             x.stride(0), x.stride(1), w_nk.stride(0), w_nk.stride(1), a_rk.stride(0), a_rk.stride(1),
             b_nr.stride(0), b_nr.stride(1), out.stride(0), out.stride(1), h.stride(0) if h is not None else 0,
             float(scaling), float(p_drop),
-            HAS_BIAS=bias is not None, HAS_U=u is not None, HAS_V=v is not None,
-            X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h,
+            HAS_BIAS=bias is not None, HAS_U=u is not None, HAS_V=v is not None, HAS_ROW_SCALE=row_scale is not None,
+            X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, STORE_Y=store_y,
             BLOCK_R=_block_r(r), **_precisions(x.dtype),
         )
-        return out, h
-    out = F.linear(x, w_nk, bias)  # cuBLAS base product; the adapter term is added in place
+        return out, h, y
+    # cuBLAS base product; the adapter term (then the row scale and the bias) is applied in place
+    out = F.linear(x, w_nk, bias if row_scale is None else None)
+    y = torch.empty_like(out) if store_y else None
     _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, out=out, h=h, x_dropout=x_dropout,
-                      out_dropout=out_dropout)
-    return out, h
+                      out_dropout=out_dropout, row_scale=row_scale, bias=bias if row_scale is not None else None, y=y)
+    return out, h, y
 
 
-def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_dropout, out_dropout):
-    """out += s * ((x_d a_rk^T * u) b_nr^T) * v in place (when ``out`` is given); h = x_d a_rk^T into
-    ``h`` (when given). x (M, K), a_rk (r, K), b_nr (N, r), out (M, N): any strides."""
+def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_dropout, out_dropout,
+                      row_scale=None, bias=None, y=None):
+    """out += s * ((x_d a_rk^T * u) b_nr^T) * v in place (when ``out`` is given), then, with a
+    ``row_scale`` c, out = c * out + bias, the pre-scale value written to ``y`` (when given);
+    h = x_d a_rk^T into ``h`` (when given). x (M, K), a_rk (r, K), b_nr (N, r), out (M, N): any
+    strides; y (M, N) with out's strides."""
     M, K = x.shape
     N, r = b_nr.shape
     block_r = _block_r(r)
@@ -497,15 +563,17 @@ def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_d
     cols_per_split = triton.cdiv(n_col_tiles, splits) * block_n
     splits = triton.cdiv(N, cols_per_split) if out is not None else 1
     _tied_lora_epilogue_kernel[(n_pid_m, splits)](
-        x, a_rk, b_nr, _vec(u, x), _vec(v, x),
-        out if out is not None else x, h if h is not None else x, seed if seed is not None else x,
+        x, _vec(bias, x), a_rk, b_nr, _vec(u, x), _vec(v, x), _vec(row_scale, x),
+        out if out is not None else x, y if y is not None else x, h if h is not None else x,
+        seed if seed is not None else x,
         M, N, K, r, cols_per_split,
         x.stride(0), x.stride(1), a_rk.stride(0), a_rk.stride(1), b_nr.stride(0), b_nr.stride(1),
         out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
         h.stride(0) if h is not None else 0,
         float(scaling), float(p_drop),
-        HAS_U=u is not None, HAS_V=v is not None, X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout,
-        STORE_H=h is not None, UPDATE_OUT=out is not None, **_precisions(x.dtype),
+        HAS_BIAS=bias is not None, HAS_U=u is not None, HAS_V=v is not None, HAS_ROW_SCALE=row_scale is not None,
+        X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout,
+        STORE_H=h is not None, STORE_Y=y is not None, UPDATE_OUT=out is not None, **_precisions(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
     )
 
@@ -561,6 +629,23 @@ def _da(x, g, u, scaling, p_drop, seed, x_dropout):
     return da_part.sum(0)
 
 
+def _row_scale_grad(G, y, c, need_dc):
+    """(G * c (M, N) contiguous in G's dtype, dc (N,) fp32 = sum_rows(G * y) or None) from one pass
+    over G (M, N) any strides and y (M, N) row-major (the saved pre-scale output)."""
+    M, N = G.shape
+    _, block_m, block_n, warps = _reduction_tiles(1)
+    n_tiles = triton.cdiv(N, block_n)
+    splits, rows = _row_splits(M, block_m, n_tiles, 4 * N, G.device)
+    gs = torch.empty((M, N), device=G.device, dtype=G.dtype)
+    dc_part = torch.empty((splits, N), device=G.device, dtype=torch.float32) if need_dc else None
+    _row_scale_bwd_kernel[(n_tiles, splits)](
+        G, y if need_dc else G, _vec(c, G), gs, dc_part if need_dc else gs,
+        M, N, rows, G.stride(0), G.stride(1), y.stride(0) if need_dc else 0,
+        NEED_DC=need_dc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return gs, (dc_part.sum(0) if need_dc else None)
+
+
 def draw_dropout_seed(device) -> torch.Tensor:
     """One call's Philox seed, a (1,) int64 tensor drawn from torch's generator on ``device``
     (``torch.manual_seed`` reproduces it; no host sync)."""
@@ -597,34 +682,41 @@ def _require_device(t: torch.Tensor) -> None:
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
-                B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                scaling: float, dropout_p: float, store_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (out (M, N) in x's dtype, h (M, r) fp32, or (0, r) when ``store_h`` is False)."""
+                B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                row_scale: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                store_h: bool, store_y: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (out (M, N) in x's dtype, h (M, r) fp32 or (0, r) unless ``store_h``, pre-scale
+    y (M, N) in x's dtype or (0, N) unless ``store_y``)."""
     _require_device(x)
     M, r, N = x.shape[0], A.shape[0], weight.shape[0]
     if M == 0:
-        return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32)
-    out, h = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, x_dropout=dropout_p > 0,
-                             out_dropout=False, store_h=store_h, path=choose_forward_path(M, r, dropout_p > 0))
-    return out, (h if h is not None else x.new_empty((0, r), dtype=torch.float32))
+        return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
+    out, h, y = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, x_dropout=dropout_p > 0,
+                                out_dropout=False, store_h=store_h, path=choose_forward_path(M, r, dropout_p > 0),
+                                row_scale=row_scale, store_y=store_y)
+    return (out, h if h is not None else x.new_empty((0, r), dtype=torch.float32),
+            y if y is not None else x.new_empty((0, N)))
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, A, B, u, v, seed, scaling, dropout_p, store_h):
-    M, r = x.shape[0], A.shape[0]
-    return x.new_empty((M, weight.shape[0])), x.new_empty((M if store_h else 0, r), dtype=torch.float32)
+def _(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
+    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M if store_h else 0, r), dtype=torch.float32),
+            x.new_empty((M if store_y else 0, N)))
 
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
 def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 u: Optional[torch.Tensor], v: Optional[torch.Tensor], h: Optional[torch.Tensor],
-                 seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
-                 needs: list[bool]) -> list[torch.Tensor]:
-    """[dx (M, K), dA, dB, du, dv] for ``needs`` = (x, A, B, u, v); an unneeded one is a 0-element tensor.
+                 u: Optional[torch.Tensor], v: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
+                 h: Optional[torch.Tensor], y: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
+                 dropout_p: float, needs: list[bool]) -> list[torch.Tensor]:
+    """[dx (M, K), dA, dB, du, dv, dc] for ``needs`` = (x, A, B, u, v, row_scale); an unneeded one is
+    a 0-element tensor.
 
-    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v trains).
+    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v
+    trains); y (M, N) the pre-scale output (None unless the row scale trains).
     """
-    need_x, need_a, need_b, need_u, need_v = needs
+    need_x, need_a, need_b, need_u, need_v, need_c = needs
     _require_device(G)
     M = G.shape[0]
     K = weight.shape[1]
@@ -632,7 +724,11 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
     if M == 0:  # empty batch: zero gradients, no launch
         zeros = lambda t, need: torch.zeros_like(t) if need else nothing.clone()  # noqa: E731
         return [G.new_zeros((0, K)) if need_x else nothing.clone(), zeros(A, need_a), zeros(B, need_b),
-                zeros(u, need_u), zeros(v, need_v)]
+                zeros(u, need_u), zeros(v, need_v), zeros(row_scale, need_c)]
+    dc = None
+    if row_scale is not None:
+        # out = c * y + b: one pass gives dL/dy = G * c, which every other gradient is taken from, and dc.
+        G, dc = _row_scale_grad(G, y, row_scale, need_c)
     r = A.shape[0]
     dropping = dropout_p > 0
     need_g = need_x or need_a or need_u
@@ -641,7 +737,7 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
         # g = (G v) B is the "h" of dx = G W + (s g u A) * keep / (1 - p): roles (G, W^T, (v B)^T, A^T).
         vb_t = (B.float() if v is None else B.float() * v.float()[:, None]).t()  # (r, N) fp32, N x r only
         if need_x:  # g is kept only for dA / du
-            dx, g = _adapted_matmul(G, weight.t(), None, vb_t, A.t(), u, None, scaling, dropout_p, seed,
+            dx, g, _ = _adapted_matmul(G, weight.t(), None, vb_t, A.t(), u, None, scaling, dropout_p, seed,
                                     x_dropout=False, out_dropout=dropping, store_h=need_a or need_u,
                                     path=choose_forward_path(M, r))
         else:
@@ -657,33 +753,39 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
         db, dv = _db_dv(G, h, u, v, B, scaling, need_b, need_v)
     # Outputs of a custom op may not alias each other: each unneeded slot gets its own empty tensor.
     cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
-    return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v)]
+    return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v),
+            cast(dc, row_scale)]
 
 
 @_backward_op.register_fake
-def _(G, x, weight, A, B, u, v, h, seed, scaling, dropout_p, needs):
+def _(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
     like = lambda t, need: t.new_empty(t.shape) if need else G.new_empty(0)  # noqa: E731
     return [G.new_empty((G.shape[0], weight.shape[1])) if needs[0] else G.new_empty(0),
-            like(A, needs[1]), like(B, needs[2]), like(u, needs[3]), like(v, needs[4])]
+            like(A, needs[1]), like(B, needs[2]), like(u, needs[3]), like(v, needs[4]), like(row_scale, needs[5])]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, u, v, seed, scaling, dropout_p, store_h = inputs
+    x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y = inputs
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.has_u, ctx.has_v = u is not None, v is not None
-    # x only feeds dA: with A frozen nothing of size M x K stays alive (h, (M, r), is kept instead).
-    ctx.save_for_backward(x if A.requires_grad else None, weight, A, B, u, v, output[1] if store_h else None, seed)
+    ctx.has_u, ctx.has_v, ctx.has_c = u is not None, v is not None, row_scale is not None
+    # h and y are saved state, never used downstream: no zero-filled (M, N) gradient for y.
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    # x only feeds dA: with A frozen nothing of size M x K stays alive (h, (M, r), is kept instead);
+    # y (M, N) only when the row scale trains (its gradient is sum_rows(G * y)).
+    ctx.save_for_backward(x if A.requires_grad else None, weight, A, B, u, v, row_scale,
+                          output[1] if store_h else None, output[2] if store_y else None, seed)
 
 
-def _backward(ctx, grad_out, grad_h):
-    x, weight, A, B, u, v, h, seed = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_h, grad_y):
+    x, weight, A, B, u, v, row_scale, h, y, seed = ctx.saved_tensors
     ni = ctx.needs_input_grad
-    needs = [ni[0], ni[3], ni[4], ctx.has_u and ni[5], ctx.has_v and ni[6]]
-    if not any(needs):
-        return (None,) * 11
-    grads = _backward_op(grad_out, x, weight, A, B, u, v, h, seed, ctx.scaling, ctx.dropout_p, needs)
-    dx, da, db, du, dv = (t if need else None for t, need in zip(grads, needs))
-    return dx, None, None, da, db, du, dv, None, None, None, None
+    needs = [ni[0], ni[3], ni[4], ctx.has_u and ni[5], ctx.has_v and ni[6], ctx.has_c and ni[7]]
+    if grad_out is None or not any(needs):
+        return (None,) * 13
+    grads = _backward_op(grad_out, x, weight, A, B, u, v, row_scale, h, y, seed, ctx.scaling, ctx.dropout_p, needs)
+    dx, da, db, du, dv, dc = (t if need else None for t, need in zip(grads, needs))
+    return dx, None, None, da, db, du, dv, dc, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -691,7 +793,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                             B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], scaling: float,
-                            dropout_p: float, training: bool) -> torch.Tensor:
+                            dropout_p: float, training: bool, *, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The Triton implementation of :func:`tiedlora_kernels.ops.tied_lora_linear` (inputs validated by it).
 
     Args:
@@ -702,9 +804,11 @@ def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         A: (r, K); B: (N, r); u: (r,) or None; v: (N,) or None: fp32 or x's dtype, trained or frozen.
         scaling: s. dropout_p: dropout on the adapter input, applied only when ``training``; the
             Philox seed is drawn from torch's generator (see :func:`draw_dropout_seed`).
+        row_scale: c (N,) or None: out = c * (x W^T + adapter) + b, applied in the epilogue; when it
+            trains, the pre-scale output (M, N) is kept for its gradient.
 
     Returns:
-        (..., N) in x's dtype, differentiable in x, A, B, u, v (whichever require grad).
+        (..., N) in x's dtype, differentiable in x, A, B, u, v, row_scale (whichever require grad).
     """
     _require_device(x)
     for name, t in (("weight", weight), ("bias", bias)):
@@ -715,7 +819,9 @@ def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     x2 = x.reshape(-1, x.shape[-1])
     seed = draw_dropout_seed(x.device) if p > 0 else None
     store_h = B.requires_grad or any(t is not None and t.requires_grad for t in (u, v))
-    out, _ = _forward_op(x2, weight, bias, A, B, u, v, seed, float(scaling), p, bool(store_h))
+    store_y = row_scale is not None and row_scale.requires_grad
+    out, _, _ = _forward_op(x2, weight, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h),
+                            bool(store_y))
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
