@@ -477,6 +477,14 @@ def test_forward_path_switch(monkeypatch):
     assert kernels.choose_forward_path(4096, 16) == "fused"
     assert kernels.choose_forward_path(4096, 128) == "epilogue"
     assert kernels.choose_forward_path(4096, 16, x_dropout=True) == "epilogue"
+    # fp32 takes the fused GEMM only where TF32 tensor cores are allowed
+    assert kernels.choose_forward_path(4096, 16, dtype=torch.float32) == "epilogue"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert kernels.choose_forward_path(4096, 16, dtype=torch.float32) == "fused"
+    finally:
+        torch.set_float32_matmul_precision(previous)
     monkeypatch.setenv("TIEDLORA_FWD_PATH", "fused")
     assert kernels.choose_forward_path(1, 256) == "fused"
     monkeypatch.setenv("TIEDLORA_FWD_PATH", "cublas")
@@ -485,11 +493,14 @@ def test_forward_path_switch(monkeypatch):
 
 
 def test_fused_config_pruning_by_rank():
-    """The GPU tile list keeps its large tiles at small rank and only BLOCK_M = 64 tiles at r = 256."""
+    """The GPU tile list keeps every tile at small rank; at r = 128 only the tiles whose accumulators
+    ptxas compiled without spills (bench/results/compile/), and always at least one tile."""
     configs = kernels.FUSED_GPU_CONFIGS
     assert kernels._prune_fused_configs(configs, {}, BLOCK_R=16) == configs
+    r128 = kernels._prune_fused_configs(configs, {}, BLOCK_R=128)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in r128] == [(64, 64)]
     big_rank = kernels._prune_fused_configs(configs, {}, BLOCK_R=256)
-    assert big_rank and all(c.kwargs["BLOCK_M"] == 64 for c in big_rank)
+    assert len(big_rank) == 1 and big_rank[0].kwargs["BLOCK_M"] == 64
 
 
 def test_clear_errors(monkeypatch):

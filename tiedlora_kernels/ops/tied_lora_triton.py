@@ -430,11 +430,18 @@ def _fused_configs() -> list:
     return FUSED_GPU_CONFIGS
 
 
+#: fp32 accumulator registers per thread (acc [BM, BN] + h [BM, BR]) above which ptxas spills on
+#: sm_90: measured with ``python -m bench.compile_report`` (bench/results/compile/): 96 per thread
+#: compiles without spills, 128 (64 x 128 tile, r = 128, 4 warps) spills 270-500 bytes.
+MAX_ACC_REGS_PER_THREAD = 96
+
+
 def _prune_fused_configs(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 accumulators (acc [BM, BN] + h [BM, BR]) would spill at large rank."""
+    """Drop tiles whose fp32 accumulators would spill at this rank (see MAX_ACC_REGS_PER_THREAD)."""
     block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_r) <= 128 * 192]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    acc_regs = lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_r) / (32 * c.num_warps)  # noqa: E731
+    kept = [c for c in configs if acc_regs(c) <= MAX_ACC_REGS_PER_THREAD]
+    return kept or [min(configs, key=acc_regs)]
 
 
 _tied_lora_fwd_tuned = triton.autotune(
@@ -476,15 +483,17 @@ def _precisions(act_dtype: torch.dtype) -> dict:
     return dict(UPCAST=False, MAIN_PREC="tf32", SMALL_PREC="tf32")  # MAIN_PREC is moot for 16-bit operands
 
 
-def choose_forward_path(M: int, r: int, x_dropout: bool = False) -> str:
-    """``fused`` or ``epilogue`` for an (M, K) x (K, N) product with rank r.
+def choose_forward_path(M: int, r: int, x_dropout: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+    """``fused`` or ``epilogue`` for an (M, K) x (K, N) product with rank r and activations of ``dtype``.
 
     ``TIEDLORA_FWD_PATH`` (``fused``, ``epilogue`` or ``auto``, read at each call) forces a path.
     ``auto``: ``epilogue`` for decode (M <= 64: cuBLAS GEMV + one launch), for ranks above 32
     (the fused kernel's h accumulator and its per-N-tile recompute of h, r / BLOCK_N extra flops,
-    outweigh the epilogue path's extra read of x and read/write of out), and with dropout on x
+    outweigh the epilogue path's extra read of x and read/write of out), with dropout on x
     (every N tile of the fused GEMM would redraw the Philox mask of its x tiles: M K N / BLOCK_N
-    draws on CUDA cores instead of M K once per column split); ``fused`` otherwise.
+    draws on CUDA cores instead of M K once per column split), and for fp32 without TF32 (no
+    tensor cores: the fused GEMM's IEEE fp32 dot spills 40 KB per thread on sm_90, per the compile
+    report, where cuBLAS has a tuned SIMT kernel); ``fused`` otherwise.
     Unmeasured on a GPU so far: the benchmark (both paths side by side) should revise these cut-offs.
     """
     want = os.environ.get("TIEDLORA_FWD_PATH", "auto").strip().lower() or "auto"
@@ -492,7 +501,8 @@ def choose_forward_path(M: int, r: int, x_dropout: bool = False) -> str:
         raise ValueError(f"TIEDLORA_FWD_PATH must be one of {FWD_PATHS}, got {want!r}")
     if want != "auto":
         return want
-    return "epilogue" if M <= DECODE_ROWS or r > FUSED_MAX_RANK or x_dropout else "fused"
+    ieee_fp32 = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return "epilogue" if M <= DECODE_ROWS or r > FUSED_MAX_RANK or x_dropout or ieee_fp32 else "fused"
 
 
 # Launchers
@@ -680,6 +690,18 @@ def _require_device(t: torch.Tensor) -> None:
                            "or use TIEDLORA_BACKEND=torch")
 
 
+def _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
+    """The forward op's body (any device the kernels can be launched for; see ``_forward_op``)."""
+    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
+    if M == 0:
+        return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
+    out, h, y = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, x_dropout=dropout_p > 0,
+                                out_dropout=False, store_h=store_h, path=choose_forward_path(M, r, dropout_p > 0, x.dtype),
+                                row_scale=row_scale, store_y=store_y)
+    return (out, h if h is not None else x.new_empty((0, r), dtype=torch.float32),
+            y if y is not None else x.new_empty((0, N)))
+
+
 @torch.library.custom_op("tiedlora::tied_lora_linear_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                 B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
@@ -688,14 +710,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """x (M, K) -> (out (M, N) in x's dtype, h (M, r) fp32 or (0, r) unless ``store_h``, pre-scale
     y (M, N) in x's dtype or (0, N) unless ``store_y``)."""
     _require_device(x)
-    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
-    if M == 0:
-        return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
-    out, h, y = _adapted_matmul(x, weight, bias, A, B, u, v, scaling, dropout_p, seed, x_dropout=dropout_p > 0,
-                                out_dropout=False, store_h=store_h, path=choose_forward_path(M, r, dropout_p > 0),
-                                row_scale=row_scale, store_y=store_y)
-    return (out, h if h is not None else x.new_empty((0, r), dtype=torch.float32),
-            y if y is not None else x.new_empty((0, N)))
+    return _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y)
 
 
 @_forward_op.register_fake
@@ -705,19 +720,9 @@ def _(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h,
             x.new_empty((M if store_y else 0, N)))
 
 
-@torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
-def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                 u: Optional[torch.Tensor], v: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
-                 h: Optional[torch.Tensor], y: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
-                 dropout_p: float, needs: list[bool]) -> list[torch.Tensor]:
-    """[dx (M, K), dA, dB, du, dv, dc] for ``needs`` = (x, A, B, u, v, row_scale); an unneeded one is
-    a 0-element tensor.
-
-    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v
-    trains); y (M, N) the pre-scale output (None unless the row scale trains).
-    """
+def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
+    """The backward op's body (any device the kernels can be launched for; see ``_backward_op``)."""
     need_x, need_a, need_b, need_u, need_v, need_c = needs
-    _require_device(G)
     M = G.shape[0]
     K = weight.shape[1]
     nothing = G.new_empty(0)
@@ -739,7 +744,7 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
         if need_x:  # g is kept only for dA / du
             dx, g, _ = _adapted_matmul(G, weight.t(), None, vb_t, A.t(), u, None, scaling, dropout_p, seed,
                                     x_dropout=False, out_dropout=dropping, store_h=need_a or need_u,
-                                    path=choose_forward_path(M, r))
+                                    path=choose_forward_path(M, r, dtype=G.dtype))
         else:
             g = torch.empty((M, r), device=G.device, dtype=torch.float32)
             _adapter_epilogue(G, vb_t, A.t(), None, None, scaling, 0.0, None, out=None, h=g,
@@ -755,6 +760,21 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
     cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
     return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v),
             cast(dc, row_scale)]
+
+
+@torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
+def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 u: Optional[torch.Tensor], v: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
+                 h: Optional[torch.Tensor], y: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
+                 dropout_p: float, needs: list[bool]) -> list[torch.Tensor]:
+    """[dx (M, K), dA, dB, du, dv, dc] for ``needs`` = (x, A, B, u, v, row_scale); an unneeded one is
+    a 0-element tensor.
+
+    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v
+    trains); y (M, N) the pre-scale output (None unless the row scale trains).
+    """
+    _require_device(G)
+    return _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
 
 
 @_backward_op.register_fake

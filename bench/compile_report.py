@@ -1,0 +1,283 @@
+"""Compile report: the op's Triton kernels compiled for a GPU architecture, on a machine without a GPU.
+
+    python -m bench.compile_report [--arch 90] [--out DIR] [--quick]
+
+The real forward and backward implementations run on ``meta`` tensors (shapes and strides, no
+memory) against a stand-in driver that reports a CUDA target of ``--arch``. Every kernel launch
+they make is compiled, never run, with the JIT's own argument specialization (so alignment and
+unit strides are seen as on a GPU), every autotune config of the fused GEMM included; ``ptxas -v``
+then gives registers and spills. For each (case, kernel, config) the report has registers, spill
+bytes, shared memory against the architecture's per-block limit, the tensor-core instructions
+in the PTX (``wgmma`` on Hopper, ``mma`` otherwise) and the async copies that show a pipelined
+main loop. It says what the compiler made of each kernel; it is not a timing.
+
+Writes ``compile_report.json`` (triton version, arch, command, every row) and ``compile_report.md``.
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+#: Shared memory per block (bytes) a kernel may use, by compute capability (CUDA's opt-in maximum).
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+#: Streaming multiprocessors assumed for launch-size decisions (H100 SXM).
+SM_COUNT = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCase:
+    """One layer's op: (M, K) x (K, N) at rank r; ``preset`` fixes what trains and which vectors exist."""
+
+    name: str
+    M: int
+    K: int
+    N: int
+    r: int
+    preset: str  # lora | vera | tl6 | simple_dora
+    dtype: torch.dtype = torch.bfloat16
+    tf32: bool = False  # fp32 only: torch.set_float32_matmul_precision("high")
+
+
+#: What trains (and exists) per preset, as the op sees it: x always trains (a middle layer).
+PRESET_TENSORS = {
+    "lora": dict(train=("A", "B"), u=False, v=False, c=False),
+    "vera": dict(train=("u", "v"), u=True, v=True, c=False),
+    "tl6": dict(train=("A", "B", "u", "v"), u=True, v=True, c=False),
+    "simple_dora": dict(train=("A", "B", "c"), u=False, v=False, c=True),
+}
+
+CASES = [
+    CompileCase("train-r16-tl6", 8192, 4096, 4096, 16, "tl6"),
+    CompileCase("train-r16-lora", 8192, 4096, 4096, 16, "lora"),
+    CompileCase("train-r64-tl6", 8192, 4096, 4096, 64, "tl6"),
+    CompileCase("train-r128-tl6", 8192, 4096, 4096, 128, "tl6"),
+    CompileCase("train-r16-vera", 8192, 4096, 4096, 16, "vera"),
+    CompileCase("train-r16-simple_dora", 8192, 4096, 4096, 16, "simple_dora"),
+    CompileCase("decode-r16-tl6", 16, 4096, 4096, 16, "tl6"),
+    CompileCase("train-r16-tl6-fp32", 2048, 4096, 4096, 16, "tl6", torch.float32),
+    CompileCase("train-r16-tl6-tf32", 2048, 4096, 4096, 16, "tl6", torch.float32, tf32=True),
+]
+QUICK_CASES = [c for c in CASES if c.name in ("train-r16-tl6", "train-r16-simple_dora")]
+
+
+class _CompileOnlyDriver:
+    """Stands in for triton's CUDA driver: reports a target, owns no device. Only what the JIT
+    asks before it compiles is provided; a launch would fail (and none is made)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Within this context, every Triton launch of the op compiles for ``arch`` and records
+    ``(kernel name, config kwargs, CompiledKernel)`` instead of running; yields that record list."""
+    from triton.runtime.driver import driver as triton_driver
+    from triton.runtime.jit import JITFunction
+
+    from tiedlora_kernels.ops import tied_lora_triton as kernels
+
+    records: list = []
+    original_run = JITFunction.run
+    original_tuned = kernels._tied_lora_fwd_tuned
+    original_programs = kernels._target_programs
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        config = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        records.append((self.fn.__name__, config, kernel))
+        return kernel
+
+    class EveryConfig:
+        """The autotuned GEMM: compile each config its pruning keeps (what a GPU would benchmark)."""
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                named = dict(zip(original_tuned.fn.arg_names, args))
+                for cfg in kernels._prune_fused_configs(kernels.FUSED_GPU_CONFIGS, named, **kwargs):
+                    original_tuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+            return launch
+
+    previous = getattr(triton_driver, "_active", None)  # None on a machine without a GPU driver
+    triton_driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.run = run
+    kernels._tied_lora_fwd_tuned = EveryConfig()
+    kernels._target_programs = lambda device: 2 * SM_COUNT
+    try:
+        yield records
+    finally:
+        JITFunction.run = original_run
+        kernels._tied_lora_fwd_tuned = original_tuned
+        kernels._target_programs = original_programs
+        triton_driver.set_active(previous)
+
+
+def _meta_inputs(case: CompileCase) -> dict:
+    spec = PRESET_TENSORS[case.preset]
+    meta = dict(device="meta")
+    adapter = torch.float32  # adapters default to fp32
+    return dict(
+        x=torch.empty(case.M, case.K, dtype=case.dtype, **meta),
+        weight=torch.empty(case.N, case.K, dtype=case.dtype, **meta),
+        bias=torch.empty(case.N, dtype=case.dtype, **meta),
+        A=torch.empty(case.r, case.K, dtype=adapter, **meta), B=torch.empty(case.N, case.r, dtype=adapter, **meta),
+        u=torch.empty(case.r, dtype=adapter, **meta) if spec["u"] else None,
+        v=torch.empty(case.N, dtype=adapter, **meta) if spec["v"] else None,
+        c=torch.empty(case.N, dtype=adapter, **meta) if spec["c"] else None,
+        G=torch.empty(case.M, case.N, dtype=case.dtype, **meta),
+    )
+
+
+def _launches(case: CompileCase, arch: int) -> list[dict]:
+    """Compile every launch of one training step (forward + backward) of ``case``, on both forward paths."""
+    from tiedlora_kernels.ops import tied_lora_triton as kernels
+
+    spec = PRESET_TENSORS[case.preset]
+    t = _meta_inputs(case)
+    train = set(spec["train"])
+    store_h = bool(train & {"B", "u", "v"})
+    needs = [True, "A" in train, "B" in train, "u" in train, "v" in train, "c" in train]
+    rows = []
+    previous_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if case.tf32 else "highest")
+    auto_path = kernels.choose_forward_path(case.M, case.r, False, case.dtype)
+    for path in kernels.FWD_PATHS[1:]:
+        os.environ["TIEDLORA_FWD_PATH"] = path
+        for phase in ("fwd", "bwd"):
+            with compile_only(arch) as records:
+                out, h, y = kernels._forward_impl(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"],
+                                                  t["c"], None, 1.0, 0.0, store_h, "c" in train)
+                if phase == "bwd":
+                    records.clear()
+                    kernels._backward_impl(t["G"], t["x"], t["weight"], t["A"], t["B"], t["u"], t["v"], t["c"],
+                                           h if store_h else None, y if "c" in train else None, None, 1.0, 0.0,
+                                           needs)
+            for name, config, kernel in records:
+                rows.append(dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset=case.preset,
+                                 dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
+                                 fwd_path=path, auto_picks_path=path == auto_path, phase=phase,
+                                 kernel=name, config=config, **_inspect(kernel, arch)))
+    os.environ.pop("TIEDLORA_FWD_PATH", None)
+    torch.set_float32_matmul_precision(previous_precision)
+    return rows
+
+
+def _ptxas(arch: int) -> Optional[str]:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except Exception:  # older triton: the bundled one, else the toolkit's
+        return shutil.which("ptxas")
+
+
+def _inspect(kernel, arch: int) -> dict:
+    """Registers and spills (ptxas -v on the kernel's PTX), shared memory and instruction mix."""
+    ptx = kernel.asm["ptx"]
+    info = dict(shared_bytes=int(kernel.metadata.shared), smem_limit=SMEM_LIMIT.get(arch),
+                num_warps=int(kernel.metadata.num_warps), num_stages=int(kernel.metadata.num_stages),
+                wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
+                async_copies=len(re.findall(r"\bcp\.async\b(?!\.bulk)", ptx))
+                + len(re.findall(r"\bcp\.async\.bulk", ptx)),
+                registers=None, spill_store_bytes=None, spill_load_bytes=None)
+    info["fits_smem"] = info["smem_limit"] is None or info["shared_bytes"] <= info["smem_limit"]
+    ptxas = _ptxas(arch)
+    if ptxas is None:
+        return info
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if (m := re.search(r"Used (\d+) registers", log)):
+        info["registers"] = int(m.group(1))
+    if (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)):
+        info["spill_store_bytes"], info["spill_load_bytes"] = int(m.group(1)), int(m.group(2))
+    return info
+
+
+def report(cases: list[CompileCase], arch: int, progress=True) -> dict:
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("bench.compile_report compiles kernels: unset TRITON_INTERPRET first")
+    rows, start = [], time.time()
+    for i, case in enumerate(cases):
+        t0 = time.time()
+        rows.extend(_launches(case, arch))
+        if progress:
+            print(f"[{i + 1}/{len(cases)}] {case.name}: {time.time() - t0:.1f} s", file=sys.stderr)
+    return dict(kind="compile-report", arch=arch, triton=triton.__version__, torch=torch.__version__,
+                date=datetime.date.today().isoformat(), command=shlex.join([sys.executable, "-m", "bench.compile_report"]
+                                                                           + sys.argv[1:]),
+                seconds=round(time.time() - start, 1), rows=rows)
+
+
+def to_markdown(rep: dict) -> str:
+    head = (f"# Compile report: sm_{rep['arch']}, triton {rep['triton']} ({rep['date']})\n\n"
+            f"`{rep['command']}`. Compiled, not run: registers and spills from ptxas, shared memory "
+            f"against the {rep['rows'][0]['smem_limit'] if rep['rows'] else '?'}-byte limit. Both forward paths "
+            "are compiled for every case; (auto) marks the one `TIEDLORA_FWD_PATH=auto` takes.\n\n"
+            "| case | path | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spills (B) | smem (KiB) | "
+            "wgmma/mma | async copies |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rep["rows"]:
+        c = r["config"]
+        tiles = "/".join(str(c.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
+        spills = "?" if r["spill_store_bytes"] is None else r["spill_store_bytes"] + r["spill_load_bytes"]
+        smem = f"{r['shared_bytes'] / 1024:.0f}" + ("" if r["fits_smem"] else " (too big)")
+        path = r["fwd_path"] + (" (auto)" if r["auto_picks_path"] else "")
+        lines.append(f"| {r['case']} | {path} | {r['phase']} | {r['kernel'].lstrip('_')} | {tiles} "
+                     f"{r['num_warps']}x{r['num_stages']} | {r['registers']} | {spills} | {smem} | "
+                     f"{r['wgmma']}/{r['mma']} | {r['async_copies']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/compile"))
+    parser.add_argument("--quick", action="store_true", help="two cases only (the CI check)")
+    args = parser.parse_args(argv)
+    rep = report(QUICK_CASES if args.quick else CASES, args.arch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compile_report.json").write_text(json.dumps(rep, indent=1))
+    (args.out / "compile_report.md").write_text(to_markdown(rep))
+    bad = [r for r in rep["rows"] if not r["fits_smem"] or (r["spill_store_bytes"] or 0) > 0]
+    print(f"{len(rep['rows'])} kernels compiled for sm_{args.arch} in {rep['seconds']} s; "
+          f"{len(bad)} spill or exceed shared memory; wrote {args.out}/compile_report.{{json,md}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
