@@ -263,3 +263,60 @@ def test_magnitude_applied_in_the_kernel_epilogue(monkeypatch, preset):
         else:
             assert any("mul" in f for f in mode.seen)  # the check can see an unfused scale
     assert rel_err(grads["triton"], grads["torch"]) < 1e-5
+
+
+def test_simple_dora_injected_on_meta_then_loaded_matches_direct(tmp_path):
+    """Inject on the meta device, materialise, load the base weights and the adapter file: the same
+    function as injecting into the loaded model (Simple DoRA's ||W||_row must come from the loaded
+    weight, not from the meta or uninitialised one)."""
+    from tiedlora_kernels import load_adapter, save_adapter
+
+    def two_layers():
+        return torch.nn.ModuleDict({f"l{i}": torch.nn.ModuleDict({"proj": torch.nn.Linear(12, 12)}) for i in (0, 1)})
+
+    def forward(model, x):
+        return model["l1"]["proj"](torch.tanh(model["l0"]["proj"](x)))
+
+    config = TiedLoRAConfig(rank=3, preset="simple_dora", target_modules=["proj"])
+    torch.manual_seed(0)
+    direct = inject(two_layers(), config)
+    randomize_adapters(direct, std=0.3)
+    save_adapter(direct, tmp_path / "adapter.safetensors")
+    base_state = {k: v for k, v in direct.state_dict().items() if "adapter_" not in k and "tiedlora" not in k}
+    with torch.device("meta"):
+        lazy = inject(two_layers(), config)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(base_state, strict=False)
+    load_adapter(lazy, tmp_path / "adapter.safetensors")
+    x = torch.randn(5, 12)
+    assert rel_err(forward(lazy, x), forward(direct, x)) < 1e-6
+
+
+@pytest.mark.parametrize("preset", ["dora", "simple_dora"])
+def test_magnitude_norm_cached_in_inference_and_refreshed_on_writes(monkeypatch, preset):
+    """Without grad the row norm is computed once and reused; any write to the weight or to an
+    adapter tensor recomputes it (outputs equal a fresh model's); with grad it is recomputed."""
+    import tiedlora_kernels.modules as modules
+
+    model = injected(preset)
+    randomize_adapters(model, std=0.3)
+    calls = []
+    original = modules._row_norm
+    monkeypatch.setattr(modules, "_row_norm", lambda w: calls.append(1) or original(w))
+    layers = [layer for _, layer in adapted_layers(model)]
+    with torch.no_grad():
+        first = model(IDS).logits
+        n_first = len(calls)
+        assert n_first == len(layers)
+        assert torch.equal(model(IDS).logits, first) and len(calls) == n_first
+        layers[1].factors.B.add_(0.05)  # an adapter factor: DoRA's norm of that layer changes
+        layers[0].weight.mul_(1.5)  # the base weight of one layer: Simple DoRA's ||W|| changes
+        after = model(IDS).logits
+    fresh = copy.deepcopy(model)  # deepcopy drops the caches: everything recomputed
+    with torch.no_grad():
+        assert torch.equal(after, fresh(IDS).logits)
+    assert not torch.equal(after, first)
+    if preset == "dora":
+        calls.clear()
+        model(IDS).logits.sum().backward()
+        assert len(calls) == len(layers)  # training: recomputed every call

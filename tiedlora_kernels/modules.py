@@ -133,9 +133,8 @@ class TiedLoRALinear(nn.Module):
         for name in self.PER_LAYER:
             setattr(self, name, per_layer.get(name))
         self.magnitude = magnitude
-        if magnitude == "simple_dora":
-            # ||W||_row of the frozen weight: W0 = W / norm without rewriting W.
-            self.register_buffer("weight_row_norm", _row_norm(self.weight_nk()).detach(), persistent=False)
+        # Row norms computed from parameters, each with the identity/version key it was computed for.
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.kind = kind
@@ -176,9 +175,17 @@ class TiedLoRALinear(nn.Module):
             B = B @ M.to(B.dtype)
         v = self.adapter_v
         if self.magnitude == "simple_dora":
-            n = self.weight_row_norm.to(B.dtype)
+            n = self.base_row_norm().to(B.dtype)
             v = n if v is None else v * n
         return A, B, self.adapter_u, v
+
+    def base_row_norm(self) -> torch.Tensor:
+        """||W||_row (N,) of the frozen base weight, fp32: Simple DoRA's W0 = W / norm without
+        rewriting W. Computed on first use and again whenever the weight is written (loaded,
+        materialised from the meta device, moved), never from a merged weight."""
+        if self.merged:
+            return self.merged_base_norm
+        return self._cached_norm("base", (self.weight,), lambda: _row_norm(self.weight_nk()))
 
     def row_scale(self, A, B, u, v) -> Optional[torch.Tensor]:
         """c (N,) of the class docstring, or None when there is no magnitude."""
@@ -186,10 +193,37 @@ class TiedLoRALinear(nn.Module):
             return None
         m = self.adapter_m
         if self.magnitude == "simple_dora":
-            return m / self.weight_row_norm.to(m.dtype)
-        with torch.no_grad():  # DoRA treats ||W + dW||_row as a constant (detached), as the paper and PEFT do.
-            norm = _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
-        return m / norm.to(m.dtype)
+            return m / self.base_row_norm().to(m.dtype)
+        # DoRA treats ||W + dW||_row as a constant (detached), as the paper and PEFT do.
+        def norm():
+            return _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
+        if torch.is_grad_enabled():  # training: recomputed every call, as the adapter moves every step
+            with torch.no_grad():
+                detached = norm()
+            return m / detached.to(m.dtype)
+        # Inference (e.g. serving unmerged adapters): an N x K pass per call would cost more than a
+        # decode GEMV, so the norm is kept until the weight or any adapter tensor is written.
+        sources = (self.weight, self._factors.A, self._factors.B, self._factors.core_bank,
+                   *(getattr(self, n) for n in self.PER_LAYER if n != "adapter_m"))
+        return m / self._cached_norm("dora", sources, norm).to(m.dtype)
+
+    def _cached_norm(self, slot: str, sources: tuple, compute) -> torch.Tensor:
+        """``compute()`` under no_grad, reused while every tensor of ``sources`` keeps its storage,
+        dtype and in-place version (any write through torch bumps the version)."""
+        if torch.compiler.is_compiling():  # traced into the graph (storage identity is not traceable)
+            with torch.no_grad():
+                return compute()
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = self._norm_cache.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, compute())
+            self._norm_cache[slot] = cached
+        return cached[1]
+
+    def __getstate__(self):
+        # Cached norms belong to the tensors they were computed from: never copied or pickled.
+        return {**self.__dict__, "_norm_cache": {}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -207,6 +241,8 @@ class TiedLoRALinear(nn.Module):
         A, B, u, v = self.adapter_tensors()
         c = self.row_scale(A, B, u, v)
         w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling)
+        if self.magnitude == "simple_dora":  # unmerge needs the norm of the original weight
+            self.register_buffer("merged_base_norm", self.base_row_norm(), persistent=False)
         if c is not None:
             self.register_buffer("merged_row_scale", c.float(), persistent=False)
             w = (w.float() * c.float()[:, None]).to(w.dtype)
@@ -224,6 +260,8 @@ class TiedLoRALinear(nn.Module):
             del self.merged_row_scale
         A, B, u, v = self.adapter_tensors()
         self._set_weight_nk(reference.unmerged_weight(w, A, B, u, v, self.scaling))
+        if self.magnitude == "simple_dora":
+            del self.merged_base_norm
         self.merged = False
 
     def _set_weight_nk(self, w_nk: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ def test_few_steps_reduce_loss(family, preset):
     assert losses[-1] < losses[0] - 1e-3, losses
 
 
-@pytest.mark.parametrize("preset", ["tl6", "lora", "vera"])
+@pytest.mark.parametrize("preset", ["tl6", "lora", "vera", "simple_dora", "dora"])
 def test_injected_model_trains_with_the_kernels_under_torch_compile(monkeypatch, preset):
     """The Triton kernels (interpreter on CPU) inside torch.compile(fullgraph=True): no graph break,
     the loss falls, and the first step's gradients equal the eager torch reference's."""
