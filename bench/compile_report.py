@@ -6,13 +6,17 @@ The real forward and backward implementations run on ``meta`` tensors (shapes an
 memory) against a stand-in driver that reports a CUDA target of ``--arch``. Every kernel launch
 they make is compiled, never run, with the JIT's own argument specialization (so alignment and
 unit strides are seen as on a GPU), every autotune config of the fused GEMM included; ``ptxas -v``
-then gives registers and spills. For each (case, kernel, config) the report has registers, spill
+(the ptxas Triton itself uses for the arch, run again on the kernel's PTX with default options;
+Triton's own call adds a few, so its cubin can differ by a few registers or stack bytes) then
+gives registers and spill bytes per thread. For each (case, kernel, config) the report has registers, spill
 bytes, shared memory against the architecture's per-block limit, the tensor-core instructions
 in the PTX (``wgmma`` on Hopper, ``mma`` otherwise) and the async copies that show a pipelined
 main loop. It says what the compiler made of each kernel; it is not a timing.
 
-Writes ``compile_report.json`` (triton version, arch, command, every row) and ``compile_report.md``.
-Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+Writes ``compile_report.json`` (triton version, arch, ptxas, command, every row) and
+``compile_report.md``. Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+Uses triton's JIT internals (driver switch, ``JITFunction.run(warmup=True)``): checked on triton
+3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class CompileCase:
     preset: str  # lora | vera | tl6 | simple_dora
     dtype: torch.dtype = torch.bfloat16
     tf32: bool = False  # fp32 only: torch.set_float32_matmul_precision("high")
+    dropout: float = 0.0  # adapter-input dropout (the Philox mask in the forward and dA kernels)
 
 
 #: What trains (and exists) per preset, as the op sees it: x always trains (a middle layer).
@@ -71,10 +76,12 @@ CASES = [
     CompileCase("train-r16-vera", 8192, 4096, 4096, 16, "vera"),
     CompileCase("train-r16-simple_dora", 8192, 4096, 4096, 16, "simple_dora"),
     CompileCase("decode-r16-tl6", 16, 4096, 4096, 16, "tl6"),
+    CompileCase("train-r16-tl6-dropout", 8192, 4096, 4096, 16, "tl6", dropout=0.1),
+    CompileCase("train-r16-tl6-fp16", 8192, 4096, 4096, 16, "tl6", torch.float16),
     CompileCase("train-r16-tl6-fp32", 2048, 4096, 4096, 16, "tl6", torch.float32),
     CompileCase("train-r16-tl6-tf32", 2048, 4096, 4096, 16, "tl6", torch.float32, tf32=True),
 ]
-QUICK_CASES = [c for c in CASES if c.name in ("train-r16-tl6", "train-r16-simple_dora")]
+QUICK_CASES = [c for c in CASES if c.name in ("train-r16-tl6", "train-r128-tl6", "train-r16-simple_dora")]
 
 
 class _CompileOnlyDriver:
@@ -165,37 +172,44 @@ def _launches(case: CompileCase, arch: int) -> list[dict]:
     train = set(spec["train"])
     store_h = bool(train & {"B", "u", "v"})
     needs = [True, "A" in train, "B" in train, "u" in train, "v" in train, "c" in train]
+    seed = torch.empty(1, dtype=torch.int64, device="meta") if case.dropout else None
     rows = []
-    previous_precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if case.tf32 else "highest")
-    auto_path = kernels.choose_forward_path(case.M, case.r, False, case.dtype)
-    for path in kernels.FWD_PATHS[1:]:
-        os.environ["TIEDLORA_FWD_PATH"] = path
-        for phase in ("fwd", "bwd"):
-            with compile_only(arch) as records:
-                out, h, y = kernels._forward_impl(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"],
-                                                  t["c"], None, 1.0, 0.0, store_h, "c" in train)
-                if phase == "bwd":
-                    records.clear()
-                    kernels._backward_impl(t["G"], t["x"], t["weight"], t["A"], t["B"], t["u"], t["v"], t["c"],
-                                           h if store_h else None, y if "c" in train else None, None, 1.0, 0.0,
-                                           needs)
-            for name, config, kernel in records:
-                rows.append(dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset=case.preset,
-                                 dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
-                                 fwd_path=path, auto_picks_path=path == auto_path, phase=phase,
-                                 kernel=name, config=config, **_inspect(kernel, arch)))
-    os.environ.pop("TIEDLORA_FWD_PATH", None)
-    torch.set_float32_matmul_precision(previous_precision)
+    previous_path, previous_precision = os.environ.get("TIEDLORA_FWD_PATH"), torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if case.tf32 else "highest")
+        auto_path = kernels.choose_forward_path(case.M, case.r, case.dropout > 0, case.dtype)
+        for path in kernels.FWD_PATHS[1:]:
+            os.environ["TIEDLORA_FWD_PATH"] = path
+            for phase in ("fwd", "bwd"):
+                with compile_only(arch) as records:
+                    out, h, y = kernels._forward_impl(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"],
+                                                      t["c"], seed, 1.0, case.dropout, store_h, "c" in train)
+                    if phase == "bwd":
+                        records.clear()
+                        kernels._backward_impl(t["G"], t["x"], t["weight"], t["A"], t["B"], t["u"], t["v"], t["c"],
+                                               h if store_h else None, y if "c" in train else None, seed, 1.0,
+                                               case.dropout, needs)
+                for name, config, kernel in records:
+                    rows.append(dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset=case.preset,
+                                     dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
+                                     dropout=case.dropout, fwd_path=path, auto_picks_path=path == auto_path,
+                                     phase=phase, kernel=name, config=config, **_inspect(kernel, arch)))
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+        if previous_path is None:
+            os.environ.pop("TIEDLORA_FWD_PATH", None)
+        else:
+            os.environ["TIEDLORA_FWD_PATH"] = previous_path
     return rows
 
 
 def _ptxas(arch: int) -> Optional[str]:
+    """The ptxas Triton compiles with for ``arch`` (None if it cannot be found)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
         return get_ptxas(arch).path
-    except Exception:  # older triton: the bundled one, else the toolkit's
+    except (ImportError, AttributeError, TypeError):  # a triton without get_ptxas(arch): the toolkit's
         return shutil.which("ptxas")
 
 
@@ -205,9 +219,10 @@ def _inspect(kernel, arch: int) -> dict:
     info = dict(shared_bytes=int(kernel.metadata.shared), smem_limit=SMEM_LIMIT.get(arch),
                 num_warps=int(kernel.metadata.num_warps), num_stages=int(kernel.metadata.num_stages),
                 wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
-                async_copies=len(re.findall(r"\bcp\.async\b(?!\.bulk)", ptx))
-                + len(re.findall(r"\bcp\.async\.bulk", ptx)),
-                registers=None, spill_store_bytes=None, spill_load_bytes=None)
+                # copies into shared memory (cp.async.ca/cg, TMA bulk tensor), not the commit/wait markers
+                async_copies=len(re.findall(r"\bcp\.async\.(?:ca|cg)\.", ptx))
+                + len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+                registers=None, spill_store_bytes=None, spill_load_bytes=None, ptxas_error=None)
     info["fits_smem"] = info["smem_limit"] is None or info["shared_bytes"] <= info["smem_limit"]
     ptxas = _ptxas(arch)
     if ptxas is None:
@@ -219,6 +234,9 @@ def _inspect(kernel, arch: int) -> dict:
         proc = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
                               capture_output=True, text=True)
     log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        info["ptxas_error"] = log.strip()[-500:]
+        return info
     if (m := re.search(r"Used (\d+) registers", log)):
         info["registers"] = int(m.group(1))
     if (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)):
@@ -237,7 +255,11 @@ def report(cases: list[CompileCase], arch: int, progress=True) -> dict:
         rows.extend(_launches(case, arch))
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name}: {time.time() - t0:.1f} s", file=sys.stderr)
+    ptxas = _ptxas(arch)
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:] \
+        if ptxas else []
     return dict(kind="compile-report", arch=arch, triton=triton.__version__, torch=torch.__version__,
+                ptxas=dict(path=ptxas, version=version[0] if version else None),
                 date=datetime.date.today().isoformat(), command=shlex.join([sys.executable, "-m", "bench.compile_report"]
                                                                            + sys.argv[1:]),
                 seconds=round(time.time() - start, 1), rows=rows)
@@ -248,7 +270,8 @@ def to_markdown(rep: dict) -> str:
             f"`{rep['command']}`. Compiled, not run: registers and spills from ptxas, shared memory "
             f"against the {rep['rows'][0]['smem_limit'] if rep['rows'] else '?'}-byte limit. Both forward paths "
             "are compiled for every case; (auto) marks the one `TIEDLORA_FWD_PATH=auto` takes.\n\n"
-            "| case | path | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spills (B) | smem (KiB) | "
+            "| case | path | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spill st+ld (B/thread) | "
+            "smem (KiB) | "
             "wgmma/mma | async copies |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rep["rows"]:
@@ -266,16 +289,21 @@ def to_markdown(rep: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/compile"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/compile/sm<arch>-triton<version>")
     parser.add_argument("--quick", action="store_true", help="two cases only (the CI check)")
     args = parser.parse_args(argv)
     rep = report(QUICK_CASES if args.quick else CASES, args.arch)
+    if args.out is None:
+        args.out = Path("bench/results/compile") / f"sm{args.arch}-triton{'.'.join(rep['triton'].split('.')[:2])}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compile_report.json").write_text(json.dumps(rep, indent=1))
     (args.out / "compile_report.md").write_text(to_markdown(rep))
     bad = [r for r in rep["rows"] if not r["fits_smem"] or (r["spill_store_bytes"] or 0) > 0]
+    unknown = [r for r in rep["rows"] if r["registers"] is None]
     print(f"{len(rep['rows'])} kernels compiled for sm_{args.arch} in {rep['seconds']} s; "
-          f"{len(bad)} spill or exceed shared memory; wrote {args.out}/compile_report.{{json,md}}")
+          f"{len(bad)} spill or exceed shared memory; {len(unknown)} without a ptxas report; "
+          f"wrote {args.out}/compile_report.{{json,md}}")
     return 0
 
 

@@ -8,7 +8,8 @@ with A (r, K) and B (N, r) tied across the layers of a kind. See README.md and S
 from . import reference
 from .config import PRESETS, TiedLoRAConfig
 from .integrations import (adapted_layers, adapter_named_parameters, expected_trainable_parameters, from_peft,
-                           inject, load_adapter, merge, save_adapter, trainable_parameters, unmerge)
+                           inject, load_adapter, merge, reset_adapters, save_adapter, trainable_parameters,
+                           unmerge)
 from .modules import TiedFactors, TiedLoRALinear
 from .ops import tied_lora_linear
 
@@ -16,4 +17,4 @@ __version__ = "0.1.0"
 
 __all__ = ["tied_lora_linear", "reference", "TiedLoRAConfig", "PRESETS", "inject", "merge", "unmerge",
            "save_adapter", "load_adapter", "from_peft", "trainable_parameters", "expected_trainable_parameters",
-           "adapted_layers", "adapter_named_parameters", "TiedLoRALinear", "TiedFactors"]
+           "adapted_layers", "adapter_named_parameters", "reset_adapters", "TiedLoRALinear", "TiedFactors"]

@@ -51,6 +51,9 @@ def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_
                         f"(cast the input or the layer, as for F.linear)")
     if bias is not None:
         _check_tensor("bias", bias, (N,), dev)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"tied_lora_linear: bias dtype {bias.dtype} must equal x dtype {x.dtype} "
+                            "(cast the input or the layer, as for F.linear)")
     if not isinstance(A, torch.Tensor) or A.dim() != 2:
         got = _describe(A) if isinstance(A, torch.Tensor) else type(A).__name__
         raise ValueError(f"tied_lora_linear: A must be a 2-D tensor (r, K={K}), got {got}")

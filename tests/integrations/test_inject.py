@@ -158,6 +158,37 @@ def test_meta_device_inject_then_materialize():
     assert not model.tiedlora["q_proj"].A.is_meta
 
 
+@pytest.mark.parametrize("preset", ["tl6", "lora", "vera", "partial", "tensor_embed", "dora"])
+def test_meta_inject_then_reset_adapters_equals_inject_on_loaded_model(preset):
+    """inject on meta -> to_empty -> load base weights -> reset_adapters: every adapter tensor equals
+    what inject draws on the loaded model, bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiedlora_kernels import adapter_named_parameters, reset_adapters
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    config = TiedLoRAConfig(rank=4, preset=preset)
+    torch.manual_seed(0)
+    loaded = LlamaForCausalLM(cfg)
+    base_state = loaded.state_dict()
+    inject(loaded, config)
+    with torch.device("meta"):
+        lazy = LlamaForCausalLM(cfg)
+    inject(lazy, config)
+    with pytest.raises(RuntimeError, match="meta device"):
+        reset_adapters(lazy)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(base_state, strict=False)
+    reset_adapters(lazy)
+    want = dict(adapter_named_parameters(loaded))
+    got = dict(adapter_named_parameters(lazy))
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+        assert got[n].requires_grad == want[n].requires_grad, n
+
+
 def test_bf16_tied_gradients_are_summed_in_fp32():
     """bf16 tied factors: the per-layer gradients are added in fp32 and rounded once, so dA is the
     exact sum correctly rounded to bf16 almost everywhere (a bf16 running sum: about half the entries)."""

@@ -320,6 +320,39 @@ def test_row_scale_low_precision(dtype, adapter_dtype, path):
     check(make(37, 33, 40, 16, dtype=dtype, adapter_dtype=adapter_dtype, c=True))
 
 
+def test_nothing_saved_for_backward_without_grad(path):
+    """Under no_grad neither h (M, r) nor the pre-scale output y (M, N) is computed for a backward
+    that cannot come, even though the adapter tensors and c require grad."""
+    t = make(7, 33, 40, 3, c=True)
+    calls = []
+    original = kernels._forward_op
+
+    def spy(*args):
+        calls.append(args[-2:])  # (store_h, store_y)
+        return original(*args)
+
+    kernels._forward_op, previous = spy, original
+    try:
+        with torch.no_grad():
+            out = kernel(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7, row_scale=t["c"])
+        kernel(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7, row_scale=t["c"])
+    finally:
+        kernels._forward_op = previous
+    assert calls == [(False, False), (True, True)]
+    ref = oracle(*(as_f64(t)[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")), 0.7,
+                 row_scale=t["c"].double())
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_bias_dtype_must_match_x():
+    t = make(3, 8, 5, 2, dtype=torch.bfloat16)
+    for backend in ("torch", "triton"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TIEDLORA_BACKEND", backend)
+            with pytest.raises(TypeError, match="bias dtype torch.float32 must equal x dtype torch.bfloat16"):
+                public_tied_lora_linear(t["x"], t["weight"], t["bias"].float(), t["A"], t["B"], row_scale=t["v"])
+
+
 @pytest.mark.parametrize("c_trains", [True, False], ids=["c-trains", "c-frozen"])
 def test_row_scale_saves_preoutput_only_when_trained(c_trains, path):
     """The pre-scale output y (M, N) is kept for dc = sum_rows(G * y) only when c trains."""
@@ -490,6 +523,30 @@ def test_forward_path_switch(monkeypatch):
     monkeypatch.setenv("TIEDLORA_FWD_PATH", "cublas")
     with pytest.raises(ValueError, match="TIEDLORA_FWD_PATH"):
         kernels.choose_forward_path(8, 8)
+
+
+@pytest.mark.parametrize("setting", ["legacy-high", "new-tf32", "new-ieee"])
+def test_tf32_setting_read_through_either_torch_api(setting):
+    """torch >= 2.9 refuses the legacy precision getter once the new per-backend setting is used:
+    the kernels read whichever API is in use, and an fp32 call runs either way."""
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    if setting.startswith("new") and not new_api:
+        pytest.skip("torch without the fp32_precision API")
+    legacy = torch.get_float32_matmul_precision()
+    try:
+        if setting == "legacy-high":
+            torch.set_float32_matmul_precision("high")
+        else:
+            matmul.fp32_precision = setting.removeprefix("new-")
+        want_tf32 = setting != "new-ieee"
+        assert kernels.tf32_allowed() == want_tf32
+        assert kernels.choose_forward_path(4096, 16, dtype=torch.float32) == ("fused" if want_tf32 else "epilogue")
+        kernel(*(make(3, 8, 5, 2)[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")), 0.5).sum().backward()
+    finally:
+        if new_api:
+            matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision(legacy)
 
 
 def test_fused_config_pruning_by_rank():

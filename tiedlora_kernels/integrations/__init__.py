@@ -2,8 +2,8 @@
 
 from .checkpoint import load_adapter, save_adapter
 from .inject import (adapted_layers, adapter_config, adapter_named_parameters, expected_trainable_parameters,
-                     inject, merge, trainable_parameters, unmerge)
+                     inject, merge, reset_adapters, trainable_parameters, unmerge)
 from .peft import from_peft
 
 __all__ = ["inject", "merge", "unmerge", "save_adapter", "load_adapter", "from_peft", "trainable_parameters",
-           "expected_trainable_parameters", "adapted_layers", "adapter_config", "adapter_named_parameters"]
+           "expected_trainable_parameters", "adapted_layers", "adapter_config", "adapter_named_parameters", "reset_adapters"]

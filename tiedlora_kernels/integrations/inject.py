@@ -274,6 +274,34 @@ def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
                 yield f"{name}.{pn}", prm
 
 
+@torch.no_grad()
+def reset_adapters(model: nn.Module) -> nn.Module:
+    """Re-draw every adapter tensor in place exactly as :func:`inject` draws it (same config seeds).
+
+    For models injected on the meta device: after ``model.to_empty(device=...)`` and loading the
+    base weights, the adapters hold uninitialised memory; this gives them the values ``inject``
+    would have given on the loaded model (DoRA's magnitude m = ||W||_row from the loaded weights).
+    Raises if a base weight or an adapter tensor is still on the meta device.
+    """
+    config = adapter_config(model)
+    layers = list(adapted_layers(model))
+    for name, layer in layers:
+        for what, t in (("weight", layer.weight), ("A", layer.factors.A)):
+            if t.is_meta:
+                raise RuntimeError(f"reset_adapters: {name}.{what} is on the meta device; materialise the model "
+                                   "first (model.to_empty(device=...)) and load its base weights")
+    for g, factors in getattr(model, ROOT_ATTR).items():
+        K, N = factors.A.shape[-1], factors.B.shape[-2]
+        fresh = build_factors(config, g, K, N, "cpu", torch.float32)
+        for pn, prm in factors.named_parameters(recurse=False):
+            prm.copy_(getattr(fresh, pn))
+    for name, layer in layers:
+        fresh = build_per_layer(config, name, layer.weight_nk().detach(), layer.out_features, torch.float32)
+        for pn, value in fresh.items():
+            getattr(layer, pn).copy_(value)
+    return model
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (fp32 arithmetic, dtype kept): zero adapter overhead."""
     adapter_config(model)

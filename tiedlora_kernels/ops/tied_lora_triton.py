@@ -48,7 +48,7 @@ parameter's dtype.
 
 Precision. The main-loop dots (x W^T, x_d A^T, G W, G (v B)) run in the activation dtype with fp32
 accumulators: bf16/fp16 on tensor cores, fp32 with ``input_precision="ieee"`` (matches the fp32
-reference to ~1e-6; TF32 is used only when ``torch.get_float32_matmul_precision()`` allows it, as
+reference to ~1e-6; TF32 is used only when torch's fp32 matmul setting allows it (:func:`tf32_allowed`), as
 for cuBLAS). The small rank-r dots (z B^T, dB, dv, dA) take fp32 operands (TF32 tensor cores for
 16-bit activations, where they cost < 1% of the GEMM). Under ``TRITON_INTERPRET=1`` bf16 operands
 are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot returns garbage in triton 3.6 and
@@ -366,9 +366,9 @@ def _row_scale_bwd_kernel(
     G, Y, C, GS, DC_PART,
     M, N, rows_per_split,
     stride_gm, stride_gn, stride_ym,
-    NEED_DC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_GS: tl.constexpr, NEED_DC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """GS = G * C (the gradient reaching the pre-scale output) and row-split partials of
+    """GS = G * C (the gradient reaching the pre-scale output) and/or row-split partials of
     dC = sum_rows(G * Y), from one pass over G (and Y).
 
     Grid (column tiles, row splits). G (M, N) any strides; Y (M, N) row-major with row stride
@@ -385,7 +385,8 @@ def _row_scale_bwd_kernel(
         o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mn = (o_m < M)[:, None] & m_n[None, :]
         b_g = tl.load(G + o_m[:, None] * stride_gm + o_n[None, :] * stride_gn, mask=m_mn, other=0.0).to(tl.float32)
-        tl.store(GS + o_m[:, None] * N + o_n[None, :], (b_g * b_c[None, :]).to(GS.dtype.element_ty), mask=m_mn)
+        if NEED_GS:
+            tl.store(GS + o_m[:, None] * N + o_n[None, :], (b_g * b_c[None, :]).to(GS.dtype.element_ty), mask=m_mn)
         if NEED_DC:
             b_y = tl.load(Y + o_m[:, None] * stride_ym + o_n[None, :], mask=m_mn, other=0.0).to(tl.float32)
             b_dc += tl.sum(b_g * b_y, axis=0)
@@ -472,13 +473,26 @@ def _row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int,
     return triton.cdiv(M, rows), rows
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32: ``torch.backends.cuda.matmul.fp32_precision``
+    (torch >= 2.9, "none" inheriting ``torch.backends.fp32_precision``), else the legacy
+    ``torch.get_float32_matmul_precision()``. Torch >= 2.9 refuses the legacy getter once the new
+    setting has been used, so the new one is read first."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _precisions(act_dtype: torch.dtype) -> dict:
     """constexpr dot settings: UPCAST bf16 under the interpreter; IEEE fp32 unless torch allows TF32."""
     interp = triton_interpreting()
     if interp:
         return dict(UPCAST=act_dtype == torch.bfloat16, MAIN_PREC="ieee", SMALL_PREC="ieee")
     if act_dtype == torch.float32:
-        prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        prec = "tf32" if tf32_allowed() else "ieee"
         return dict(UPCAST=False, MAIN_PREC=prec, SMALL_PREC=prec)
     return dict(UPCAST=False, MAIN_PREC="tf32", SMALL_PREC="tf32")  # MAIN_PREC is moot for 16-bit operands
 
@@ -492,7 +506,7 @@ def choose_forward_path(M: int, r: int, x_dropout: bool = False, dtype: torch.dt
     outweigh the epilogue path's extra read of x and read/write of out), with dropout on x
     (every N tile of the fused GEMM would redraw the Philox mask of its x tiles: M K N / BLOCK_N
     draws on CUDA cores instead of M K once per column split), and for fp32 without TF32 (no
-    tensor cores: the fused GEMM's IEEE fp32 dot spills 40 KB per thread on sm_90, per the compile
+    tensor cores: the fused GEMM's IEEE fp32 dot spills ~13 KB per thread on sm_90, per the compile
     report, where cuBLAS has a tuned SIMT kernel); ``fused`` otherwise.
     Unmeasured on a GPU so far: the benchmark (both paths side by side) should revise these cut-offs.
     """
@@ -501,7 +515,7 @@ def choose_forward_path(M: int, r: int, x_dropout: bool = False, dtype: torch.dt
         raise ValueError(f"TIEDLORA_FWD_PATH must be one of {FWD_PATHS}, got {want!r}")
     if want != "auto":
         return want
-    ieee_fp32 = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    ieee_fp32 = dtype == torch.float32 and not tf32_allowed()
     return "epilogue" if M <= DECODE_ROWS or r > FUSED_MAX_RANK or x_dropout or ieee_fp32 else "fused"
 
 
@@ -639,19 +653,19 @@ def _da(x, g, u, scaling, p_drop, seed, x_dropout):
     return da_part.sum(0)
 
 
-def _row_scale_grad(G, y, c, need_dc):
-    """(G * c (M, N) contiguous in G's dtype, dc (N,) fp32 = sum_rows(G * y) or None) from one pass
-    over G (M, N) any strides and y (M, N) row-major (the saved pre-scale output)."""
+def _row_scale_grad(G, y, c, need_gs, need_dc):
+    """(G * c (M, N) contiguous in G's dtype or None, dc (N,) fp32 = sum_rows(G * y) or None) from
+    one pass over G (M, N) any strides and y (M, N) row-major (the saved pre-scale output)."""
     M, N = G.shape
     _, block_m, block_n, warps = _reduction_tiles(1)
     n_tiles = triton.cdiv(N, block_n)
     splits, rows = _row_splits(M, block_m, n_tiles, 4 * N, G.device)
-    gs = torch.empty((M, N), device=G.device, dtype=G.dtype)
+    gs = torch.empty((M, N), device=G.device, dtype=G.dtype) if need_gs else None
     dc_part = torch.empty((splits, N), device=G.device, dtype=torch.float32) if need_dc else None
     _row_scale_bwd_kernel[(n_tiles, splits)](
-        G, y if need_dc else G, _vec(c, G), gs, dc_part if need_dc else gs,
+        G, y if need_dc else G, _vec(c, G), gs if need_gs else G, dc_part if need_dc else G,
         M, N, rows, G.stride(0), G.stride(1), y.stride(0) if need_dc else 0,
-        NEED_DC=need_dc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        NEED_GS=need_gs, NEED_DC=need_dc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return gs, (dc_part.sum(0) if need_dc else None)
 
@@ -717,7 +731,7 @@ def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def _(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
     M, r, N = x.shape[0], A.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M if store_h else 0, r), dtype=torch.float32),
-            x.new_empty((M if store_y else 0, N)))
+            x.new_empty((M if store_y and row_scale is not None else 0, N)))
 
 
 def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
@@ -733,7 +747,7 @@ def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dro
     dc = None
     if row_scale is not None:
         # out = c * y + b: one pass gives dL/dy = G * c, which every other gradient is taken from, and dc.
-        G, dc = _row_scale_grad(G, y, row_scale, need_c)
+        G, dc = _row_scale_grad(G, y, row_scale, need_gs=any(needs[:5]), need_dc=need_c)
     r = A.shape[0]
     dropping = dropout_p > 0
     need_g = need_x or need_a or need_u
@@ -838,8 +852,10 @@ def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     p = float(dropout_p) if training else 0.0
     x2 = x.reshape(-1, x.shape[-1])
     seed = draw_dropout_seed(x.device) if p > 0 else None
-    store_h = B.requires_grad or any(t is not None and t.requires_grad for t in (u, v))
-    store_y = row_scale is not None and row_scale.requires_grad
+    # Saved state only where a backward can follow (not under no_grad / inference_mode).
+    grad = torch.is_grad_enabled()
+    store_h = grad and (B.requires_grad or any(t is not None and t.requires_grad for t in (u, v)))
+    store_y = grad and row_scale is not None and row_scale.requires_grad
     out, _, _ = _forward_op(x2, weight, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h),
                             bool(store_y))
     return out.reshape(*x.shape[:-1], weight.shape[0])
