@@ -292,31 +292,36 @@ def test_simple_dora_injected_on_meta_then_loaded_matches_direct(tmp_path):
     assert rel_err(forward(lazy, x), forward(direct, x)) < 1e-6
 
 
-@pytest.mark.parametrize("preset", ["dora", "simple_dora"])
-def test_magnitude_norm_cached_in_inference_and_refreshed_on_writes(monkeypatch, preset):
-    """Without grad the row norm is computed once and reused; any write to the weight or to an
-    adapter tensor recomputes it (outputs equal a fresh model's); with grad it is recomputed."""
-    import tiedlora_kernels.modules as modules
+@pytest.mark.parametrize("preset", ["dora", "simple_dora", "partial", "tl_extra", "tensor_embed"])
+def test_inference_caches_derived_tensors_until_a_source_is_written(monkeypatch, preset):
+    """Without grad, the row norms and the effective (A_i, B_i, v_i) of the variants are computed
+    once and reused; any write to the weight or to an adapter tensor recomputes them (outputs equal a
+    fresh model's); with grad the effective tensors are recomputed every call."""
+    from tiedlora_kernels.modules import TiedLoRALinear
 
     model = injected(preset)
     randomize_adapters(model, std=0.3)
-    calls = []
-    original = modules._row_norm
-    monkeypatch.setattr(modules, "_row_norm", lambda w: calls.append(1) or original(w))
+    computed, effective = [], []
+    cached, eff = TiedLoRALinear._cached, TiedLoRALinear._effective_tensors
+    monkeypatch.setattr(TiedLoRALinear, "_cached", lambda self, slot, sources, compute: cached(
+        self, slot, sources, lambda: computed.append(slot) or compute()))
+    monkeypatch.setattr(TiedLoRALinear, "_effective_tensors", lambda self: effective.append(1) or eff(self))
     layers = [layer for _, layer in adapted_layers(model)]
     with torch.no_grad():
         first = model(IDS).logits
-        n_first = len(calls)
-        assert n_first == len(layers)
-        assert torch.equal(model(IDS).logits, first) and len(calls) == n_first
-        layers[1].factors.B.add_(0.05)  # an adapter factor: DoRA's norm of that layer changes
-        layers[0].weight.mul_(1.5)  # the base weight of one layer: Simple DoRA's ||W|| changes
+        assert len(computed) >= len(layers)
+        computed.clear()
+        assert torch.equal(model(IDS).logits, first)
+        assert computed == []
+        for prm in layers[1].factors.parameters():
+            prm.add_(0.05)  # adapter factors (banks, core bank): that layer's derived tensors change
+        layers[0].weight.mul_(1.5)  # a base weight: Simple DoRA's ||W|| and DoRA's ||W + dW|| change
         after = model(IDS).logits
+        assert computed
     fresh = copy.deepcopy(model)  # deepcopy drops the caches: everything recomputed
     with torch.no_grad():
         assert torch.equal(after, fresh(IDS).logits)
     assert not torch.equal(after, first)
-    if preset == "dora":
-        calls.clear()
-        model(IDS).logits.sum().backward()
-        assert len(calls) == len(layers)  # training: recomputed every call
+    effective.clear()
+    model(IDS).logits.sum().backward()
+    assert len(effective) == len(layers)  # training: recomputed every call

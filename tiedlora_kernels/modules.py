@@ -133,8 +133,9 @@ class TiedLoRALinear(nn.Module):
         for name in self.PER_LAYER:
             setattr(self, name, per_layer.get(name))
         self.magnitude = magnitude
-        # Row norms computed from parameters, each with the identity/version key it was computed for.
-        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # Values computed from parameters (row norms; effective tensors in inference), each with the
+        # identity/version key of the tensors it was computed from.
+        self._cache: dict[str, tuple] = {}
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.kind = kind
@@ -164,6 +165,15 @@ class TiedLoRALinear(nn.Module):
 
     def adapter_tensors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The effective (A_i (r, K), B_i (N, r), u_i (r,) or None, v_i (N,) or None) of this layer."""
+        derived = (self._factors.banked or self.adapter_M is not None or self.adapter_wM is not None
+                   or self.magnitude == "simple_dora")
+        if derived and not torch.is_grad_enabled():
+            # Inference: the small products below would be extra launches on every layer of every
+            # decode step; they are kept until one of their source tensors is written.
+            return self._cached("effective", self._sources(), self._effective_tensors)
+        return self._effective_tensors()
+
+    def _effective_tensors(self):
         A, B = self._factors.slices(self.in_features, self.out_features)
         if self._factors.banked:
             A = torch.einsum("k,krK->rK", self.adapter_wA.to(A.dtype), A)
@@ -185,7 +195,7 @@ class TiedLoRALinear(nn.Module):
         materialised from the meta device, moved), never from a merged weight."""
         if self.merged:
             return self.merged_base_norm
-        return self._cached_norm("base", (self.weight,), lambda: _row_norm(self.weight_nk()))
+        return self._cached("base", (self.weight,), lambda: _row_norm(self.weight_nk()))
 
     def row_scale(self, A, B, u, v) -> Optional[torch.Tensor]:
         """c (N,) of the class docstring, or None when there is no magnitude."""
@@ -203,27 +213,30 @@ class TiedLoRALinear(nn.Module):
             return m / detached.to(m.dtype)
         # Inference (e.g. serving unmerged adapters): an N x K pass per call would cost more than a
         # decode GEMV, so the norm is kept until the weight or any adapter tensor is written.
-        sources = (self.weight, self._factors.A, self._factors.B, self._factors.core_bank,
-                   *(getattr(self, n) for n in self.PER_LAYER if n != "adapter_m"))
-        return m / self._cached_norm("dora", sources, norm).to(m.dtype)
+        return m / self._cached("dora", self._sources(), norm).to(m.dtype)
 
-    def _cached_norm(self, slot: str, sources: tuple, compute) -> torch.Tensor:
+    def _sources(self) -> tuple:
+        """Every tensor the effective adapter tensors and the row norms are computed from."""
+        return (self.weight, self._factors.A, self._factors.B, self._factors.core_bank,
+                *(getattr(self, n) for n in self.PER_LAYER))
+
+    def _cached(self, slot: str, sources: tuple, compute):
         """``compute()`` under no_grad, reused while every tensor of ``sources`` keeps its storage,
         dtype and in-place version (any write through torch bumps the version)."""
         if torch.compiler.is_compiling():  # traced into the graph (storage identity is not traceable)
             with torch.no_grad():
                 return compute()
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        cached = self._norm_cache.get(slot)
+        cached = self._cache.get(slot)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, compute())
-            self._norm_cache[slot] = cached
+            self._cache[slot] = cached
         return cached[1]
 
     def __getstate__(self):
-        # Cached norms belong to the tensors they were computed from: never copied or pickled.
-        return {**self.__dict__, "_norm_cache": {}}
+        # Cached values belong to the tensors they were computed from: never copied or pickled.
+        return {**self.__dict__, "_cache": {}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
