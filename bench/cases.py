@@ -22,7 +22,7 @@ from tiedlora_kernels import reference, tied_lora_linear
 
 SHAPES_KN = [(4096, 4096), (4096, 12288), (4096, 11008), (11008, 4096)]
 GRIDS = {
-    # The full grid (3,240 measurements: several GPU calls with --resume).
+    # The full grid (3,720 measurements: several GPU calls with --resume).
     "full": dict(M=[1, 16, 512, 4096, 16384], KN=SHAPES_KN, rank=[8, 16, 64, 128], preset=["lora", "vera", "tl6"]),
     # The target cases: M = 8192, K = N = 4096 at r = 16 / 128, plus decode (M = 1, 16).
     "targets": dict(M=[8192, 1, 16], KN=[(4096, 4096)], rank=[16, 128], preset=["lora", "vera", "tl6"]),
@@ -216,13 +216,14 @@ IMPLS: dict[str, tuple[Callable, Optional[str]]] = {
     "ours": (_ours("auto"), None),
     "ours_fused": (_ours("fused"), None),
     "ours_epilogue": (_ours("epilogue"), None),
+    "ours_prepass": (_ours("prepass"), None),
     "reference": (_reference, None),
     "addmm": (_addmm, None),
     "peft_lora": (_peft("lora"), "lora"),
     "peft_vera": (_peft("vera"), "vera"),
 }
 #: Impls that need the Triton kernels (a GPU); smoke mode leaves them out.
-KERNEL_IMPLS = ("ours", "ours_fused", "ours_epilogue")
+KERNEL_IMPLS = ("ours", "ours_fused", "ours_epilogue", "ours_prepass")
 
 
 def flops(case: Case, op: str, impl: str) -> float:

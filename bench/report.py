@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-IMPL_ORDER = ["limit", "merged", "ours", "ours_fused", "ours_epilogue", "reference", "addmm", "peft_lora", "peft_vera"]
+IMPL_ORDER = ["limit", "merged", "ours", "ours_fused", "ours_epilogue", "ours_prepass", "reference", "addmm", "peft_lora", "peft_vera"]
 
 
 def _fmt(v, spec=".3f"):
@@ -51,7 +51,7 @@ def targets_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
-PIVOT_COLS = ["ours", "ours_fused", "ours_epilogue", "addmm", "reference", "merged"]
+PIVOT_COLS = ["ours", "ours_fused", "ours_epilogue", "ours_prepass", "addmm", "reference", "merged"]
 
 
 def pivot(records: list[dict]) -> list[str]:

@@ -15,7 +15,7 @@ from bench.run import check
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="speed is measured on a GPU only")
 
-IMPL_NAMES = ["limit", "ours", "ours_fused", "ours_epilogue", "addmm", "peft_lora"]
+IMPL_NAMES = ["limit", "ours", "ours_fused", "ours_epilogue", "ours_prepass", "addmm", "peft_lora"]
 CASES = [(8192, 16), (8192, 128), (16, 16)]
 
 

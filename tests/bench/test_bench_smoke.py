@@ -196,8 +196,8 @@ def test_gpu_plan_covers_every_impl_of_the_issue():
     assert {c.rank for c, _, _ in jobs} == {16, 128} and {op for _, _, op in jobs} == {"fwd", "fwd_bwd"}
     assert len(jobs) == len(set(jobs))
     full = plan(GRIDS["full"], "cuda")
-    # 5 M x 4 shapes x 2 ops x (limit + 4 ranks x (3 presets x 6 adapted impls + PEFT LoRA + PEFT VeRA))
-    assert len(full) == 5 * 4 * 2 * (1 + 4 * (3 * 6 + 2))
+    # 5 M x 4 shapes x 2 ops x (limit + 4 ranks x (3 presets x 7 adapted impls + PEFT LoRA + PEFT VeRA))
+    assert len(full) == 5 * 4 * 2 * (1 + 4 * (3 * 7 + 2))
 
 
 @cpu_only

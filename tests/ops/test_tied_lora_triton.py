@@ -25,7 +25,7 @@ kernels = importlib.import_module("tiedlora_kernels.ops.tied_lora_triton")
 public_tied_lora_linear = tiedlora_kernels.tied_lora_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PATHS = ("fused", "epilogue")
+PATHS = ("fused", "epilogue", "prepass")
 PARAMS = ("x", "A", "B", "u", "v", "c")  # c: the row scale (DoRA / Simple DoRA magnitude)
 #: ‖out − ref‖ / ‖ref‖ against float64 inputs-as-given, per activation dtype, for the output and
 #: every gradient. fp32: IEEE dots, so only summation-order error; fp16/bf16: the output's and the
@@ -558,6 +558,9 @@ def test_fused_config_pruning_by_rank():
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in r128] == [(64, 64)]
     big_rank = kernels._prune_fused_configs(configs, {}, BLOCK_R=256)
     assert len(big_rank) == 1 and big_rank[0].kwargs["BLOCK_M"] == 64
+    # h read in the epilogue only (prepass): the main loop holds acc alone, larger tiles compile clean
+    r128_given = kernels._prune_fused_configs(configs, {}, BLOCK_R=128, H_GIVEN=True)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in r128_given] == [(128, 128), (64, 128), (64, 64)]
 
 
 def test_clear_errors(monkeypatch):

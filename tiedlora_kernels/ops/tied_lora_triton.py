@@ -9,7 +9,7 @@ Formula (SPEC.md, names as there), for x flattened to (M, K):
     with a row scale c (N,): y = x W^T + (z B^T) * v, out = y * c + b (DoRA / Simple DoRA's
     magnitude, applied in the epilogue of either path; y is also stored when c trains)
 
-Forward, two paths (``TIEDLORA_FWD_PATH=fused|epilogue|auto``, see :func:`choose_forward_path`):
+Forward, three paths (``TIEDLORA_FWD_PATH=fused|epilogue|prepass|auto``, see :func:`choose_forward_path`):
 
 - ``fused`` (``_tied_lora_fwd_kernel``): one Triton GEMM over x W^T (grouped program order, fp32
   accumulator). While a program streams its x tiles along K it also accumulates h for its row
@@ -21,6 +21,11 @@ Forward, two paths (``TIEDLORA_FWD_PATH=fused|epilogue|auto``, see :func:`choose
   kernel per (row block, column split) computes h (a skinny pass over x) and adds z B^T * v into
   out in place. Traffic beyond cuBLAS: x read once more per column split, out read and written once
   more. No redundant flops; one launch beyond the base GEMM/GEMV, hence the decode path (M <= 64).
+- ``prepass`` (the epilogue kernel in h-only mode, then ``_tied_lora_fwd_kernel`` with ``H_GIVEN``):
+  h = x_d A^T in one skinny pass over x (the dropout mask drawn once per element), then a GEMM
+  whose main loop is plain x W^T and whose epilogue reads h. Traffic beyond a GEMM: x read once
+  more, h (M, r) written and read; no per-N-tile recompute of h, out written once. Written to be
+  measured against the other two (bench/NOTES.md, item 2); ``auto`` does not pick it yet.
 
 Backward, G = dL/dout (M, N), v B = diag(v) B, g = (G * v) B (M, r), gh = s * g * u:
 
@@ -68,7 +73,7 @@ import triton.language as tl
 
 from . import triton_interpreting
 
-FWD_PATHS = ("auto", "fused", "epilogue")
+FWD_PATHS = ("auto", "fused", "epilogue", "prepass")
 #: Rows at or below which the forward is cuBLAS + one epilogue launch (decode).
 DECODE_ROWS = 64
 #: Largest padded rank the fused GEMM takes in ``auto`` mode: beyond it the [BLOCK_M, R] h
@@ -154,6 +159,7 @@ def _tied_lora_fwd_kernel(
     scaling, p_drop,
     HAS_BIAS: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
     X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, STORE_Y: tl.constexpr,
+    H_GIVEN: tl.constexpr,
     UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -163,7 +169,8 @@ def _tied_lora_fwd_kernel(
     X (M, K), W (N, K), A (R, K), B (N, R), OUT (M, N): any strides. U (R,), V (N,), C (N,), BIAS (N,)
     contiguous; without HAS_ROW_SCALE, C = 1. Y (M, N), OUT's strides, receives the pre-scale
     output when STORE_Y (the row scale's gradient needs it). H (M, R) fp32 receives X_d A^T from
-    the programs of the first column tile.
+    the programs of the first column tile; with H_GIVEN it holds h already (the ``prepass`` path)
+    and the main loop is a plain GEMM (A and dropout unused).
     X_DROPOUT drops X's elements (m, k) in the adapter input; OUT_DROPOUT drops the adapter term's
     elements (m, n) (the dX use). ROWS_BUCKET is only an autotune key.
     """
@@ -196,11 +203,15 @@ def _tied_lora_fwd_kernel(
         p_wt = W + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn
         b_wt = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0.0)                     # [BK, BN]
         b_acc = _mma(b_x, b_wt, b_acc, UPCAST, MAIN_PREC)
-        b_h = _h_update(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ak, stride_ar, seed, keep_scale, K, p_drop,
-                        X_DROPOUT, UPCAST, MAIN_PREC)
-    if STORE_H:
+        if not H_GIVEN:
+            b_h = _h_update(b_h, b_x, A, o_m, o_k, o_r, m_k, m_r, stride_ak, stride_ar, seed, keep_scale, K, p_drop,
+                            X_DROPOUT, UPCAST, MAIN_PREC)
+    p_h = H + o_m[:, None] * stride_hm + o_r[None, :]
+    if H_GIVEN:
+        b_h = tl.load(p_h, mask=m_m[:, None] & m_r[None, :], other=0.0)
+    elif STORE_H:
         if i_n == 0:
-            tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
+            tl.store(p_h, b_h, mask=m_m[:, None] & m_r[None, :])
     b_z = _z_of_h(b_h, U, o_r, m_r, scaling, HAS_U)                                          # [BM, BR]
     b_acc += _delta_tile(b_z, B, V, o_m, o_n, o_r, m_n, m_r, stride_br, stride_bn, seed, keep_scale, N, p_drop,
                          HAS_V, OUT_DROPOUT, SMALL_PREC)
@@ -432,21 +443,25 @@ def _fused_configs() -> list:
 
 
 #: fp32 accumulator registers per thread (acc [BM, BN] + h [BM, BR]) above which ptxas spills on
-#: sm_90: measured with ``python -m bench.compile_report`` (bench/results/compile/): 96 per thread
-#: compiles without spills, 128 (64 x 128 tile, r = 128, 4 warps) spills 270-500 bytes.
-MAX_ACC_REGS_PER_THREAD = 96
+#: sm_90, measured with ``python -m bench.compile_report`` (bench/results/compile/). h accumulated
+#: in the main loop: 96 compiles without spills, 128 (64 x 128 tile, r = 128, 4 warps) spills
+#: 270-500 bytes. h only read in the epilogue (``H_GIVEN``): 128 compiles clean (one dX variant:
+#: 32 bytes), 192 (128 x 64, r = 128, 4 warps) spills 400 bytes.
+MAX_ACC_REGS_PER_THREAD = {False: 96, True: 128}
 
 
 def _prune_fused_configs(configs, named_args, **kwargs):
     """Drop tiles whose fp32 accumulators would spill at this rank (see MAX_ACC_REGS_PER_THREAD)."""
     block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
+    limit = MAX_ACC_REGS_PER_THREAD[bool(kwargs.get("H_GIVEN", named_args.get("H_GIVEN", False)))]
     acc_regs = lambda c: c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + block_r) / (32 * c.num_warps)  # noqa: E731
-    kept = [c for c in configs if acc_regs(c) <= MAX_ACC_REGS_PER_THREAD]
+    kept = [c for c in configs if acc_regs(c) <= limit]
     return kept or [min(configs, key=acc_regs)]
 
 
 _tied_lora_fwd_tuned = triton.autotune(
-    configs=_fused_configs(), key=["ROWS_BUCKET", "N", "K", "R"],
+    # The constexprs that change the main loop are part of the key: each variant is tuned on its own.
+    configs=_fused_configs(), key=["ROWS_BUCKET", "N", "K", "R", "H_GIVEN", "X_DROPOUT", "OUT_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_fused_configs},
 )(_tied_lora_fwd_kernel)
 
@@ -500,7 +515,7 @@ def _precisions(act_dtype: torch.dtype) -> dict:
 def choose_forward_path(M: int, r: int, x_dropout: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
     """``fused`` or ``epilogue`` for an (M, K) x (K, N) product with rank r and activations of ``dtype``.
 
-    ``TIEDLORA_FWD_PATH`` (``fused``, ``epilogue`` or ``auto``, read at each call) forces a path.
+    ``TIEDLORA_FWD_PATH`` (``fused``, ``epilogue``, ``prepass`` or ``auto``, read at each call) forces a path.
     ``auto``: ``epilogue`` for decode (M <= 64: cuBLAS GEMV + one launch), for ranks above 32
     (the fused kernel's h accumulator and its per-N-tile recompute of h, r / BLOCK_N extra flops,
     outweigh the epilogue path's extra read of x and read/write of out), with dropout on x
@@ -539,9 +554,13 @@ def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x
     """
     M, K = x.shape
     N, r = b_nr.shape
-    h = torch.empty((M, r), device=x.device, dtype=torch.float32) if store_h else None
+    prepass = path == "prepass"
+    h = torch.empty((M, r), device=x.device, dtype=torch.float32) if store_h or prepass else None
     store_y = store_y and row_scale is not None
-    if path == "fused":
+    if prepass:  # h = x_d a_rk^T first (one skinny pass over x), then a plain GEMM that reads it
+        _adapter_epilogue(x, a_rk, b_nr, None, None, scaling, p_drop, seed, out=None, h=h, x_dropout=x_dropout,
+                          out_dropout=False)
+    if path in ("fused", "prepass"):
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
         y = torch.empty_like(out) if store_y else None
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -553,10 +572,10 @@ def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x
             b_nr.stride(0), b_nr.stride(1), out.stride(0), out.stride(1), h.stride(0) if h is not None else 0,
             float(scaling), float(p_drop),
             HAS_BIAS=bias is not None, HAS_U=u is not None, HAS_V=v is not None, HAS_ROW_SCALE=row_scale is not None,
-            X_DROPOUT=x_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, STORE_Y=store_y,
-            BLOCK_R=_block_r(r), **_precisions(x.dtype),
+            X_DROPOUT=x_dropout and not prepass, OUT_DROPOUT=out_dropout, STORE_H=store_h and not prepass,
+            STORE_Y=store_y, H_GIVEN=prepass, BLOCK_R=_block_r(r), **_precisions(x.dtype),
         )
-        return out, h, y
+        return out, (h if store_h else None), y
     # cuBLAS base product; the adapter term (then the row scale and the bias) is applied in place
     out = F.linear(x, w_nk, bias if row_scale is None else None)
     y = torch.empty_like(out) if store_y else None
