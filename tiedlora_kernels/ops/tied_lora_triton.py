@@ -46,8 +46,9 @@ Backward, G = dL/dout (M, N), v B = diag(v) B, g = (G * v) B (M, r), gh = s * g 
   M x N write and read; not done before a GPU measurement says it pays.)
 
 Saved for backward: h (M, r) fp32 only when B, u or v trains; x only when A trains (nothing of
-size M x K is kept when A is frozen); y (M, N) only when a row scale trains; the frozen weight, A, B, u, v (parameters: no copies); the
-dropout seed (one int64), never the mask. Only the needed gradients are computed; frozen tensors
+size M x K is kept when A is frozen); y (M, N) only when a row scale trains; the frozen weight,
+A, B, u, v (parameters: no copies); the dropout seed (one int64), never the mask. Nothing is
+saved under no_grad. Only the needed gradients are computed; frozen tensors
 launch nothing and allocate nothing. All accumulation is fp32; gradients are returned in each
 parameter's dtype.
 
