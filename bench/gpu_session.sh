@@ -44,7 +44,7 @@ phase() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "
 } > "$OUT/env.txt" 2>&1
 
 phase "cuda-marked tests"
-timeout -s INT -k 15 120 "$PY" -m pytest ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} -q -p no:cacheprovider -m cuda tests -rfE > "$OUT/gpu_tests_cuda.log" 2>&1
+timeout -s INT -k 15 150 "$PY" -m pytest ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} -q -p no:cacheprovider -m cuda tests -rfE > "$OUT/gpu_tests_cuda.log" 2>&1
 CUDA_RC=$?
 echo "cuda-marked tests: exit $CUDA_RC; $(tail -1 "$OUT/gpu_tests_cuda.log")" | tee -a "$OUT/SUMMARY.md"
 
