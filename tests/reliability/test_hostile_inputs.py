@@ -41,16 +41,16 @@ COUNTS: dict[str, int] = {}
 # ---------------------------------------------------------------------------------------------
 # The oracle.
 
-def formula64(x, W, b, A, B, u, v, s):
-    """out = x W^T + b + s (((x A^T) * u) B^T) * v in float64 autograd (no dropout)."""
-    out = x @ W.T
-    if b is not None:
-        out = out + b
+def formula64(x, W, b, A, B, u, v, s, c=None):
+    """out = c * (x W^T + s (((x A^T) * u) B^T) * v) + b in float64 autograd (no dropout; c = 1 if None)."""
     z = (x @ A.T) * (u if u is not None else 1.0)
     d = z @ B.T
     if v is not None:
         d = d * v
-    return out + s * d
+    out = x @ W.T + s * d
+    if c is not None:
+        out = out * c
+    return out + b if b is not None else out
 
 
 @st.composite
@@ -64,6 +64,7 @@ def cases(draw, max_dim=12, max_rows=9, dtypes=(torch.float32, torch.float64, to
     return dict(
         lead=lead, K=K, N=N, r=r, dtype=dtype, adapter_dtype=adapter_dtype,
         bias=draw(st.booleans()), u=draw(st.booleans()), v=draw(st.booleans()),
+        c=draw(st.booleans()),  # a row scale (DoRA's magnitude)
         # How each tensor is laid out in memory: contiguous, a strided slice, or a transpose.
         x_layout=draw(st.sampled_from(["contiguous", "sliced", "transposed"])),
         w_layout=draw(st.sampled_from(["contiguous", "sliced", "transposed"])),
@@ -99,8 +100,9 @@ def build(case):
         "B": torch.randn(N, r, generator=g),
         "u": torch.randn(r, generator=g) if case["u"] else None,
         "v": torch.randn(N, generator=g) if case["v"] else None,
+        "c": 1 + 0.5 * torch.randn(N, generator=g) if case.get("c") else None,
     }
-    dtypes = {"x": dt, "W": dt, "b": dt, "A": adt, "B": adt, "u": adt, "v": adt}
+    dtypes = {"x": dt, "W": dt, "b": dt, "A": adt, "B": adt, "u": adt, "v": adt, "c": adt}
     layouts = {"x": case["x_layout"], "W": case["w_layout"], "A": case["ab_layout"], "B": case["ab_layout"]}
     ours, exact = {}, {}
     for k, t in raw.items():
@@ -116,12 +118,13 @@ def build(case):
 def check_against_formula(fn, case):
     ours, exact = build(case)
     s = case["scaling"]
-    args = lambda d: (d["x"], d["W"], d["b"], d["A"], d["B"], d["u"], d["v"])  # noqa: E731
-    out = fn(*args(ours), scaling=s)
+    args = lambda d: (d["x"], d["W"], d["b"], d["A"], d["B"], d["u"], d["v"], d["c"])  # noqa: E731
+    row_scale = {"row_scale": ours["c"]} if ours["c"] is not None else {}
+    out = fn(*args(ours)[:-1], scaling=s, **row_scale)
     assert out.shape == (*case["lead"], case["N"]) and out.dtype == case["dtype"]
-    want = formula64(*args(exact), s)
+    want = formula64(*args(exact)[:-1], s, exact["c"])
     absd = {k: (t.detach().abs().requires_grad_(t.requires_grad) if t is not None else None) for k, t in exact.items()}
-    bound = formula64(*args(absd), abs(s))
+    bound = formula64(*args(absd)[:-1], abs(s), absd["c"])
 
     G = torch.randn(out.shape, generator=torch.Generator().manual_seed(case["seed"] + 1)).to(out.dtype)
     grads = torch.autograd.grad(out, [t for t in args(ours) if t is not None and t.requires_grad], G,
@@ -130,7 +133,7 @@ def check_against_formula(fn, case):
                                      G.double(), allow_unused=True)
     bound_grads = torch.autograd.grad(bound, [t for t in args(absd) if t is not None and t.requires_grad],
                                       G.double().abs(), allow_unused=True)
-    names = [k for k in ("x", "A", "B", "u", "v") if ours[k] is not None]
+    names = [k for k in ("x", "A", "B", "u", "v", "c") if ours[k] is not None]
     pairs = [("out", out, want, bound)] + list(zip(names, grads, want_grads, bound_grads))
     for name, have, w, bnd in pairs:
         if have is None:  # empty batch: autograd reports "no path" as None; zero is what it means
@@ -182,8 +185,12 @@ def test_generated_cases_match_the_float64_formula_triton_backend(monkeypatch):
 
 def _mutant(kind):
     """A deliberately wrong op, to show the oracle above rejects it."""
-    def fn(x, W, b, A, B, u, v, scaling):
-        if kind == "u-ignored":
+    def fn(x, W, b, A, B, u, v, scaling, row_scale=None):
+        if kind == "row-scale-ignored":
+            row_scale = None
+        elif kind == "row-scale-grad-lost":
+            row_scale = row_scale.detach()
+        elif kind == "u-ignored":
             u = None
         elif kind == "bias-dropped":
             b = None
@@ -196,16 +203,16 @@ def _mutant(kind):
         elif kind == "dropout-always-on":
             torch.manual_seed(0)
             return reference.tied_lora_linear(x, W, b, A, B, u, v, scaling, dropout_p=0.1, training=True)
-        return reference.tied_lora_linear(x, W, b, A, B, u, v, scaling)
+        return reference.tied_lora_linear(x, W, b, A, B, u, v, scaling, row_scale=row_scale)
     return fn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["u-ignored", "bias-dropped", "scaling-squared", "A-grad-lost", "v-twice",
-                                  "dropout-always-on"])
+                                  "dropout-always-on", "row-scale-ignored", "row-scale-grad-lost"])
 def test_the_oracle_rejects_wrong_implementations(kind, dtype):
     case = dict(lead=(2, 5), K=12, N=9, r=4, dtype=dtype, adapter_dtype=torch.float32, bias=True, u=True, v=True,
-                x_layout="sliced", w_layout="transposed", ab_layout="contiguous", scaling=0.5, seed=1)
+                c=True, x_layout="sliced", w_layout="transposed", ab_layout="contiguous", scaling=0.5, seed=1)
     with pytest.raises(AssertionError):
         check_against_formula(_mutant(kind), case)
     check_against_formula(_mutant("none"), case)
