@@ -293,35 +293,51 @@ def test_simple_dora_injected_on_meta_then_loaded_matches_direct(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["dora", "simple_dora", "partial", "tl_extra", "tensor_embed"])
-def test_inference_caches_derived_tensors_until_a_source_is_written(monkeypatch, preset):
-    """Without grad, the row norms and the effective (A_i, B_i, v_i) of the variants are computed
-    once and reused; any write to the weight or to an adapter tensor recomputes them (outputs equal a
-    fresh model's); with grad the effective tensors are recomputed every call."""
+def test_cached_adapters_computes_derived_tensors_once_inside_the_context_only(monkeypatch, preset):
+    """Inside cached_adapters (no grad) the variants' derived tensors and DoRA's norm are computed
+    once per layer and reused; outside it, and with grad inside it, every call recomputes, so writes
+    the version counter cannot see (.data, fused optimizers) never leave a stale value."""
+    from tiedlora_kernels import cached_adapters
     from tiedlora_kernels.modules import TiedLoRALinear
 
     model = injected(preset)
     randomize_adapters(model, std=0.3)
-    computed, effective = [], []
-    cached, eff = TiedLoRALinear._cached, TiedLoRALinear._effective_tensors
-    monkeypatch.setattr(TiedLoRALinear, "_cached", lambda self, slot, sources, compute: cached(
-        self, slot, sources, lambda: computed.append(slot) or compute()))
-    monkeypatch.setattr(TiedLoRALinear, "_effective_tensors", lambda self: effective.append(1) or eff(self))
+    computed = []
+    derived = TiedLoRALinear._derived
+    monkeypatch.setattr(TiedLoRALinear, "_derived", lambda self, slot, compute: derived(
+        self, slot, lambda: computed.append(slot) or compute()))
     layers = [layer for _, layer in adapted_layers(model)]
     with torch.no_grad():
-        first = model(IDS).logits
-        assert len(computed) >= len(layers)
-        computed.clear()
-        assert torch.equal(model(IDS).logits, first)
-        assert computed == []
+        plain = model(IDS).logits
+        per_call = len(computed)
+        assert per_call >= len(layers)
+        with cached_adapters(model):
+            computed.clear()
+            first = model(IDS).logits
+            assert len(computed) == per_call
+            computed.clear()
+            assert torch.equal(model(IDS).logits, first) and computed == []
+        assert torch.equal(first, plain)
+        assert all(layer._frozen_cache is None for layer in layers)
         for prm in layers[1].factors.parameters():
-            prm.add_(0.05)  # adapter factors (banks, core bank): that layer's derived tensors change
-        layers[0].weight.mul_(1.5)  # a base weight: Simple DoRA's ||W|| and DoRA's ||W + dW|| change
+            prm.data.add_(0.05)  # a write the version counter does not see
+        computed.clear()
         after = model(IDS).logits
-        assert computed
-    fresh = copy.deepcopy(model)  # deepcopy drops the caches: everything recomputed
+        assert len(computed) == per_call
+    fresh = copy.deepcopy(model)
     with torch.no_grad():
         assert torch.equal(after, fresh(IDS).logits)
-    assert not torch.equal(after, first)
-    effective.clear()
-    model(IDS).logits.sum().backward()
-    assert len(effective) == len(layers)  # training: recomputed every call
+    assert not torch.equal(after, plain)
+    with cached_adapters(model):  # grad enabled: recomputed every call
+        computed.clear()
+        model(IDS).logits.sum().backward()
+        assert len(computed) == per_call
+
+
+def test_simple_dora_trains_after_an_inference_mode_evaluation():
+    """Lightning-style: validation under inference_mode, then a training step."""
+    model = injected("simple_dora")
+    with torch.inference_mode():
+        model(IDS)
+    logits_and_loss(model)
+    assert all(layer.adapter_m.grad is not None for _, layer in adapted_layers(model))

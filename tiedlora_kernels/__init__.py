@@ -10,11 +10,11 @@ from .config import PRESETS, TiedLoRAConfig
 from .integrations import (adapted_layers, adapter_named_parameters, expected_trainable_parameters, from_peft,
                            inject, load_adapter, merge, reset_adapters, save_adapter, trainable_parameters,
                            unmerge)
-from .modules import TiedFactors, TiedLoRALinear
+from .modules import TiedFactors, TiedLoRALinear, cached_adapters
 from .ops import tied_lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["tied_lora_linear", "reference", "TiedLoRAConfig", "PRESETS", "inject", "merge", "unmerge",
            "save_adapter", "load_adapter", "from_peft", "trainable_parameters", "expected_trainable_parameters",
-           "adapted_layers", "adapter_named_parameters", "reset_adapters", "TiedLoRALinear", "TiedFactors"]
+           "adapted_layers", "adapter_named_parameters", "reset_adapters", "cached_adapters", "TiedLoRALinear", "TiedFactors"]

@@ -14,14 +14,28 @@ from __future__ import annotations
 
 from typing import Optional
 
+import contextlib
+
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 from .ops import tied_lora_linear
 
 #: ``weight_layout`` values: ``nn.Linear`` stores W as (N, K); HF ``Conv1D`` stores W^T as (K, N).
 LAYOUTS = ("linear", "conv1d")
+
+#: Optimizer steps taken in this process (any torch optimizer, fused ones included): part of the
+#: validity key of the shared fp32 casts, since fused optimizer kernels do not move ``_version``.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class TiedFactors(nn.Module):
@@ -39,7 +53,11 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
-        self._fp32_views: dict[str, tuple[int, torch.Tensor]] = {}
+        self._fp32_views: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def new_forward_pass(self) -> None:
+        """Drop the shared fp32 casts: called by the model root's forward pre-hook (see ``inject``)."""
+        self._fp32_views.clear()
 
     @property
     def rank(self) -> int:
@@ -53,14 +71,21 @@ class TiedFactors(nn.Module):
         """The factor as the layers should use it. A trained bf16/fp16 factor is replaced by one fp32
         cast shared by every layer of the kind: each layer's gradient is added into that fp32 tensor
         and the sum is rounded to the parameter's dtype once (used directly, autograd would add the
-        per-layer gradients in bf16). The cast has no saved state, so sharing it across forward
-        passes is safe; it is redone whenever the parameter changes (its version moves)."""
+        per-layer gradients in bf16).
+
+        The cast is made once per forward pass of the model: the root's forward pre-hook drops it
+        (activation checkpointing's recompute, inside the same step, reuses it). As a second guard,
+        for layers called without the root, it is also redone when the parameter object, its
+        in-place version or the count of optimizer steps changes (fused optimizers write without
+        moving the version)."""
         p = getattr(self, name)
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
+        # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes.
+        key = None if torch.compiler.is_compiling() else (id(p), p._version, _OPTIMIZER_STEPS[0])
         cached = self._fp32_views.get(name)
-        if cached is None or cached[0] != p._version:
-            cached = (p._version, p.float())
+        if cached is None or cached[0] != key or cached[2] is not p:
+            cached = (key, p.float(), p)
             self._fp32_views[name] = cached
         return cached[1]
 
@@ -84,6 +109,11 @@ class TiedFactors(nn.Module):
 class AdapterFactors(nn.ModuleDict):
     """All :class:`TiedFactors` of a model, keyed by group name (the kind, or the layer path for
     untied adapters, with ``.`` written as ``__``). Attached to the model root as ``model.tiedlora``."""
+
+    def new_forward_pass(self, module=None, args=None) -> None:
+        """Forward pre-hook of the model root: each forward pass makes fresh fp32 casts."""
+        for factors in self.values():
+            factors.new_forward_pass()
 
 
 class TiedLoRALinear(nn.Module):
@@ -133,9 +163,8 @@ class TiedLoRALinear(nn.Module):
         for name in self.PER_LAYER:
             setattr(self, name, per_layer.get(name))
         self.magnitude = magnitude
-        # Values computed from parameters (row norms; effective tensors in inference), each with the
-        # identity/version key of the tensors it was computed from.
-        self._cache: dict[str, tuple] = {}
+        # Derived tensors kept inside ``cached_adapters`` (None: not in that context, recompute).
+        self._frozen_cache: Optional[dict] = None
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.kind = kind
@@ -165,13 +194,7 @@ class TiedLoRALinear(nn.Module):
 
     def adapter_tensors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The effective (A_i (r, K), B_i (N, r), u_i (r,) or None, v_i (N,) or None) of this layer."""
-        derived = (self._factors.banked or self.adapter_M is not None or self.adapter_wM is not None
-                   or self.magnitude == "simple_dora")
-        if derived and not torch.is_grad_enabled():
-            # Inference: the small products below would be extra launches on every layer of every
-            # decode step; they are kept until one of their source tensors is written.
-            return self._cached("effective", self._sources(), self._effective_tensors)
-        return self._effective_tensors()
+        return self._derived("effective", self._effective_tensors)
 
     def _effective_tensors(self):
         A, B = self._factors.slices(self.in_features, self.out_features)
@@ -191,11 +214,13 @@ class TiedLoRALinear(nn.Module):
 
     def base_row_norm(self) -> torch.Tensor:
         """||W||_row (N,) of the frozen base weight, fp32: Simple DoRA's W0 = W / norm without
-        rewriting W. Computed on first use and again whenever the weight is written (loaded,
-        materialised from the meta device, moved), never from a merged weight."""
+        rewriting W. Computed from the weight as it is at each call (loaded, materialised from the
+        meta device, pruned, parametrized: never stale; one N x K pass, ~1% of a training step's
+        GEMMs), never from a merged weight."""
         if self.merged:
             return self.merged_base_norm
-        return self._cached("base", (self.weight,), lambda: _row_norm(self.weight_nk()))
+        with torch.no_grad():
+            return _row_norm(self.weight_nk())
 
     def row_scale(self, A, B, u, v) -> Optional[torch.Tensor]:
         """c (N,) of the class docstring, or None when there is no magnitude."""
@@ -206,37 +231,26 @@ class TiedLoRALinear(nn.Module):
             return m / self.base_row_norm().to(m.dtype)
         # DoRA treats ||W + dW||_row as a constant (detached), as the paper and PEFT do.
         def norm():
-            return _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
-        if torch.is_grad_enabled():  # training: recomputed every call, as the adapter moves every step
             with torch.no_grad():
-                detached = norm()
-            return m / detached.to(m.dtype)
-        # Inference (e.g. serving unmerged adapters): an N x K pass per call would cost more than a
-        # decode GEMV, so the norm is kept until the weight or any adapter tensor is written.
-        return m / self._cached("dora", self._sources(), norm).to(m.dtype)
+                return _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
+        return m / self._derived("dora_norm", norm).to(m.dtype)
 
-    def _sources(self) -> tuple:
-        """Every tensor the effective adapter tensors and the row norms are computed from."""
-        return (self.weight, self._factors.A, self._factors.B, self._factors.core_bank,
-                *(getattr(self, n) for n in self.PER_LAYER))
+    def _derived(self, slot: str, compute):
+        """``compute()``; inside :func:`cached_adapters` without grad, computed once and kept.
 
-    def _cached(self, slot: str, sources: tuple, compute):
-        """``compute()`` under no_grad, reused while every tensor of ``sources`` keeps its storage,
-        dtype and in-place version (any write through torch bumps the version)."""
-        if torch.compiler.is_compiling():  # traced into the graph (storage identity is not traceable)
-            with torch.no_grad():
-                return compute()
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        cached = self._cache.get(slot)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, compute())
-            self._cache[slot] = cached
-        return cached[1]
+        Outside that context nothing is kept: a cache keyed on tensor versions goes stale under
+        writes that do not move them (fused optimizers, ``.data``, collectives, re-parametrized
+        weights), so reuse is only offered where the caller promises the adapter does not change."""
+        cache = self._frozen_cache
+        if cache is None or torch.is_grad_enabled():
+            return compute()
+        if slot not in cache:
+            cache[slot] = compute()
+        return cache[slot]
 
     def __getstate__(self):
-        # Cached values belong to the tensors they were computed from: never copied or pickled.
-        return {**self.__dict__, "_cache": {}}
+        # Derived tensors belong to one cached_adapters context: never copied or pickled.
+        return {**self.__dict__, "_frozen_cache": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -288,6 +302,29 @@ class TiedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"kind={self.kind!r}, layout={self.layout}, scaling={self.scaling:g}, per_layer={own}, "
                 f"magnitude={self.magnitude}, dropout={self.dropout:g}, merged={self.merged}")
+
+
+@contextlib.contextmanager
+def cached_adapters(model: nn.Module):
+    """Inference context: each adapted layer computes its derived tensors (partial tying's A_i / B_i,
+    Extra's B M_i, Simple DoRA's v * ||W||, DoRA's ||W + dW||_row) once, on first use without grad,
+    and reuses them until the context exits. For serving and ``generate`` loops over an unmerged
+    adapter, where these would otherwise cost small launches (and DoRA an N x K pass) per layer per
+    step. Do not change the base weights, the adapter, or ``scaling`` inside the context; forwards
+    with grad enabled inside it recompute as usual.
+
+    Example:
+        >>> with torch.no_grad(), cached_adapters(model):
+        ...     tokens = model.generate(prompt, max_new_tokens=64)
+    """
+    layers = [m for m in model.modules() if isinstance(m, TiedLoRALinear)]
+    for layer in layers:
+        layer._frozen_cache = {}
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._frozen_cache = None
 
 
 def _row_norm(w: torch.Tensor) -> torch.Tensor:
