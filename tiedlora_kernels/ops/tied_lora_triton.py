@@ -462,7 +462,7 @@ def _prune_fused_configs(configs, named_args, **kwargs):
 
 _tied_lora_fwd_tuned = triton.autotune(
     # The constexprs that change the main loop are part of the key: each variant is tuned on its own.
-    configs=_fused_configs(), key=["ROWS_BUCKET", "N", "K", "R", "H_GIVEN", "X_DROPOUT", "OUT_DROPOUT"],
+    configs=_fused_configs(), key=["ROWS_BUCKET", "N", "K", "R", "H_GIVEN", "X_DROPOUT", "OUT_DROPOUT", "MAIN_PREC"],
     prune_configs_by={"early_config_prune": _prune_fused_configs},
 )(_tied_lora_fwd_kernel)
 
