@@ -194,6 +194,11 @@ class TiedLoRALinear(nn.Module):
 
     def adapter_tensors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The effective (A_i (r, K), B_i (N, r), u_i (r,) or None, v_i (N,) or None) of this layer."""
+        return self.op_tensors()[:4]
+
+    def op_tensors(self) -> tuple:
+        """(A_i, B_i, u_i, v_i, c): the effective tensors and the row scale (c (N,) or None) the fused
+        op takes for this layer; Simple DoRA's ||W||_row is computed once for both v_i and c."""
         return self._derived("effective", self._effective_tensors)
 
     def _effective_tensors(self):
@@ -206,11 +211,16 @@ class TiedLoRALinear(nn.Module):
             M = torch.einsum("k,krs->rs", self.adapter_wM, self._factors.core_bank)
         if M is not None:
             B = B @ M.to(B.dtype)
-        v = self.adapter_v
-        if self.magnitude == "simple_dora":
-            n = self.base_row_norm().to(B.dtype)
-            v = n if v is None else v * n
-        return A, B, self.adapter_u, v
+        u, v, c, m = self.adapter_u, self.adapter_v, None, self.adapter_m
+        if self.magnitude == "simple_dora":  # v_i = v * ||W||, c = m / ||W||
+            n = self.base_row_norm()
+            v = n.to(B.dtype) if v is None else v * n.to(B.dtype)
+            c = m / n.to(m.dtype)
+        elif self.magnitude == "dora":  # c = m / ||W + dW||_row, the norm detached (paper, PEFT)
+            with torch.no_grad():
+                n = _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
+            c = m / n.to(m.dtype)
+        return A, B, u, v, c
 
     def base_row_norm(self) -> torch.Tensor:
         """||W||_row (N,) of the frozen base weight, fp32: Simple DoRA's W0 = W / norm without
@@ -221,19 +231,6 @@ class TiedLoRALinear(nn.Module):
             return self.merged_base_norm
         with torch.no_grad():
             return _row_norm(self.weight_nk())
-
-    def row_scale(self, A, B, u, v) -> Optional[torch.Tensor]:
-        """c (N,) of the class docstring, or None when there is no magnitude."""
-        if self.magnitude == "none":
-            return None
-        m = self.adapter_m
-        if self.magnitude == "simple_dora":
-            return m / self.base_row_norm().to(m.dtype)
-        # DoRA treats ||W + dW||_row as a constant (detached), as the paper and PEFT do.
-        def norm():
-            with torch.no_grad():
-                return _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
-        return m / self._derived("dora_norm", norm).to(m.dtype)
 
     def _derived(self, slot: str, compute):
         """``compute()``; inside :func:`cached_adapters` without grad, computed once and kept.
@@ -255,18 +252,17 @@ class TiedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight_nk(), self.bias)
-        A, B, u, v = self.adapter_tensors()
+        A, B, u, v, c = self.op_tensors()
         # The magnitude c is the op's row scale: applied in the kernels' epilogue, before the bias.
         return tied_lora_linear(x, self.weight_nk(), self.bias, A, B, u, v, self.scaling, self.dropout,
-                                self.training, row_scale=self.row_scale(A, B, u, v))
+                                self.training, row_scale=c)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight: W' = c * (W + dW) (fp32 arithmetic, weight dtype kept)."""
         if self.merged:
             return
-        A, B, u, v = self.adapter_tensors()
-        c = self.row_scale(A, B, u, v)
+        A, B, u, v, c = self.op_tensors()
         w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling)
         if self.magnitude == "simple_dora":  # unmerge needs the norm of the original weight
             self.register_buffer("merged_base_norm", self.base_row_norm(), persistent=False)
