@@ -53,7 +53,7 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
-        self._fp32_views: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._fp32_views: dict[str, tuple] = {}  # name -> (validity key, fp32 cast, parameter cast)
 
     def new_forward_pass(self) -> None:
         """Drop the shared fp32 casts: called by the model root's forward pre-hook (see ``inject``)."""
@@ -82,7 +82,7 @@ class TiedFactors(nn.Module):
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
         # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes.
-        key = None if torch.compiler.is_compiling() else (id(p), p._version, _OPTIMIZER_STEPS[0])
+        key = None if torch.compiler.is_compiling() else (p._version, _OPTIMIZER_STEPS[0])
         cached = self._fp32_views.get(name)
         if cached is None or cached[0] != key or cached[2] is not p:
             cached = (key, p.float(), p)

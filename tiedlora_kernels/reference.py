@@ -45,12 +45,7 @@ def tied_lora_linear(
         scale multiplies the rounded pre-scale output in the wider of x's and c's dtype.
     """
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if row_scale is not None:
-        y = tied_lora_linear(x, weight, None, A, B, u, v, scaling, dropout_p, training)
-        ct = torch.promote_types(y.dtype, row_scale.dtype)
-        out = (y.to(ct) * row_scale.to(ct)).to(x.dtype)
-        return out + bias if bias is not None else out
-    base = F.linear(x, weight, bias)
+    base = F.linear(x, weight, bias if row_scale is None else None)
     ct = adapter_compute_dtype(x, A)
     xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     h = F.linear(xd.to(ct), A.to(ct))
@@ -58,7 +53,12 @@ def tied_lora_linear(
     delta = F.linear(z, B.to(ct))
     if v is not None:
         delta = delta * v.to(ct)
-    return base + (scaling * delta).to(x.dtype)
+    out = base + (scaling * delta).to(x.dtype)
+    if row_scale is None:
+        return out
+    cs = torch.promote_types(out.dtype, row_scale.dtype)
+    out = (out.to(cs) * row_scale.to(cs)).to(x.dtype)
+    return out + bias if bias is not None else out
 
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],

@@ -46,13 +46,11 @@ def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_
                          f"got {_describe(x)}")
     dev = x.device
     _check_tensor("weight", weight, (N, K), dev)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"tied_lora_linear: weight dtype {weight.dtype} must equal x dtype {x.dtype} "
-                        f"(cast the input or the layer, as for F.linear)")
     if bias is not None:
         _check_tensor("bias", bias, (N,), dev)
-        if bias.dtype != x.dtype:
-            raise TypeError(f"tied_lora_linear: bias dtype {bias.dtype} must equal x dtype {x.dtype} "
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"tied_lora_linear: {name} dtype {t.dtype} must equal x dtype {x.dtype} "
                             "(cast the input or the layer, as for F.linear)")
     if not isinstance(A, torch.Tensor) or A.dim() != 2:
         got = _describe(A) if isinstance(A, torch.Tensor) else type(A).__name__

@@ -557,13 +557,12 @@ def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x
     N, r = b_nr.shape
     prepass = path == "prepass"
     h = torch.empty((M, r), device=x.device, dtype=torch.float32) if store_h or prepass else None
-    store_y = store_y and row_scale is not None
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_y and row_scale is not None else None
     if prepass:  # h = x_d a_rk^T first (one skinny pass over x), then a plain GEMM that reads it
         _adapter_epilogue(x, a_rk, b_nr, None, None, scaling, p_drop, seed, out=None, h=h, x_dropout=x_dropout,
                           out_dropout=False)
     if path in ("fused", "prepass"):
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        y = torch.empty_like(out) if store_y else None
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _tied_lora_fwd_tuned[grid](
             x, w_nk, _vec(bias, x), a_rk, b_nr, _vec(u, x), _vec(v, x), _vec(row_scale, x),
@@ -574,12 +573,11 @@ def _adapted_matmul(x, w_nk, bias, a_rk, b_nr, u, v, scaling, p_drop, seed, *, x
             float(scaling), float(p_drop),
             HAS_BIAS=bias is not None, HAS_U=u is not None, HAS_V=v is not None, HAS_ROW_SCALE=row_scale is not None,
             X_DROPOUT=x_dropout and not prepass, OUT_DROPOUT=out_dropout, STORE_H=store_h and not prepass,
-            STORE_Y=store_y, H_GIVEN=prepass, BLOCK_R=_block_r(r), **_precisions(x.dtype),
+            STORE_Y=y is not None, H_GIVEN=prepass, BLOCK_R=_block_r(r), **_precisions(x.dtype),
         )
         return out, (h if store_h else None), y
     # cuBLAS base product; the adapter term (then the row scale and the bias) is applied in place
     out = F.linear(x, w_nk, bias if row_scale is None else None)
-    y = torch.empty_like(out) if store_y else None
     _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, out=out, h=h, x_dropout=x_dropout,
                       out_dropout=out_dropout, row_scale=row_scale, bias=bias if row_scale is not None else None, y=y)
     return out, h, y
@@ -590,7 +588,7 @@ def _adapter_epilogue(x, a_rk, b_nr, u, v, scaling, p_drop, seed, *, out, h, x_d
     """out += s * ((x_d a_rk^T * u) b_nr^T) * v in place (when ``out`` is given), then, with a
     ``row_scale`` c, out = c * out + bias, the pre-scale value written to ``y`` (when given);
     h = x_d a_rk^T into ``h`` (when given). x (M, K), a_rk (r, K), b_nr (N, r), out (M, N): any
-    strides; y (M, N) with out's strides."""
+    strides; y (M, N) with out's strides (both contiguous here)."""
     M, K = x.shape
     N, r = b_nr.shape
     block_r = _block_r(r)
