@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 import tiedlora_kernels
 from tiedlora_kernels import TiedLoRAConfig, inject, reference
 
-KERNEL_FILE = Path(tiedlora_kernels.__file__).parent / "ops" / "tied_lora_triton.py"
-needs_kernels = pytest.mark.skipif(not KERNEL_FILE.exists(), reason="Triton kernels (ops/tied_lora_triton.py) missing")
+KERNEL_FILE = Path(tiedlora_kernels.__file__).parent / "ops" / "tied_lora.py"
+needs_kernels = pytest.mark.skipif(not KERNEL_FILE.exists(), reason="GPU path (ops/tied_lora.py) missing")
 
 #: Elementwise bound factor per activation dtype: |ours - exact| <= TOL * (abs-value bound) + floor.
 #: Derivation: fp32/fp64 sums of at most ~100 terms (K, N, r <= 12, rows <= 81) cost < 100 eps;
@@ -341,13 +341,25 @@ ERRORS = [
     ("v-wrong", _args(v=torch.randn(6)), ValueError, r"\bv must have shape \(5,\)"),
     ("bias-wrong", _args(bias=torch.randn(6)), ValueError, r"\bbias must have shape \(5,\)"),
     ("weight-3d", _args(weight=torch.randn(1, 5, 6)), ValueError, r"\bweight must be a 2-D tensor"),
+    # the row scale c (N,): a (1,) or (M, N) scale would broadcast silently in torch and be read out
+    # of bounds by a kernel that expects N elements
+    ("row_scale-1", _args(row_scale=torch.randn(1)), ValueError, r"\brow_scale must have shape \(5,\)"),
+    ("row_scale-MxN", _args(row_scale=torch.randn(4, 5)), ValueError, r"\brow_scale must have shape \(5,\)"),
+    ("row_scale-int", _args(row_scale=torch.ones(5, dtype=torch.int64)), TypeError,
+     r"\brow_scale must be a floating tensor"),
+    ("row_scale-on-meta", _args(row_scale=torch.randn(5, device="meta")), ValueError, r"\brow_scale must be on cpu"),
 ]
 
 
 @pytest.mark.parametrize("args, exc, match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
-@pytest.mark.parametrize("fn", [tiedlora_kernels.tied_lora_linear, reference.tied_lora_linear], ids=["dispatch", "reference"])
-def test_bad_arguments_raise_errors_naming_the_argument(monkeypatch, fn, args, exc, match):
-    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+@pytest.mark.parametrize("fn, backend", [(tiedlora_kernels.tied_lora_linear, "torch"),
+                                         pytest.param(tiedlora_kernels.tied_lora_linear, "triton",
+                                                      marks=[needs_kernels, pytest.mark.interpreter]),
+                                         (reference.tied_lora_linear, "torch")],
+                         ids=["dispatch-torch", "dispatch-triton", "reference"])
+def test_bad_arguments_raise_errors_naming_the_argument(monkeypatch, fn, backend, args, exc, match):
+    """The same clear error on every backend, raised before anything runs."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
     with pytest.raises(exc, match=match):
         fn(**args)
 

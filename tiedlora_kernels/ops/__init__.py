@@ -1,16 +1,24 @@
-"""Fused ops and the backend switch.
+"""The adapted linear op and its backend switch.
 
-``TIEDLORA_BACKEND`` (read at call time) picks the implementation of :func:`tied_lora_linear`:
+``TIEDLORA_BACKEND`` picks the implementation of :func:`tied_lora_linear`:
 
-- ``auto`` (default): the Triton kernels for CUDA tensors in fp32/bf16/fp16 with a frozen base
-  layer, the torch reference otherwise (CPU tensors, fp64, a base weight that trains);
+- ``auto`` (default): the GPU path (cuBLAS GEMMs + this package's Triton kernels, ``ops/tied_lora.py``)
+  for CUDA tensors in fp32/bf16/fp16 with a frozen base layer, the torch reference otherwise (CPU
+  tensors, fp64, a base weight that trains);
 - ``torch``: always the reference (``tiedlora_kernels.reference``);
-- ``triton``: always the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` set
-  before the kernels are first imported (how CI checks kernel parity without a GPU).
+- ``triton``: always the GPU path. On CPU tensors this needs ``TRITON_INTERPRET=1`` set before the
+  kernels are first imported (how CI checks kernel parity without a GPU).
+
+The settings the switch reads (the environment, whether triton is installed) are read by
+:func:`dispatch_settings`, which ``torch.compile`` evaluates once in Python when it traces a call,
+never inside the graph: no torch version's dynamo has to trace ``os.environ`` or
+``importlib.util.find_spec`` (torch 2.11's refuses the latter). A compiled model keeps the backend
+it was traced with; changing ``TIEDLORA_BACKEND`` afterwards needs ``torch._dynamo.reset()``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -23,32 +31,53 @@ from ..validation import check_tied_lora_inputs
 BACKENDS = ("auto", "torch", "triton")
 
 
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> str:
-    """The backend that will run for activations ``x`` (and base ``weight``/``bias``): ``"torch"`` or ``"triton"``."""
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (looked up once per process)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch._dynamo.assume_constant_result
+def dispatch_settings() -> tuple[str, bool, bool]:
+    """(``TIEDLORA_BACKEND``, triton installed, ``TRITON_INTERPRET`` set): everything the switch reads
+    besides the tensors. Under ``torch.compile`` dynamo calls this in Python and bakes the result
+    into the graph instead of tracing it."""
     want = os.environ.get("TIEDLORA_BACKEND", "auto").strip().lower() or "auto"
+    return want, triton_available(), triton_interpreting()
+
+
+def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> str:
+    """The backend that will run for activations ``x`` (and base ``weight``/``bias``): ``"torch"`` or ``"triton"``.
+
+    Raises (before any launch) when ``TIEDLORA_BACKEND`` is unknown, or is ``triton`` and the inputs
+    cannot run there; the message names the argument and what the GPU path needs."""
+    want, installed, interpreting = dispatch_settings()
     if want not in BACKENDS:
         raise ValueError(f"TIEDLORA_BACKEND must be one of {BACKENDS}, got {want!r}")
     if want == "torch":
         return "torch"
+    base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
     if want == "auto":
-        base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
         fits = x.is_cuda and x.dtype != torch.float64 and not base_trains
-        return "triton" if fits and triton_available() else "torch"
-    if not triton_available():
+        return "triton" if fits and installed else "torch"
+    if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
-    if not x.is_cuda and not triton_interpreting():
-        raise RuntimeError(f"TIEDLORA_BACKEND=triton needs CUDA tensors (x is on {x.device}), "
-                           "or TRITON_INTERPRET=1 to run the kernels on the CPU interpreter")
+    if not x.is_cuda and not interpreting:
+        raise RuntimeError(f"tied_lora_linear (triton): x must be a CUDA tensor, got device {x.device}; "
+                           "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
+                           "interpreter, or use TIEDLORA_BACKEND=torch")
+    if x.dtype == torch.float64:
+        raise TypeError("tied_lora_linear (triton): x must be float32, bfloat16 or float16 on the Triton "
+                        f"backend, got dtype {x.dtype}; use TIEDLORA_BACKEND=torch (or auto) for float64")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"tied_lora_linear (triton): {name} requires grad, but the kernels treat the base "
+                             "layer as frozen; freeze it, or use TIEDLORA_BACKEND=torch to train it")
     return "triton"
 
 
@@ -68,10 +97,10 @@ def tied_lora_linear(
     """Adapted linear layer: out = x W^T + b + s * (((dropout(x) A^T) * u) B^T) * v.
 
     With ``row_scale`` c: out = c * (x W^T + s * (((dropout(x) A^T) * u) B^T) * v) + b, the
-    magnitude of DoRA and Simple DoRA, applied in the kernels' epilogue.
+    magnitude of DoRA and Simple DoRA. The math and the gradients: docs/MATH.md.
 
     Args:
-        x: (..., K) activations, any leading dims and strides; fp32, bf16 or fp16.
+        x: (..., K) activations, any leading dims and strides; fp32, bf16 or fp16 (fp64: torch backend).
         weight: (N, K) frozen base weight, same dtype as x (HF ``Conv1D`` passes ``weight.t()``).
         bias: (N,) or None.
         A: (r, K) down projection; B: (N, r) up projection (tied: the same tensors in every layer
@@ -93,7 +122,7 @@ def tied_lora_linear(
     """
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
     if resolve_backend(x, weight, bias) == "triton":
-        from .tied_lora_triton import tied_lora_linear_triton
+        from .tied_lora import tied_lora_linear_triton
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
                                        row_scale=row_scale)

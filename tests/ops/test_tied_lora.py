@@ -1,4 +1,5 @@
-"""``tiedlora_kernels/ops/tied_lora_triton.py`` against the float64 reference: forward and every gradient.
+"""The GPU path of the adapted linear op (``tiedlora_kernels/ops/tied_lora.py``: cuBLAS GEMMs and the
+Triton kernels of ``ops/``) against the float64 reference: forward and every gradient.
 
 Without a GPU the real kernels run under TRITON_INTERPRET=1 (set by conftest), so shapes stay small;
 tests marked ``cuda`` cover realistic shapes and run wherever a GPU is at hand.
@@ -21,11 +22,13 @@ if not (torch.cuda.is_available() or triton_interpreting()):
 
 pytestmark = [] if torch.cuda.is_available() else [pytest.mark.interpreter]
 
-kernels = importlib.import_module("tiedlora_kernels.ops.tied_lora_triton")
+kernels = importlib.import_module("tiedlora_kernels.ops.tied_lora")
+common = importlib.import_module("tiedlora_kernels.ops.common")
+dropout = importlib.import_module("tiedlora_kernels.ops.dropout")
+adapter_term_module = importlib.import_module("tiedlora_kernels.ops.adapter_term")
 public_tied_lora_linear = tiedlora_kernels.tied_lora_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PATHS = ("fused", "epilogue", "prepass")
 PARAMS = ("x", "A", "B", "u", "v", "c")  # c: the row scale (DoRA / Simple DoRA magnitude)
 #: ‖out − ref‖ / ‖ref‖ against float64 inputs-as-given, per activation dtype, for the output and
 #: every gradient. fp32: IEEE dots, so only summation-order error; fp16/bf16: the output's and the
@@ -122,27 +125,21 @@ def check(t, scaling=0.7, tol=None):
     return out, grads
 
 
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("TIEDLORA_FWD_PATH", request.param)
-    return request.param
-
-
 SHAPES = [(1, 5, 3, 1), (7, 33, 40, 3), (37, 33, 40, 16), (37, 5, 40, 1), (7, 33, 3, 16), (20, 64, 17, 5)]
 
 
 @pytest.mark.parametrize("M,K,N,r", SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in SHAPES])
-def test_parity_shapes(M, K, N, r, path):
+def test_parity_shapes(M, K, N, r):
     check(make(M, K, N, r))
 
 
 @pytest.mark.parametrize("r", [64, 200], ids=lambda r: f"r{r}")
-def test_large_rank(r, path):
+def test_large_rank(r):
     check(make(5, 33, 40, r))
 
 
 @pytest.mark.parametrize("layout", ["lead3d", "x_sliced", "x_transposed", "w_conv1d"])
-def test_layouts(layout, path):
+def test_layouts(layout):
     kw = dict(lead=(2,)) if layout == "lead3d" else {}
     if layout.startswith("x_"):
         kw = dict(x_layout=layout[2:], lead=(3,) if layout == "x_transposed" else ())
@@ -159,7 +156,7 @@ def test_layouts(layout, path):
 
 @pytest.mark.parametrize("bias,u,v", [(False, False, False), (True, True, False), (False, False, True)],
                          ids=["nobias-nou-nov", "bias-u-nov", "nobias-nou-v"])
-def test_optional_tensors(bias, u, v, path):
+def test_optional_tensors(bias, u, v):
     check(make(7, 33, 40, 3, bias=bias, u=u, v=v))
 
 
@@ -177,13 +174,13 @@ def _saved_tensors(fn):
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_presets_frozen_sets(preset, path, monkeypatch):
+def test_presets_frozen_sets(preset, monkeypatch):
     """Frozen tensors get no gradient, launch no pass, and keep nothing alive: x is saved only when A
     trains, h only when B, u or v trains, and no dropout mask is ever saved (only the seed)."""
     spec = PRESETS[preset]
     M, K, N, r = 7, 33, 40, 3
     t = make(M, K, N, r, u=spec["u"], v=spec["v"], train=spec["train"])
-    calls = {"_da": 0, "_db_dv": 0}
+    calls = {"grad_down": 0, "grad_up": 0}
     for name in calls:
         original = getattr(kernels, name)
 
@@ -201,20 +198,21 @@ def test_presets_frozen_sets(preset, path, monkeypatch):
     big = [shape for ptr, shape in saved if ptr not in (x_ptr, w_ptr) and torch.Size(shape).numel() >= M * K]
     assert not big, f"an M x K tensor (a dropout mask?) was saved: {big}"
     out.backward(upstream((M, N), torch.float32))
-    assert calls["_da"] == int(trains["A"]), "dA pass must run only when A trains"
-    assert calls["_db_dv"] == int(trains["B"] or trains["v"]), "dB/dv pass must run only when B or v trains"
+    assert calls["grad_down"] == int(trains["A"]), "dA pass must run only when A trains"
+    assert calls["grad_up"] == int(trains["B"] or trains["v"]), "dB/dv pass must run only when B or v trains"
     check(t)
 
 
-def test_split_reductions_and_column_splits(path, monkeypatch, nan_allocations):
+def test_split_reductions_and_column_splits(monkeypatch, nan_allocations):
     """As on a GPU: several row splits in the dA / dB / dv partial sums, several column splits in the
-    epilogue kernel (the interpreter otherwise runs one of each)."""
-    monkeypatch.setattr(kernels, "_target_programs", lambda device: 12)
+    adapter_term kernel (the interpreter otherwise runs one of each)."""
+    monkeypatch.setattr(common, "target_programs", lambda device: 12)
+    monkeypatch.setattr(adapter_term_module, "target_programs", lambda device: 12)
     check(make(100, 33, 70, 5, lead=()))
     check(make(100, 33, 70, 5, lead=(), c=True))  # dc's row splits too
 
 
-def test_sliced_factors_and_strided_vectors(path):
+def test_sliced_factors_and_strided_vectors():
     """SPEC's rule for tied layers of different shapes: each uses A_full[:, :K], B_full[:N, :] (views
     with the full tensors' strides); u, v, bias given as strided views. Gradients reach the full tensors."""
     M, K, N, r = 7, 33, 40, 3
@@ -237,17 +235,17 @@ def test_sliced_factors_and_strided_vectors(path):
         assert rel_err(a, b) < TOL[torch.float32], name
 
 
-def test_x_frozen_g_without_dx(path):
-    """First layer: x is frozen, so g comes from the h-only epilogue pass over G; A and u still train."""
+def test_x_frozen_g_without_dx():
+    """First layer: x is frozen, so g comes from the g-only adapter_term pass over G; A and u still train."""
     check(make(7, 33, 40, 3, train=("A", "B", "u", "v")))
 
 
-def test_only_x_trains(path):
-    """Frozen adapter, trained input: dx alone (g used in the dX epilogue, never stored)."""
+def test_only_x_trains():
+    """Frozen adapter, trained input: dx alone (g used for the dX adapter term, never stored)."""
     check(make(7, 33, 40, 3, train=("x",)))
 
 
-def test_tied_over_three_layers(path):
+def test_tied_over_three_layers():
     """The same A, B in three chained layers: dA, dB equal the float64 sums over layers."""
     D, r, L = 24, 3, 3
     gen = torch.Generator().manual_seed(5)
@@ -275,7 +273,7 @@ def test_tied_over_three_layers(path):
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_same_in_forward_and_backward(p, path):
+def test_dropout_mask_same_in_forward_and_backward(p):
     """Reference built from the helper's explicit mask for the seed the op draws: forward, dx and dA
     agree only if the backward recomputes the very mask the forward used."""
     t = make(2, 33, 40, 3, lead=(5,))
@@ -283,8 +281,8 @@ def test_dropout_mask_same_in_forward_and_backward(p, path):
     torch.manual_seed(123)
     out, grads = run(kernel, t, G, 0.7, dropout_p=p, training=True)
     torch.manual_seed(123)
-    seed = kernels.draw_dropout_seed(DEVICE)
-    keep = kernels.dropout_mask(seed, (10, 33), p).reshape(5, 2, 33)
+    seed = dropout.draw_dropout_seed(DEVICE)
+    keep = dropout.dropout_mask(seed, (10, 33), p).reshape(5, 2, 33)
 
     def masked_oracle(x, weight, bias, A, B, u, v, scaling):
         x_d = x * keep.double() / (1 - p)
@@ -308,19 +306,19 @@ ROW_SCALE_CASES = {  # (M, K, N, r, make kwargs): rows = 1, rank 1, odd N, no bi
 
 
 @pytest.mark.parametrize("case", list(ROW_SCALE_CASES))
-def test_row_scale(case, path):
-    """out = c * (x W^T + adapter) + b with c in the epilogue: forward and every gradient, dc included."""
+def test_row_scale(case):
+    """out = c * (x W^T + adapter) + b: forward and every gradient, dc included."""
     M, K, N, r, kw = ROW_SCALE_CASES[case]
     check(make(M, K, N, r, c=True, **kw))
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)],
                          ids=["bf16-act-fp32-adapt", "bf16-act-bf16-adapt"])
-def test_row_scale_low_precision(dtype, adapter_dtype, path):
+def test_row_scale_low_precision(dtype, adapter_dtype):
     check(make(37, 33, 40, 16, dtype=dtype, adapter_dtype=adapter_dtype, c=True))
 
 
-def test_nothing_saved_for_backward_without_grad(path, monkeypatch):
+def test_nothing_saved_for_backward_without_grad(monkeypatch):
     """Under no_grad neither h (M, r) nor the pre-scale output y (M, N) is computed for a backward
     that cannot come, even though the adapter tensors and c require grad."""
     t = make(7, 33, 40, 3, c=True)
@@ -351,7 +349,7 @@ def test_bias_dtype_must_match_x():
 
 
 @pytest.mark.parametrize("c_trains", [True, False], ids=["c-trains", "c-frozen"])
-def test_row_scale_saves_preoutput_only_when_trained(c_trains, path):
+def test_row_scale_saves_preoutput_only_when_trained(c_trains):
     """The pre-scale output y (M, N) is kept for dc = sum_rows(G * y) only when c trains."""
     M, K, N, r = 7, 33, 40, 3
     t = make(M, K, N, r, c=True, train=("x", "A", "B", "u", "v") + (("c",) if c_trains else ()))
@@ -360,7 +358,7 @@ def test_row_scale_saves_preoutput_only_when_trained(c_trains, path):
     check(t)
 
 
-def test_row_scale_with_dropout(path):
+def test_row_scale_with_dropout():
     """Dropout on the adapter input with a row scale: the same mask in forward and backward."""
     p = 0.3
     t = make(10, 33, 40, 3, c=True)
@@ -368,7 +366,7 @@ def test_row_scale_with_dropout(path):
     torch.manual_seed(5)
     out, grads = run(kernel, t, G, 0.7, dropout_p=p, training=True)
     torch.manual_seed(5)
-    keep = kernels.dropout_mask(kernels.draw_dropout_seed(DEVICE), (10, 33), p)
+    keep = dropout.dropout_mask(dropout.draw_dropout_seed(DEVICE), (10, 33), p)
 
     def masked_oracle(x, weight, bias, A, B, u, v, scaling, row_scale):
         y = F.linear(x, weight) + oracle(x * keep.double() / (1 - p), torch.zeros_like(weight), None, A, B, u, v,
@@ -381,12 +379,12 @@ def test_row_scale_with_dropout(path):
 
 def test_dropout_mask_fraction_and_seeds():
     p = 0.3
-    seed = kernels.draw_dropout_seed(DEVICE)
-    keep = kernels.dropout_mask(seed, (64, 96), p)
+    seed = dropout.draw_dropout_seed(DEVICE)
+    keep = dropout.dropout_mask(seed, (64, 96), p)
     assert keep.shape == (64, 96) and keep.dtype == torch.bool
     assert abs((~keep).float().mean().item() - p) < 0.03
-    assert torch.equal(keep, kernels.dropout_mask(seed, (64, 96), p))
-    assert not torch.equal(keep, kernels.dropout_mask(seed + 1, (64, 96), p))
+    assert torch.equal(keep, dropout.dropout_mask(seed, (64, 96), p))
+    assert not torch.equal(keep, dropout.dropout_mask(seed + 1, (64, 96), p))
 
 
 def test_dropout_off_in_eval():
@@ -399,11 +397,11 @@ def test_dropout_off_in_eval():
                                                  (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
                          ids=["bf16-act-fp32-adapt", "bf16-act-bf16-adapt", "fp16-act-fp32-adapt",
                               "fp32-act-bf16-adapt"])
-def test_low_precision(dtype, adapter_dtype, path):
+def test_low_precision(dtype, adapter_dtype):
     check(make(37, 33, 40, 16, dtype=dtype, adapter_dtype=adapter_dtype))
 
 
-def test_empty_batch(path):
+def test_empty_batch():
     t = make(0, 33, 40, 3, lead=(2,))
     out, grads = run(kernel, t, upstream((2, 0, 40), torch.float32))
     assert out.shape == (2, 0, 40)
@@ -415,7 +413,7 @@ def test_empty_batch(path):
     assert torch.equal(grads["c"], torch.zeros_like(t["c"]))
 
 
-def test_deterministic(path):
+def test_deterministic():
     t = make(37, 33, 40, 16, lead=(2,))
     G = upstream((2, 37, 40), torch.float32)
     runs = []
@@ -443,7 +441,7 @@ def nan_allocations(monkeypatch):
 
 
 @pytest.mark.parametrize("M,K,N,r", [(37, 33, 40, 16), (5, 65, 70, 3)], ids=["M37-K33-N40-r16", "M5-K65-N70-r3"])
-def test_nan_poisoned_allocations(M, K, N, r, path, nan_allocations):
+def test_nan_poisoned_allocations(M, K, N, r, nan_allocations):
     check(make(M, K, N, r))
     check(make(M, K, N, r, c=True))
 
@@ -500,28 +498,6 @@ def test_torch_compile_fullgraph():
         assert rel_err(grads[name], eager_grads[name]) < 1e-6, name
 
 
-def test_forward_path_switch(monkeypatch):
-    monkeypatch.setenv("TIEDLORA_FWD_PATH", "auto")
-    assert kernels.choose_forward_path(1, 16) == "epilogue"
-    assert kernels.choose_forward_path(64, 16) == "epilogue"
-    assert kernels.choose_forward_path(4096, 16) == "fused"
-    assert kernels.choose_forward_path(4096, 128) == "epilogue"
-    assert kernels.choose_forward_path(4096, 16, x_dropout=True) == "epilogue"
-    # fp32 takes the fused GEMM only where TF32 tensor cores are allowed
-    assert kernels.choose_forward_path(4096, 16, dtype=torch.float32) == "epilogue"
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")
-        assert kernels.choose_forward_path(4096, 16, dtype=torch.float32) == "fused"
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    monkeypatch.setenv("TIEDLORA_FWD_PATH", "fused")
-    assert kernels.choose_forward_path(1, 256) == "fused"
-    monkeypatch.setenv("TIEDLORA_FWD_PATH", "cublas")
-    with pytest.raises(ValueError, match="TIEDLORA_FWD_PATH"):
-        kernels.choose_forward_path(8, 8)
-
-
 @pytest.mark.parametrize("setting", ["legacy-high", "new-tf32", "new-ieee"])
 def test_tf32_setting_read_through_either_torch_api(setting):
     """torch >= 2.9 refuses the legacy precision getter once the new per-backend setting is used:
@@ -537,8 +513,9 @@ def test_tf32_setting_read_through_either_torch_api(setting):
         else:
             matmul.fp32_precision = setting.removeprefix("new-")
         want_tf32 = setting != "new-ieee"
-        assert kernels.tf32_allowed() == want_tf32
-        assert kernels.choose_forward_path(4096, 16, dtype=torch.float32) == ("fused" if want_tf32 else "epilogue")
+        assert common.tf32_allowed() == want_tf32
+        assert common.precisions(torch.float32)["MAIN_PREC"] == ("ieee" if common.triton_interpreting() or not want_tf32
+                                                                 else "tf32")
         kernel(*(make(3, 8, 5, 2)[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")), 0.5).sum().backward()
     finally:
         if new_api:
@@ -546,29 +523,49 @@ def test_tf32_setting_read_through_either_torch_api(setting):
         torch.set_float32_matmul_precision(legacy)
 
 
-def test_fused_config_pruning_by_rank():
-    """The GPU tile list keeps every tile at small rank; at r = 128 only the tiles whose accumulators
-    ptxas compiled without spills (bench/results/compile/), and always at least one tile."""
-    configs = kernels.FUSED_GPU_CONFIGS
-    assert kernels._prune_fused_configs(configs, {}, BLOCK_R=16) == configs
-    r128 = kernels._prune_fused_configs(configs, {}, BLOCK_R=128)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in r128] == [(64, 64)]
-    big_rank = kernels._prune_fused_configs(configs, {}, BLOCK_R=256)
-    assert len(big_rank) == 1 and big_rank[0].kwargs["BLOCK_M"] == 64
-    # h read in the epilogue only (prepass): the main loop holds acc alone, larger tiles compile clean
-    r128_given = kernels._prune_fused_configs(configs, {}, BLOCK_R=128, H_GIVEN=True)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in r128_given] == [(128, 128), (64, 128), (64, 64)]
+def _public_args(t):
+    return dict(x=t["x"], weight=t["weight"], bias=t["bias"], A=t["A"], B=t["B"], u=t["u"], v=t["v"], scaling=0.7)
 
 
-def test_clear_errors(monkeypatch):
+def test_clear_errors_on_the_triton_route(monkeypatch):
+    """What the GPU path cannot do is refused before any launch, naming the argument and the way out."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
     t = make(7, 33, 40, 3)
-    args = [t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7, 0.0, True]
     with pytest.raises(ValueError, match="weight requires grad"):
-        kernels.tied_lora_linear_triton(args[0], t["weight"].clone().requires_grad_(), *args[2:])
+        public_tied_lora_linear(**{**_public_args(t), "weight": t["weight"].detach().clone().requires_grad_()})
+    t64 = make(7, 33, 40, 3, dtype=torch.float64, adapter_dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"x must be float32, bfloat16 or float16 on the Triton backend, got dtype "
+                                        r"torch.float64; use TIEDLORA_BACKEND=torch"):
+        public_tied_lora_linear(**_public_args(t64))
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(RuntimeError, match="CUDA device"):
-            kernels.tied_lora_linear_triton(*args)
+        with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+            public_tied_lora_linear(**_public_args(t))
+
+
+def test_double_backward_is_refused_clearly(monkeypatch):
+    """create_graph=True through the kernels raises a clear error (the torch backend differentiates twice)."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    t = make(7, 33, 40, 3)
+    out = public_tied_lora_linear(**_public_args(t))
+    with pytest.raises(RuntimeError, match="double backward .* not supported by the Triton kernels; use "
+                                           "TIEDLORA_BACKEND=torch"):
+        torch.autograd.grad(out.square().sum(), [t["x"], t["A"]], create_graph=True)
+
+
+@pytest.mark.parametrize("K,N", [(0, 40), (33, 0), (0, 0)], ids=["K0", "N0", "K0-N0"])
+def test_zero_features_give_the_right_result(K, N, monkeypatch):
+    """K = 0 (out = b, every adapter gradient 0) and N = 0 (an empty output) have one right answer,
+    on every backend: the GPU path gives it as the reference does."""
+    t = make(5, K, N, 3, lead=(2,))
+    G = upstream((2, 5, N), torch.float32)
+    out, grads = run(kernel, t, G)
+    ref, ref_grads = run(oracle, as_f64(t), G.double())
+    assert out.shape == ref.shape == (2, 5, N)
+    assert torch.allclose(out.double(), ref, atol=1e-6)
+    for name, g in grads.items():
+        if g is not None:
+            assert g.shape == t[name].shape and torch.allclose(g.double(), ref_grads[name], atol=1e-6), name
 
 
 # Realistic shapes on a GPU (skipped without one). bf16 rel. error against float64 stays ~3e-3.
@@ -580,13 +577,13 @@ GPU_SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 4096, 128), (1, 4096, 4096, 1
 @pytest.mark.cuda
 @pytest.mark.parametrize("M,K,N,r", GPU_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in GPU_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_realistic(M, K, N, r, dtype, path):
+def test_gpu_realistic(M, K, N, r, dtype):
     check(make(M, K, N, r, dtype=dtype, adapter_dtype=torch.float32, lead=()), tol=TOL[dtype])
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("preset", ["vera", "tl6"])
-def test_gpu_bf16_adapters_presets(preset, path):
+def test_gpu_bf16_adapters_presets(preset):
     spec = PRESETS[preset]
     t = make(2048, 2048, 3072, 16, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16, u=spec["u"], v=spec["v"],
              train=spec["train"], w_layout="conv1d")
@@ -595,20 +592,20 @@ def test_gpu_bf16_adapters_presets(preset, path):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 4096])
-def test_gpu_row_scale(M, path):
+def test_gpu_row_scale(M):
     """Simple DoRA's shape of the op on a GPU: bf16 activations, fp32 adapters, trained magnitude."""
     check(make(M, 4096, 4096, 16, dtype=torch.bfloat16, u=False, v=False, c=True), tol=TOL[torch.bfloat16])
 
 
 @pytest.mark.cuda
-def test_gpu_fp32_and_dropout(path):
+def test_gpu_fp32_and_dropout():
     t = make(1024, 1024, 1536, 32)
     check(t)
     G = upstream((1024, 1536), torch.float32)
     torch.manual_seed(3)
     out, _ = run(kernel, t, G, 0.7, dropout_p=0.1)
     torch.manual_seed(3)
-    keep = kernels.dropout_mask(kernels.draw_dropout_seed(DEVICE), (1024, 1024), 0.1)
+    keep = dropout.dropout_mask(dropout.draw_dropout_seed(DEVICE), (1024, 1024), 0.1)
     assert abs((~keep).float().mean().item() - 0.1) < 0.005
     t64 = as_f64(t)
     ref = F.linear(t64["x"], t64["weight"], t64["bias"]) + oracle(

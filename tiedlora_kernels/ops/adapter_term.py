@@ -1,0 +1,148 @@
+"""The rank-r term of an adapted linear layer, in one pass over its input: everything the layer does
+besides the base GEMM, which cuBLAS then adds with ``addmm_`` (beta = 1) into the same buffer.
+
+    h   = dropout(X) D^T                     (M, R) fp32      X (M, K), D (R, K)
+    OUT = s * ((h * u) P^T) * v [* keep] + b (M, N)           P (N, R), u (R,), v (N,), b (N,)
+
+Forward (``adapter_term(x, A, B, ...)``): X = x, D = A, P = B; OUT = L, and then
+``L.addmm_(x, W^T)`` is the layer's output; h is kept for backward when B, u or v trains.
+Backward (dX): X = G (M, N), D = (B * v)^T (R, N), P = A^T (K, R), u = u, no v, the dropout mask
+on OUT's columns: h = g = G (B * v) and OUT = s (g * u) A * keep / (1 - p), then
+``Ldx.addmm_(G, W)`` is dX. One kernel serves both.
+
+Bytes (one program per row block, columns split only when the row blocks alone cannot fill the
+device, i.e. decode; each split recomputes h from its rows of X): X read once, OUT written once,
+h written once (fp32, M x R), D and P read once per program from L2. At M = 8192, K = N = 4096,
+bf16: 64 MiB + 64 MiB, 28 us at 4.8 TB/s (H200), 40 us at 3.35 TB/s (H100): bench/NOTES.md.
+FLOPs: 2 M R (K + N), under 1 % of the base GEMM at R = 16.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_r, keep_mask, mma, precisions, target_programs, triton_interpreting, vec
+
+
+@triton.jit
+def _adapter_term_kernel(
+    X, D, P, U, V, BIAS, OUT, H, SEED,
+    M, N, K, R, cols_per_split,
+    stride_xm, stride_xk, stride_dr, stride_dk, stride_pn, stride_pr, stride_om, stride_on, stride_hm,
+    scaling, p_drop,
+    HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, WRITE_OUT: tl.constexpr,
+    UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """OUT[:, cols] = s * ((X_d D^T * U) P^T) * V [* keep / (1 - p)] + BIAS, cols = this split's range;
+    H = X_d D^T (fp32) from split 0 when STORE_H. Grid (row blocks, column splits).
+
+    X (M, K), D (R, K), P (N, R), OUT (M, N), H (M, R): any strides. U (R,), V (N,), BIAS (N,) unit
+    stride. IN_DROPOUT drops X's elements (m, k); OUT_DROPOUT drops OUT's elements (m, n) (the dX use).
+    WRITE_OUT=False only stores H (the backward's g when x is frozen).
+    """
+    i_m = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    m_m = o_m < M
+    m_r = o_r < R
+    seed = tl.load(SEED) if (IN_DROPOUT or OUT_DROPOUT) else 0
+    keep_scale = 1.0 / (1.0 - p_drop)
+
+    # h = X_d D^T, one pass over this program's rows of X.
+    b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                                        # [BM, BR]
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        m_k = o_k < K
+        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)                                # [BM, BK]
+        if IN_DROPOUT:
+            b_keep = keep_mask(seed, o_m, o_k, K, p_drop)
+            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
+        b_dt = tl.load(D + o_k[:, None] * stride_dk + o_r[None, :] * stride_dr,
+                       mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)                  # [BK, BR]
+        b_h = mma(b_x, b_dt, b_h, UPCAST, MAIN_PREC)
+    if STORE_H:
+        if i_s == 0:
+            tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
+    if WRITE_OUT:
+        # z = s * h * u; padded rank columns are 0 * x (NaN where x holds an inf): zeroed so they
+        # cannot reach OUT.
+        b_z = tl.where(m_r[None, :], b_h, 0.0) * scaling                                         # [BM, BR]
+        if HAS_U:
+            b_z = b_z * tl.load(U + o_r, mask=m_r, other=0.0).to(tl.float32)[None, :]
+        n_lo = i_s.to(tl.int64) * cols_per_split
+        for n0 in range(n_lo, min(n_lo + cols_per_split, N), BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            m_n = o_n < N
+            b_pt = tl.load(P + o_r[:, None] * stride_pr + o_n[None, :] * stride_pn,
+                           mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)            # [BR, BN]
+            b_out = tl.dot(b_z, b_pt, input_precision=SMALL_PREC)                                  # [BM, BN]
+            if HAS_V:
+                b_out = b_out * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            if OUT_DROPOUT:
+                b_out = tl.where(keep_mask(seed, o_m, o_n, N, p_drop), b_out * keep_scale, 0.0)
+            if HAS_BIAS:
+                b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),
+                     mask=m_m[:, None] & m_n[None, :])
+
+
+def _tiles(M: int, r_block: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), fixed by shape (no autotuning: a memory-bound pass
+    whose floor is known; tests and training never pay for tuning). Rows per program shrink until
+    the row blocks alone fill the device twice; the [BR, BN] tile of P shrinks at large rank so it
+    stays in registers."""
+    if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
+        return 32, 32, 32, 4
+    programs = target_programs(device)
+    block_m = 64 if M >= 64 * programs else (32 if M >= 16 * programs else 16)
+    block_n = max(32, min(128, 8192 // r_block))
+    return block_m, block_n, 64, 8 if r_block >= 128 else 4
+
+
+def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optional[torch.Tensor],
+                 v: Optional[torch.Tensor], bias: Optional[torch.Tensor], scaling: float, p_drop: float,
+                 seed: Optional[torch.Tensor], *, in_dropout: bool, out_dropout: bool, store_h: bool,
+                 write_out: bool = True, out_dtype: Optional[torch.dtype] = None
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(OUT (M, N) in ``out_dtype`` (default x's) or None, h (M, R) fp32 or None); see the module docstring.
+
+    Args:
+        x: (M, K) any strides. down: (R, K) any strides. up: (N, R) any strides.
+        u: (R,) or None; v: (N,) or None; bias: (N,) or None (any strides; copied to unit stride).
+        scaling: s. p_drop, seed: dropout probability and its (1,) int64 Philox seed (or None).
+        in_dropout / out_dropout: drop x's elements, or OUT's (the dX use, mask of x's shape).
+        store_h: return h. write_out: compute OUT (False: only h).
+    """
+    M, K = x.shape
+    N, R = up.shape
+    r_block = block_r(R)
+    block_m, block_n, block_k, warps = _tiles(M, r_block, x.device)
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype) if write_out else None
+    h = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_h else None
+    row_blocks = triton.cdiv(M, block_m)
+    col_tiles = max(1, triton.cdiv(N, block_n))
+    # Decode: split the columns so one row block still fills the device (each split re-reads its rows of x).
+    splits = max(1, min(col_tiles, target_programs(x.device) // row_blocks)) if write_out else 1
+    cols_per_split = triton.cdiv(col_tiles, splits) * block_n
+    _adapter_term_kernel[(row_blocks, splits)](
+        x, down, up, vec(u, x), vec(v, x), vec(bias, x), out if out is not None else x, h if h is not None else x,
+        seed if seed is not None else x,
+        M, N, K, R, cols_per_split,
+        x.stride(0), x.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+        out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
+        h.stride(0) if h is not None else 0,
+        float(scaling), float(p_drop),
+        HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None,
+        IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
+        **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
+        num_warps=warps,
+    )
+    return out, h

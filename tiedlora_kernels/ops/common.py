@@ -1,0 +1,108 @@
+"""What every kernel of the adapted linear layer shares: the dot with its precision rules, the
+dropout keep-mask, and the launch arithmetic (padded rank, programs that fill the device, row
+splits of the two-stage reductions).
+
+Precision. Big dots run in the activation dtype with fp32 accumulators (bf16/fp16 tensor cores;
+fp32 as IEEE fp32 unless torch allows TF32 for fp32 matmuls, exactly as cuBLAS does). Small rank-r
+dots take fp32 operands (TF32 tensor cores for 16-bit activations, where they cost < 1 % of the
+layer). Under ``TRITON_INTERPRET=1`` bf16 operands are upcast to fp32 before ``tl.dot``: the
+interpreter's bf16 dot returns garbage (triton 3.6 and 3.9); on a GPU they stay bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_interpreting
+
+
+@triton.jit
+def keep_mask(seed, o_row, o_col, n_cols, p_drop):
+    """Philox keep-mask of elements (row, col) of a row-major (.., n_cols) tensor (True = kept).
+
+    Each element draws from its own counter row * n_cols + col (int64: no wrap for M K >= 2^31),
+    so the mask of x (M, K) is the same whichever kernel, tile or program regenerates it."""
+    o_elem = o_row[:, None] * n_cols + o_col[None, :]
+    return tl.rand(seed, o_elem) >= p_drop
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator; UPCAST casts both operands to fp32 first (interpreter bf16)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+def block_r(r: int) -> int:
+    """Padded rank: a power of two, at least 16 (the smallest tl.dot dimension on tensor cores)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32: ``torch.backends.cuda.matmul.fp32_precision``
+    (torch >= 2.9, "none" inheriting ``torch.backends.fp32_precision``), else the legacy
+    ``torch.get_float32_matmul_precision()``. Torch >= 2.9 refuses the legacy getter once the new
+    setting has been used, so the new one is read first."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
+def precisions(act_dtype: torch.dtype) -> dict:
+    """constexpr dot settings for activations of ``act_dtype``: UPCAST (bf16 under the interpreter),
+    MAIN_PREC (the dot over the activations), SMALL_PREC (the fp32 rank-r dots)."""
+    if triton_interpreting():
+        return dict(UPCAST=act_dtype == torch.bfloat16, MAIN_PREC="ieee", SMALL_PREC="ieee")
+    if act_dtype == torch.float32:
+        prec = "tf32" if tf32_allowed() else "ieee"
+        return dict(UPCAST=False, MAIN_PREC=prec, SMALL_PREC=prec)
+    return dict(UPCAST=False, MAIN_PREC="tf32", SMALL_PREC="tf32")  # MAIN_PREC is moot for 16-bit operands
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs that fill the device twice over (1 under the interpreter: programs run serially)."""
+    if triton_interpreting() or device.type != "cuda":
+        return 1
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int, device) -> tuple[int, int]:
+    """(splits, rows per split) of a two-stage row reduction: enough programs to fill the device,
+    no more splits than row blocks, and at most 256 MiB of fp32 partials. Each split writes its own
+    partial and torch sums them: deterministic, no atomics."""
+    n_blocks = triton.cdiv(max(M, 1), block_m)
+    splits = max(1, min(n_blocks, target_programs(device) // max(other_programs, 1),
+                        (256 << 20) // max(bytes_per_split, 1)))
+    rows = triton.cdiv(n_blocks, splits) * block_m
+    return triton.cdiv(max(M, 1), rows), rows
+
+
+def reduction_tiles(r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_M, column block, num_warps) of the split-row gradient reductions (dB/dv over
+    N columns, dA over K columns, dc): narrower column tiles and 8 warps at large rank keep the
+    [columns, BLOCK_R] fp32 accumulator in registers."""
+    b_r = block_r(r)
+    interp = triton_interpreting()
+    block_cols = 32 if interp or b_r >= 128 else 64
+    return b_r, 32 if interp else 64, block_cols, 8 if b_r >= 128 else 4
+
+
+def vec(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A (n,) vector argument as the kernels read it (unit stride: a strided u, v or bias is copied,
+    n elements at most), or a placeholder pointer that a False HAS_* flag keeps unread."""
+    return t.contiguous() if t is not None else placeholder

@@ -1,0 +1,211 @@
+"""The adapted linear layer on the GPU: cuBLAS does the two big GEMMs, this package's kernels do
+everything cuBLAS cannot, composed as one ``torch.library`` custom op with its autograd formula
+(``torch.compile(fullgraph=True)`` sees one node, no graph break).
+
+Formula (docs/MATH.md), x flattened to (M, K), W (N, K), A (r, K), B (N, r), u (r,), v (N,):
+
+    out = x W^T + b + s * ((dropout(x) A^T * u) B^T) * v
+    with a row scale c (N,): y = x W^T + s * (...) * v, out = c * y + b   (DoRA / Simple DoRA)
+
+Forward (2 launches; 3 with a row scale):
+    L, h = adapter_term(x)           L = s ((x_d A^T) * u) (B v)^T + b in x's dtype, h = x_d A^T fp32
+    out  = L.addmm_(x, W^T)          cuBLAS with beta = 1: the adapter term enters through the
+                                     GEMM's epilogue read of C, out lives in L's buffer
+    row scale: L has no b; y = L.addmm_(x, W^T); out = b + y * c (one elementwise pass, fp32 math)
+Backward, G = dL/dout (M, N):
+    row scale: G, dc = G * c, sum_rows(G * y)       row_scale_grad: one pass over G and y
+    Ldx, g = adapter_term(G)        g = G (B v) fp32, Ldx = s (g * u) A * keep / (1 - p)
+    dx = Ldx.addmm_(G, W)           cuBLAS with beta = 1
+    dA = grad_down(x, g)            one pass over x, dropout mask regenerated from the seed
+    dB, dv = grad_up(G, h)          one more pass over G
+    du = s * sum_rows(g * h)        (M, r) in torch
+
+Saved for backward: h (M, r) fp32 only when B, u or v trains; x only when A trains (nothing of
+size M x K is kept when A is frozen); y (M, N) only when a row scale trains; the frozen weight
+and the adapter tensors (parameters: no copies); the dropout seed (one int64), never the mask.
+Nothing is saved under no_grad. Frozen tensors launch nothing. All accumulation is fp32;
+gradients are returned in each parameter's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .adapter_term import adapter_term
+from .dropout import draw_dropout_seed
+from .grad_down import grad_down
+from .grad_up import grad_up
+from .row_scale_grad import row_scale_grad
+
+
+def _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
+    """(out (M, N), h (M, r) fp32 or (0, r), y (M, N) or (0, N)) for x (M, K); see the module docstring."""
+    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
+    no_h, no_y = x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
+    if M == 0:
+        return x.new_empty((0, N)), no_h, no_y
+    lead_bias = bias if row_scale is None else None  # with a row scale the bias comes after the scale
+    L, h = adapter_term(x, A, B, u, v, lead_bias, scaling, dropout_p, seed, in_dropout=dropout_p > 0,
+                        out_dropout=False, store_h=store_h)
+    y = L.addmm_(x, weight.t())
+    h = h if h is not None else no_h
+    if row_scale is None:
+        return y, h, no_y
+    out = torch.empty_like(y)  # b + y * c computed in fp32 (c may be fp32 on bf16 y), rounded once
+    if bias is not None:
+        torch.addcmul(bias, y, row_scale, out=out)
+    else:
+        torch.mul(y, row_scale, out=out)
+    return out, h, (y if store_y else no_y)
+
+
+@torch.library.custom_op("tiedlora::tied_lora_linear_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                row_scale: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
+                store_h: bool, store_y: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (out (M, N) in x's dtype, h (M, r) fp32 or (0, r) unless ``store_h``, pre-scale
+    y (M, N) in x's dtype or (0, N) unless ``store_y``)."""
+    return _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
+    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M if store_h else 0, r), dtype=torch.float32),
+            x.new_empty((M if store_y and row_scale is not None else 0, N)))
+
+
+def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
+    """[dx, dA, dB, du, dv, dc] for ``needs``; see ``_backward_op``."""
+    need_x, need_a, need_b, need_u, need_v, need_c = needs
+    M, K = G.shape[0], weight.shape[1]
+    nothing = G.new_empty(0)
+    if M == 0:  # empty batch: zero gradients, no launch
+        zeros = lambda t, need: torch.zeros_like(t) if need else nothing.clone()  # noqa: E731
+        return [G.new_zeros((0, K)) if need_x else nothing.clone(), zeros(A, need_a), zeros(B, need_b),
+                zeros(u, need_u), zeros(v, need_v), zeros(row_scale, need_c)]
+    dc = None
+    if row_scale is not None:
+        # out = c * y + b: one pass gives dL/dy = G * c, which every other gradient is taken from, and dc.
+        G, dc = row_scale_grad(G, y, row_scale, need_gs=any(needs[:5]), need_dc=need_c)
+    dropping = dropout_p > 0
+    dx = g = None
+    if need_x or need_a or need_u:
+        # g = G (B v) is the "h" of dx's adapter term: adapter_term with roles (G, (B v)^T, A^T, u),
+        # the dropout mask on its output columns (x's shape).
+        bv_t = (B.float() if v is None else B.float() * v.float()[:, None]).t()  # (r, N) fp32, N x r only
+        Ldx, g = adapter_term(G, bv_t, A.t(), u, None, None, scaling, dropout_p, seed, in_dropout=False,
+                              out_dropout=dropping, store_h=need_a or need_u, write_out=need_x)
+        if need_x:
+            dx = Ldx.addmm_(G, weight)
+    da = du = db = dv = None
+    if need_a:
+        da = grad_down(x, g, u, scaling, dropout_p, seed, dropping)
+    if need_u:
+        du = scaling * (g * h).sum(0)
+    if need_b or need_v:
+        db, dv = grad_up(G, h, u, v, B, scaling, need_b, need_v)
+    # Outputs of a custom op may not alias each other: each unneeded slot gets its own empty tensor.
+    cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
+    return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v),
+            cast(dc, row_scale)]
+
+
+@torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
+def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 u: Optional[torch.Tensor], v: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
+                 h: Optional[torch.Tensor], y: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
+                 dropout_p: float, needs: list[bool]) -> list[torch.Tensor]:
+    """[dx (M, K), dA, dB, du, dv, dc] for ``needs`` = (x, A, B, u, v, row_scale); an unneeded one is
+    a 0-element tensor.
+
+    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v
+    trains); y (M, N) the pre-scale output (None unless the row scale trains).
+    """
+    return _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
+
+
+@_backward_op.register_fake
+def _(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
+    like = lambda t, need: t.new_empty(t.shape) if need else G.new_empty(0)  # noqa: E731
+    return [G.new_empty((G.shape[0], weight.shape[1])) if needs[0] else G.new_empty(0),
+            like(A, needs[1]), like(B, needs[2]), like(u, needs[3]), like(v, needs[4]), like(row_scale, needs[5])]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y = inputs
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.has_u, ctx.has_v, ctx.has_c = u is not None, v is not None, row_scale is not None
+    # h and y are saved state, never used downstream: no zero-filled (M, N) gradient for y.
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    # x only feeds dA: with A frozen nothing of size M x K stays alive (h, (M, r), is kept instead);
+    # y (M, N) only when the row scale trains (its gradient is sum_rows(G * y)).
+    ctx.save_for_backward(x if A.requires_grad else None, weight, A, B, u, v, row_scale,
+                          output[1] if store_h else None, output[2] if store_y else None, seed)
+
+
+def _backward(ctx, grad_out, grad_h, grad_y):
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward op has no derivative of its own.
+        raise RuntimeError("tied_lora_linear (triton): double backward (autograd.grad / backward with "
+                           "create_graph=True) is not supported by the Triton kernels; use TIEDLORA_BACKEND=torch "
+                           "for higher-order gradients")
+    x, weight, A, B, u, v, row_scale, h, y, seed = ctx.saved_tensors
+    ni = ctx.needs_input_grad
+    needs = [ni[0], ni[3], ni[4], ctx.has_u and ni[5], ctx.has_v and ni[6], ctx.has_c and ni[7]]
+    if grad_out is None or not any(needs):
+        return (None,) * 13
+    grads = _backward_op(grad_out, x, weight, A, B, u, v, row_scale, h, y, seed, ctx.scaling, ctx.dropout_p, needs)
+    dx, da, db, du, dv, dc = (t if need else None for t, need in zip(grads, needs))
+    return dx, None, None, da, db, du, dv, dc, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                            B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], scaling: float,
+                            dropout_p: float, training: bool, *, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The GPU implementation of :func:`tiedlora_kernels.ops.tied_lora_linear` (inputs validated by it,
+    the device and dtype by :func:`tiedlora_kernels.ops.check_triton_route`).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16, any leading dims and strides (flattened with ``reshape``: a view
+            whenever the leading dims merge, a copy otherwise; the kernels take any 2-D strides).
+        weight: (N, K) frozen, x's dtype, any strides (HF ``Conv1D``'s ``weight.t()`` is read in place).
+        bias: (N,) frozen or None.
+        A: (r, K); B: (N, r); u: (r,) or None; v: (N,) or None: fp32 or x's dtype, trained or frozen.
+        scaling: s. dropout_p: dropout on the adapter input, applied only when ``training``; the
+            Philox seed is drawn from torch's generator (see :func:`draw_dropout_seed`).
+        row_scale: c (N,) or None: out = c * (x W^T + adapter) + b; when it trains, the pre-scale
+            output (M, N) is kept for its gradient.
+
+    Returns:
+        (..., N) in x's dtype, differentiable in x, A, B, u, v, row_scale (whichever require grad).
+    """
+    p = float(dropout_p) if training else 0.0
+    K = x.shape[-1]
+    x2 = x.reshape(_rows(x), K)  # reshape(-1, K) is ambiguous when K = 0
+    seed = draw_dropout_seed(x.device) if p > 0 else None
+    # Saved state only where a backward can follow (not under no_grad / inference_mode).
+    grad = torch.is_grad_enabled()
+    store_h = grad and (B.requires_grad or any(t is not None and t.requires_grad for t in (u, v)))
+    store_y = grad and row_scale is not None and row_scale.requires_grad
+    out, _, _ = _forward_op(x2, weight, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h),
+                            bool(store_y))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _rows(x: torch.Tensor) -> int:
+    """Rows of x (..., K) flattened to 2-D: the product of its leading dims."""
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return rows
+
+
+__all__ = ["tied_lora_linear_triton"]
