@@ -5,7 +5,7 @@
 The real forward and backward implementations run on ``meta`` tensors (shapes and strides, no
 memory) against a stand-in driver that reports a CUDA target of ``--arch``. Every kernel launch
 they make is compiled, never run, with the JIT's own argument specialization (so alignment and
-unit strides are seen as on a GPU), every autotune config of the fused GEMM included; ``ptxas -v``
+unit strides are seen as on a GPU; cuBLAS calls on meta tensors do nothing); ``ptxas -v``
 (the ptxas Triton itself uses for the arch, run again on the kernel's PTX with default options;
 Triton's own call adds a few, so its cubin can differ by a few registers or stack bytes) then
 gives registers and spill bytes per thread. For each (case, kernel, config) the report has registers, spill
@@ -110,12 +110,11 @@ def compile_only(arch: int):
     from triton.runtime.driver import driver as triton_driver
     from triton.runtime.jit import JITFunction
 
-    from tiedlora_kernels.ops import tied_lora_triton as kernels
+    from tiedlora_kernels.ops import common
 
     records: list = []
     original_run = JITFunction.run
-    original_tuned = kernels._tied_lora_fwd_tuned
-    original_programs = kernels._target_programs
+    original_programs = common.target_programs
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -123,27 +122,15 @@ def compile_only(arch: int):
         records.append((self.fn.__name__, config, kernel))
         return kernel
 
-    class EveryConfig:
-        """The autotuned GEMM: compile each config its pruning keeps (what a GPU would benchmark)."""
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                named = dict(zip(original_tuned.fn.arg_names, args))
-                for cfg in kernels._prune_fused_configs(kernels.FUSED_GPU_CONFIGS, named, **kwargs):
-                    original_tuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-            return launch
-
     previous = getattr(triton_driver, "_active", None)  # None on a machine without a GPU driver
     triton_driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run = run
-    kernels._tied_lora_fwd_tuned = EveryConfig()
-    kernels._target_programs = lambda device: 2 * SM_COUNT
+    common.target_programs = lambda device: 2 * SM_COUNT
     try:
         yield records
     finally:
         JITFunction.run = original_run
-        kernels._tied_lora_fwd_tuned = original_tuned
-        kernels._target_programs = original_programs
+        common.target_programs = original_programs
         triton_driver.set_active(previous)
 
 
@@ -164,8 +151,8 @@ def _meta_inputs(case: CompileCase) -> dict:
 
 
 def _launches(case: CompileCase, arch: int) -> list[dict]:
-    """Compile every launch of one training step (forward + backward) of ``case``, on both forward paths."""
-    from tiedlora_kernels.ops import tied_lora_triton as kernels
+    """Compile every kernel launch of one training step (forward + backward) of ``case``."""
+    from tiedlora_kernels.ops import tied_lora as op
 
     spec = PRESET_TENSORS[case.preset]
     t = _meta_inputs(case)
@@ -174,32 +161,25 @@ def _launches(case: CompileCase, arch: int) -> list[dict]:
     needs = [True, "A" in train, "B" in train, "u" in train, "v" in train, "c" in train]
     seed = torch.empty(1, dtype=torch.int64, device="meta") if case.dropout else None
     rows = []
-    previous_path, previous_precision = os.environ.get("TIEDLORA_FWD_PATH"), torch.get_float32_matmul_precision()
+    previous_precision = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high" if case.tf32 else "highest")
-        auto_path = kernels.choose_forward_path(case.M, case.r, case.dropout > 0, case.dtype)
-        for path in kernels.FWD_PATHS[1:]:
-            os.environ["TIEDLORA_FWD_PATH"] = path
-            for phase in ("fwd", "bwd"):
-                with compile_only(arch) as records:
-                    out, h, y = kernels._forward_impl(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"],
-                                                      t["c"], seed, 1.0, case.dropout, store_h, "c" in train)
-                    if phase == "bwd":
-                        records.clear()
-                        kernels._backward_impl(t["G"], t["x"], t["weight"], t["A"], t["B"], t["u"], t["v"], t["c"],
-                                               h if store_h else None, y if "c" in train else None, seed, 1.0,
-                                               case.dropout, needs)
-                for name, config, kernel in records:
-                    rows.append(dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset=case.preset,
-                                     dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
-                                     dropout=case.dropout, fwd_path=path, auto_picks_path=path == auto_path,
-                                     phase=phase, kernel=name, config=config, **_inspect(kernel, arch)))
+        for phase in ("fwd", "bwd"):
+            with compile_only(arch) as records:
+                out, h, y = op._forward_impl(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], t["c"],
+                                             seed, 1.0, case.dropout, store_h, "c" in train)
+                if phase == "bwd":
+                    records.clear()
+                    op._backward_impl(t["G"], t["x"], t["weight"], t["A"], t["B"], t["u"], t["v"], t["c"],
+                                      h if store_h else None, y if "c" in train else None, seed, 1.0, case.dropout,
+                                      needs)
+            for name, config, kernel in records:
+                rows.append(dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset=case.preset,
+                                 dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
+                                 dropout=case.dropout, phase=phase, kernel=name, config=config,
+                                 **_inspect(kernel, arch)))
     finally:
         torch.set_float32_matmul_precision(previous_precision)
-        if previous_path is None:
-            os.environ.pop("TIEDLORA_FWD_PATH", None)
-        else:
-            os.environ["TIEDLORA_FWD_PATH"] = previous_path
     return rows
 
 
@@ -268,19 +248,18 @@ def report(cases: list[CompileCase], arch: int, progress=True) -> dict:
 def to_markdown(rep: dict) -> str:
     head = (f"# Compile report: sm_{rep['arch']}, triton {rep['triton']} ({rep['date']})\n\n"
             f"`{rep['command']}`. Compiled, not run: registers and spills from ptxas, shared memory "
-            f"against the {rep['rows'][0]['smem_limit'] if rep['rows'] else '?'}-byte limit. Both forward paths "
-            "are compiled for every case; (auto) marks the one `TIEDLORA_FWD_PATH=auto` takes.\n\n"
-            "| case | path | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spill st+ld (B/thread) | "
+            f"against the {rep['rows'][0]['smem_limit'] if rep['rows'] else '?'}-byte limit. The GEMMs are "
+            "cuBLAS's and not listed.\n\n"
+            "| case | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spill st+ld (B/thread) | "
             "smem (KiB) | "
-            "wgmma/mma | async copies |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "wgmma/mma | async copies |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rep["rows"]:
         c = r["config"]
         tiles = "/".join(str(c.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
         spills = "?" if r["spill_store_bytes"] is None else r["spill_store_bytes"] + r["spill_load_bytes"]
         smem = f"{r['shared_bytes'] / 1024:.0f}" + ("" if r["fits_smem"] else " (too big)")
-        path = r["fwd_path"] + (" (auto)" if r["auto_picks_path"] else "")
-        lines.append(f"| {r['case']} | {path} | {r['phase']} | {r['kernel'].lstrip('_')} | {tiles} "
+        lines.append(f"| {r['case']} | {r['phase']} | {r['kernel'].lstrip('_')} | {tiles} "
                      f"{r['num_warps']}x{r['num_stages']} | {r['registers']} | {spills} | {smem} | "
                      f"{r['wgmma']}/{r['mma']} | {r['async_copies']} |")
     return head + "\n".join(lines) + "\n"

@@ -25,7 +25,6 @@ pytestmark = [] if torch.cuda.is_available() else [pytest.mark.interpreter]
 kernels = importlib.import_module("tiedlora_kernels.ops.tied_lora")
 common = importlib.import_module("tiedlora_kernels.ops.common")
 dropout = importlib.import_module("tiedlora_kernels.ops.dropout")
-adapter_term_module = importlib.import_module("tiedlora_kernels.ops.adapter_term")
 public_tied_lora_linear = tiedlora_kernels.tied_lora_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -207,7 +206,6 @@ def test_split_reductions_and_column_splits(monkeypatch, nan_allocations):
     """As on a GPU: several row splits in the dA / dB / dv partial sums, several column splits in the
     adapter_term kernel (the interpreter otherwise runs one of each)."""
     monkeypatch.setattr(common, "target_programs", lambda device: 12)
-    monkeypatch.setattr(adapter_term_module, "target_programs", lambda device: 12)
     check(make(100, 33, 70, 5, lead=()))
     check(make(100, 33, 70, 5, lead=(), c=True))  # dc's row splits too
 

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_r, keep_mask, mma, precisions, target_programs, triton_interpreting, vec
+from . import common
+from .common import block_r, keep_mask, mma, precisions, triton_interpreting, vec
 
 
 @triton.jit
@@ -101,7 +102,7 @@ def _tiles(M: int, r_block: int, device: torch.device) -> tuple[int, int, int, i
     stays in registers."""
     if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
         return 32, 32, 32, 4
-    programs = target_programs(device)
+    programs = common.target_programs(device)
     block_m = 64 if M >= 64 * programs else (32 if M >= 16 * programs else 16)
     block_n = max(32, min(128, 8192 // r_block))
     return block_m, block_n, 64, 8 if r_block >= 128 else 4
@@ -130,7 +131,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
     row_blocks = triton.cdiv(M, block_m)
     col_tiles = max(1, triton.cdiv(N, block_n))
     # Decode: split the columns so one row block still fills the device (each split re-reads its rows of x).
-    splits = max(1, min(col_tiles, target_programs(x.device) // row_blocks)) if write_out else 1
+    splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks)) if write_out else 1
     cols_per_split = triton.cdiv(col_tiles, splits) * block_n
     _adapter_term_kernel[(row_blocks, splits)](
         x, down, up, vec(u, x), vec(v, x), vec(bias, x), out if out is not None else x, h if h is not None else x,

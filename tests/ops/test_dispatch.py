@@ -1,0 +1,89 @@
+"""The backend switch (``tiedlora_kernels/ops/__init__.py``): what it picks, and that it is safe to
+trace. torch 2.11's dynamo refuses ``importlib.util.find_spec`` (the first GPU run found
+``torch.compile(fullgraph=True)`` of an injected model broken on CUDA by it); CI's torch traces
+it, so these tests make every dynamo refuse it, and the dispatch must still compile whole.
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch._dynamo
+
+import tiedlora_kernels
+from tiedlora_kernels import ops
+
+
+@pytest.fixture
+def find_spec_refused_by_dynamo(monkeypatch):
+    """``importlib.util.find_spec`` as torch 2.11 sees it: a call dynamo will not trace (a graph
+    break, an error under fullgraph). The triton lookup cache is cleared so the dispatch asks again."""
+    original = importlib.util.find_spec
+
+    def refused(*args, **kwargs):
+        torch._dynamo.graph_break()  # a no-op when called eagerly
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", refused)
+    ops.triton_available.cache_clear()
+    yield
+    ops.triton_available.cache_clear()
+
+
+def _layer_inputs(requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g)
+    W, b = torch.randn(12, 16, generator=g) / 4, torch.randn(12, generator=g)
+    A = (torch.randn(3, 16, generator=g) / 4).requires_grad_(requires_grad)
+    B = torch.randn(12, 3, generator=g).requires_grad_(requires_grad)
+    return x, W, b, A, B
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_dispatch_compiles_whole_when_dynamo_refuses_find_spec(backend, monkeypatch, find_spec_refused_by_dynamo):
+    if backend == "triton" and not (torch.cuda.is_available() or ops.triton_interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    x, W, b, A, B = _layer_inputs()
+
+    def layer(x):
+        return tiedlora_kernels.tied_lora_linear(x, W, b, A, B, scaling=0.5)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        out = compiled(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, layer(x))
+
+
+def test_the_refusal_is_real(find_spec_refused_by_dynamo):
+    """The fixture's stand-in does make a fullgraph compile fail when traced: the test above can fail."""
+    def looks_up(x):
+        return x + (1 if importlib.util.find_spec("torch") is not None else 0)
+
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match="(?i)skip|disable|graph break"):
+            torch.compile(looks_up, fullgraph=True, backend="eager")(torch.ones(2))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_auto_picks_the_gpu_path_only_where_it_runs(monkeypatch):
+    monkeypatch.setenv("TIEDLORA_BACKEND", "auto")
+    x, W, b, *_ = _layer_inputs()
+    assert ops.resolve_backend(x, W, b) == "torch"  # CPU tensors
+    if torch.cuda.is_available():
+        xc, Wc = x.cuda(), W.cuda()
+        assert ops.resolve_backend(xc, Wc) == "triton"
+        assert ops.resolve_backend(xc.double(), Wc.double()) == "torch"
+        assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "torch"  # a base layer that trains
+
+
+def test_unknown_backend_is_named(monkeypatch):
+    monkeypatch.setenv("TIEDLORA_BACKEND", "cublas")
+    x, W, *_ = _layer_inputs()
+    with pytest.raises(ValueError, match="TIEDLORA_BACKEND must be one of"):
+        ops.resolve_backend(x, W)
