@@ -375,16 +375,6 @@ def test_row_scale_with_dropout():
     assert_matches(out, grads, ref, ref_grads, t, TOL[torch.float32])
 
 
-def test_dropout_mask_fraction_and_seeds():
-    p = 0.3
-    seed = dropout.draw_dropout_seed(DEVICE)
-    keep = dropout.dropout_mask(seed, (64, 96), p)
-    assert keep.shape == (64, 96) and keep.dtype == torch.bool
-    assert abs((~keep).float().mean().item() - p) < 0.03
-    assert torch.equal(keep, dropout.dropout_mask(seed, (64, 96), p))
-    assert not torch.equal(keep, dropout.dropout_mask(seed + 1, (64, 96), p))
-
-
 def test_dropout_off_in_eval():
     t = make(7, 33, 40, 3)
     args = (t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7)
