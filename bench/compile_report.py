@@ -158,7 +158,7 @@ def _launches(case: CompileCase, arch: int) -> list[dict]:
     t = _meta_inputs(case)
     train = set(spec["train"])
     store_h = bool(train & {"B", "u", "v"})
-    needs = [True, "A" in train, "B" in train, "u" in train, "v" in train, "c" in train]
+    needs = [True, "A" in train, "B" in train, "u" in train, "v" in train, "c" in train, False]
     seed = torch.empty(1, dtype=torch.int64, device="meta") if case.dropout else None
     rows = []
     previous_precision = torch.get_float32_matmul_precision()
@@ -166,7 +166,7 @@ def _launches(case: CompileCase, arch: int) -> list[dict]:
         torch.set_float32_matmul_precision("high" if case.tf32 else "highest")
         for phase in ("fwd", "bwd"):
             with compile_only(arch) as records:
-                out, h, y = op._forward_impl(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], t["c"],
+                out, h, y = op._forward_impl(t["x"], t["weight"], None, t["bias"], t["A"], t["B"], t["u"], t["v"], t["c"],
                                              seed, 1.0, case.dropout, store_h, "c" in train)
                 if phase == "bwd":
                     records.clear()

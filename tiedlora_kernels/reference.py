@@ -2,6 +2,8 @@
 
 Nothing here imports from ``tiedlora_kernels.ops``; autograd provides every gradient. These
 functions stay forever, readable first, and are also the ``TIEDLORA_BACKEND=torch`` path.
+docs/MATH.md states the formula, the variants' effective tensors and the gradients autograd
+computes here (section 6), which the fused kernels write out by hand.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .validation import adapter_compute_dtype, check_tied_lora_inputs
+from .validation import adapter_compute_dtype, check_tied_lora_add_inputs, check_tied_lora_inputs
 
 
 def tied_lora_linear(
@@ -46,6 +48,42 @@ def tied_lora_linear(
     """
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
     base = F.linear(x, weight, bias if row_scale is None else None)
+    out = base + _adapter_delta(x, A, B, u, v, scaling, dropout_p, training)
+    return _scale_and_bias(out, row_scale, bias)
+
+
+def tied_lora_add(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    u: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    row_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out = c * (base_out + s * (((dropout(x) A^T) * u) B^T) * v) + b: the adapter over a base layer
+    that computes its own output (a quantized linear), ``base_out`` being that output without bias.
+
+    Args:
+        x: (..., K) the base layer's input; base_out: (..., N) its output without bias, x's dtype.
+        bias, A, B, u, v, scaling, dropout_p, training, row_scale: as in :func:`tied_lora_linear`.
+
+    Returns:
+        (..., N) in x's dtype, with the same roundings as :func:`tied_lora_linear`.
+    """
+    check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    out = base_out + _adapter_delta(x, A, B, u, v, scaling, dropout_p, training)
+    if row_scale is None and bias is not None:
+        out = out + bias
+    return _scale_and_bias(out, row_scale, bias)
+
+
+def _adapter_delta(x, A, B, u, v, scaling, dropout_p, training) -> torch.Tensor:
+    """s * (((dropout(x) A^T) * u) B^T) * v computed in the wider of x's and A's dtype, cast to x's."""
     ct = adapter_compute_dtype(x, A)
     xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     h = F.linear(xd.to(ct), A.to(ct))
@@ -53,11 +91,15 @@ def tied_lora_linear(
     delta = F.linear(z, B.to(ct))
     if v is not None:
         delta = delta * v.to(ct)
-    out = base + (scaling * delta).to(x.dtype)
+    return (scaling * delta).to(x.dtype)
+
+
+def _scale_and_bias(out: torch.Tensor, row_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """c * out + b in the wider of out's and c's dtype, rounded to out's dtype (out unchanged without c)."""
     if row_scale is None:
         return out
     cs = torch.promote_types(out.dtype, row_scale.dtype)
-    out = (out.to(cs) * row_scale.to(cs)).to(x.dtype)
+    out = (out.to(cs) * row_scale.to(cs)).to(out.dtype)
     return out + bias if bias is not None else out
 
 

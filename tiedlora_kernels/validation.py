@@ -1,7 +1,8 @@
 """Argument checks shared by every implementation of the adapted linear op.
 
 Each check raises before any kernel launches, and its message names the argument, the
-expected shape/dtype/device and what was given.
+expected shape/dtype/device and what was given. The shapes are those of docs/MATH.md, section 1:
+x (..., K), weight (N, K), bias (N,), A (r, K), B (N, r), u (r,), v (N,), row scale c (N,).
 """
 
 from __future__ import annotations
@@ -16,27 +17,31 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _check_tensor(name: str, t, shape: tuple, device: torch.device) -> None:
+def _check_tensor(name: str, t, shape: tuple, device: torch.device, op: str = "tied_lora_linear") -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"tied_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"tied_lora_linear: {name} must be a floating tensor (fp16/bf16/fp32/fp64), "
+        raise TypeError(f"{op}: {name} must be a floating tensor (fp16/bf16/fp32/fp64), "
                         f"got {_describe(t)}")
     if tuple(t.shape) != shape:
         want = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise ValueError(f"tied_lora_linear: {name} must have shape {want}, got {_describe(t)}")
+        raise ValueError(f"{op}: {name} must have shape {want}, got {_describe(t)}")
     if t.device != device:
-        raise ValueError(f"tied_lora_linear: {name} must be on {device} (the device of x), got {_describe(t)}")
+        raise ValueError(f"{op}: {name} must be on {device} (the device of x), got {_describe(t)}")
+
+
+def _check_x(x, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be a floating tensor (fp16/bf16/fp32/fp64), got {_describe(x)}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got {_describe(x)}")
 
 
 def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale=None) -> None:
     """Validate the arguments of ``tied_lora_linear`` (see its docstring for the shapes)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"tied_lora_linear: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"tied_lora_linear: x must be a floating tensor (fp16/bf16/fp32/fp64), got {_describe(x)}")
-    if x.dim() < 1:
-        raise ValueError(f"tied_lora_linear: x must have at least 1 dimension (..., K), got {_describe(x)}")
+    _check_x(x, "tied_lora_linear")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         got = _describe(weight) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"tied_lora_linear: weight must be a 2-D tensor (N, K), got {got}")
@@ -52,24 +57,49 @@ def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"tied_lora_linear: {name} dtype {t.dtype} must equal x dtype {x.dtype} "
                             "(cast the input or the layer, as for F.linear)")
+    _check_adapter("tied_lora_linear", x, N, K, A, B, u, v, scaling, dropout_p, row_scale)
+
+
+def check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale=None) -> None:
+    """Validate the arguments of ``tied_lora_add``: x (..., K), base_out (..., N) in x's dtype with
+    x's leading dims, bias (N,), A (r, K), B (N, r), u (r,), v (N,), row_scale (N,)."""
+    op = "tied_lora_add"
+    _check_x(x, op)
+    K = x.shape[-1]
+    if not isinstance(B, torch.Tensor) or B.dim() != 2:
+        got = _describe(B) if isinstance(B, torch.Tensor) else type(B).__name__
+        raise ValueError(f"{op}: B must be a 2-D tensor (N, r), got {got}")
+    N = B.shape[0]
+    _check_tensor("base_out", base_out, (*x.shape[:-1], N), x.device, op)
+    if bias is not None:
+        _check_tensor("bias", bias, (N,), x.device, op)
+    for name, t in (("base_out", base_out), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal x dtype {x.dtype}")
+    _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale)
+
+
+def _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale) -> None:
+    """A (r, K), B (N, r), u (r,), v (N,), row_scale (N,) on x's device; the scalars."""
+    dev = x.device
     if not isinstance(A, torch.Tensor) or A.dim() != 2:
         got = _describe(A) if isinstance(A, torch.Tensor) else type(A).__name__
-        raise ValueError(f"tied_lora_linear: A must be a 2-D tensor (r, K={K}), got {got}")
+        raise ValueError(f"{op}: A must be a 2-D tensor (r, K={K}), got {got}")
     r = A.shape[0]
     if r < 1:
-        raise ValueError(f"tied_lora_linear: rank r = A.shape[0] must be >= 1, got {_describe(A)}")
-    _check_tensor("A", A, (r, K), dev)
-    _check_tensor("B", B, (N, r), dev)
+        raise ValueError(f"{op}: rank r = A.shape[0] must be >= 1, got {_describe(A)}")
+    _check_tensor("A", A, (r, K), dev, op)
+    _check_tensor("B", B, (N, r), dev, op)
     if u is not None:
-        _check_tensor("u", u, (r,), dev)
+        _check_tensor("u", u, (r,), dev, op)
     if v is not None:
-        _check_tensor("v", v, (N,), dev)
+        _check_tensor("v", v, (N,), dev, op)
     if row_scale is not None:
-        _check_tensor("row_scale", row_scale, (N,), dev)
+        _check_tensor("row_scale", row_scale, (N,), dev, op)
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        raise ValueError(f"tied_lora_linear: scaling must be a finite float, got {scaling!r}")
+        raise ValueError(f"{op}: scaling must be a finite float, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"tied_lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
 def adapter_compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
@@ -77,4 +107,4 @@ def adapter_compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, A.dtype)
 
 
-__all__ = ["check_tied_lora_inputs", "adapter_compute_dtype"]
+__all__ = ["check_tied_lora_inputs", "check_tied_lora_add_inputs", "adapter_compute_dtype"]

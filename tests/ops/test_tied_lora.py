@@ -620,3 +620,44 @@ def test_gpu_decode_under_cuda_graphs():
             want = public_tied_lora_linear(x, t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7)
             assert rel_err(got, want) < 1e-2, i
     torch._dynamo.reset()
+
+
+ADD_CASES = {  # tied_lora_add: the adapter over a base layer that computes its own output (quantized bases)
+    "M37-r16": (37, 33, 40, 16, {}),
+    "M1-r1-nobias-lead3d": (1, 5, 3, 1, dict(bias=False, lead=(2,))),
+    "row-scale": (7, 33, 40, 3, dict(c=True)),
+    "row-scale-frozen-c": (7, 33, 17, 5, dict(c=True, train=("x", "A", "B", "u", "v"))),
+    "only-base-trains": (7, 33, 40, 3, dict(train=())),
+    "x_sliced": (7, 33, 40, 3, dict(x_layout="sliced")),
+    "bf16": (37, 33, 40, 16, dict(dtype=torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("case", list(ADD_CASES))
+def test_add_over_a_base_output(case):
+    """out = c * (E + s ((x A^T) u) B^T v) + b for a given base output E: forward and every gradient,
+    E's included (G, or G * c), against the float64 reference."""
+    M, K, N, r, kw = ADD_CASES[case]
+    t = make(M, K, N, r, **kw)
+    dtype = t["x"].dtype
+    E = (torch.randn(t["x"].shape[:-1] + (N,), generator=torch.Generator().manual_seed(3)) * 2).to(DEVICE, dtype)
+    E = E.requires_grad_()
+    G = upstream(E.shape, dtype)
+
+    def add_op(fn, t, E, G):
+        out = fn(t["x"], E, t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7, 0.0, True, t["c"])
+        leaves = [E] + [t[n] for n in PARAMS if t[n] is not None and t[n].requires_grad]
+        return [out] + list(torch.autograd.grad(out, leaves, G))
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("TIEDLORA_BACKEND", "triton")
+    try:
+        got = add_op(tiedlora_kernels.ops.tied_lora_add, t, E, G)
+    finally:
+        monkey.undo()
+    t64 = as_f64(t)
+    want = add_op(reference.tied_lora_add, t64, E.detach().double().requires_grad_(), G.double())
+    names = ["out", "E"] + [n for n in PARAMS if t[n] is not None and t[n].requires_grad]
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == (dtype if name in ("out", "E", "x") else t[name].dtype), name
+        assert rel_err(a, b) < TOL[dtype], f"{name}: {rel_err(a, b):.2e}"

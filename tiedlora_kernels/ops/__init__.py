@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..validation import check_tied_lora_inputs
+from ..validation import check_tied_lora_add_inputs, check_tied_lora_inputs
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -127,3 +127,40 @@ def tied_lora_linear(
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
                                        row_scale=row_scale)
     return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+
+
+def tied_lora_add(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    u: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    row_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The adapter over a base layer that computes its own output (a quantized linear):
+    out = c * (base_out + s * (((dropout(x) A^T) * u) B^T) * v) + b, with c = 1 when ``row_scale`` is None.
+
+    On the GPU: one pass over x, one read of ``base_out``, one write of out (the adapter_term kernel
+    with ``base_out`` as its addend); the base layer's own autograd gives its part of dx.
+
+    Args:
+        x: (..., K) the base layer's input. base_out: (..., N) the base layer's output for x, without
+            its bias, x's dtype, differentiable (its gradient is G, or G * c).
+        bias: (N,) or None, added last. A, B, u, v, scaling, dropout_p, training, row_scale: as in
+            :func:`tied_lora_linear`.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    if resolve_backend(x, None, bias) == "triton":
+        from .tied_lora import tied_lora_add_triton
+
+        return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,
+                                    row_scale=row_scale)
+    return reference.tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)

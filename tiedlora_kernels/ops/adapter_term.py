@@ -2,10 +2,12 @@
 besides the base GEMM, which cuBLAS then adds with ``addmm_`` (beta = 1) into the same buffer.
 
     h   = dropout(X) D^T                     (M, R) fp32      X (M, K), D (R, K)
-    OUT = s * ((h * u) P^T) * v [* keep] + b (M, N)           P (N, R), u (R,), v (N,), b (N,)
+    OUT = s * ((h * u) P^T) * v [* keep] + b [+ E] (M, N)     P (N, R), u (R,), v (N,), b (N,)
 
 Forward (``adapter_term(x, A, B, ...)``): X = x, D = A, P = B; OUT = L, and then
-``L.addmm_(x, W^T)`` is the layer's output; h is kept for backward when B, u or v trains.
+``L.addmm_(x, W^T)`` is the layer's output; h is kept for backward when B, u or v trains. Over a
+base layer that computes its own output (a quantized one), that output is the addend E: OUT is
+then the layer's output, one read of E and one write of OUT beyond the pass over x.
 Backward (dX): X = G (M, N), D = (B * v)^T (R, N), P = A^T (K, R), u = u, no v, the dropout mask
 on OUT's columns: h = g = G (B * v) and OUT = s (g * u) A * keep / (1 - p), then
 ``Ldx.addmm_(G, W)`` is dX. One kernel serves both.
@@ -31,19 +33,20 @@ from .common import block_r, keep_mask, mma, precisions, triton_interpreting, ve
 
 @triton.jit
 def _adapter_term_kernel(
-    X, D, P, U, V, BIAS, OUT, H, SEED,
+    X, D, P, U, V, BIAS, E, OUT, H, SEED,
     M, N, K, R, cols_per_split,
-    stride_xm, stride_xk, stride_dr, stride_dk, stride_pn, stride_pr, stride_om, stride_on, stride_hm,
+    stride_xm, stride_xk, stride_dr, stride_dk, stride_pn, stride_pr, stride_em, stride_en, stride_om, stride_on,
+    stride_hm,
     scaling, p_drop,
-    HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr,
     IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, WRITE_OUT: tl.constexpr,
     UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """OUT[:, cols] = s * ((X_d D^T * U) P^T) * V [* keep / (1 - p)] + BIAS, cols = this split's range;
+    """OUT[:, cols] = s * ((X_d D^T * U) P^T) * V [* keep / (1 - p)] + BIAS [+ E], cols = this split's range;
     H = X_d D^T (fp32) from split 0 when STORE_H. Grid (row blocks, column splits).
 
-    X (M, K), D (R, K), P (N, R), OUT (M, N), H (M, R): any strides. U (R,), V (N,), BIAS (N,) unit
+    X (M, K), D (R, K), P (N, R), E and OUT (M, N), H (M, R): any strides. U (R,), V (N,), BIAS (N,) unit
     stride. IN_DROPOUT drops X's elements (m, k); OUT_DROPOUT drops OUT's elements (m, n) (the dX use).
     WRITE_OUT=False only stores H (the backward's g when x is frozen).
     """
@@ -91,6 +94,9 @@ def _adapter_term_kernel(
                 b_out = tl.where(keep_mask(seed, o_m, o_n, N, p_drop), b_out * keep_scale, 0.0)
             if HAS_BIAS:
                 b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_ADDEND:
+                b_out += tl.load(E + o_m[:, None] * stride_em + o_n[None, :] * stride_en,
+                                 mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
             tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),
                      mask=m_m[:, None] & m_n[None, :])
 
@@ -111,8 +117,8 @@ def _tiles(M: int, r_block: int, device: torch.device) -> tuple[int, int, int, i
 def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optional[torch.Tensor],
                  v: Optional[torch.Tensor], bias: Optional[torch.Tensor], scaling: float, p_drop: float,
                  seed: Optional[torch.Tensor], *, in_dropout: bool, out_dropout: bool, store_h: bool,
-                 write_out: bool = True, out_dtype: Optional[torch.dtype] = None
-                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                 write_out: bool = True, out_dtype: Optional[torch.dtype] = None,
+                 addend: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(OUT (M, N) in ``out_dtype`` (default x's) or None, h (M, R) fp32 or None); see the module docstring.
 
     Args:
@@ -121,6 +127,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         scaling: s. p_drop, seed: dropout probability and its (1,) int64 Philox seed (or None).
         in_dropout / out_dropout: drop x's elements, or OUT's (the dX use, mask of x's shape).
         store_h: return h. write_out: compute OUT (False: only h).
+        addend: (M, N) any strides, added to OUT (a base layer's own output), or None.
     """
     M, K = x.shape
     N, R = up.shape
@@ -134,14 +141,16 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
     splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks)) if write_out else 1
     cols_per_split = triton.cdiv(col_tiles, splits) * block_n
     _adapter_term_kernel[(row_blocks, splits)](
-        x, down, up, vec(u, x), vec(v, x), vec(bias, x), out if out is not None else x, h if h is not None else x,
+        x, down, up, vec(u, x), vec(v, x), vec(bias, x), addend if addend is not None else x,
+        out if out is not None else x, h if h is not None else x,
         seed if seed is not None else x,
         M, N, K, R, cols_per_split,
         x.stride(0), x.stride(1), down.stride(0), down.stride(1), up.stride(0), up.stride(1),
+        addend.stride(0) if addend is not None else 0, addend.stride(1) if addend is not None else 0,
         out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
         h.stride(0) if h is not None else 0,
         float(scaling), float(p_drop),
-        HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None,
+        HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None,
         IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
         **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,

@@ -20,6 +20,10 @@ Backward, G = dL/dout (M, N):
     dB, dv = grad_up(G, h)          one more pass over G
     du = s * sum_rows(g * h)        (M, r) in torch
 
+Over a base layer that computes its own output E (a quantized layer: ``tied_lora_add``), there is
+no weight: adapter_term adds E in its epilogue (out = E + L, or y = E + L with a row scale), dx
+is Ldx alone (the base layer's autograd adds its own part), and E's gradient is G (G * c).
+
 Saved for backward: h (M, r) fp32 only when B, u or v trains; x only when A trains (nothing of
 size M x K is kept when A is frozen); y (M, N) only when a row scale trains; the frozen weight
 and the adapter tensors (parameters: no copies); the dropout seed (one int64), never the mask.
@@ -40,16 +44,17 @@ from .grad_up import grad_up
 from .row_scale_grad import row_scale_grad
 
 
-def _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
-    """(out (M, N), h (M, r) fp32 or (0, r), y (M, N) or (0, N)) for x (M, K); see the module docstring."""
-    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
+def _forward_impl(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
+    """(out (M, N), h (M, r) fp32 or (0, r), y (M, N) or (0, N)) for x (M, K) and either the base
+    weight (N, K) or the base layer's output ``base_out`` (M, N); see the module docstring."""
+    M, r, N = x.shape[0], A.shape[0], B.shape[0]
     no_h, no_y = x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
     if M == 0:
         return x.new_empty((0, N)), no_h, no_y
     lead_bias = bias if row_scale is None else None  # with a row scale the bias comes after the scale
     L, h = adapter_term(x, A, B, u, v, lead_bias, scaling, dropout_p, seed, in_dropout=dropout_p > 0,
-                        out_dropout=False, store_h=store_h)
-    y = L.addmm_(x, weight.t())
+                        out_dropout=False, store_h=store_h, addend=base_out)
+    y = L.addmm_(x, weight.t()) if weight is not None else L
     h = h if h is not None else no_h
     if row_scale is None:
         return y, h, no_y
@@ -62,35 +67,39 @@ def _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout
 
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
-                B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
+def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], base_out: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
                 row_scale: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float, dropout_p: float,
                 store_h: bool, store_y: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) -> (out (M, N) in x's dtype, h (M, r) fp32 or (0, r) unless ``store_h``, pre-scale
-    y (M, N) in x's dtype or (0, N) unless ``store_y``)."""
-    return _forward_impl(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y)
+    y (M, N) in x's dtype or (0, N) unless ``store_y``). Exactly one of ``weight`` (N, K) and
+    ``base_out`` (M, N) is given."""
+    return _forward_impl(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h,
+                         store_y)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
-    M, r, N = x.shape[0], A.shape[0], weight.shape[0]
+def _(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
+    M, r, N = x.shape[0], A.shape[0], B.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M if store_h else 0, r), dtype=torch.float32),
             x.new_empty((M if store_y and row_scale is not None else 0, N)))
 
 
 def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
-    """[dx, dA, dB, du, dv, dc] for ``needs``; see ``_backward_op``."""
-    need_x, need_a, need_b, need_u, need_v, need_c = needs
-    M, K = G.shape[0], weight.shape[1]
+    """[dx, dA, dB, du, dv, dc, G * c] for ``needs``; see ``_backward_op``."""
+    need_x, need_a, need_b, need_u, need_v, need_c, need_gs = needs
+    M, K = G.shape[0], A.shape[1]
     nothing = G.new_empty(0)
     if M == 0:  # empty batch: zero gradients, no launch
         zeros = lambda t, need: torch.zeros_like(t) if need else nothing.clone()  # noqa: E731
         return [G.new_zeros((0, K)) if need_x else nothing.clone(), zeros(A, need_a), zeros(B, need_b),
-                zeros(u, need_u), zeros(v, need_v), zeros(row_scale, need_c)]
-    dc = None
+                zeros(u, need_u), zeros(v, need_v), zeros(row_scale, need_c),
+                G.new_zeros(G.shape) if need_gs else nothing.clone()]
+    dc = gs = None
     if row_scale is not None:
         # out = c * y + b: one pass gives dL/dy = G * c, which every other gradient is taken from, and dc.
-        G, dc = row_scale_grad(G, y, row_scale, need_gs=any(needs[:5]), need_dc=need_c)
+        G, dc = row_scale_grad(G, y, row_scale, need_gs=any(needs[:5]) or need_gs, need_dc=need_c)
+        gs = G if need_gs else None
     dropping = dropout_p > 0
     dx = g = None
     if need_x or need_a or need_u:
@@ -100,7 +109,7 @@ def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dro
         Ldx, g = adapter_term(G, bv_t, A.t(), u, None, None, scaling, dropout_p, seed, in_dropout=False,
                               out_dropout=dropping, store_h=need_a or need_u, write_out=need_x)
         if need_x:
-            dx = Ldx.addmm_(G, weight)
+            dx = Ldx.addmm_(G, weight) if weight is not None else Ldx
     da = du = db = dv = None
     if need_a:
         da = grad_down(x, g, u, scaling, dropout_p, seed, dropping)
@@ -111,18 +120,20 @@ def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dro
     # Outputs of a custom op may not alias each other: each unneeded slot gets its own empty tensor.
     cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
     return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v),
-            cast(dc, row_scale)]
+            cast(dc, row_scale), gs if gs is not None else nothing.clone()]
 
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
-def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[torch.Tensor], A: torch.Tensor,
+                 B: torch.Tensor,
                  u: Optional[torch.Tensor], v: Optional[torch.Tensor], row_scale: Optional[torch.Tensor],
                  h: Optional[torch.Tensor], y: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
                  dropout_p: float, needs: list[bool]) -> list[torch.Tensor]:
-    """[dx (M, K), dA, dB, du, dv, dc] for ``needs`` = (x, A, B, u, v, row_scale); an unneeded one is
-    a 0-element tensor.
+    """[dx (M, K), dA, dB, du, dv, dc, G * c (M, N)] for ``needs`` = (x, A, B, u, v, row_scale, the
+    base output's G * c); an unneeded one is a 0-element tensor.
 
-    G (M, N) any strides; x (M, K) (None unless A trains); h (M, r) fp32 (None unless B, u or v
+    G (M, N) any strides; x (M, K) (None unless A trains); weight (N, K) or None (a base layer that
+    computes its own output: dx is the adapter's part only); h (M, r) fp32 (None unless B, u or v
     trains); y (M, N) the pre-scale output (None unless the row scale trains).
     """
     return _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
@@ -131,12 +142,13 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tenso
 @_backward_op.register_fake
 def _(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
     like = lambda t, need: t.new_empty(t.shape) if need else G.new_empty(0)  # noqa: E731
-    return [G.new_empty((G.shape[0], weight.shape[1])) if needs[0] else G.new_empty(0),
-            like(A, needs[1]), like(B, needs[2]), like(u, needs[3]), like(v, needs[4]), like(row_scale, needs[5])]
+    return [G.new_empty((G.shape[0], A.shape[1])) if needs[0] else G.new_empty(0),
+            like(A, needs[1]), like(B, needs[2]), like(u, needs[3]), like(v, needs[4]), like(row_scale, needs[5]),
+            like(G, needs[6])]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y = inputs
+    x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y = inputs
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_u, ctx.has_v, ctx.has_c = u is not None, v is not None, row_scale is not None
     # h and y are saved state, never used downstream: no zero-filled (M, N) gradient for y.
@@ -156,12 +168,17 @@ def _backward(ctx, grad_out, grad_h, grad_y):
                            "for higher-order gradients")
     x, weight, A, B, u, v, row_scale, h, y, seed = ctx.saved_tensors
     ni = ctx.needs_input_grad
-    needs = [ni[0], ni[3], ni[4], ctx.has_u and ni[5], ctx.has_v and ni[6], ctx.has_c and ni[7]]
-    if grad_out is None or not any(needs):
-        return (None,) * 13
+    need_base = ni[2]  # the base layer's own output (tied_lora_add): its gradient is G, or G * c
+    needs = [ni[0], ni[4], ni[5], ctx.has_u and ni[6], ctx.has_v and ni[7], ctx.has_c and ni[8],
+             need_base and ctx.has_c]
+    if grad_out is None:
+        return (None,) * 14
+    if not any(needs):  # only the base output's gradient, and no row scale: it is G itself
+        return (None, None, grad_out if need_base else None) + (None,) * 11
     grads = _backward_op(grad_out, x, weight, A, B, u, v, row_scale, h, y, seed, ctx.scaling, ctx.dropout_p, needs)
-    dx, da, db, du, dv, dc = (t if need else None for t, need in zip(grads, needs))
-    return dx, None, None, da, db, du, dv, dc, None, None, None, None, None
+    dx, da, db, du, dv, dc, gs = (t if need else None for t, need in zip(grads, needs))
+    d_base = (gs if ctx.has_c else grad_out) if need_base else None
+    return dx, None, d_base, None, da, db, du, dv, dc, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -170,8 +187,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
                             B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], scaling: float,
                             dropout_p: float, training: bool, *, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The GPU implementation of :func:`tiedlora_kernels.ops.tied_lora_linear` (inputs validated by it,
-    the device and dtype by :func:`tiedlora_kernels.ops.check_triton_route`).
+    """The GPU implementation of :func:`tiedlora_kernels.ops.tied_lora_linear` (inputs validated, and
+    the route checked, by it).
 
     Args:
         x: (..., K) fp32/bf16/fp16, any leading dims and strides (flattened with ``reshape``: a view
@@ -187,21 +204,40 @@ def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     Returns:
         (..., N) in x's dtype, differentiable in x, A, B, u, v, row_scale (whichever require grad).
     """
+    return _run(x, weight, None, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+
+
+def tied_lora_add_triton(x: torch.Tensor, base_out: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                         B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor], scaling: float,
+                         dropout_p: float, training: bool, *, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The GPU implementation of :func:`tiedlora_kernels.ops.tied_lora_add`: out = c * (base_out +
+    s * (((dropout(x) A^T) * u) B^T) * v) + b, one pass over x, one read of base_out, one write.
+
+    Args:
+        x: (..., K); base_out: (..., N) the base layer's output without its bias, x's dtype, any strides,
+            differentiable (its gradient is G, or G * c). Others as in :func:`tied_lora_linear_triton`.
+    """
+    return _run(x, None, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+
+
+def _run(x, weight, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale):
     p = float(dropout_p) if training else 0.0
-    K = x.shape[-1]
-    x2 = x.reshape(_rows(x), K)  # reshape(-1, K) is ambiguous when K = 0
+    K, N = x.shape[-1], B.shape[0]
+    rows = _rows(x)
+    x2 = x.reshape(rows, K)  # reshape(-1, K) is ambiguous when K = 0
+    e2 = base_out.reshape(rows, N) if base_out is not None else None
     seed = draw_dropout_seed(x.device) if p > 0 else None
     # Saved state only where a backward can follow (not under no_grad / inference_mode).
     grad = torch.is_grad_enabled()
     store_h = grad and (B.requires_grad or any(t is not None and t.requires_grad for t in (u, v)))
     store_y = grad and row_scale is not None and row_scale.requires_grad
-    args = (x2, weight, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h), bool(store_y))
-    differentiable = grad and any(t is not None and t.requires_grad for t in (x, A, B, u, v, row_scale))
+    args = (x2, weight, e2, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h), bool(store_y))
+    differentiable = grad and any(t is not None and t.requires_grad for t in (x, base_out, A, B, u, v, row_scale))
     if differentiable or torch.compiler.is_compiling():
         out = _forward_op(*args)[0]
     else:  # inference, eager: the body without the custom op's dispatch (~12 us a call on the host: decode)
         out = _forward_impl(*args)[0]
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return out.reshape(*x.shape[:-1], N)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -212,4 +248,4 @@ def _rows(x: torch.Tensor) -> int:
     return rows
 
 
-__all__ = ["tied_lora_linear_triton"]
+__all__ = ["tied_lora_linear_triton", "tied_lora_add_triton"]
