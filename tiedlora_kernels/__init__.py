@@ -7,14 +7,15 @@ with A (r, K) and B (N, r) tied across the layers of a kind. See README.md and S
 
 from . import reference
 from .config import PRESETS, TiedLoRAConfig
-from .integrations import (adapted_layers, adapter_named_parameters, expected_trainable_parameters, from_peft,
-                           inject, load_adapter, merge, reset_adapters, save_adapter, trainable_parameters,
-                           unmerge)
+from .integrations import (adapted_layers, adapter_named_parameters, expected_trainable_parameters, export_peft,
+                           from_peft, inject, load_adapter, merge, reset_adapters, save_adapter,
+                           trainable_parameters, unmerge)
 from .modules import TiedFactors, TiedLoRALinear, cached_adapters
 from .ops import tied_lora_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["tied_lora_linear", "reference", "TiedLoRAConfig", "PRESETS", "inject", "merge", "unmerge",
-           "save_adapter", "load_adapter", "from_peft", "trainable_parameters", "expected_trainable_parameters",
+           "save_adapter", "load_adapter", "from_peft", "export_peft", "trainable_parameters",
+           "expected_trainable_parameters",
            "adapted_layers", "adapter_named_parameters", "reset_adapters", "cached_adapters", "TiedLoRALinear", "TiedFactors"]

@@ -1,0 +1,237 @@
+"""export_peft: every exportable adapter becomes a PEFT LoRA directory that PEFT loads with our logits.
+
+Each case builds a base model from a seed, keeps a copy of its weights, injects and randomizes an
+adapter, exports it, and loads the directory with ``peft.PeftModel.from_pretrained`` onto a fresh
+model holding the same base weights. Key names are checked against what ``peft.get_peft_model``
+itself produces on that base, and ``from_peft`` of the loaded model must give our logits back.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama
+from tiedlora_kernels import (TiedFactors, TiedLoRAConfig, adapted_layers, adapter_named_parameters, export_peft,
+                              from_peft, inject, merge, save_adapter)
+from tiedlora_kernels.integrations import export as export_module
+
+peft = pytest.importorskip("peft")
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+#: Every preset whose update is low-rank (all but simple_dora).
+EXPORTABLE = ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5", "tl6", "partial", "tl_extra", "tensor_embed", "dora"]
+#: What a PEFT user writes for "every linear layer but the head": the reference for key names.
+PEFT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+def assert_exact(out, ours):
+    """The house tolerance rule: ``out`` (fp32) is as close to our model's fp64 logits as our own fp32
+    logits are (2x plus a floor). The folded products round differently, nothing else may differ."""
+    logits, logits64 = ours
+    assert rel_err(out, logits64) <= 2 * rel_err(logits, logits64) + 1e-7
+
+
+def _base(family, n_layer=2):
+    torch.manual_seed(0)
+    return tiny_llama(n_layer=n_layer) if family == "llama" else tiny_gpt2(n_layer=n_layer)
+
+
+def _prepared(family, preset, n_layer=2, **config):
+    """(model with a random adapter, its (fp32, fp64) logits, a copy of the base weights)."""
+    model = _base(family, n_layer)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base_logits = model(IDS).logits.detach()
+    inject(model, TiedLoRAConfig(rank=4, preset=preset, alpha=8.0, **config))
+    randomize_adapters(model, std=0.2)
+    logits = model(IDS).logits.detach()
+    assert rel_err(logits, base_logits) > 1e-2  # the adapter changes the output: the comparison has teeth
+    logits64 = copy.deepcopy(model).double()(IDS).logits.detach()
+    return model, (logits, logits64), base_state
+
+
+def _fresh(family, base_state, n_layer=2):
+    model = _base(family, n_layer)
+    model.load_state_dict(base_state)
+    return model
+
+
+def _load_peft(family, directory, base_state, n_layer=2):
+    pm = peft.PeftModel.from_pretrained(_fresh(family, base_state, n_layer), str(directory)).eval()
+    return pm
+
+
+def _peft_adapted(pm):
+    return {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _shapes(tensors):
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("preset", EXPORTABLE)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_loads_in_peft_with_our_logits(family, preset, tmp_path):
+    model, logits, base_state = _prepared(family, preset)
+    export_peft(model, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing left beside it
+    assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["lora_alpha"] / cfg["r"] == 1 and not cfg["use_rslora"]  # the one scale vLLM reads
+    assert cfg["fan_in_fan_out"] == (family == "gpt2") and cfg["use_dora"] == (preset == "dora")
+    assert sorted(cfg["target_modules"]) == sorted(PEFT_TARGETS[family])
+
+    # Key names and shapes: exactly what PEFT itself makes for these targets on this base.
+    ref = peft.get_peft_model(_fresh(family, base_state), peft.LoraConfig(
+        r=4, target_modules=PEFT_TARGETS[family], use_dora=preset == "dora", fan_in_fan_out=family == "gpt2"))
+    assert _shapes(load_file(tmp_path / "out" / "adapter_model.safetensors")) == \
+        _shapes(get_peft_model_state_dict(ref))
+
+    pm = _load_peft(family, tmp_path / "out", base_state)
+    assert _peft_adapted(pm) == {n for n, _ in adapted_layers(model)}
+    assert_exact(pm(IDS).logits, logits)
+    back = from_peft(pm)
+    assert_exact(back(IDS).logits, logits)
+
+
+def test_simple_dora_refused_pointing_to_merge(tmp_path):
+    model, _, _ = _prepared("llama", "simple_dora")
+    with pytest.raises(ValueError, match=r"Simple DoRA.*merge"):
+        export_peft(model, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("change, message", [("magnitude", "differ in DoRA"), ("dropout", "different adapter dropout")])
+def test_settings_peft_holds_once_per_adapter_must_agree(change, message, tmp_path):
+    """PEFT's use_dora and lora_dropout are one value per adapter: layers that differ are refused."""
+    model, _, _ = _prepared("llama", "dora")
+    _, layer = list(adapted_layers(model))[-1]
+    if change == "magnitude":
+        layer.magnitude = "none"
+    else:
+        layer.dropout = 0.3
+    with pytest.raises(ValueError, match=message):
+        export_peft(model, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_per_layer_scaling_ranks_and_dropout(tmp_path):
+    """Per-layer s (from_peft, gamma) folds into lora_B; kinds of another rank get rank/alpha patterns."""
+    model, _, base_state = _prepared("llama", "lora", dropout=0.1)
+    g = torch.Generator().manual_seed(3)
+    for i, (name, layer) in enumerate(adapted_layers(model)):
+        layer.scaling = 0.5 + 0.25 * i
+        if name.endswith("q_proj"):  # rank 2 for this kind
+            A = torch.randn(2, layer.in_features, generator=g) * 0.2
+            B = torch.randn(layer.out_features, 2, generator=g) * 0.2
+            object.__setattr__(layer, "_factors", TiedFactors(A, B, True, True))
+    model.eval()
+    logits = (model(IDS).logits.detach(), copy.deepcopy(model).double()(IDS).logits.detach())
+    export_peft(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"], cfg["lora_dropout"]) == \
+        (4, 4, {"q_proj": 2}, {"q_proj": 2}, 0.1)
+    pm = _load_peft("llama", tmp_path / "out", base_state)
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.r["default"] == 2
+    assert_exact(pm(IDS).logits, logits)
+
+
+def test_gpt2_targets_select_only_adapted_layers(tmp_path):
+    """Adapting attn.c_proj but not mlp.c_proj: the suffix "c_proj" would make PEFT adapt both."""
+    model, logits, base_state = _prepared(
+        "gpt2", "tl6", target_modules=r"transformer\.h\.\d+\.(attn\.c_proj|mlp\.c_fc)")
+    export_peft(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["attn.c_proj", "c_fc"]
+    pm = _load_peft("gpt2", tmp_path / "out", base_state)
+    assert _peft_adapted(pm) == {n for n, _ in adapted_layers(model)}
+    assert_exact(pm(IDS).logits, logits)
+
+
+@pytest.mark.parametrize("preset", ["tl6", "dora"])
+def test_merged_model_exports_the_same_files(preset, tmp_path):
+    """merge changes the base weights, never the adapter: the export of a merged model is identical."""
+    model, _, _ = _prepared("gpt2", preset)
+    export_peft(model, tmp_path / "unmerged")
+    merge(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    export_peft(model, tmp_path / "merged")
+    assert all(layer.merged for _, layer in adapted_layers(model))  # the model is left as it was
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("unmerged", "merged"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "unmerged" / "adapter_config.json").read_text() == \
+        (tmp_path / "merged" / "adapter_config.json").read_text()
+
+
+def test_file_sizes_tied_export_is_up_to_L_times_larger(tmp_path):
+    """The export holds one (lora_A, lora_B) pair per layer, the tensors of a LoRA of the same rank and
+    targets, whatever the preset: up to L times the adapter's own tensors (TL5, one tied pair per
+    kind: exactly L). Our saved file stores frozen factors as a seed, so against it TL1..TL4 and VeRA
+    grow more. Measured here (4 layers, hidden 32, rank 4, all linear layers, fp32): TL5 11,944 bytes
+    saved -> 40,840 exported (tensors 8,480 -> 33,920 bytes); TL1 7,104 -> 40,840; LoRA 42,264 -> 40,840."""
+    L = 4
+    for preset in EXPORTABLE:
+        model, _, _ = _prepared("llama", preset, n_layer=L)
+        export_peft(model, tmp_path / preset)
+        exported = sum(t.numel() for t in load_file(tmp_path / preset / "adapter_model.safetensors").values())
+        lora = sum(layer.rank * (layer.in_features + layer.out_features) + layer.out_features * (preset == "dora")
+                   for _, layer in adapted_layers(model))
+        ours = sum(t.numel() for _, t in adapter_named_parameters(model))
+        assert exported == lora, preset
+        assert exported == L * ours if preset == "tl5" else exported <= L * ours, preset
+    model, _, _ = _prepared("llama", "tl5", n_layer=L)
+    saved = os.path.getsize(save_adapter(model, tmp_path / "tl5_saved"))
+    assert (L - 1) * saved < os.path.getsize(tmp_path / "tl5" / "adapter_model.safetensors") <= L * saved
+
+
+def test_base_model_name(tmp_path):
+    model, _, _ = _prepared("llama", "tl6")
+    export_peft(model, tmp_path / "none")
+    model.config._name_or_path = "org/base-model"
+    export_peft(model, tmp_path / "config")
+    export_peft(model, tmp_path / "arg", base_model_name_or_path="/models/base")
+    names = [json.loads((tmp_path / d / "adapter_config.json").read_text())["base_model_name_or_path"]
+             for d in ("none", "config", "arg")]
+    assert names == [None, "org/base-model", "/models/base"]
+
+
+def test_rewrite_is_atomic(tmp_path, monkeypatch):
+    """A second export replaces the first as a whole; one that fails midway leaves the first intact
+    and no temporary files; a directory holding other files is refused untouched."""
+    out = tmp_path / "out"
+    model, _, _ = _prepared("llama", "tl6")
+    export_peft(model, out)
+    first = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    randomize_adapters(model, seed=2)
+    with torch.no_grad():
+        layer = next(layer for _, layer in adapted_layers(model))
+        layer.scaling = 3.0
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_peft(model, out)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == first
+
+    export_peft(model, out)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert (out / "adapter_model.safetensors").read_bytes() != first["adapter_model.safetensors"]
+
+    (out / "notes.txt").write_text("mine")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(ValueError, match="other files"):
+        export_peft(model, out)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before

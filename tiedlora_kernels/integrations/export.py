@@ -1,0 +1,281 @@
+"""Export an adapter as a standard PEFT LoRA directory, the format vLLM, SGLang, TGI, LoRAX and PEFT load.
+
+Every adapter of the family whose update is low-rank is, layer by layer, an ordinary LoRA:
+
+    dW_i = s_i * diag(v_i) B_i diag(u_i) A_i  =  lora_B_i @ lora_A_i
+    lora_A_i = diag(u_i) A_i                 (r, K)
+    lora_B_i = s_i * diag(v_i) B_i           (N, r)
+
+with layer i's *effective* tensors (:meth:`TiedLoRALinear.adapter_tensors`), so tied factors,
+VeRA, partial tying (A_i = sum_k wA_i[k] LA[k]), Tied-LoRA Extra (B_i = B M_i) and tensor
+embedding reduce exactly. DoRA's magnitude m is PEFT DoRA's ``lora_magnitude_vector``.
+
+Scaling: s_i is folded into lora_B_i and every module gets lora_alpha = its rank, so PEFT's
+scaling alpha / r is 1 everywhere. The alternative, lora_alpha = s * r with ``alpha_pattern``
+entries where s differs, is exact in PEFT but not in serving engines: vLLM reads one
+lora_alpha / r for the whole adapter and ignores ``alpha_pattern`` and ``rank_pattern``. With
+scaling 1 per module the file means the same thing to every reader, and per-layer s (e.g. from
+``from_peft`` or gamma) needs no pattern at all.
+
+Size: the export stores one (A_i, B_i) pair per layer, the tensors of a LoRA of the same rank and
+targets whatever the preset, so a tied adapter becomes up to L times larger than its own tensors
+(L = layers per kind; TL5 exactly L times). Tying is what we store; LoRA is what engines read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..modules import TiedLoRALinear
+from .checkpoint import _is_writer
+from .inject import ROOT_ATTR, adapted_layers, adapter_config
+
+#: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+#: PEFT's prefix of every key: ``PeftModel.base_model`` (LoraModel) ``.model`` (the base model).
+PEFT_PREFIX = "base_model.model."
+
+
+def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write ``model``'s adapter as a PEFT LoRA (or DoRA) directory: ``adapter_config.json`` and
+    ``adapter_model.safetensors``, loadable by ``peft.PeftModel.from_pretrained`` and by serving
+    engines (``vllm serve BASE --enable-lora --lora-modules name=DIR``).
+
+    Per adapted layer i, with its effective tensors A_i (r, K), B_i (N, r), u_i (r,), v_i (N,) and
+    scaling s_i: ``lora_A = diag(u_i) A_i``, ``lora_B = s_i diag(v_i) B_i``, and lora_alpha = r, so
+    PEFT's scaling is 1 (see the module docstring for why). Keys and ``target_modules`` are what
+    ``peft.get_peft_model`` gives on the same base model: ``base_model.model.<module path>.lora_A.weight``;
+    each target is the shortest module-name suffix that selects adapted layers only, so PEFT adapts
+    exactly the layers we adapted. Kinds of different rank get ``rank_pattern`` / ``alpha_pattern``
+    entries (alpha = rank). ``Conv1D`` layers (GPT-2) set ``fan_in_fan_out``; adapter dropout is
+    recorded as ``lora_dropout`` (it acts in training only). Tensors are written in float32 (the
+    folded products are not representable in bf16 without rounding; engines cast on load).
+
+    DoRA exports as PEFT DoRA (``use_dora=True``, ``lora_magnitude_vector = m``): the same outputs in
+    eval mode (PEFT, unlike us, applies DoRA's base term to the dropped-out input while training with
+    dropout > 0). vLLM does not load DoRA.
+
+    A merged model (:func:`merge`) exports as it is, untouched: merging changes the base weights,
+    never the adapter tensors, and the export is an adapter for the *original* base model.
+
+    The directory is written atomically: both files go into a temporary sibling directory that is
+    fsynced and renamed into place (an existing ``directory`` may be empty or hold a previous
+    export, and is replaced as a whole), so a crash never leaves a config of one export beside
+    the weights of another.
+
+    Size: one (lora_A, lora_B) pair per layer, as large as a LoRA of that rank and targets, so a tied
+    adapter grows up to L times its own tensors (L = layers per kind; our saved file keeps frozen
+    factors as a seed, so TL1..TL4 and VeRA grow more against it). LLaMA-2-7B, all linear layers,
+    r = 8, fp32: TL5 2.5 MB, TL6 7.9 MB, the export 80 MB.
+
+    Args:
+        model: a model prepared by :func:`inject` (or :func:`from_peft` / :func:`load_adapter`),
+            on any device, merged or not, not sharded (FSDP2: gather the full model first).
+            Under ``torch.distributed`` (DDP), rank 0 writes and the other ranks return at once.
+        directory: the output directory (created, parents included).
+        base_model_name_or_path: recorded in the config for ``AutoPeftModel`` and engines; default
+            ``model.config._name_or_path`` (or ``model.name_or_path``) when set.
+
+    Returns:
+        The directory's path.
+
+    Raises:
+        ValueError: for adapters with no exact PEFT LoRA form (Simple DoRA; layers that mix DoRA
+            and plain LoRA, or differ in dropout), naming why and pointing to :func:`merge`; for a
+            sharded model; or for an existing ``directory`` holding other files.
+    """
+    adapter_config(model)  # raises if the model has no adapters
+    layers = list(adapted_layers(model))
+    _refuse_inexact(layers)
+    dora = layers[0][1].magnitude == "dora"
+    tensors, ranks = {}, {}
+    with torch.no_grad():
+        for name, layer in layers:
+            lora_A, lora_B = peft_factors(layer)
+            ranks[name] = lora_A.shape[0]
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
+            if dora:
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _cpu_fp32(layer.adapter_m)
+    all_modules = [n for n, _ in model.named_modules() if n and n != ROOT_ATTR and not n.startswith(ROOT_ATTR + ".")]
+    adapted = [n for n, _ in layers]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {}
+    for rank in sorted(set(ranks.values()) - {r}):
+        group = [n for n in adapted if ranks[n] == rank]
+        for suffix in _selecting_suffixes(group, adapted):
+            rank_pattern[re.escape(suffix)] = rank
+    if base_model_name_or_path is None:
+        cfg = getattr(model, "config", None)
+        base_model_name_or_path = (getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+                                   or None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": _selecting_suffixes(adapted, all_modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "lora_dropout": layers[0][1].dropout,
+        "fan_in_fan_out": any(layer.layout == "conv1d" for _, layer in layers),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": dora,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+    }
+    directory = Path(directory)
+    if not _is_writer():
+        return directory
+    _write_directory(directory, {
+        ADAPTER_FILE: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda path: Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    })
+    return directory
+
+
+def peft_factors(layer: TiedLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A (r, K), lora_B (N, r)) of one layer, float32 on the CPU, with lora_B @ lora_A =
+    s * diag(v_i) B_i diag(u_i) A_i (products formed in float64, rounded once)."""
+    A, B, u, v = (None if t is None else _full(t).double() for t in layer.adapter_tensors())
+    lora_A = A if u is None else u[:, None] * A
+    lora_B = layer.scaling * (B if v is None else v[:, None] * B)
+    return lora_A.float().contiguous(), lora_B.float().contiguous()
+
+
+def _refuse_inexact(layers: list[tuple[str, TiedLoRALinear]]) -> None:
+    """Raise for anything PEFT LoRA / DoRA would load with different outputs, before anything is written."""
+    for name, layer in layers:
+        for t in (*layer.factors.parameters(), *(getattr(layer, n) for n in TiedLoRALinear.PER_LAYER)):
+            if t is not None and hasattr(t, "full_tensor"):
+                raise ValueError(f"export_peft: layer {name!r} holds sharded (FSDP2 / DTensor) adapter tensors; "
+                                 "export from one process with the full model (e.g. save_adapter, then "
+                                 "load_adapter into an unsharded copy)")
+            if t is not None and t.is_meta:
+                raise ValueError(f"export_peft: layer {name!r} has adapter tensors on the meta device; "
+                                 "materialise and load them first")
+        if layer.magnitude == "simple_dora":
+            raise ValueError(f"export_peft: layer {name!r} uses Simple DoRA, which has no PEFT LoRA form: its "
+                             "magnitude rescales the frozen base output by m / ||W||_row, which no update "
+                             "W + B A can express, and PEFT's DoRA divides by ||W + dW||_row and so computes "
+                             "a different function. Serve it merged instead: tiedlora_kernels.merge(model), "
+                             "then save the full model (model.save_pretrained).")
+        if layer.magnitude not in ("none", "dora"):
+            raise ValueError(f"export_peft: layer {name!r} has magnitude={layer.magnitude!r}, which has no PEFT "
+                             "form; serve it merged instead: tiedlora_kernels.merge(model), then save the model")
+    first_name, first = layers[0]
+    for name, layer in layers[1:]:
+        if (layer.magnitude == "dora") != (first.magnitude == "dora"):
+            raise ValueError(f"export_peft: layers {first_name!r} and {name!r} differ in DoRA, but PEFT's use_dora "
+                             "is one flag per adapter; merge instead (tiedlora_kernels.merge)")
+        if layer.dropout != first.dropout:
+            raise ValueError(f"export_peft: layers {first_name!r} and {name!r} have different adapter dropout "
+                             f"({first.dropout} vs {layer.dropout}), but PEFT's lora_dropout is one value per adapter")
+
+
+def _selecting_suffixes(chosen: list[str], universe: list[str]) -> list[str]:
+    """The shortest dotted suffix of each name in ``chosen`` that matches no name of ``universe``
+    outside ``chosen``, by PEFT's rule for ``target_modules`` lists (the name equals the suffix or
+    ends with ``"." + suffix``), deduplicated in first-seen order. Every-layer kinds give their
+    last component (``q_proj``); GPT-2 adapting only ``attn.c_proj`` gives ``attn.c_proj``."""
+    chosen_set = set(chosen)
+    others = [n for n in universe if n not in chosen_set]
+    out: list[str] = []
+    for name in chosen:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(n == suffix or n.endswith("." + suffix) for n in others):
+                break
+        if suffix not in out:
+            out.append(suffix)
+    return out
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    """PEFT's ``task_type`` for causal LMs (so ``AutoPeftModelForCausalLM`` accepts the directory); None
+    otherwise (a plain ``PeftModel``: other task types would add modules to save)."""
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu")
+
+
+def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
+    return _full(t).float().contiguous()
+
+
+def _write_directory(directory: Path, writers: dict) -> None:
+    """Write ``{file name: write(path)}`` as one directory, all or nothing.
+
+    The files go into a temporary sibling directory, each fsynced, then the directory is renamed
+    into place. An existing ``directory`` (empty, or holding only a previous export) is first
+    renamed aside and deleted after the swap: a crash between the two renames leaves no
+    ``directory`` at all (a loader fails loudly), never a mix of two exports."""
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"export_peft: {directory} exists and is not a directory")
+        foreign = sorted(set(os.listdir(directory)) - set(writers))
+        if foreign:
+            raise ValueError(f"export_peft: {directory} holds other files {foreign}; export into a new or empty "
+                             "directory (or one holding only a previous export, which is replaced)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export gets the usual mode
+        for file_name, write in writers.items():
+            path = tmp / file_name
+            write(str(path))
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
+            os.replace(directory, old)  # onto the empty placeholder: directory -> old
+        os.rename(tmp, directory)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not directory.exists():
+            os.replace(old, directory)
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
