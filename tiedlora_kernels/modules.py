@@ -21,10 +21,12 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
-from .ops import tied_lora_linear
+from .bases import QuantizedBase, warn_requantized
+from .ops import tied_lora_add, tied_lora_linear
 
-#: ``weight_layout`` values: ``nn.Linear`` stores W as (N, K); HF ``Conv1D`` stores W^T as (K, N).
-LAYOUTS = ("linear", "conv1d")
+#: ``weight_layout`` values: ``nn.Linear`` stores W as (N, K); HF ``Conv1D`` stores W^T as (K, N);
+#: ``quantized``: a base layer that computes its own output (``base_layer``, see ``bases.py``).
+LAYOUTS = ("linear", "conv1d", "quantized")
 
 #: Optimizer steps taken in this process (any torch optimizer, fused ones included): part of the
 #: validity key of the shared fp32 casts, since fused optimizer kernels do not move ``_version``.
@@ -133,10 +135,15 @@ class TiedLoRALinear(nn.Module):
     - Simple DoRA: c = m / ||W||_row and v_i multiplied by ||W||_row, which is
       (x W0^T + s dW x) * m with W0 = W / ||W||_row, without rewriting the frozen weight.
 
+    Over a quantized base (``layout="quantized"``) the base layer is kept whole as ``base_layer``
+    and computes its own output; the adapter is added by ``tied_lora_add`` (``state_dict`` keys of
+    the base move under ``<name>.base_layer.``, as PEFT's do).
+
     Args:
         weight: the frozen base weight parameter, (N, K) for ``layout="linear"``, (K, N) for
-            ``layout="conv1d"`` (kept as is, so ``state_dict`` keys and shapes do not change).
-        bias: (N,) parameter or None.
+            ``layout="conv1d"`` (kept as is, so ``state_dict`` keys and shapes do not change);
+            None for ``layout="quantized"``.
+        bias: (N,) parameter or None (None for ``layout="quantized"``: the base layer adds its own).
         factors: the kind's :class:`TiedFactors` (referenced, not registered here).
         per_layer: this layer's own adapter parameters, any of ``adapter_u`` (r,), ``adapter_v``
             (N,), ``adapter_wA`` (kA,), ``adapter_wB`` (kB,), ``adapter_M`` (r, r), ``adapter_wM``
@@ -144,21 +151,28 @@ class TiedLoRALinear(nn.Module):
         magnitude: ``none``, ``dora`` or ``simple_dora``.
         scaling: s. dropout: adapter-input dropout probability.
         kind: the layer kind (name suffix) this layer is tied by.
+        base_layer, base_kind: for ``layout="quantized"``, the quantized layer and its
+            :class:`~tiedlora_kernels.bases.QuantizedBase`.
     """
 
     PER_LAYER = ("adapter_u", "adapter_v", "adapter_wA", "adapter_wB", "adapter_M", "adapter_wM", "adapter_m")
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], *, layout: str,
                  factors: TiedFactors, per_layer: dict, scaling: float, dropout: float, kind: str,
-                 magnitude: str = "none"):
+                 magnitude: str = "none", base_layer: Optional[nn.Module] = None,
+                 base_kind: Optional[QuantizedBase] = None):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"TiedLoRALinear: layout must be one of {LAYOUTS}, got {layout!r}")
+        if (layout == "quantized") != (base_layer is not None and base_kind is not None):
+            raise ValueError("TiedLoRALinear: layout='quantized' needs base_layer and base_kind (and only it)")
         unknown = set(per_layer) - set(self.PER_LAYER)
         if unknown:
             raise ValueError(f"TiedLoRALinear: unknown per-layer parameters {sorted(unknown)}")
         self.weight = weight
         self.bias = bias
+        self.base_layer = base_layer
+        self.base_kind = base_kind
         self.layout = layout
         for name in self.PER_LAYER:
             setattr(self, name, per_layer.get(name))
@@ -178,10 +192,14 @@ class TiedLoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
+        if self.layout == "quantized":
+            return self.base_kind.in_out(self.base_layer)[0]
         return self.weight.shape[1] if self.layout == "linear" else self.weight.shape[0]
 
     @property
     def out_features(self) -> int:
+        if self.layout == "quantized":
+            return self.base_kind.in_out(self.base_layer)[1]
         return self.weight.shape[0] if self.layout == "linear" else self.weight.shape[1]
 
     @property
@@ -189,8 +207,16 @@ class TiedLoRALinear(nn.Module):
         return self._factors.rank
 
     def weight_nk(self) -> torch.Tensor:
-        """The base weight as (N, K): a transposed view for ``Conv1D`` (no copy)."""
+        """The base weight as (N, K): a transposed view for ``Conv1D`` (no copy); for a quantized
+        base, its dequantized weight (a new tensor: merge, DoRA's row norms)."""
+        if self.layout == "quantized":
+            return self.base_kind.dequantized_weight(self.base_layer)
         return self.weight if self.layout == "linear" else self.weight.t()
+
+    @property
+    def base_bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias (N,) or None, whichever layout holds it."""
+        return self.base_layer.bias if self.layout == "quantized" else self.bias
 
     def adapter_tensors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The effective (A_i (r, K), B_i (N, r), u_i (r,) or None, v_i (N,) or None) of this layer."""
@@ -250,12 +276,27 @@ class TiedLoRALinear(nn.Module):
         return {**self.__dict__, "_frozen_cache": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "quantized":
+            return self._forward_quantized(x)
         if self.merged:
             return nn.functional.linear(x, self.weight_nk(), self.bias)
         A, B, u, v, c = self.op_tensors()
         # The magnitude c is the op's row scale: applied in the kernels' epilogue, before the bias.
         return tied_lora_linear(x, self.weight_nk(), self.bias, A, B, u, v, self.scaling, self.dropout,
                                 self.training, row_scale=c)
+
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's own output (its dequantizing GEMM and autograd), then the adapter term added
+        in one pass; with a row scale c, out = c * (base - b + adapter) + b (as PEFT's DoRA does)."""
+        base_out = self.base_kind.forward(self.base_layer, x)
+        if self.merged:
+            return base_out
+        A, B, u, v, c = self.op_tensors()
+        bias = None
+        if c is not None and self.base_layer.bias is not None:
+            bias = self.base_layer.bias.to(base_out.dtype)
+            base_out = base_out - bias
+        return tied_lora_add(x, base_out, bias, A, B, u, v, self.scaling, self.dropout, self.training, row_scale=c)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -288,6 +329,10 @@ class TiedLoRALinear(nn.Module):
         self.merged = False
 
     def _set_weight_nk(self, w_nk: torch.Tensor) -> None:
+        if self.layout == "quantized":
+            warn_requantized("merging into" if not self.merged else "unmerging from")
+            self.base_kind.replace_weight(self.base_layer, w_nk)
+            return
         if self.weight.is_meta:
             raise RuntimeError("TiedLoRALinear.merge: the base weight is on the meta device (not allocated); "
                                "load real weights before merging")
@@ -295,8 +340,9 @@ class TiedLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         own = ",".join(n.removeprefix("adapter_") for n in self.PER_LAYER if getattr(self, n) is not None) or "-"
+        layout = self.layout if self.layout != "quantized" else f"quantized ({self.base_kind.name})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"kind={self.kind!r}, layout={self.layout}, scaling={self.scaling:g}, per_layer={own}, "
+                f"kind={self.kind!r}, layout={layout}, scaling={self.scaling:g}, per_layer={own}, "
                 f"magnitude={self.magnitude}, dropout={self.dropout:g}, merged={self.merged}")
 
 

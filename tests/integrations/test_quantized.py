@@ -1,0 +1,179 @@
+"""Adapters over quantized base models (QLoRA-style): bitsandbytes 4-bit (NF4) and 8-bit layers, as
+transformers loads them with ``BitsAndBytesConfig``, on the CPU (bitsandbytes >= 0.45 runs both there).
+
+The oracle is the same model with dense layers holding the dequantized weights (4-bit: bitsandbytes'
+CPU 4-bit matmul is a dequantize + matmul, so logits and every adapter gradient agree to fp32
+rounding). 8-bit's LLM.int8 matmul also quantizes its input, so there the oracle is the base
+layer's own output plus the reference adapter term.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import randomize_adapters, rel_err, tiny_llama
+from tiedlora_kernels import (TiedLoRAConfig, adapter_named_parameters, inject, load_adapter, merge, reference,
+                              save_adapter, unmerge)
+from tiedlora_kernels.bases import Bnb4bit, Bnb8bit, quantized_base_of
+from tiedlora_kernels.modules import TiedLoRALinear
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+PRESETS = ["lora", "vera", "tl1", "tl2", "tl3", "tl4", "tl5", "tl6", "partial", "tl_extra", "tensor_embed", "dora",
+           "simple_dora"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama saved as a transformers checkpoint (built from a config, no download)."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2, hidden=64)
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    return path
+
+
+def load_quantized(path, bits: int):
+    if bits == 4:
+        cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.float32)
+    else:
+        cfg = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                                  dtype=torch.float32)
+    return model.eval()
+
+
+def dense_twin(path, quantized):
+    """The same model with dense nn.Linear layers holding the quantized model's dequantized weights."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dense = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            kind = quantized_base_of(module)
+            if kind is not None:
+                dense[name].weight.copy_(kind.dequantized_weight(module).float())
+    return model
+
+
+def copy_adapters(src, dst):
+    theirs = dict(adapter_named_parameters(dst))
+    with torch.no_grad():
+        for name, p in adapter_named_parameters(src):
+            theirs[name].copy_(p)
+
+
+def config(preset):
+    return TiedLoRAConfig(rank=4, preset=preset, target_modules="all-linear", alpha=8, seed=3)
+
+
+def test_layers_are_recognised(base_dir):
+    q4, q8 = load_quantized(base_dir, 4), load_quantized(base_dir, 8)
+    assert isinstance(quantized_base_of(q4.model.layers[0].self_attn.q_proj), Bnb4bit)
+    assert isinstance(quantized_base_of(q8.model.layers[0].mlp.down_proj), Bnb8bit)
+    assert quantized_base_of(nn.Linear(4, 4)) is None
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_4bit_logits_and_every_adapter_gradient_match_the_dequantized_model(base_dir, preset):
+    quantized = load_quantized(base_dir, 4)
+    dense = dense_twin(base_dir, quantized)
+    inject(quantized, config(preset))
+    inject(dense, config(preset))
+    randomize_adapters(quantized, std=0.2)
+    copy_adapters(quantized, dense)
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, TiedLoRALinear) and layer.layout == "quantized"
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (quantized, dense):
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        outs.append((logits, {n: p.grad for n, p in adapter_named_parameters(model) if p.requires_grad}))
+    (lq, gq), (ld, gd) = outs
+    assert rel_err(lq, ld) < 1e-5
+    assert gq.keys() == gd.keys() and gq
+    for name in gq:
+        assert gq[name] is not None, name
+        assert rel_err(gq[name], gd[name]) < 1e-4, (name, rel_err(gq[name], gd[name]))
+
+
+@pytest.mark.parametrize("preset", ["tl6", "dora"])
+def test_8bit_layer_matches_its_own_output_plus_the_reference_adapter(base_dir, preset):
+    quantized = load_quantized(base_dir, 8)
+    inject(quantized, config(preset))
+    randomize_adapters(quantized, std=0.2)
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert layer.layout == "quantized" and isinstance(layer.base_kind, Bnb8bit)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    out = layer(x)
+    A, B, u, v, c = layer.op_tensors()
+    base = layer.base_layer(x)
+    bias = layer.base_layer.bias
+    if c is not None and bias is not None:
+        base = base - bias
+    want = reference.tied_lora_add(x, base, bias if c is not None else None, A, B, u, v, layer.scaling, 0.0, False, c)
+    assert rel_err(out, want) < 1e-6
+    assert rel_err(out, layer.base_layer(x)) > 1e-3  # the adapter term is really there
+
+
+def test_4bit_trains_saves_and_loads(base_dir, tmp_path):
+    quantized = load_quantized(base_dir, 4)
+    inject(quantized, config("tl6"))
+    quantized.train()
+    opt = torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad], lr=3e-3)
+    ids = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(8):
+        loss = quantized(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(math.isfinite(v) for v in losses)
+    assert all(p.dtype == torch.uint8 for n, p in quantized.named_parameters() if n.endswith("q_proj.base_layer.weight"))
+    quantized.eval()
+    want = quantized(ids).logits
+    save_adapter(quantized, tmp_path / "adapter")
+    fresh = load_adapter(load_quantized(base_dir, 4), tmp_path / "adapter")
+    assert rel_err(fresh(ids).logits, want) < 1e-6
+
+
+def test_4bit_merge_requantizes_with_a_warning(base_dir):
+    quantized = load_quantized(base_dir, 4)
+    inject(quantized, config("tl6"))
+    randomize_adapters(quantized, std=0.2)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    base_logits = load_quantized(base_dir, 4)(ids).logits
+    adapted = quantized(ids).logits
+    with pytest.warns(UserWarning, match="quantized again"):
+        merge(quantized)
+    merged = quantized(ids).logits
+    # NF4 rounds the merged weight again: close to the adapted model, far closer than to the base
+    assert rel_err(merged, adapted) < 0.2 * rel_err(base_logits, adapted)
+    with pytest.warns(UserWarning, match="quantized again"):
+        unmerge(quantized)
+    assert rel_err(quantized(ids).logits, adapted) < 0.2 * rel_err(base_logits, adapted)
+
+
+class Int8WeightLinear(nn.Linear):
+    """A stand-in for a quantized linear of a library we do not support: an nn.Linear with int8 storage."""
+
+    def __init__(self):
+        super().__init__(8, 8)
+        self.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+
+
+def test_unsupported_quantized_layer_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.add_module("proj", Int8WeightLinear())
+    with pytest.raises(ValueError, match=r"layer 'proj' is a quantized .*Int8WeightLinear.*supported quantized base "
+                                         r"layers: bitsandbytes\.nn\.Linear4bit, bitsandbytes\.nn\.Linear8bitLt"):
+        inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules="all-linear"))

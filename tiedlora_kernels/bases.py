@@ -1,0 +1,155 @@
+"""Base layers that compute their own output: quantized linears (QLoRA-style training).
+
+An adapted layer over a dense ``nn.Linear`` / HF ``Conv1D`` runs the whole layer in one op (the base
+GEMM on cuBLAS). Over a quantized layer the base keeps its own dequantizing GEMM and its own
+autograd for dx; the adapter adds its term with :func:`tiedlora_kernels.ops.tied_lora_add` (one pass
+over x, one read of the base output, one write). What the adapted layer needs from such a base is
+small, and each kind is one :class:`QuantizedBase` subclass: another kind (torchao int4/int8
+weight-only, fp8 linears) is one more class in :data:`QUANTIZED_BASES`, no change to the ops.
+
+bitsandbytes is optional: nothing here imports it unless a model already holds its layers.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+class QuantizedBase:
+    """How an adapted layer uses one kind of quantized base layer (stateless; one instance per kind)."""
+
+    #: Shown in errors and ``extra_repr``.
+    name = "quantized"
+
+    def matches(self, module: nn.Module) -> bool:
+        """True when ``module`` is a layer of this kind."""
+        raise NotImplementedError
+
+    def in_out(self, module: nn.Module) -> tuple[int, int]:
+        """(in_features K, out_features N)."""
+        return module.in_features, module.out_features
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output (..., N) for x, its bias included, in x's dtype, differentiable in x."""
+        return module(x)
+
+    def dequantized_weight(self, module: nn.Module) -> torch.Tensor:
+        """W (N, K) as the layer computes with it, floating point (merge, DoRA's row norms, references)."""
+        raise NotImplementedError
+
+    def replace_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` (N, K) into the layer in place of its weight (merge / unmerge)."""
+        raise NotImplementedError
+
+
+def _bnb():
+    """The bitsandbytes module when it is already imported (a model holding its layers imported it)."""
+    return sys.modules.get("bitsandbytes")
+
+
+class Bnb4bit(QuantizedBase):
+    """``bitsandbytes.nn.Linear4bit`` (NF4 / FP4, as ``BitsAndBytesConfig(load_in_4bit=True)`` loads)."""
+
+    name = "bitsandbytes.nn.Linear4bit"
+
+    def matches(self, module):
+        bnb = _bnb()
+        return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+    def dequantized_weight(self, module):
+        import bitsandbytes.functional as bf
+
+        weight = module.weight
+        data, state = weight.data, weight.quant_state
+        # bitsandbytes repacks the weight for its CPU inference kernel on the first no-grad CPU forward
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
+        return bf.dequantize_4bit(data, state)
+
+    def replace_weight(self, module, weight):
+        import bitsandbytes as bnb
+
+        old = module.weight
+        kwargs = {k: v for k, v in old.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
+        kwargs["requires_grad"] = False
+        device = old.device
+        if getattr(old.quant_state, "packing_format_for_cpu", False):
+            device = torch.device("cpu")
+        fresh = bnb.nn.Params4bit(weight.to("cpu", old.quant_state.dtype).contiguous(), **kwargs)
+        module.weight = fresh.to(device)  # quantizes on the way
+
+
+class Bnb8bit(QuantizedBase):
+    """``bitsandbytes.nn.Linear8bitLt`` with int8 weights (``BitsAndBytesConfig(load_in_8bit=True)``)."""
+
+    name = "bitsandbytes.nn.Linear8bitLt"
+
+    def matches(self, module):
+        bnb = _bnb()
+        return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+    def dequantized_weight(self, module):
+        weight, state = module.weight, module.state
+        CB = weight.CB if getattr(weight, "CB", None) is not None else state.CB
+        SCB = weight.SCB if getattr(weight, "SCB", None) is not None else state.SCB
+        if CB is None:  # fp16 weights kept (has_fp16_weights=True): not quantized at all
+            return weight.data
+        return CB.float() * (SCB.float()[:, None] / 127.0)
+
+    def replace_weight(self, module, weight):
+        import bitsandbytes as bnb
+
+        old = module.weight
+        fresh = bnb.nn.Int8Params(weight.to("cpu", torch.float16).contiguous(), requires_grad=False,
+                                  has_fp16_weights=old.has_fp16_weights)
+        module.weight = fresh.to(old.device)  # quantizes on the way
+        module.state.reset_grads()
+        module.state.CB = module.state.SCB = None
+
+
+_QUANTIZED_TYPE_NAME = re.compile(r"(?i)quant|int4|int8|nf4|float8|fp8|4bit|8bit")
+
+#: Every supported kind, checked in order.
+QUANTIZED_BASES: tuple[QuantizedBase, ...] = (Bnb4bit(), Bnb8bit())
+
+
+def quantized_base_of(module: nn.Module) -> Optional[QuantizedBase]:
+    """The supported quantized kind of ``module``, or None (a dense layer, or not a linear at all)."""
+    for kind in QUANTIZED_BASES:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+def looks_quantized(module: nn.Module) -> bool:
+    """True for a linear-like layer whose weight is not a plain floating tensor (int8/uint8/fp8 storage,
+    or a quantized tensor subclass): such a layer must never be treated as a dense ``nn.Linear``."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if not weight.is_floating_point() or weight.element_size() < 2:
+        return True
+    # floating storage behind a quantizing tensor subclass (torchao's AffineQuantizedTensor, NF4Tensor, ...);
+    # other subclasses (DTensor under FSDP2) are dense
+    return _QUANTIZED_TYPE_NAME.search(type(weight).__name__) is not None
+
+
+def unsupported_quantized_error(name: str, module: nn.Module) -> ValueError:
+    supported = ", ".join(k.name for k in QUANTIZED_BASES)
+    weight = getattr(module, "weight", None)
+    what = f"{type(module).__module__}.{type(module).__name__}"
+    detail = f" (weight {type(weight).__name__}, dtype {weight.dtype})" if isinstance(weight, torch.Tensor) else ""
+    return ValueError(f"inject: layer {name!r} is a quantized {what}{detail}, which tiedlora-kernels does not "
+                      f"support; supported quantized base layers: {supported} (and dense nn.Linear / HF Conv1D)")
+
+
+def warn_requantized(action: str) -> None:
+    warnings.warn(f"{action} a quantized base layer: the weight is dequantized, changed in floating point and "
+                  "quantized again, which rounds it (the result is not bit-exact, and unmerge does not restore the "
+                  "original quantized weight exactly)", UserWarning, stacklevel=3)
