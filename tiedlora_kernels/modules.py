@@ -183,6 +183,9 @@ class TiedLoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.kind = kind
         self.merged = False
+        # Multi-adapter serving: inside ``AdapterBank.use(...)`` the bank computes this layer's output,
+        # each row with its own adapter (see tiedlora_kernels/serving.py); None otherwise.
+        self.bank_route = None
         # A plain attribute, not a submodule: the factors are registered once, on the model root.
         object.__setattr__(self, "_factors", factors)
 
@@ -272,10 +275,13 @@ class TiedLoRALinear(nn.Module):
         return cache[slot]
 
     def __getstate__(self):
-        # Derived tensors belong to one cached_adapters context: never copied or pickled.
-        return {**self.__dict__, "_frozen_cache": None}
+        # Derived tensors belong to one cached_adapters context, routes to one bank context: never
+        # copied or pickled.
+        return {**self.__dict__, "_frozen_cache": None, "bank_route": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bank_route is not None:
+            return self.bank_route(self, x)
         if self.layout == "quantized":
             return self._forward_quantized(x)
         if self.merged:
