@@ -1,14 +1,21 @@
-"""The demo: task generator, metric, and end-to-end runs in --quick mode (built-in model and --model)."""
+"""The demo: task generator, metric, end-to-end runs in --quick mode (built-in model and --model),
+and keeping its work (results after every preset, resume, Ctrl-C / SIGTERM, progress in logs)."""
 
 import json
+import os
 import random
+import shutil
+import signal
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from tiedlora_kernels import PRESETS, TiedLoRAConfig, inject, trainable_parameters
 from tiedlora_kernels.__main__ import main as cli_main
-from tiedlora_kernels.demo import data
+from tiedlora_kernels.demo import data, report
+from tiedlora_kernels.demo import run as demo_run
 from tiedlora_kernels.demo.run import main as demo_main
 from tiedlora_kernels.demo.train import build_tiny_llama
 
@@ -200,3 +207,169 @@ def test_task_sampling_is_independent_of_global_rng():
     random.seed(7)
     torch.manual_seed(7)
     assert data.word_problems(10, seed=0) == a
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keeping the work: incremental results, interrupts, resume, progress lines
+
+QUICK3 = ["--quick", "--presets", "lora,vera,tl6", "--no-progress", "--device", "cpu"]
+NUMBERS = ("trainable", "initial_train_bits", "final_train_bits", "test_bits", "accuracy", "step_bits",
+           "eval_test_bits")
+
+
+def _spy_adapt(monkeypatch, before=None):
+    """Wrap the demo's ``adapt``: record the presets it trains, call ``before(preset)`` first."""
+    calls = []
+    real = demo_run.adapt
+
+    def adapt(base, config, **kw):
+        if before is not None:
+            before(config.preset)
+        calls.append(config.preset)
+        return real(base, config, **kw)
+
+    monkeypatch.setattr(demo_run, "adapt", adapt)
+    return calls
+
+
+def test_results_are_written_after_every_preset(tmp_path, monkeypatch):
+    seen = []
+
+    def before(preset):
+        saved = json.loads((tmp_path / "results.json").read_text())
+        seen.append((saved["status"], [r["preset"] for r in saved["rows"]]))
+
+    _spy_adapt(monkeypatch, before)
+    demo_main(QUICK3 + ["--out", str(tmp_path), "--no-plot"])
+    assert seen == [("partial", []), ("partial", ["lora"]), ("partial", ["lora", "vera"])]
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "complete"
+
+
+def test_interrupt_keeps_work_and_rerun_resumes_with_same_numbers(tmp_path, monkeypatch, quick_run):
+    def ctrl_c_at_vera(preset):
+        if preset == "vera":
+            raise KeyboardInterrupt
+
+    _spy_adapt(monkeypatch, ctrl_c_at_vera)
+    with pytest.raises(SystemExit) as exc:
+        demo_main(QUICK3 + ["--out", str(tmp_path)])
+    assert exc.value.code == 130
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "interrupted"
+    assert [r["preset"] for r in saved["rows"]] == ["lora"]
+    assert saved["missing"] == ["vera r=8", "tl6 r=8"]
+    md = (tmp_path / "results.md").read_text()
+    assert "Interrupted" in md and "| lora | 8 |" in md and "| vera |" not in md
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The rerun trains only what is missing, reuses the saved base model, and gets the numbers an
+    # uninterrupted run gets.
+    monkeypatch.undo()
+    calls = _spy_adapt(monkeypatch)
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("the resumed run should load the saved base model, not pretrain again")
+
+    monkeypatch.setattr(demo_run, "pretrain", no_pretraining)
+    results = demo_main(QUICK3 + ["--out", str(tmp_path)])
+    assert calls == ["vera", "tl6"]
+    assert results["status"] == "complete" and results["missing"] == []
+    assert results["sessions"] == 2
+    assert [r["preset"] for r in results["rows"]] == ["lora", "vera", "tl6"]
+    reference = {r["preset"]: r for r in quick_run[1]["rows"]}
+    for r in results["rows"]:
+        for key in NUMBERS:
+            assert r[key] == reference[r["preset"]][key], (r["preset"], key)
+    assert results["baseline"] == quick_run[1]["baseline"]
+    assert results["base_pretrain_bits"] == quick_run[1]["base_pretrain_bits"]
+
+    # Everything done: a third run trains nothing; --fresh starts over.
+    calls.clear()
+    demo_main(QUICK3 + ["--out", str(tmp_path), "--no-plot"])
+    assert calls == []
+    monkeypatch.undo()
+    calls = _spy_adapt(monkeypatch)
+    demo_main(QUICK3 + ["--out", str(tmp_path), "--no-plot", "--fresh", "--presets", "vera"])
+    assert calls == ["vera"]
+
+
+def test_sigterm_keeps_work(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def term_at_vera(preset):
+        if preset == "vera":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _spy_adapt(monkeypatch, term_at_vera)
+    with pytest.raises(SystemExit) as exc:
+        demo_main(QUICK3 + ["--out", str(tmp_path), "--no-plot"])
+    assert exc.value.code == 128 + signal.SIGTERM
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "interrupted"
+    assert [r["preset"] for r in saved["rows"]] == ["lora"]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_other_settings_do_not_resume(tmp_path, monkeypatch, capsys):
+    args = ["--quick", "--presets", "vera", "--base-steps", "2", "--no-progress", "--no-plot", "--device", "cpu",
+            "--out", str(tmp_path)]
+    demo_main(args + ["--steps", "2"])
+    calls = _spy_adapt(monkeypatch)
+    results = demo_main(args + ["--steps", "3"])
+    assert calls == ["vera"]
+    assert len(results["rows"][0]["step_bits"]) == 3
+    assert "not resuming" in capsys.readouterr().err
+
+
+def test_progress_lines_in_logs(tmp_path, capsys):
+    # capsys's stderr is not a terminal, as in a log file: plain lines instead of a tqdm bar.
+    base = ["--quick", "--presets", "lora", "--base-steps", "2", "--steps", "3", "--no-plot", "--device", "cpu"]
+    demo_main(base + ["--out", str(tmp_path / "a"), "--log-every", "0"])
+    err = capsys.readouterr().err
+    assert "pretrain base: step 2/2" in err
+    for step in (1, 2, 3):
+        assert f"[1/1] lora r=8: step {step}/3, loss " in err
+    # A long interval still shows the first and the last step.
+    demo_main(base + ["--out", str(tmp_path / "b"), "--log-every", "1000"])
+    err = capsys.readouterr().err
+    assert "step 1/3" in err and "step 3/3" in err and "step 2/3" not in err
+    demo_main(base + ["--out", str(tmp_path / "c"), "--no-progress"])
+    assert "step 1/3" not in capsys.readouterr().err
+
+
+def test_results_record_versions(quick_run):
+    out, results = quick_run
+    env = json.loads((out / "results.json").read_text())["environment"]
+    for key in ("torch", "transformers", "python", "platform", "tiedlora_kernels", "device_name", "backend"):
+        assert env[key], key
+    md = (out / "results.md").read_text()
+    assert f"torch {env['torch']}" in md and f"transformers {env['transformers']}" in md
+
+
+def test_replot_redraws_from_results_json(quick_run, tmp_path, monkeypatch):
+    out, _ = quick_run
+    shutil.copy(out / "results.json", tmp_path / "results.json")
+    before = (tmp_path / "results.json").read_bytes()
+    monkeypatch.setattr(demo_run, "adapt", None)  # --replot must not train
+    demo_main(["--replot", "--out", str(tmp_path)])
+    assert (tmp_path / "results.json").read_bytes() == before
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def test_committed_demo_results_replot():
+    """docs/demo/results.json (the README's table) must stay readable by the current report code."""
+    results = json.loads((Path(__file__).resolve().parents[2] / "docs/demo/results.json").read_text())
+    md = report.markdown_report(results)
+    for r in results["rows"]:
+        assert f"| {r['preset']} | {r['rank']} |" in md
+
+
+@pytest.mark.parametrize("lo, hi, expected", [
+    (0.85, 3.3, [0.9, 1, 1.2, 1.5, 2, 2.5, 3]),
+    (1200, 90000, [2000, 3000, 5000, 10000, 20000, 30000, 50000]),
+    (4.4, 5.5, [5]),
+])
+def test_log_ticks_are_round_numbers(lo, hi, expected):
+    assert report._log_ticks(lo, hi) == pytest.approx(expected)
+    assert [report._plain(t) for t in report._log_ticks(1200, 90000)][:2] == ["2,000", "3,000"]

@@ -1,14 +1,16 @@
 """Model, pretraining, adaptation and evaluation for the demo.
 
-Losses are cross entropy in bits per token (nats / ln 2), as seed 003 reports them. On the task,
-the loss covers the response tokens only (the worked solution and ``Answer: <int>`` plus the end
-token); the question is context and is not scored, as in the usual completion-only fine-tuning.
+Losses are cross entropy in bits per token (nats / ln 2), as the write-up "Parameter Efficient
+Fine Tuning Ideas" reports them (see docs/MATH.md, "Sources"). On the task, the loss covers the
+response tokens only (the worked solution and ``Answer: <int>`` plus the end token); the question
+is context and is not scored, as in the usual completion-only fine-tuning.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -40,9 +42,41 @@ def build_tiny_llama(vocab_size: int, *, hidden: int = 96, layers: int = 3, head
     return LlamaForCausalLM(cfg)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    # On stderr; ``disable=None`` also hides the bar when stderr is not a terminal (CI logs).
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True)
+class Progress:
+    """Progress of one training phase, on stderr.
+
+    On a terminal: a tqdm bar. Elsewhere (a log file, CI, a pipe; tqdm would stay silent there):
+    a plain line at the first step, then at most every ``every`` seconds, and at the last step,
+    so a log shows the run is alive. ``enabled=False`` shows neither.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, every: float = 10.0):
+        self.total, self.desc, self.every = total, desc, every
+        self.stream = sys.stderr
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self.last: Optional[float] = None
+        is_tty = getattr(self.stream, "isatty", lambda: False)()
+        self.bar = (tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=self.stream)
+                    if enabled and is_tty else None)
+        self.lines = enabled and not is_tty
+
+    def update(self, bits: float) -> None:
+        """One step done, with its loss in bits per token."""
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(bits=f"{bits:.3f}")
+        elif self.lines:
+            now = time.perf_counter()
+            if self.last is None or now - self.last >= self.every or self.n == self.total:
+                self.last = now
+                print(f"tiedlora demo: {self.desc}: step {self.n}/{self.total}, loss {bits:.3f} bits/token, "
+                      f"{now - self.t0:.0f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _lr_lambda(total: int, warmup_frac: float = 0.05, floor: float = 0.1) -> Callable[[int], float]:
@@ -76,15 +110,17 @@ def lm_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 def pretrain(model: nn.Module, token_stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: int,
-             lr: float, seed: int, device: torch.device, progress: bool = True) -> list[float]:
+             lr: float, seed: int, device: torch.device, progress: bool = True,
+             log_every: float = 10.0) -> list[float]:
     """Train every weight of ``model`` on random ``seq_len`` windows of ``token_stream`` (AdamW,
-    warm-up + cosine). Returns the per-step loss in bits per token."""
+    warm-up + cosine). Returns the per-step loss in bits per token. ``progress`` / ``log_every``:
+    see :class:`Progress`."""
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     losses = []
-    bar = _progress(steps, "pretrain base", progress)
+    bar = Progress(steps, "pretrain base", progress, log_every)
     for _ in range(steps):
         starts = torch.randint(0, len(token_stream) - seq_len - 1, (batch_size,), generator=gen)
         ids = torch.stack([token_stream[s:s + seq_len + 1] for s in starts.tolist()]).to(device)
@@ -96,8 +132,7 @@ def pretrain(model: nn.Module, token_stream: torch.Tensor, *, steps: int, batch_
         opt.step()
         sched.step()
         losses.append(loss.item() / LN2)
-        bar.update(1)
-        bar.set_postfix(bits=f"{losses[-1]:.3f}")
+        bar.update(losses[-1])
     bar.close()
     return losses
 
@@ -231,9 +266,11 @@ def lora_parameter_count(model: nn.Module, rank: int, target_modules="all-linear
 
 def adapt(base: nn.Module, config: TiedLoRAConfig, *, train: EncodedTask, test: EncodedTask, tok,
           batches: Sequence[Sequence[int]], lr: float, device, eval_train_limit: int, eval_test_limit: int,
-          acc_limit: int, eval_every: int, initial_train_bits: float, progress: bool = True) -> AdaptResult:
+          acc_limit: int, eval_every: int, initial_train_bits: float, progress: bool = True,
+          log_every: float = 10.0, desc: Optional[str] = None) -> AdaptResult:
     """Copy ``base``, inject ``config``'s adapters, train them on ``batches`` (lists of train
-    indices, the same for every preset) and evaluate."""
+    indices, the same for every preset) and evaluate. ``progress`` / ``log_every`` / ``desc``
+    (the phase's name in progress lines): see :class:`Progress`."""
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     inject(model, config)
@@ -243,7 +280,7 @@ def adapt(base: nn.Module, config: TiedLoRAConfig, *, train: EncodedTask, test: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(len(batches)))
     res = AdaptResult(config.preset, config.rank, lr, trainable_parameters(model)["total"],
                       initial_train_bits, math.nan, math.nan, math.nan)
-    bar = _progress(len(batches), f"{config.preset} r={config.rank}", progress)
+    bar = Progress(len(batches), desc or f"{config.preset} r={config.rank}", progress, log_every)
     for step, index in enumerate(batches):
         ids, labels = task_batch(train, index, tok.pad_id, device)
         loss_sum, n = lm_loss_sum(model, ids, labels)
@@ -257,8 +294,7 @@ def adapt(base: nn.Module, config: TiedLoRAConfig, *, train: EncodedTask, test: 
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == len(batches)):
             res.eval_steps.append(step + 1)
             res.eval_test_bits.append(task_loss_bits(model, test, tok.pad_id, device, limit=eval_test_limit))
-        bar.update(1)
-        bar.set_postfix(bits=f"{res.step_bits[-1]:.3f}")
+        bar.update(res.step_bits[-1])
     bar.close()
     res.final_train_bits = task_loss_bits(model, train, tok.pad_id, device, limit=eval_train_limit)
     res.test_bits = (res.eval_test_bits[-1] if res.eval_test_bits
