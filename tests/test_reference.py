@@ -1,4 +1,4 @@
-"""The reference op against an explicit float64 formula (SPEC.md), gradcheck, tied sums, errors."""
+"""The reference op against an explicit float64 formula (docs/MATH.md), gradcheck, tied sums, errors."""
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ def make_inputs(M=7, K=11, N=13, r=3, lead=(), bias=True, u=True, v=True, dtype=
 
 
 def spec_formula(x, weight, bias, A, B, u, v, s):
-    """SPEC.md's forward and gradients written out by hand (no autograd), float64."""
+    """docs/MATH.md's forward and gradients written out by hand (no autograd), float64."""
     xf = x.reshape(-1, x.shape[-1])
     one_r = torch.ones(A.shape[0], dtype=x.dtype)
     one_n = torch.ones(B.shape[0], dtype=x.dtype)
