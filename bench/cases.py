@@ -66,6 +66,7 @@ class Impl:
     env: environment variables set around every call, forward and backward (the kernels read them
     at call time, the backward included). factors: ``(W, b, A, B, u, v, scaling)`` the impl computes,
     for the fp32 oracle; None where there is nothing to check (the limit computes no adapter).
+    info: facts recorded with each measurement (the weight's layout for the limit and merged).
     """
 
     fn: Callable
@@ -74,6 +75,7 @@ class Impl:
     env: dict = field(default_factory=dict)
     factors: Optional[tuple] = None
     adapter_dtype: Optional[str] = None
+    info: dict = field(default_factory=dict)
 
 
 def make_inputs(case: Case, device, seed: int = 0) -> Inputs:
@@ -129,11 +131,9 @@ def factors(t: Inputs) -> tuple:
     return (t.W, t.b, t.A, t.B, t.u, t.v, t.scaling)
 
 
-def _ours(path: str):
-    def build(t: Inputs) -> Impl:
-        return Impl(lambda x: tied_lora_linear(x, t.W, t.b, t.A, t.B, t.u, t.v, t.scaling), trained(t), frozen(t),
-                    dict(TIEDLORA_BACKEND="triton", TIEDLORA_FWD_PATH=path), factors(t), str(t.A.dtype)[6:])
-    return build
+def _ours(t: Inputs) -> Impl:
+    return Impl(lambda x: tied_lora_linear(x, t.W, t.b, t.A, t.B, t.u, t.v, t.scaling), trained(t), frozen(t),
+                dict(TIEDLORA_BACKEND="triton"), factors(t), str(t.A.dtype)[6:])
 
 
 def _reference(t: Inputs) -> Impl:
@@ -141,15 +141,38 @@ def _reference(t: Inputs) -> Impl:
                 frozen(t), {}, factors(t), str(t.A.dtype)[6:])
 
 
+def weight_layout(w: torch.Tensor) -> dict:
+    """What cuBLAS sees of a weight: shape, strides, dtype, contiguity and the alignment of its data
+    pointer (the largest power of two up to 256 bytes dividing it)."""
+    ptr = w.data_ptr()
+    align = 256
+    while align > 1 and ptr % align:
+        align //= 2
+    return dict(shape=list(w.shape), stride=list(w.stride()), dtype=str(w.dtype).removeprefix("torch."),
+                contiguous=w.is_contiguous(), storage_offset=w.storage_offset(), align_bytes=align)
+
+
 def _limit(t: Inputs) -> Impl:
-    return Impl(lambda x: F.linear(x, t.W, t.b), [], [t.W, t.b])
+    return Impl(lambda x: F.linear(x, t.W, t.b), [], [t.W, t.b], info=dict(weight=weight_layout(t.W)))
+
+
+def merged_weight(t: Inputs) -> torch.Tensor:
+    """The merged weight W' = W + s diag(v) B diag(u) A in W's dtype, laid out exactly as W (checked):
+    the merged layer must differ from the limit in the weight's values only."""
+    d = lambda p: None if p is None else p.detach()  # noqa: E731
+    Wm = reference.merged_weight(t.W, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling)
+    a, b = weight_layout(t.W), weight_layout(Wm)
+    assert {k: v for k, v in a.items() if k != "align_bytes"} == {k: v for k, v in b.items() if k != "align_bytes"}, (a, b)
+    assert b["align_bytes"] >= 16, b  # cuBLAS's vectorised loads need 16-byte alignment
+    return Wm
 
 
 def _merged(t: Inputs) -> Impl:
     d = lambda p: None if p is None else p.detach()  # noqa: E731
-    Wm = reference.merged_weight(t.W, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling)
+    Wm = merged_weight(t)
     # The oracle of the merged layer is the adapted layer itself: merging must not change the function.
-    return Impl(lambda x: F.linear(x, Wm, t.b), [], [Wm, t.b], {}, (t.W, t.b, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling))
+    return Impl(lambda x: F.linear(x, Wm, t.b), [], [Wm, t.b], {}, (t.W, t.b, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling),
+                info=dict(weight=weight_layout(Wm)))
 
 
 def _addmm(t: Inputs) -> Impl:
@@ -209,21 +232,18 @@ def _peft(kind: str):
 
 
 #: impl name -> (builder, presets it runs for: "shape" = once per shape (no adapter), None = every
-#: preset, or the one preset it implements)
+#: preset, or the one preset it implements). The order is the order of measurement within a case.
 IMPLS: dict[str, tuple[Callable, Optional[str]]] = {
     "limit": (_limit, "shape"),
+    "ours": (_ours, None),
     "merged": (_merged, None),
-    "ours": (_ours("auto"), None),
-    "ours_fused": (_ours("fused"), None),
-    "ours_epilogue": (_ours("epilogue"), None),
-    "ours_prepass": (_ours("prepass"), None),
-    "reference": (_reference, None),
     "addmm": (_addmm, None),
     "peft_lora": (_peft("lora"), "lora"),
     "peft_vera": (_peft("vera"), "vera"),
+    "reference": (_reference, None),
 }
-#: Impls that need the Triton kernels (a GPU); smoke mode leaves them out.
-KERNEL_IMPLS = ("ours", "ours_fused", "ours_epilogue", "ours_prepass")
+#: Impls that need the Triton kernels (a GPU, or the interpreter); smoke mode leaves them out.
+KERNEL_IMPLS = ("ours",)
 
 
 def flops(case: Case, op: str, impl: str) -> float:

@@ -1,88 +1,191 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (<= 9 minutes): GPU tests, the benchmark, the rest of the test suite,
-# the pytest-benchmark microbenchmarks; everything lands under $OUT.
+# One call on a lent GPU machine: the targets microbenchmark, the cuda-marked tests, the end-to-end
+# benchmark, the rest of the suite and pytest-benchmark, all inside BUDGET_S seconds (default 480 =
+# 8 minutes; the machine's start and the environment capture before the clock are not included).
 #
-#   OUT=/some/dir BENCH_COMMIT=$(git rev-parse HEAD) bash bench/gpu_session.sh
-# (a dry run of the flow on a CPU: BENCH_GRID=smoke BUDGET_S=300 OUT=/tmp/x bash bench/gpu_session.sh)
+#   On the device tool (what comes back is at most 8 files, so everything is packed into one tarball):
+#     PACK_TO=$OUT OUT=/tmp/gpu-session BENCH_COMMIT=<sha> bash bench/gpu_session.sh
+#   -> $OUT/gpu_session.tar.gz (every file below) and $OUT/SUMMARY.md, both refreshed after each phase.
+#   Locally: OUT=some/dir bash bench/gpu_session.sh. A CPU dry run of the flow (what tests/bench runs):
+#     BUDGET_S=90 BENCH_GRID=smoke OUT=/tmp/x bash bench/gpu_session.sh
 #
-# Run from anywhere; it cds to the repository root. Assumes torch, triton, transformers, peft and
-# pytest are installed (no network needed; matplotlib / tqdm / pytest-benchmark are optional).
-# Order: the cuda-marked tests first (they gate every speed claim: their exit code goes into the
-# benchmark's JSON), then the benchmark (the artefact a GPU session exists for), then the rest of
-# the suite and the pytest-benchmark run in whatever time is left. Every step has a timeout sent as
-# SIGINT, so pytest prints its summary and the benchmark writes what it measured.
+# Phases, in this order. Each has a guaranteed share and a cap (seconds at BUDGET_S=480; both scale
+# with BUDGET_S; PHASE_MINS / PHASE_CAPS="name=s,..." override them unscaled). A phase may run up to
+#   min(cap, seconds left - the guaranteed shares of the phases after it - RESERVE_S),
+# so every later phase keeps its share and time a phase leaves unused flows to the next ones. At its
+# allowance minus GRACE_S a phase gets SIGINT (pytest prints its summary; the benchmark writes what
+# it measured), SIGKILL GRACE_S later: no phase ends past its allowance.
 #
-# Outputs: env.txt, gpu_tests_cuda.log, bench.log, bench/{results.json,results.md,ratio_*.png},
-# gpu_tests.log, pytest_benchmark.{log,json}, SUMMARY.md.
+#   phase       share  cap  what
+#   bench        140   200  python -m bench --grid targets --no-e2e: the artefact. Timings (each impl
+#                           interleaved with the limit), then the probes (copy bandwidth, addmm vs mm,
+#                           the merged weight), then the profiler pass; its own deadline leaves MARGIN_S
+#                           for start-up and the final write.
+#   cuda_tests    90   120  pytest -m cuda (target: all of them in <= 90 s on an H100/H200)
+#   e2e           80   120  python -m bench --e2e-only: 10 configs, warm-up, timing, profile each
+#   suite         60     -  pytest -m "not cuda": the rest of the suite, in whatever is left
+#   pybench       30    60  pytest bench/test_bench_ops.py --benchmark-enable
+#   reserve       15        SUMMARY.md, the benchmark's claims restamped with the tests' exit code, the tarball
+#
+# The microbenchmark runs before the tests that gate its claims: when the cuda-marked tests fail, the
+# reserve step withdraws the speed claims of bench/results.json (meta.tests_exit_code, speed_claims).
+#
+# Files under $OUT: env.txt, phases.tsv (name, share, cap, allowance, start, end, exit code, status),
+# SUMMARY.md (what each phase did and skipped), bench/{results.json,results.md,ratio_*.png}, bench.log,
+# cuda_tests.{log,json}, e2e/{results.json,results.md}, e2e.log, suite.{log,json}, pybench.{log,json},
+# pytest_benchmark.json. The *.json of a pytest phase (bench/pytest_phase_report.py) lists the tests
+# it never ran.
+#
+# Knobs: BUDGET_S, OUT, PACK_TO, PYTHON, BENCH_COMMIT, BENCH_GRID (targets), BENCH_IMPLS
+# (limit,ours,merged,addmm,peft_lora,peft_vera), E2E_CONFIGS (all), TEST_PATHS (tests), PHASE_MINS,
+# PHASE_CAPS. Assumes torch, triton, transformers, peft and pytest are installed (no network);
+# matplotlib / tqdm / pytest-benchmark / nvidia-ml-py are optional.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-START=$(date +%s)
-BUDGET_S=${BUDGET_S:-530}
+BUDGET_S=${BUDGET_S:-480}
 OUT="${OUT:-bench/results/gpu-session}"
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PACK_TO=${PACK_TO:-}
+BENCH_GRID=${BENCH_GRID:-targets}
+BENCH_IMPLS=${BENCH_IMPLS:-limit,ours,merged,addmm,peft_lora,peft_vera}
+E2E_CONFIGS=${E2E_CONFIGS:-}
+read -r -a TESTS <<< "${TEST_PATHS:-tests}"
+
+PHASES=(bench cuda_tests e2e suite pybench)
+SHARE=(140 90 80 60 30)
+CAP=(200 120 120 0 60)  # 0: no cap
+RESERVE_S=15            # not scaled: the summary step needs its seconds at any budget
+scale() { echo $(( $1 * BUDGET_S / 480 )); }
+for i in "${!PHASES[@]}"; do
+  SHARE[$i]=$(scale "${SHARE[$i]}")
+  CAP[$i]=$(scale "${CAP[$i]}")
+done
+override() {  # override ARRAY "name=s,name=s"
+  local -n arr=$1
+  local kv
+  for kv in ${2//,/ }; do
+    for i in "${!PHASES[@]}"; do
+      [ "${PHASES[$i]}" = "${kv%%=*}" ] && arr[$i]=${kv#*=}
+    done
+  done
+}
+override SHARE "${PHASE_MINS:-}"
+override CAP "${PHASE_CAPS:-}"
+GRACE_S=$(( BUDGET_S >= 240 ? 10 : 3 ))
+MARGIN_S=$(( BUDGET_S >= 240 ? 20 : 8 ))  # a python phase's start-up and final write, inside its allowance
+
 PY=${PYTHON:-}
 for cand in python python3; do  # the first interpreter that has torch
   [ -z "$PY" ] && command -v "$cand" >/dev/null && "$cand" -c "import torch" 2>/dev/null && PY=$(command -v "$cand")
 done
 [ -z "$PY" ] && { echo "no python with torch found (set PYTHON=...)" | tee "$OUT/SUMMARY.md"; exit 1; }
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
-unset TRITON_INTERPRET TIEDLORA_BACKEND TIEDLORA_FWD_PATH
+unset TRITON_INTERPRET TIEDLORA_BACKEND
 # pyproject's addopts carry --benchmark-disable, which pytest rejects without pytest-benchmark.
-PYTEST_OPTS=()
-"$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS=(-o "addopts=-ra --import-mode=importlib")
-left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-phase() { echo "== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)" | tee -a "$OUT/SUMMARY.md"; }
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p bench.pytest_phase_report -rfE)
+"$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST+=(-o "addopts=-ra --import-mode=importlib")
 
-: > "$OUT/SUMMARY.md"
 {
-  nvidia-smi
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name())"
-  "$PY" -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)"
-  "$PY" -c "import matplotlib, tqdm, pytest_benchmark" 2>&1 || echo "(optional packages missing: plots / progress bar / pytest-benchmark skipped)"
-  echo "commit ${BENCH_COMMIT:-unknown}"
+  command -v nvidia-smi >/dev/null && nvidia-smi
+  "$PY" - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU dry run)")
+for name in ("triton", "transformers", "peft", "matplotlib", "tqdm", "pytest_benchmark", "pynvml"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "present"))
+    except ImportError:
+        print(name, "MISSING")
+EOF
+  echo "commit ${BENCH_COMMIT:-unknown}; budget ${BUDGET_S} s; shares ${SHARE[*]}; caps ${CAP[*]}; reserve ${RESERVE_S} s; grace ${GRACE_S} s"
 } > "$OUT/env.txt" 2>&1
 
-phase "cuda-marked tests"
-timeout -s INT -k 15 150 "$PY" -m pytest ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} -q -p no:cacheprovider -m cuda tests -rfE > "$OUT/gpu_tests_cuda.log" 2>&1
-CUDA_RC=$?
-echo "cuda-marked tests: exit $CUDA_RC; $(tail -1 "$OUT/gpu_tests_cuda.log")" | tee -a "$OUT/SUMMARY.md"
+START=$(date +%s)
+now() { echo $(( $(date +%s) - START )); }
+: > "$OUT/phases.tsv"
+summarize() {  # SUMMARY.md from what is there now (extra arguments: see bench/session_summary.py)
+  "$PY" -m bench.session_summary "$OUT" --budget "$BUDGET_S" "$@" > /dev/null 2>> "$OUT/summary_errors.log"
+  if [ -n "$PACK_TO" ]; then
+    mkdir -p "$PACK_TO"
+    tar czf "$PACK_TO/gpu_session.tar.gz.tmp" -C "$OUT" . && mv "$PACK_TO/gpu_session.tar.gz.tmp" "$PACK_TO/gpu_session.tar.gz"
+    cp "$OUT/SUMMARY.md" "$PACK_TO/SUMMARY.md" 2>/dev/null
+  fi
+}
 
-phase "benchmark (targets grid + end-to-end)"
-BENCH_S=$(( $(left) - 140 ))
-BENCH_S=$(( BENCH_S > 300 ? 300 : BENCH_S ))
-if [ "$BENCH_S" -ge 60 ]; then
-  BENCH_MIN=$("$PY" -c "print(round(($BENCH_S - 25) / 60, 2))")
-  timeout -s INT -k 20 "$BENCH_S" "$PY" -m bench --grid "${BENCH_GRID:-targets}" --max-minutes "$BENCH_MIN" --e2e-minutes 1.4 \
-    --tests-exit-code "$CUDA_RC" --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-  echo "benchmark: exit $?; $(tail -1 "$OUT/bench.log")" | tee -a "$OUT/SUMMARY.md"
-else
-  echo "benchmark: skipped (out of time)" | tee -a "$OUT/SUMMARY.md"
+# allowance NAME: sets PHASE_I, PHASE_ALLOW (seconds this phase may take) and PHASE_T (its SIGINT
+# deadline); returns 1 (and records the phase as skipped) when less than 5 s is left for it.
+allowance() {
+  local i later=0 j
+  for i in "${!PHASES[@]}"; do [ "${PHASES[$i]}" = "$1" ] && PHASE_I=$i; done
+  for (( j = PHASE_I + 1; j < ${#PHASES[@]}; j++ )); do later=$(( later + SHARE[j] )); done
+  PHASE_ALLOW=$(( BUDGET_S - $(now) - later - RESERVE_S ))
+  if [ "${CAP[$PHASE_I]}" -gt 0 ] && [ "$PHASE_ALLOW" -gt "${CAP[$PHASE_I]}" ]; then PHASE_ALLOW=${CAP[$PHASE_I]}; fi
+  PHASE_T=$(( PHASE_ALLOW - GRACE_S ))
+  if [ "$PHASE_T" -lt 5 ]; then
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${SHARE[$PHASE_I]}" "${CAP[$PHASE_I]}" "$PHASE_ALLOW" "$(now)" "$(now)" \
+      - "skipped: no time left" >> "$OUT/phases.tsv"
+    echo "== $1: skipped (no time left)"
+    return 1
+  fi
+  echo "== $1: allowed ${PHASE_ALLOW} s (share ${SHARE[$PHASE_I]}, cap ${CAP[$PHASE_I]}) at t=$(now) s"
+}
+
+# timed NAME LOG CMD...: run CMD under the allowance just computed, log to LOG, record the outcome.
+timed() {
+  local name=$1 log=$2 t0 rc status
+  shift 2
+  t0=$(now)
+  timeout -s INT -k "$GRACE_S" "$PHASE_T" "$@" > "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status="ran" ;;
+    124) status="stopped at its allowance (SIGINT)" ;;
+    137) status="killed at its allowance + grace (SIGKILL)" ;;
+    *) status="ran, exit $rc" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "${SHARE[$PHASE_I]}" "${CAP[$PHASE_I]}" "$PHASE_ALLOW" "$t0" "$(now)" \
+    "$rc" "$status" >> "$OUT/phases.tsv"
+  echo "   $name: $status after $(( $(now) - t0 )) s"
+  summarize
+  return $rc
+}
+
+minutes() { awk -v s="$1" 'BEGIN { if (s < 6) s = 6; printf "%.2f", s / 60 }'; }
+
+if allowance bench; then
+  timed bench "$OUT/bench.log" "$PY" -m bench --grid "$BENCH_GRID" --no-e2e --impls "$BENCH_IMPLS" \
+    --max-minutes "$(minutes $(( PHASE_T - MARGIN_S )))" --out "$OUT/bench"
 fi
 
-phase "full test suite on CUDA (cuda-marked ones already ran)"
-FULL_S=$(( $(left) - 45 ))
-if [ "$FULL_S" -gt 20 ]; then
-  timeout -s INT -k 15 "$FULL_S" "$PY" -m pytest ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} -q -p no:cacheprovider -m "not cuda" tests -rfE --maxfail=25 \
-    > "$OUT/gpu_tests.log" 2>&1
-  echo "full suite: exit $?; $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/SUMMARY.md"
-else
-  echo "full suite: skipped (out of time)" | tee -a "$OUT/SUMMARY.md"
+CUDA_RC=-1
+if allowance cuda_tests; then
+  PHASE_REPORT="$OUT/cuda_tests.json" timed cuda_tests "$OUT/cuda_tests.log" "${PYTEST[@]}" -m cuda "${TESTS[@]}"
+  CUDA_RC=$?
+fi
+echo "$CUDA_RC" > "$OUT/cuda_tests.rc"
+
+if allowance e2e; then
+  timed e2e "$OUT/e2e.log" "$PY" -m bench --e2e-only ${E2E_CONFIGS:+--e2e-configs "$E2E_CONFIGS"} \
+    --max-minutes "$(minutes $(( PHASE_T - MARGIN_S )))" --tests-exit-code "$CUDA_RC" --out "$OUT/e2e"
 fi
 
-phase "pytest-benchmark microbenchmarks"
-PB_S=$(( $(left) - 5 ))
-if [ "$PB_S" -gt 20 ] && "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-  timeout -s INT -k 10 "$PB_S" "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py --benchmark-enable \
-    --benchmark-json="$OUT/pytest_benchmark.json" --benchmark-columns=median,iqr,rounds > "$OUT/pytest_benchmark.log" 2>&1
-  echo "pytest-benchmark: exit $?" | tee -a "$OUT/SUMMARY.md"
-else
-  echo "pytest-benchmark: skipped (out of time or not installed)" | tee -a "$OUT/SUMMARY.md"
+if allowance suite; then
+  PHASE_REPORT="$OUT/suite.json" timed suite "$OUT/suite.log" "${PYTEST[@]}" -m "not cuda" "${TESTS[@]}" --maxfail=25
 fi
 
-phase "done"
-if [ -f "$OUT/bench/results.md" ]; then
-  sed -n '/^## Targets/,/^## Per-layer/p' "$OUT/bench/results.md" | head -40 | tee -a "$OUT/SUMMARY.md"
-  sed -n '/^## End-to-end/,$p' "$OUT/bench/results.md" | tee -a "$OUT/SUMMARY.md"
+if allowance pybench; then
+  if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+    PHASE_REPORT="$OUT/pybench.json" timed pybench "$OUT/pybench.log" "${PYTEST[@]}" bench/test_bench_ops.py \
+      --benchmark-enable --benchmark-json="$OUT/pytest_benchmark.json" --benchmark-columns=median,iqr,rounds
+  else
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' pybench "${SHARE[$PHASE_I]}" "${CAP[$PHASE_I]}" "$PHASE_ALLOW" "$(now)" \
+      "$(now)" - "skipped: pytest-benchmark not installed" >> "$OUT/phases.tsv"
+  fi
 fi
+
+summarize --tests-exit-code "$CUDA_RC" --final
+[ -s "$OUT/summary_errors.log" ] || rm -f "$OUT/summary_errors.log"
+cat "$OUT/SUMMARY.md"
 exit 0

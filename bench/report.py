@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-IMPL_ORDER = ["limit", "merged", "ours", "ours_fused", "ours_epilogue", "ours_prepass", "reference", "addmm", "peft_lora", "peft_vera"]
+IMPL_ORDER = ["limit", "merged", "ours", "reference", "addmm", "peft_lora", "peft_vera"]
 
 
 def _fmt(v, spec=".3f"):
@@ -41,8 +41,9 @@ def _header(meta: dict) -> list[str]:
 
 
 def targets_table(rows: list[dict]) -> list[str]:
-    out = ["## Targets of the kernel work (issue 4)", "",
-           "`ours` (the default forward path) is what is judged; the forced paths are shown for information.", "",
+    out = ["## Targets of the kernel work (issue 12)", "",
+           "Ratios to the limit come from timings interleaved call by call with the limit; a Triton kernel's "
+           "floor is its compulsory bytes (bench/floors.py) at the data-sheet bandwidth.", "",
            "| target | impl | preset | M | measured | goal | status |", "|---|---|---|---:|---:|---|---|"]
     for t in rows:
         status = f"**{t['status']}**" if t["binding"] else t["status"]
@@ -51,7 +52,7 @@ def targets_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
-PIVOT_COLS = ["ours", "ours_fused", "ours_epilogue", "ours_prepass", "addmm", "reference", "merged"]
+PIVOT_COLS = ["ours", "addmm", "reference", "merged"]
 
 
 def pivot(records: list[dict]) -> list[str]:
@@ -85,26 +86,165 @@ def e2e_table(e2e: list[dict]) -> list[str]:
     if first:
         out += [f"LLaMA-style, {first['layers']} layers, hidden {first['hidden']}, intermediate "
                 f"{first['intermediate']}, rank {first['rank']}, batch {first['batch']} x {first['seq']} tokens, "
-                f"{first['dtype']}, AdamW; median of {first['steps']} steps after one warm-up step.", ""]
-    out += ["| config | step ms | tokens/s | x no-adapter | peak MB | trainable |", "|---|---:|---:|---:|---:|---:|"]
+                f"{first['dtype']}, AdamW; median of {first['steps']} steps run back to back (CUDA events at step "
+                "boundaries, one sync at the end) after the warm-up steps listed.", ""]
+    out += ["| config | step ms | tokens/s | x no-adapter | peak MB | trainable | warm-up steps | wall ms/step "
+            "| compiles in timed steps |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in e2e:
         if "error" in e:
-            out.append(f"| {e['config']} | error: {e['error'][:80].replace('|', '/')} | | | | |")
+            out.append(f"| {e['config']} | error: {e['error'][:80].replace('|', '/')} | | | | | | | |")
             continue
         out.append(f"| {e['config']} | {e['step_ms']:.2f} | {e['tokens_per_s']:.0f} | "
-                   f"{_fmt(e.get('ratio_to_no_adapter'))} | {_mb(e.get('peak_mem_bytes'))} | {e['trainable']} |")
+                   f"{_fmt(e.get('ratio_to_no_adapter'))} | {_mb(e.get('peak_mem_bytes'))} | {e['trainable']} | "
+                   f"{e.get('warmup_steps', '-')} | {_fmt(e.get('wall_ms_per_step'), '.2f')} | "
+                   f"{_fmt(e.get('triton_compiles_in_timed_steps'), 'd')} |")
     return out
 
 
-def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict] | None = None) -> str:
+def e2e_profile_table(e2e: list[dict]) -> list[str]:
+    """Per config: where a step's time goes (after its timing: syncs, host time, profiler)."""
+    rows = [e for e in e2e if "step_ms" in e and (e.get("profile") or e.get("profile_error"))]
+    if not rows:
+        return []
+    out = ["", "### Where a training step's time goes (torch.profiler, after the timing)", "",
+           "host ms = issuing one step with the device idle at its start (an upper bound when a step "
+           "launches more than the queue holds); GPU busy = union of kernel times per step; syncs = "
+           "synchronizing host calls in one step.", "",
+           "| config | step ms | host ms/step | GPU busy ms/step | kernels/step | launch calls/step | syncs/step "
+           "| top kernels (us per step, calls per step) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for e in rows:
+        p = e.get("profile") or {}
+        if e.get("profile_error"):
+            out.append(f"| {e['config']} | {e['step_ms']:.2f} | error: {e['profile_error'][:80].replace('|', '/')} "
+                       "| | | | | |")
+            continue
+        out.append(f"| {e['config']} | {e['step_ms']:.2f} | {_fmt(e.get('host_ms_per_step'), '.2f')} | "
+                   f"{_fmt(p.get('gpu_busy_ms_per_step'), '.2f')} | {_fmt(p.get('kernels_per_step'), '.0f')} | "
+                   f"{_fmt(p.get('launch_calls_per_step'), '.0f')} | {_fmt(e.get('host_syncs_per_step'), 'd')} | "
+                   f"{_top(p, 4)} |")
+    return out
+
+
+def _top(profile: dict, n: int) -> str:
+    return "; ".join(f"`{t['name'][:48].replace('|', '/')}` {t['us_per_step']:.0f} ({t['calls_per_step']:.0f})"
+                     for t in (profile or {}).get("top", [])[:n]) or "-"
+
+
+def profile_tables(records: list[dict]) -> list[str]:
+    """The microbenchmark's profiler pass: per profiled record, host and GPU figures and the top
+    kernels; then each Triton kernel of ours against its bandwidth floor."""
+    prof = [r for r in records if r.get("profile")]
+    if not prof:
+        return []
+    out = ["## Where the time goes per call (torch.profiler pass after every timing)", "",
+           "| op | M | r | preset | impl | median ms | host ms/call | GPU busy ms/call | kernels/call "
+           "| top kernels (us per call, calls) |", "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in prof:
+        p = r["profile"]
+        out.append(f"| {r['op']} | {r['M']} | {r['rank']} | {r['preset']} | {r['impl']} | {_fmt(r.get('median_ms'), '.4f')} | "
+                   f"{_fmt(r.get('host_ms_per_call'), '.3f')} | {_fmt(p.get('gpu_busy_ms_per_step'), '.4f')} | "
+                   f"{_fmt(p.get('kernels_per_step'), '.0f')} | {_top(p, 5)} |")
+    floors = [(r, k) for r in prof for k in r.get("kernel_floors") or []]
+    if floors:
+        out += ["", "### Each Triton kernel against its own bandwidth floor (target <= 1.3 at the data-sheet bandwidth)", "",
+                "| op | M | r | preset | kernel | MB | us per call | floor us (spec) | x floor (spec) | x floor (copy) "
+                "| profiled names |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+        for r, k in floors:
+            out.append(f"| {r['op']} | {r['M']} | {r['rank']} | {r['preset']} | `{k['kernel']}` | {k['mb']:.1f} | "
+                       f"{_fmt(k.get('us_per_step'), '.1f')} | {_fmt(k.get('floor_us_spec'), '.1f')} | "
+                       f"{_fmt(k.get('ratio_spec'), '.2f')} | {_fmt(k.get('ratio_copy'), '.2f')} | "
+                       f"{', '.join(k.get('matched') or []) or 'not in the profile'} |")
+    return out + [""]
+
+
+def probe_tables(probes: dict | None) -> list[str]:
+    if not probes:
+        return []
+    out = ["## Probes", ""]
+    c = probes.get("copy")
+    if isinstance(c, dict) and "bytes_per_s" in c:
+        out += [f"Device-to-device copy: {c['bytes_per_s'] / 1e12:.2f} TB/s (bytes read + written, "
+                f"{c['bytes'] / 2**30:.2f} GiB in {c['median_ms']:.3f} ms).", ""]
+    g = probes.get("gemm_epilogue")
+    if isinstance(g, list) and g:
+        out += ["cuBLAS with beta = 1 (the redesigned op's `L.addmm_(x, W.T)` / `Ldx.addmm_(G, W)`) against the "
+                "plain GEMM, timed interleaved:", "",
+                "| M | K | N | mm ms | addmm(C, x, W^T) ms | x mm | C.addmm_ ms | x mm | dX: mm(G, W) ms | "
+                "Ldx.addmm_(G, W) ms | x mm | mm TFLOP/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in g:
+            out.append(f"| {e['M']} | {e['K']} | {e['N']} | {e['mm_ms']:.4f} | {e['addmm_ms']:.4f} | "
+                       f"{e['addmm_over_mm']:.3f} | {e['addmm_inplace_ms']:.4f} | {e['addmm_inplace_over_mm']:.3f} | "
+                       f"{e['dx_mm_ms']:.4f} | {e['dx_addmm_inplace_ms']:.4f} | {e['dx_addmm_inplace_over_mm']:.3f} | "
+                       f"{e['tflops_mm']:.1f} |")
+        out.append("")
+    elif isinstance(g, dict):
+        out += [f"addmm vs mm: {g}", ""]
+    m = probes.get("merge_layout")
+    if isinstance(m, list) and m:
+        out += ["The merged layer's weight: F.linear forward with each weight, timed interleaved (ratio to W):", "",
+                "| preset | weight | median ms | p20-p80 ms | x W | stride | dtype | align B | mean abs |",
+                "|---|---|---:|---|---:|---|---|---:|---:|"]
+        for e in m:
+            for v in e["variants"]:
+                lay = v["layout"]
+                out.append(f"| {e['preset']} | {v['weight']} | {v['median_ms']:.4f} | {v['p20_ms']:.4f}-{v['p80_ms']:.4f} | "
+                           f"{v['ratio']:.3f} | {lay['stride']} | {lay['dtype']} | {lay['align_bytes']} | "
+                           f"{v['abs_mean']:.4g} |")
+        pm = m[0].get("package_merge") or {}
+        if "error" in pm:
+            out += ["", f"Package merge check: error {pm['error']}"]
+        elif pm:
+            out += ["", f"Package merge (`tiedlora_kernels.merge`): same storage {pm['same_storage']}, layout kept "
+                    f"{pm['keeps_layout']}, values changed {pm['changed_values']}."]
+        out.append("")
+    elif isinstance(m, dict):
+        out += [f"merged layout: {m}", ""]
+    return out
+
+
+def gpu_state_line(records: list[dict], meta: dict) -> list[str]:
+    states = [r["gpu_state"] for r in records if r.get("gpu_state")]
+    if not states:
+        return []
+    clocks = sorted(s["sm_mhz"] for s in states)
+    power = sorted(s["power_w"] for s in states)
+    reasons = sorted({x for s in states for x in s.get("limits", [])})
+    start = meta.get("gpu_state_at_start") or {}
+    return [f"- GPU state right after each timing: SM clock {clocks[0]}-{clocks[-1]} MHz (median "
+            f"{clocks[len(clocks) // 2]}), power {power[0]:.0f}-{power[-1]:.0f} W, clock limits seen: "
+            f"{', '.join(reasons) or 'none'}; at start {start.get('sm_mhz')} MHz, {start.get('temp_c')} C", ""]
+
+
+def decode_table(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("back_to_back_ms") and r["impl"] != "limit"]
+    if not rows:
+        return []
+    out = ["## Decode: eager back to back and CUDA graph replay (per call, ratio to the limit's same figure)", "",
+           "| M | r | preset | impl | do_bench x limit | back-to-back ms | x limit | graph ms | x limit |",
+           "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["M"], r["rank"], r["preset"], r["impl"])):
+        g = r.get("graph_error")
+        out.append(f"| {r['M']} | {r['rank']} | {r['preset']} | {r['impl']} | {_fmt(r.get('ratio_to_limit'), '.2f')} | "
+                   f"{r['back_to_back_ms']:.4f} | {_fmt(r.get('b2b_ratio_to_limit'), '.2f')} | "
+                   f"{_fmt(r.get('graph_ms'), '.4f') if not g else 'error: ' + g[:40].replace('|', '/')} | "
+                   f"{_fmt(r.get('graph_ratio_to_limit'), '.2f')} |")
+    return out + [""]
+
+
+def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dict] | None = None,
+             probes: dict | None = None) -> str:
     out = _header(meta)
+    out += gpu_state_line(records, meta)
     if targets:
         out += targets_table(targets)
     out += pivot(records)
+    out += decode_table(records)
+    out += probe_tables(probes)
+    out += profile_tables(records)
     out += ["## Per-layer microbenchmarks, every figure", "",
-            "ratio = median time / the base layer alone (`limit`, F.linear) on the same shape; vs PEFT = PEFT "
-            "LoRA time at the same rank / this time; saved = activation bytes autograd keeps for backward "
-            "(frozen weights excluded); peak = extra device memory during one call.", ""]
+            "ratio = median time / the base layer alone (`limit`, F.linear) on the same shape, timed in alternation "
+            "with it; vs PEFT = PEFT LoRA's ratio at the same rank / this ratio; saved = activation bytes autograd "
+            "keeps for backward (frozen weights excluded); peak = extra device memory during one call.", ""]
     rows = ["| op | M | K | N | r | preset | impl | median ms | x limit | vs PEFT LoRA | TFLOP/s | GB/s | saved MB "
             "| peak MB | rel err | ok |",
             "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -123,7 +263,7 @@ def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dic
                     f"{_mb(r.get('saved_bytes'))} | {_mb(r.get('peak_mem_bytes'))} | {_fmt(err, '.1e')} | {ok} |")
     out += rows
     if e2e:
-        out += ["", "## End-to-end training step", ""] + e2e_table(e2e)
+        out += ["", "## End-to-end training step", ""] + e2e_table(e2e) + e2e_profile_table(e2e)
     return "\n".join(out) + "\n"
 
 
@@ -195,21 +335,35 @@ def readme_snippet(meta: dict, records: list[dict], e2e: list[dict], targets: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.report DIR [--readme]``: rebuild DIR's results.md and plots from its JSON; with
-    --readme, print the README speed section for that run instead."""
+    """``python -m bench.report DIR [--readme] [--tests-exit-code N]``: rebuild DIR's results.md and
+    plots from its JSON; with --tests-exit-code, first record the exit code of a test run made after
+    the benchmark (nonzero withdraws the speed claims); with --readme, print the README speed section
+    for that run instead."""
     from .run import add_ratios, targets
 
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0])
     data = json.loads((out / "results.json").read_text())
+    meta = data["meta"]
+    if "--tests-exit-code" in args:
+        code = int(args[args.index("--tests-exit-code") + 1])
+        meta["tests_exit_code"] = code
+        if code != 0 and meta["mode"] == "gpu":
+            meta["speed_claims"] = False
+            meta["no_claims_reason"] = f"the GPU tests failed (exit code {code})"
     add_ratios(data["records"])
-    tg = targets(data["records"], data["e2e"]) if data["meta"]["speed_claims"] else []
+    tg = targets(data["records"], data["e2e"], meta.get("device")) if meta["speed_claims"] else []
     if "--readme" in args:
-        print(readme_snippet(data["meta"], data["records"], data["e2e"], targets(data["records"], data["e2e"]),
+        print(readme_snippet(meta, data["records"], data["e2e"], targets(data["records"], data["e2e"], meta.get("device")),
                              out.as_posix()), end="")
         return 0
-    (out / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"], tg))
-    plots(data["records"], out, plot_note(data["meta"]))
+    data["targets"] = tg
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(markdown(meta, data["records"], data["e2e"], tg, data.get("probes")))
+    if "--no-plots" not in args:
+        plots(data["records"], out, plot_note(meta))
     return 0
 
 

@@ -108,6 +108,11 @@ BAD = [
     (dict(target_modules="(unclosed"), "invalid regex"),
     (dict(target_modules=[]), "target_modules must be"),
     (dict(adapter_dtype="int8"), "adapter_dtype must be one of"),
+    (dict(alpha_pattern={"q_proj": "16"}), r"alpha_pattern\['q_proj'\] must be a finite number"),
+    (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be a finite number"),
+    (dict(alpha_pattern={"q_proj": True}), r"alpha_pattern\['q_proj'\] must be a finite number"),
+    (dict(alpha_pattern={"q_(proj": 16}), "alpha_pattern: invalid regex"),
+    (dict(alpha_pattern=[("q_proj", 16)]), "alpha_pattern must be a dict"),
 ]
 
 
@@ -117,8 +122,26 @@ def test_invalid_config_raises_naming_the_field(kw, msg):
         TiedLoRAConfig(**kw)
 
 
+def test_layer_scaling_follows_alpha_pattern_with_peft_matching():
+    """PEFT's rule: a key is a regex for a dotted suffix of the module path; the first match wins."""
+    cfg = TiedLoRAConfig(rank=4, alpha=8, gamma=2.0, preset="tl6", alpha_pattern={
+        r"^model\.layers\.0\.self_attn\.q_proj": 1, "q_proj": 2, "mlp.(up|down)_proj": 12})
+    assert cfg.layer_scaling("model.layers.0.self_attn.q_proj") == 1 / 4 * 2
+    assert cfg.layer_scaling("model.layers.1.self_attn.q_proj") == 2 / 4 * 2
+    assert cfg.layer_scaling("model.layers.1.mlp.down_proj") == 12 / 4 * 2
+    assert cfg.layer_scaling("model.layers.1.mlp.gate_proj") == cfg.scaling == 8 / 4 * 2
+    assert cfg.layer_scaling("model.layers.1.self_attn.xq_proj") == cfg.scaling  # a suffix on a dot only
+    assert TiedLoRAConfig(rank=16, rslora=True, alpha_pattern={"q_proj": 8}).layer_scaling("a.q_proj") == 2.0
+    assert TiedLoRAConfig(rank=4, alpha_pattern={"q_proj": 8}).layer_scaling("a.k_proj") == 1.0  # alpha None: s = 1
+
+
 def test_round_trip_dict():
     cfg = TiedLoRAConfig(rank=4, preset="vera", target_modules=["q_proj", "v_proj"], alpha=8, seed=3)
     assert TiedLoRAConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = TiedLoRAConfig(rank=4, alpha_pattern={"q_proj": 16, "v_proj": 2.5}, kind_rule="last",
+                         kinds={r"h\.0\.attn\.c_attn": "first_attn"})
+    import json
+
+    assert TiedLoRAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
         TiedLoRAConfig.from_dict({**cfg.to_dict(), "bogus": 1})

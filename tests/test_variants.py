@@ -1,4 +1,5 @@
-"""The variants of the write-up "Parameter Efficient Fine Tuning Ideas" (docs/MATH.md): gamma, partial tying, Tied-LoRA Extra, tensor embedding, DoRA, Simple DoRA.
+"""The variants of the write-up "Parameter Efficient Fine Tuning Ideas" (docs/MATH.md): gamma,
+partial tying, Tied-LoRA Extra, tensor embedding, DoRA, Simple DoRA.
 
 Each variant is checked against an explicit formula or an equivalent known adapter; the generic
 checks (identity at init, training, merge, save/load, counts) run over every preset elsewhere.

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -99,6 +99,33 @@ PRESETS: dict[str, Preset] = {
                           "Simple DoRA: (x W0^T + LoRA) * m, W0 = W / ||W||_row frozen", magnitude="simple_dora"),
 }
 
+#: ``kind_rule`` values: how :func:`tiedlora_kernels.inject` names the kind of a layer (its tying group).
+#: - ``path``: the module path with its layer indices removed, shortened to its shortest suffix that no
+#:   other layer type of the model shares (GPT-2's ``attn.c_proj`` and ``mlp.c_proj``; LLaMA's ``q_proj``);
+#: - ``last``: the last component of the module path (the rule of format-1 adapter files, which ties
+#:   GPT-2's ``attn.c_proj`` and ``mlp.c_proj`` together as ``c_proj``).
+KIND_RULES = ("path", "last")
+
+#: A kind name given in ``kinds``: dotted identifiers (``attn_out``, ``attn.c_proj``).
+_KIND_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+_V = TypeVar("_V")
+
+
+def match_pattern(patterns: Mapping[str, _V], name: str) -> Optional[_V]:
+    r"""The value of the first key of ``patterns`` (in order) that matches module path ``name``, else None.
+
+    A key matches with PEFT's rule for ``alpha_pattern`` / ``rank_pattern``: ``re.match(rf"(.*\.)?({key})$",
+    name)``, i.e. the key is a regex for a dotted suffix of the path: ``"q_proj"`` matches every
+    ``...q_proj``, ``"attn.c_proj"`` every GPT-2 attention output projection, and
+    ``"^model\.layers\.0\.mlp\.down_proj"`` that one layer only.
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
 
@@ -117,6 +144,9 @@ class TiedLoRAConfig:
             ends with ``"." + name``.
         alpha: scale numerator; ``None`` follows the paper (alpha = r, so s = 1), otherwise
             s = alpha / r, or alpha / sqrt(r) with ``rslora=True``.
+        alpha_pattern: per-layer alphas, ``{pattern: alpha}``, PEFT's ``alpha_pattern``: a layer whose
+            module path a pattern matches (see :func:`match_pattern`; the first match wins) uses that
+            alpha in place of ``alpha``. ``{"q_proj": 16}`` sets one kind's, a full path one layer's.
         gamma: seed 003's "multiply and divide": every *trained, randomly initialised* factor is
             drawn with its usual distribution divided by gamma and the path is scaled by gamma
             (per such factor), so the initial function is unchanged and that factor's effective
@@ -139,6 +169,11 @@ class TiedLoRAConfig:
             tensors accumulate in fp32) or ``"auto"`` (the base weight's dtype).
         exclude_modules: names (as in ``target_modules`` lists) never adapted; the default keeps
             output heads frozen.
+        kind_rule: how a layer's kind (its tying group) is derived from its module path: ``"path"``
+            (default) or ``"last"``; see :data:`KIND_RULES` and :func:`tiedlora_kernels.inject`.
+        kinds: explicit kinds, ``{pattern: kind name}``, overriding ``kind_rule`` for the layers a
+            pattern matches (same matching as ``alpha_pattern``, first match wins). Layers given one
+            kind name share one A, B (when tied), e.g. ``{r"h\\.[0-5]\\.attn\\.c_attn": "lower_attn"}``.
     """
 
     rank: int = 8
@@ -164,6 +199,9 @@ class TiedLoRAConfig:
     seed: int = 0
     adapter_dtype: str = "float32"
     exclude_modules: Sequence[str] = field(default_factory=lambda: ["lm_head", "score", "classifier"])
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    kind_rule: str = "path"
+    kinds: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -194,9 +232,18 @@ class TiedLoRAConfig:
 
     @property
     def scaling(self) -> float:
-        """s of SPEC.md, including gamma (gamma ** number of trained random factors)."""
+        """s of SPEC.md, including gamma (gamma ** number of trained random factors), for every layer
+        no ``alpha_pattern`` entry matches (:meth:`layer_scaling` gives any layer's)."""
+        return self._scaling(self.alpha)
+
+    def layer_scaling(self, name: str) -> float:
+        """s of the layer at module path ``name``: its ``alpha_pattern`` alpha, else ``alpha``."""
+        alpha = match_pattern(self.alpha_pattern, name)
+        return self._scaling(self.alpha if alpha is None else alpha)
+
+    def _scaling(self, alpha: Optional[float]) -> float:
         r = self.rank
-        base = 1.0 if self.alpha is None else self.alpha / (math.sqrt(r) if self.rslora else r)
+        base = 1.0 if alpha is None else alpha / (math.sqrt(r) if self.rslora else r)
         return base * self.gamma ** len(self.gamma_factors)
 
     @property
@@ -245,6 +292,7 @@ class TiedLoRAConfig:
             raise ValueError("TiedLoRAConfig.target_modules must be 'all-linear', a regex string or a "
                              f"non-empty list of module names, got {self.target_modules!r}")
 
+        self._validate_patterns()
         if self.core is not None and self.core not in CORES:
             raise ValueError(f"TiedLoRAConfig.core must be one of {CORES}, got {self.core!r}")
         if self.magnitude is not None and self.magnitude not in MAGNITUDES:
@@ -276,6 +324,27 @@ class TiedLoRAConfig:
                              "zero factor)")
         if not any(getattr(p, n).train for n in "ABuv"):
             raise ValueError("TiedLoRAConfig: nothing is trained (A, B, u and v all frozen)")
+
+    def _validate_patterns(self) -> None:
+        for fname in ("alpha_pattern", "kinds"):
+            patterns = getattr(self, fname)
+            if not isinstance(patterns, dict):
+                raise ValueError(f"TiedLoRAConfig.{fname} must be a dict {{pattern: value}}, got {patterns!r}")
+            for key, value in patterns.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"TiedLoRAConfig.{fname}: keys must be non-empty strings, got {key!r}")
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except re.error as e:
+                    raise ValueError(f"TiedLoRAConfig.{fname}: invalid regex {key!r}: {e}") from None
+                if fname == "alpha_pattern" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                 or not math.isfinite(value)):
+                    raise ValueError(f"TiedLoRAConfig.alpha_pattern[{key!r}] must be a finite number, got {value!r}")
+                if fname == "kinds" and not (isinstance(value, str) and _KIND_NAME.fullmatch(value)):
+                    raise ValueError(f"TiedLoRAConfig.kinds[{key!r}] must be a kind name (dotted identifiers, "
+                                     f"e.g. 'attn_out' or 'attn.c_proj'), got {value!r}")
+        if self.kind_rule not in KIND_RULES:
+            raise ValueError(f"TiedLoRAConfig.kind_rule must be one of {KIND_RULES}, got {self.kind_rule!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import randomize_adapters, tiny_gpt2, tiny_llama
-from tiedlora_kernels import PRESETS, TiedLoRAConfig, inject, load_adapter, save_adapter
+from tiedlora_kernels import PRESETS, TiedLoRAConfig, adapted_layers, inject, load_adapter, save_adapter
 from tiedlora_kernels.integrations.checkpoint import ADAPTER_FILE, CONFIG_FILE
 
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -131,7 +131,7 @@ def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     save_file(load_file(str(path)), str(path), metadata={**meta, "format_version": "99"})
-    with pytest.raises(ValueError, match="format_version '99'"):
+    with pytest.raises(ValueError, match="format_version '99'; this version of tiedlora-kernels reads \\[.1., .2.\\]"):
         load_adapter(tiny_llama(), tmp_path)
 
 
@@ -149,3 +149,116 @@ def test_optimizer_hyperparameters_come_back(tmp_path):
     load_adapter(resumed, tmp_path, optimizer=opt2)
     g = opt2.param_groups[0]
     assert (g["lr"], g["betas"], g["weight_decay"]) == (3e-3, (0.8, 0.9), 0.05)
+
+
+def _base_state(model):
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("tiedlora.") and ".adapter_" not in k}
+
+
+def _rewrite_as_format_1(directory):
+    """Turn a file saved with ``kind_rule="last"`` into the file the format-1 writer wrote for the same
+    model: no alpha_pattern / kind_rule / kinds in the config, format_version "1", its hash. (Checked
+    once against a file written by the format-1 code: same metadata, same tensors.)"""
+    from safetensors.torch import load_file, save_file
+
+    from tiedlora_kernels.integrations.checkpoint import content_hash
+
+    path = directory / ADAPTER_FILE
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    config = json.loads(meta["config"])
+    assert config.pop("alpha_pattern") == {} and config.pop("kind_rule") == "last" and config.pop("kinds") == {}
+    meta = {**meta, "format_version": "1", "config": json.dumps(config)}
+    meta["sha256"] = content_hash(tensors, meta["format_version"], meta["config"], meta["layers"])
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_format_1_files_load_with_the_kinds_they_were_written_with(tmp_path):
+    """Format-1 files tied GPT-2's attn.c_proj and mlp.c_proj as one kind "c_proj": they load into a
+    fresh model with that grouping (the same function), and into a model injected under today's
+    rule they are refused, naming the kind."""
+    model = trained("tl6", family="gpt2", kind_rule="last")
+    save_adapter(model, tmp_path)
+    _rewrite_as_format_1(tmp_path)
+    fresh = tiny_gpt2()
+    fresh.load_state_dict(_base_state(model), strict=False)
+    load_adapter(fresh, tmp_path)
+    assert {m.kind for _, m in adapted_layers(fresh)} == {"c_attn", "c_proj", "c_fc"}
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    today = tiny_gpt2()
+    inject(today, TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    with pytest.raises(ValueError, match=r"\['c_proj', 32, 32\]\) does not match the model "
+                                         r"\(\['attn\.c_proj', 32, 32\]\); only the kind differs.*kind_rule='last'"):
+        load_adapter(today, tmp_path)
+
+
+def test_format_1_llama_files_load_into_a_model_injected_today(tmp_path):
+    """LLaMA's kinds are the same under both rules, so an old file also loads into an injected model."""
+    model = trained("tl6", kind_rule="last")
+    save_adapter(model, tmp_path)
+    _rewrite_as_format_1(tmp_path)
+    today = tiny_llama()
+    today.load_state_dict(_base_state(model), strict=False)
+    inject(today, TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    load_adapter(today, tmp_path)
+    assert torch.equal(today(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("preset", ["tl4", "tl6", "vera"])
+def test_gpt2_round_trip_keeps_attention_and_mlp_kinds_apart(tmp_path, preset):
+    model = trained(preset, family="gpt2")
+    save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / ADAPTER_FILE), "pt") as f:
+        keys = set(f.keys())
+    if preset == "tl6":
+        assert {"tiedlora.attn__c_proj.A", "tiedlora.mlp__c_proj.A"} <= keys
+    else:  # the frozen random factors of the new kinds are rebuilt from the seed, not written
+        assert not any(k.startswith("tiedlora.") and k.endswith(".A") for k in keys)
+    fresh = tiny_gpt2()
+    fresh.load_state_dict(_base_state(model), strict=False)
+    load_adapter(fresh, tmp_path)
+    assert {m.kind for _, m in adapted_layers(fresh)} == {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
+def test_kinds_override_survives_save_and_load(tmp_path):
+    kinds = {r"h\.0\.attn\.c_attn": "first_attn", "c_proj": "out"}
+    model = trained("tl6", family="gpt2", kinds=kinds)
+    save_adapter(model, tmp_path)
+    fresh = tiny_gpt2()
+    fresh.load_state_dict(_base_state(model), strict=False)
+    load_adapter(fresh, tmp_path)
+    assert {n: m.kind for n, m in adapted_layers(fresh)} == {n: m.kind for n, m in adapted_layers(model)}
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
+def test_per_layer_alphas_and_gamma_survive_save_and_load(tmp_path):
+    alpha_pattern = {"q_proj": 2, r"^model\.layers\.1\.mlp\.down_proj": 24}
+    model = trained("tl6", alpha=8, alpha_pattern=alpha_pattern, gamma=3.0)
+    scaling = {n: m.scaling for n, m in adapted_layers(model)}
+    assert scaling["model.layers.0.self_attn.q_proj"] == 2 / 4 * 3
+    assert scaling["model.layers.1.mlp.down_proj"] == 24 / 4 * 3
+    assert scaling["model.layers.0.mlp.down_proj"] == scaling["model.layers.1.self_attn.k_proj"] == 8 / 4 * 3
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["alpha_pattern"] == alpha_pattern
+    fresh = tiny_llama()
+    fresh.load_state_dict(_base_state(model), strict=False)
+    load_adapter(fresh, tmp_path)
+    assert {n: m.scaling for n, m in adapted_layers(fresh)} == scaling
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    other = tiny_llama()
+    inject(other, TiedLoRAConfig(rank=4, preset="tl6", seed=5, alpha=8, gamma=3.0))
+    with pytest.raises(ValueError, match="'alpha_pattern': \\({}, "):
+        load_adapter(other, tmp_path)
+
+
+@pytest.mark.parametrize("attr,value", [("scaling", 5.0), ("dropout", 0.25)])
+def test_save_refuses_a_layer_that_its_config_would_not_rebuild(tmp_path, attr, value):
+    """The file holds the config, not each layer's scaling: a layer changed by hand would load as
+    another function, so it is refused at save time (issue 18's silent reload)."""
+    model = trained("tl6")
+    setattr(dict(adapted_layers(model))["model.layers.1.self_attn.v_proj"], attr, value)
+    with pytest.raises(ValueError, match=f"layer 'model.layers.1.self_attn.v_proj' has {attr} {value}"):
+        save_adapter(model, tmp_path)
+    assert not (tmp_path / ADAPTER_FILE).exists()

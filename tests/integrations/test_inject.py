@@ -91,14 +91,15 @@ def test_tied_gradient_equals_sum_of_untied_copies():
 
 def test_shapes_differ_within_kind_use_leading_slices():
     """Layers of one kind with different sizes share one A (r, K_max), B (N_max, r) (PEFT VeRA's rule)."""
-    model = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 6)}),
-                                 "b": torch.nn.ModuleDict({"proj": torch.nn.Linear(6, 10)})})
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 6)}),
+                                        torch.nn.ModuleDict({"proj": torch.nn.Linear(6, 10)})])
     inject(model, TiedLoRAConfig(rank=2, preset="tl6", target_modules=["proj"]))
     f = model.tiedlora["proj"]
     assert tuple(f.A.shape) == (2, 8) and tuple(f.B.shape) == (10, 2)
     randomize_adapters(model)
     x = torch.randn(3, 6)
-    y = model["b"]["proj"](x)
+    y = model.layers[1]["proj"](x)
     y.square().sum().backward()
     assert f.A.grad[:, 6:].abs().sum() == 0 and f.A.grad[:, :6].abs().sum() > 0
 
@@ -256,3 +257,121 @@ def test_bf16_tied_factors_under_torch_compile_follow_eager(monkeypatch):
             losses[mode].append(loss.item())
     assert losses["eager"][-1] < losses["eager"][0]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds: the module path without layer indices, shortened to its shortest unique suffix.
+
+GPT2_KINDS = {"c_attn": (32, 96), "attn.c_proj": (32, 32), "c_fc": (32, 128), "mlp.c_proj": (128, 32)}
+
+
+def test_gpt2_attention_and_mlp_projections_are_different_kinds():
+    model = tiny_gpt2(n_layer=3)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    layers = dict(adapted_layers(model))
+    assert layers["transformer.h.2.attn.c_proj"].kind == "attn.c_proj"
+    assert layers["transformer.h.0.mlp.c_proj"].kind == "mlp.c_proj"
+    counted = trainable_parameters(model)["kinds"]
+    assert {k: v["layers"] for k, v in counted.items()} == {k: 3 for k in GPT2_KINDS}
+    for kind, (K, N) in GPT2_KINDS.items():  # each kind's pair has its own layers' shape: no slicing
+        f = model.tiedlora[kind.replace(".", "__")]
+        assert (f.A.shape[1], f.B.shape[0]) == (K, N), kind
+        assert all(m.factors is f for m in layers.values() if m.kind == kind)
+    assert "tiedlora.attn__c_proj.A" in model.state_dict() and "tiedlora.c_proj.A" not in model.state_dict()
+
+
+def test_llama_kind_names_are_the_last_component():
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=2))
+    assert {n: m.kind for n, m in adapted_layers(model)} == {n: n.rsplit(".", 1)[-1] for n, _ in
+                                                              adapted_layers(model)}
+    assert sorted(model.tiedlora.keys()) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"])
+
+
+def test_a_kind_does_not_depend_on_what_else_is_targeted():
+    model = tiny_gpt2()
+    inject(model, TiedLoRAConfig(rank=2, target_modules=["attn.c_proj"]))
+    assert {m.kind for _, m in adapted_layers(model)} == {"attn.c_proj"}
+
+
+@pytest.mark.parametrize("names,kinds", [
+    (["transformer.h.0.attn.c_proj", "transformer.h.11.mlp.c_proj", "transformer.h.3.attn.c_attn"],
+     ["attn.c_proj", "mlp.c_proj", "c_attn"]),
+    (["model.encoder.layers.0.self_attn.q_proj", "model.decoder.layers.1.self_attn.q_proj",
+      "model.decoder.layers.0.encoder_attn.q_proj"],
+     ["encoder.layers.self_attn.q_proj", "decoder.layers.self_attn.q_proj", "encoder_attn.q_proj"]),
+    (["model.layers.0.mlp.experts.0.w1", "model.layers.1.mlp.experts.7.w1"], ["w1", "w1"]),
+    (["visual.merger.mlp.0", "visual.merger.mlp.2", "head.0"], ["mlp.0", "mlp.2", "head.0"]),
+    (["attn.c_proj", "h.0.attn.c_proj"], ["attn.c_proj", "h.attn.c_proj"]),
+], ids=["gpt2", "encoder-decoder", "experts", "sequential-positions", "nested"])
+def test_kind_rule_on_paths(names, kinds):
+    from tiedlora_kernels.integrations.inject import layer_kinds
+
+    assert list(layer_kinds(names, names, TiedLoRAConfig()).values()) == kinds
+    assert list(layer_kinds(names, names, TiedLoRAConfig(kind_rule="last")).values()) == \
+        [n.rsplit(".", 1)[-1] for n in names]
+
+
+def test_kinds_override_and_the_last_component_rule():
+    model = tiny_gpt2(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=2, kind_rule="last"))
+    assert {m.kind for _, m in adapted_layers(model)} == {"c_attn", "c_proj", "c_fc"}
+    assert tuple(model.tiedlora["c_proj"].A.shape) == (2, 128)  # attn's 32 inputs use a slice of mlp's 128
+    model = tiny_gpt2(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=2, kinds={r"h\.0\.attn\.c_attn": "first_attn", "c_proj": "out"}))
+    kinds = {n: m.kind for n, m in adapted_layers(model)}
+    assert kinds["transformer.h.0.attn.c_attn"] == "first_attn" and kinds["transformer.h.1.attn.c_attn"] == "c_attn"
+    assert kinds["transformer.h.1.attn.c_proj"] == kinds["transformer.h.0.mlp.c_proj"] == "out"
+    assert sorted(model.tiedlora.keys()) == ["c_attn", "c_fc", "first_attn", "out"]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(kinds={"c_proj": "bad name"}), r"kinds\['c_proj'\] must be a kind name"),
+    (dict(kinds={"c_proj": ""}), r"kinds\['c_proj'\] must be a kind name"),
+    (dict(kinds={"(c_proj": "out"}), r"kinds: invalid regex"),
+    (dict(kinds=["c_proj"]), "kinds must be a dict"),
+    (dict(kind_rule="suffix"), "kind_rule must be one of"),
+], ids=["space", "empty", "regex", "list", "rule"])
+def test_bad_kinds_are_refused_naming_the_field(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TiedLoRAConfig(**kw)
+
+
+def test_kinds_that_would_share_one_factor_name_are_refused():
+    with pytest.raises(ValueError, match=r"kinds \['attn\.c_proj', 'attn__c_proj'\] would share"):
+        inject(tiny_gpt2(), TiedLoRAConfig(rank=2, kinds={r"h\.0\.attn\.c_proj": "attn__c_proj"}))
+    for name in ("config", "training", "values"):  # attributes of model.tiedlora
+        with pytest.raises(ValueError, match=f"kind '{name}' .* is a reserved name"):
+            inject(tiny_gpt2(), TiedLoRAConfig(rank=2, kinds={"c_fc": name}))
+
+
+#: Presets with a trained, randomly initialised factor: gamma multiplies their s.
+GAMMA_BOOSTED = {"lora", "tl5", "tl6", "partial", "tl_extra", "tensor_embed", "dora", "simple_dora"}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_merge_unmerge_round_trip_with_alpha_and_gamma(preset):
+    """s != 1 (alpha != r, gamma != 1, a per-kind alpha): merge must fold s * dW, not dW. Each layer's
+    merged weight is checked against W' = c * (W + s * diag(v) B diag(u) A) with s computed here."""
+    model = tiny_llama()
+    inject(model, TiedLoRAConfig(rank=4, preset=preset, alpha=10, gamma=3.0, alpha_pattern={"q_proj": 2}))
+    randomize_adapters(model)
+    adapted = model(IDS).logits
+    w0, want = {}, {}
+    for n, m in adapted_layers(model):
+        s = (2 if n.endswith("q_proj") else 10) / 4 * (3.0 if preset in GAMMA_BOOSTED else 1.0)
+        assert m.scaling == s, n
+        A, B, u, v, c = (t if t is None else t.detach().double() for t in m.op_tensors())
+        dW = (B * (1 if u is None else u)) @ A
+        W = m.weight_nk().detach().double() + s * (dW if v is None else v[:, None] * dW)
+        want[n] = W if c is None else c[:, None] * W
+        w0[n] = m.weight.detach().clone()
+    for n, m in adapted_layers(model):
+        m.merge()
+        assert rel_err(m.weight_nk(), want[n]) < 1e-6, n
+    assert rel_err(model(IDS).logits, adapted) < 1e-5
+    for n, m in adapted_layers(model):
+        m.unmerge()
+        assert rel_err(m.weight, w0[n]) < 1e-6, n
+    assert rel_err(model(IDS).logits, adapted) < 1e-5

@@ -63,3 +63,92 @@ def test_vera_parity():
     _randomize(pm, ["vera_lambda_b"])
     check_parity(pm, "vera_lambda", lambda layers, n: getattr(_layer(layers, n, ".vera_lambda"),
                                                               "adapter_u" if "lambda_d" in n else "adapter_v"))
+
+
+def _peft_model(family, method, **kw):
+    """(PEFT model with random non-zero adapter output, state of its base weights, a fresh-base builder)."""
+    torch.manual_seed(0)
+    base = tiny_llama() if family == "llama" else tiny_gpt2()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    if method == "vera":
+        pcfg = peft.VeraConfig(r=4, target_modules=["q_proj", "o_proj", "up_proj"], vera_dropout=0.0, **kw)
+    else:
+        targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["c_attn", "c_proj", "c_fc"]
+        pcfg = peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0, fan_in_fan_out=family == "gpt2", **kw)
+    pm = peft.get_peft_model(base, pcfg)
+    _randomize(pm, ["vera_lambda_b"] if method == "vera" else ["lora_B"])
+
+    def fresh():
+        model = tiny_llama() if family == "llama" else tiny_gpt2()
+        model.load_state_dict(base_state)
+        return model
+
+    return pm, fresh
+
+
+#: PEFT adapters whose scaling is not the paper's s = 1, and the variants from_peft converts.
+ROUND_TRIPS = {
+    "lora-alpha-ne-r": ("llama", "lora", dict(lora_alpha=8)),
+    "lora-alpha-pattern-kind": ("llama", "lora", dict(lora_alpha=8, alpha_pattern={"q_proj": 16})),
+    "lora-alpha-pattern-layer": ("llama", "lora", dict(lora_alpha=8, alpha_pattern={
+        r"model\.layers\.1\.mlp\.down_proj": 2, "v_proj": 12})),
+    "lora-rslora": ("llama", "lora", dict(lora_alpha=6, use_rslora=True)),
+    "lora-rslora-alpha-pattern": ("llama", "lora", dict(lora_alpha=6, use_rslora=True, alpha_pattern={"q_proj": 3})),
+    "dora-alpha-pattern": ("llama", "dora", dict(lora_alpha=8, use_dora=True, alpha_pattern={"v_proj": 2})),
+    "vera": ("llama", "vera", {}),
+    "gpt2-lora-alpha-pattern": ("gpt2", "lora", dict(lora_alpha=8, alpha_pattern={"attn.c_proj": 24})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
+def test_from_peft_then_save_and_load_into_a_fresh_base_computes_peft_function(tmp_path, case):
+    """from_peft -> save_adapter -> load_adapter into a fresh base model: PEFT's logits, every layer's
+    scaling as PEFT has it (issue 18: alpha_pattern was lost in the config, silently)."""
+    from tiedlora_kernels import load_adapter, save_adapter
+
+    family, method, kw = ROUND_TRIPS[case]
+    pm, fresh = _peft_model(family, method, **kw)
+    logits_p = pm(IDS).logits.detach()
+    peft_scaling = {n.removeprefix("base_model.model."): float(m.scaling["default"])
+                    for n, m in pm.named_modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)}
+    ours = from_peft(pm)
+    assert rel_err(ours(IDS).logits, logits_p) < 1e-6
+    save_adapter(ours, tmp_path)
+    reloaded = load_adapter(fresh(), tmp_path)
+    for n, layer in adapted_layers(reloaded):
+        if method != "vera":
+            assert layer.scaling == peft_scaling[n], n
+    assert torch.equal(reloaded(IDS).logits, ours(IDS).logits)
+    assert rel_err(reloaded(IDS).logits, logits_p) < 1e-6
+
+
+def test_a_peft_scale_changed_after_creation_is_carried_exactly(tmp_path):
+    """PEFT's ``scale_layer`` / ``set_scale`` move a layer's scaling away from its config: the
+    conversion records each such layer as its own alpha_pattern entry, so the reload matches PEFT."""
+    from tiedlora_kernels import load_adapter, save_adapter
+    from tiedlora_kernels.integrations import adapter_config
+
+    pm, fresh = _peft_model("llama", "lora", lora_alpha=8, alpha_pattern={"q_proj": 16})
+    pm.base_model.model.model.layers[1].mlp.down_proj.scale_layer(0.75)
+    pm.base_model.model.model.layers[0].self_attn.q_proj.set_scale("default", 0.5)
+    logits_p = pm(IDS).logits.detach()
+    ours = from_peft(pm)
+    assert adapter_config(ours).alpha_pattern == {r"^model\.layers\.0\.self_attn\.q_proj": 8.0,
+                                                  r"^model\.layers\.1\.mlp\.down_proj": 6.0, "q_proj": 16.0}
+    save_adapter(ours, tmp_path)
+    reloaded = load_adapter(fresh(), tmp_path)
+    assert {n: m.scaling for n, m in adapted_layers(reloaded)}["model.layers.0.self_attn.q_proj"] == 2.0
+    assert rel_err(reloaded(IDS).logits, logits_p) < 1e-6
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(lora_bias=True), r"lora_B \(LoraConfig\.lora_bias=True\)"),
+    (dict(alora_invocation_tokens=[5, 6]), "uses PEFT's ALoraLinearVariant"),
+    (dict(rank_pattern={"q_proj": 2}), r"rank 2 != r=4 \(per-layer ranks, LoraConfig\.rank_pattern"),
+    (dict(modules_to_save=["lm_head"]), r"LoraConfig\.modules_to_save=\['lm_head'\] trains base-model tensors"),
+    (dict(bias="lora_only"), r"LoraConfig\.bias='lora_only' trains base-model tensors"),
+], ids=["lora_bias", "alora", "rank_pattern", "modules_to_save", "bias"])
+def test_peft_options_without_an_equivalent_are_refused(kw, msg):
+    pm, _ = _peft_model("llama", "lora", lora_alpha=8, **kw)
+    with pytest.raises(ValueError, match=msg):
+        from_peft(pm)

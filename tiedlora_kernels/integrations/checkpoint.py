@@ -6,6 +6,10 @@ projections converted from PEFT). Its metadata holds the config, the adapted lay
 SHA-256 of the tensor contents, so the file alone is the whole checkpoint; ``adapter_config.json``
 beside it is a human-readable copy. Optimizer state can ride along in
 ``optimizer.safetensors`` (keyed by parameter name, not position).
+
+Format versions: ``2`` (written now) adds the config fields ``alpha_pattern``, ``kind_rule`` and
+``kinds``. Files of format ``1`` load as they were written: their kinds follow the rule of the
+time (``kind_rule="last"``: the last module path component), and they hold no per-layer alphas.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = "tiedlora-adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Versions ``load_adapter`` reads; the config fields each one lacks take these values.
+READABLE_VERSIONS = {"1": {"kind_rule": "last"}, "2": {}}
 
 
 def content_hash(tensors: dict[str, torch.Tensor], *texts: str) -> str:
@@ -102,6 +108,18 @@ def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch
     return torch.equal(fresh, _full(prm))
 
 
+def _check_layers_follow_config(model: nn.Module, config: TiedLoRAConfig) -> None:
+    """Refuse to save a model whose layers' scaling or dropout differ from what its config rebuilds:
+    the file holds the config, not these attributes, so it would load as another function."""
+    for name, layer in adapted_layers(model):
+        for what, have, want in (("scaling", layer.scaling, config.layer_scaling(name)),
+                                 ("dropout", layer.dropout, config.dropout)):
+            if have != want:
+                raise ValueError(f"save_adapter: layer {name!r} has {what} {have!r} but the adapter config gives "
+                                 f"{want!r} (set it through the config: alpha, alpha_pattern, rslora, gamma, "
+                                 "dropout); the saved file would load as a different function")
+
+
 def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
     """Write the adapter of ``model`` (and optionally ``optimizer``'s state) to ``directory``.
 
@@ -114,6 +132,7 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         The path of the adapter file.
     """
     config = adapter_config(model)
+    _check_layers_follow_config(model, config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -169,13 +188,16 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
     missing = [k for k in ("format_version", "config", "layers", "sha256") if k not in meta]
     if missing:
         raise ValueError(f"load_adapter: {path} lacks metadata {missing}: the file is corrupted")
-    if meta["format_version"] != FORMAT_VERSION:
+    if meta["format_version"] not in READABLE_VERSIONS:
         raise ValueError(f"load_adapter: {path} has format_version {meta['format_version']!r}; this version of "
-                         f"tiedlora-kernels reads {FORMAT_VERSION!r}")
+                         f"tiedlora-kernels reads {sorted(READABLE_VERSIONS)}")
     if content_hash(tensors, meta["format_version"], meta["config"], meta["layers"]) != meta["sha256"]:
         raise ValueError(f"load_adapter: {path} failed its content check (sha256 mismatch): the file is corrupted")
     try:
-        config = TiedLoRAConfig.from_dict(json.loads(meta["config"]))
+        fields = json.loads(meta["config"])
+        if not isinstance(fields, dict):
+            raise TypeError(f"the config is a {type(fields).__name__}, not a table")
+        config = TiedLoRAConfig.from_dict({**READABLE_VERSIONS[meta["format_version"]], **fields})
         layers = json.loads(meta["layers"])
     except (ValueError, TypeError) as e:
         raise ValueError(f"load_adapter: {path} has an unreadable config ({e})") from None
@@ -196,8 +218,13 @@ def _check_layers(mine: list, saved: list) -> None:
     have = {row[0]: row for row in mine}
     for row in saved:
         if have.get(row[0]) != row:
+            hint = ""
+            if row[0] in have and have[row[0]][2:] == row[2:]:
+                hint = ("; only the kind differs: inject the model with the file's kind_rule and kinds "
+                        "(format-1 files name kinds by the last path component, kind_rule='last'), or load "
+                        "into a model without adapters")
             raise ValueError(f"load_adapter: saved layer {row[0]!r} (kind, K, N = {row[1:]}) does not match "
-                             f"the model ({have.get(row[0], ['missing'])[1:] or 'missing'})")
+                             f"the model ({have.get(row[0], ['missing'])[1:] or 'missing'}){hint}")
     raise ValueError(f"load_adapter: the model adapts layers the file does not have: "
                      f"{sorted(set(have) - {r[0] for r in saved})}")
 
@@ -216,8 +243,10 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
                       layers)
         inject(model, config)
     else:
+        # How kinds were named does not matter, only which they are: _check_layers compares them per layer.
         have = adapter_config(model).to_dict()
-        diff = {k: (have[k], v) for k, v in config.to_dict().items() if have.get(k) != v}
+        diff = {k: (have[k], v) for k, v in config.to_dict().items()
+                if have.get(k) != v and k not in ("kind_rule", "kinds")}
         if diff:
             raise ValueError(f"load_adapter: the model's adapter config differs from the saved one "
                              f"(field: (model, file)): {diff}")

@@ -1,9 +1,32 @@
 """Put adapters into any ``nn.Module`` (transformers models included), and take them out again.
 
-``inject`` freezes the model, groups the targeted layers by kind (the last component of the
-module name: every layer's ``q_proj`` is one kind), builds one :class:`TiedFactors` per kind (or
-per layer when untied), replaces each target by a :class:`TiedLoRALinear`, and attaches the
-factors once to the model root as ``model.tiedlora``.
+``inject`` freezes the model, groups the targeted layers by kind, builds one :class:`TiedFactors`
+per kind (or per layer when untied), replaces each target by a :class:`TiedLoRALinear`, and
+attaches the factors once to the model root as ``model.tiedlora``.
+
+Kinds (the paper ties per weight type). With ``kind_rule="path"`` (the default) a layer's kind is
+derived from its module path in two steps:
+
+1. its *type path*: the path with every purely numeric component removed except the last
+   (``transformer.h.3.attn.c_proj`` -> ``transformer.h.attn.c_proj``, ``model.layers.0.mlp.down_proj``
+   -> ``model.layers.mlp.down_proj``). Layer and expert indices go, so every block's layer of one
+   role has one type; a trailing index stays, since the positions of an ``nn.Sequential``
+   (``mlp.0``, ``mlp.2``) are different layers;
+2. its *kind*: the shortest dotted suffix of the type path, not starting with a number, that is
+   not also a suffix of another type path among the model's ``nn.Linear`` / ``Conv1D`` layers
+   (all of them, targeted or not, so a layer's kind does not depend on what else is targeted).
+
+So LLaMA-style names stay as they are (``q_proj``, ``down_proj``), GPT-2's attention output and MLP
+down projections become ``attn.c_proj`` and ``mlp.c_proj`` (its ``c_attn``, ``c_fc`` stay), and an
+encoder-decoder's ``encoder.layers.self_attn.q_proj`` is not tied to its decoder's. Tied factors
+live under ``model.tiedlora[<kind with "." written "__">]`` (``tiedlora.attn__c_proj.A``).
+``kind_rule="last"`` is the rule of format-1 adapter files: the last path component
+(GPT-2's two ``c_proj`` tied as one kind). ``config.kinds`` overrides either rule per layer:
+``{pattern: kind}``, patterns matched as PEFT matches ``alpha_pattern`` (a regex for a dotted suffix
+of the path, the first match wins), e.g. ``{"c_proj": "c_proj"}`` ties GPT-2's two again, and
+``{r"h\\.[0-5]\\.attn\\.c_attn": "low_attn"}`` gives the first six blocks' ``c_attn`` their own pair.
+(A ``ModuleList`` of bare ``nn.Linear`` layers keeps its trailing indices, so each is its own
+kind; tie them with ``kinds``.)
 """
 
 from __future__ import annotations
@@ -18,7 +41,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..config import TiedLoRAConfig
+from ..config import TiedLoRAConfig, match_pattern
 from ..modules import AdapterFactors, TiedFactors, TiedLoRALinear
 
 #: Name of the root attribute holding every factor group.
@@ -73,15 +96,49 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
             if not any(_name_matches(n, t) for n, _, _ in chosen):
                 kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
                 raise ValueError(f"inject: target_modules entry {t!r} matches no nn.Linear / Conv1D in "
-                                 f"{type(model).__name__}; available kinds: {kinds}")
+                                 f"{type(model).__name__}; available names: {kinds}")
     if not chosen:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
         raise ValueError(f"inject: target_modules={tm!r} matches no nn.Linear / Conv1D in "
-                         f"{type(model).__name__}; available kinds: {kinds}")
+                         f"{type(model).__name__}; available names: {kinds}")
+    kinds = layer_kinds([n for n, _, _ in chosen], [n for n, _, _ in candidates], config)
     out = []
     for n, m, lay in chosen:
         K, N = _in_out(m, lay)
-        out.append(TargetLayer(n, n.rsplit(".", 1)[-1], lay, K, N))
+        out.append(TargetLayer(n, kinds[n], lay, K, N))
+    return out
+
+
+def type_path(name: str) -> str:
+    """``name`` without its numeric components but the last: the layer type it is an instance of."""
+    parts = name.split(".")
+    return ".".join([p for p in parts[:-1] if not p.isdigit()] + parts[-1:])
+
+
+def layer_kinds(names: list[str], all_names: list[str], config: TiedLoRAConfig) -> dict[str, str]:
+    """The kind of each module path in ``names`` (see the module docstring); ``all_names`` are every
+    adaptable layer of the model, among which a ``path`` kind must be unique."""
+    types = {type_path(n) for n in [*all_names, *names]}
+
+    def shortest_unique_suffix(t: str) -> str:
+        parts = t.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i].isdigit():
+                continue
+            suffix = ".".join(parts[i:])
+            if not any(o != t and (o == suffix or o.endswith("." + suffix)) for o in types):
+                return suffix
+        return t
+
+    out = {}
+    for n in names:
+        explicit = match_pattern(config.kinds, n)
+        if explicit is not None:
+            out[n] = explicit
+        elif config.kind_rule == "last":
+            out[n] = n.rsplit(".", 1)[-1]
+        else:
+            out[n] = shortest_unique_suffix(type_path(n))
     return out
 
 
@@ -175,7 +232,9 @@ def build_per_layer(config: TiedLoRAConfig, name: str, weight_nk: torch.Tensor, 
 
 
 def group_name(target: TargetLayer, tied: bool) -> str:
-    return target.kind if tied else target.name.replace(".", "__")
+    """Key of the target's factors in ``model.tiedlora``: its kind (tied) or its path (untied), with
+    ``.`` written ``__`` (a module name cannot hold a dot)."""
+    return (target.kind if tied else target.name).replace(".", "__")
 
 
 def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
@@ -217,6 +276,14 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     groups: dict[str, list[TargetLayer]] = defaultdict(list)
     for t in targets:
         groups[group_name(t, p.tied)].append(t)
+    reserved = {*dir(AdapterFactors()), "config"}  # attributes of the holder, not free as group names
+    for g, members in groups.items():
+        if len({t.kind for t in members}) > 1:
+            raise ValueError(f"inject: kinds {sorted({t.kind for t in members})} would share the factors "
+                             f"model.{ROOT_ATTR}[{g!r}] ('.' is written '__'); rename one in config.kinds")
+        if g in reserved:
+            raise ValueError(f"inject: kind {members[0].kind!r} (layer {members[0].name!r}) is a reserved name in "
+                             f"model.{ROOT_ATTR}; give it another one in config.kinds")
 
     factors = AdapterFactors()
     for g, members in groups.items():
@@ -234,7 +301,7 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
             per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features,
                                         config.torch_adapter_dtype or w.dtype)
             layer = TiedLoRALinear(base.weight, base.bias, layout=t.layout, factors=factors[g], per_layer=per_layer,
-                                   scaling=config.scaling, dropout=config.dropout, kind=t.kind,
+                                   scaling=config.layer_scaling(t.name), dropout=config.dropout, kind=t.kind,
                                    magnitude=p.magnitude)
             layer.train(base.training)
             parent_name, _, child = t.name.rpartition(".")

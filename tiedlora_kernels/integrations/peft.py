@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -14,23 +15,36 @@ from .inject import ROOT_ATTR, adapted_layers, inject
 def from_peft(peft_model) -> nn.Module:
     """Turn a ``peft.PeftModel`` holding one LoRA or VeRA adapter into a plain model with our adapters.
 
-    LoRA becomes the ``lora`` preset (untied A, B per layer, PEFT's scaling alpha/r or alpha/sqrt(r)),
-    or ``dora`` with ``use_dora=True`` (PEFT's magnitude vector becomes m);
+    LoRA becomes the ``lora`` preset (untied A, B per layer, PEFT's scaling alpha/r or alpha/sqrt(r),
+    PEFT's ``alpha_pattern`` carried over as the config's), or ``dora`` with ``use_dora=True``
+    (PEFT's magnitude vector becomes m). Every layer's scaling comes from the returned model's
+    config, so ``save_adapter`` / ``load_adapter`` rebuild the same function; a layer whose PEFT
+    scaling was changed after creation (``set_scale``, ``scale_layer``) gets its own exact
+    ``alpha_pattern`` entry.
     VeRA becomes the ``vera`` preset (PEFT's shared projections, sliced per kind as PEFT slices them
     per layer; lambda_d -> u, lambda_b -> v). The PEFT wrapper is consumed: its base model is
     returned with our modules in place of PEFT's.
 
     Raises:
         ValueError: for adapters or settings without an exact equivalent (per-layer ranks,
-            several adapters, non-linear layers).
+            several adapters, non-linear layers, ``lora_bias``, LoRA variants other than DoRA,
+            a layer scaling no alpha reproduces), naming the PEFT field.
     """
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
     from peft.tuners.vera import VeraLayer
 
     name = peft_model.active_adapter
     if not isinstance(name, str):
         raise ValueError(f"from_peft: exactly one active adapter is supported, got {name!r}")
     pcfg = peft_model.peft_config[name]
+    # Trained tensors outside the adapter layers: from_peft would keep them in the base model, but no
+    # adapter file carries them, so a saved and reloaded adapter would compute another function.
+    for field in ("modules_to_save", "trainable_token_indices", "bias"):
+        value = getattr(pcfg, field, None)
+        if value and value != "none":
+            raise ValueError(f"from_peft: {type(pcfg).__name__}.{field}={value!r} trains base-model tensors, "
+                             "which a tiedlora adapter does not hold; convert an adapter without it")
     root = peft_model.base_model.model
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, (LoraLayer, VeraLayer))]
     if not layers:
@@ -48,22 +62,46 @@ def from_peft(peft_model) -> nn.Module:
             captured[n] = dict(u=m.vera_lambda_d[name].detach(), v=m.vera_lambda_b[name].detach(),
                                A=m.vera_A[name].detach(), B=m.vera_B[name].detach())
         else:
+            if m.lora_B[name].bias is not None:
+                raise ValueError(f"from_peft: layer {n!r} has a bias on lora_B (LoraConfig.lora_bias=True), "
+                                 "which has no equivalent here")
+            variant = getattr(m, "lora_variant", {}).get(name)
+            if variant is not None and not isinstance(variant, DoraLinearVariant):
+                raise ValueError(f"from_peft: layer {n!r} uses PEFT's {type(variant).__name__} (a LoraConfig "
+                                 "option other than use_dora), which has no equivalent here")
             captured[n] = dict(A=m.lora_A[name].weight.detach(), B=m.lora_B[name].weight.detach(),
                                scaling=float(m.scaling[name]))
             if m.use_dora.get(name, False):
                 captured[n]["m"] = m.lora_magnitude_vector[name].weight.detach()
             if captured[n]["A"].shape[0] != pcfg.r:
                 raise ValueError(f"from_peft: layer {n!r} has rank {captured[n]['A'].shape[0]} != r={pcfg.r} "
-                                 "(per-layer rank patterns are not supported)")
+                                 "(per-layer ranks, LoraConfig.rank_pattern, are not supported)")
     dropout = float(getattr(pcfg, "vera_dropout" if is_vera else "lora_dropout", 0.0) or 0.0)
     dora = {"m" in t for t in captured.values()}
     if len(dora) > 1:
         raise ValueError("from_peft: some layers use DoRA and some do not")
-    config = TiedLoRAConfig(
-        rank=pcfg.r, preset="vera" if is_vera else ("dora" if dora == {True} else "lora"), dropout=dropout,
-        target_modules="|".join(re.escape(n) for n, _ in layers), exclude_modules=[],
-        alpha=None if is_vera else float(pcfg.lora_alpha), rslora=bool(getattr(pcfg, "use_rslora", False)),
-    )
+    rslora = bool(getattr(pcfg, "use_rslora", False))
+
+    def make_config(alpha_pattern: dict) -> TiedLoRAConfig:
+        return TiedLoRAConfig(
+            rank=pcfg.r, preset="vera" if is_vera else ("dora" if dora == {True} else "lora"), dropout=dropout,
+            target_modules="|".join(re.escape(n) for n, _ in layers), exclude_modules=[],
+            alpha=None if is_vera else float(pcfg.lora_alpha), rslora=rslora, alpha_pattern=alpha_pattern,
+        )
+
+    alpha_pattern = {} if is_vera else {k: float(v) for k, v in (pcfg.alpha_pattern or {}).items()}
+    config = make_config(alpha_pattern)
+    if not is_vera:
+        # PEFT's live scaling is the truth; a layer that the patterns do not reproduce (its scale set
+        # after creation) gets an exact entry, matched before PEFT's own patterns.
+        odd = {n: t["scaling"] for n, t in captured.items() if config.layer_scaling(n) != t["scaling"]}
+        if odd:
+            denom = math.sqrt(pcfg.r) if rslora else pcfg.r
+            config = make_config({**{"^" + re.escape(n): s * denom for n, s in odd.items()}, **alpha_pattern})
+        for n, t in captured.items():
+            if not math.isclose(config.layer_scaling(n), t["scaling"], rel_tol=1e-12, abs_tol=0.0):
+                raise ValueError(f"from_peft: layer {n!r} has scaling {t['scaling']!r}, which no alpha reproduces "
+                                 f"(lora_alpha={pcfg.lora_alpha}, alpha_pattern={pcfg.alpha_pattern})")
     base = peft_model.unload()
     inject(base, config)
     ours = dict(adapted_layers(base))
@@ -80,7 +118,6 @@ def from_peft(peft_model) -> nn.Module:
             else:
                 f.A.copy_(t["A"])
                 f.B.copy_(t["B"])
-                layer.scaling = t["scaling"]
                 if "m" in t:
                     layer.adapter_m.copy_(t["m"])
     getattr(base, ROOT_ATTR).config = config
