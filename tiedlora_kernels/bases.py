@@ -62,6 +62,10 @@ class Bnb4bit(QuantizedBase):
         bnb = _bnb()
         return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
+    def forward(self, module, x):
+        keep_off_cpu_repack(module)
+        return module(x)
+
     def dequantized_weight(self, module):
         import bitsandbytes.functional as bf
 
@@ -114,6 +118,18 @@ class Bnb8bit(QuantizedBase):
 
 
 _QUANTIZED_TYPE_NAME = re.compile(r"(?i)quant|int4|int8|nf4|float8|fp8|4bit|8bit")
+
+def keep_off_cpu_repack(module: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its CPU bf16 inference kernel on the first
+    no-grad eval call (on avx512-bf16 CPUs) and fails there unless out_features is a multiple of 32
+    and in_features of the quantization block size; such a layer keeps the generic dequantize +
+    matmul path instead."""
+    if not getattr(module, "support_avx512bf16_for_cpu", False):
+        return
+    blocksize = getattr(module.weight, "blocksize", None) or 64
+    if module.out_features % 32 or module.in_features % blocksize:
+        module.support_avx512bf16_for_cpu = False
+
 
 #: Every supported kind, checked in order.
 QUANTIZED_BASES: tuple[QuantizedBase, ...] = (Bnb4bit(), Bnb8bit())

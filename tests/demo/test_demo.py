@@ -373,3 +373,14 @@ def test_committed_demo_results_replot():
 def test_log_ticks_are_round_numbers(lo, hi, expected):
     assert report._log_ticks(lo, hi) == pytest.approx(expected)
     assert [report._plain(t) for t in report._log_ticks(1200, 90000)][:2] == ["2,000", "3,000"]
+
+
+def test_quantized_base_qlora_style(tmp_path):
+    """--quantize 4bit adapts a bitsandbytes NF4 copy of the pretrained base (on the CPU too)."""
+    pytest.importorskip("bitsandbytes")
+    results = demo_main(["--quick", "--quantize", "4bit", "--presets", "tl6", "--steps", "6", "--out",
+                         str(tmp_path), "--no-progress", "--no-plot", "--device", "cpu"])
+    assert results["settings"]["quantize"] == "4bit"
+    assert "quantized to 4bit" in results["settings"]["model_desc"]
+    (row,) = results["rows"]
+    assert row["preset"] == "tl6" and row["final_train_bits"] < results["baseline"]["train_bits"]

@@ -34,7 +34,8 @@ from ..config import PRESETS, TiedLoRAConfig
 from ..ops import resolve_backend
 from . import report
 from .data import CharTokenizer, HFTokenizer, base_corpus, word_problems
-from .train import (adapt, build_tiny_llama, encode_task, lora_parameter_count, pretrain, task_accuracy,
+from .train import (adapt, build_tiny_llama, encode_task, lora_parameter_count, pretrain, quantize_model,
+                    task_accuracy,
                     task_loss_bits)
 
 #: Peak AdamW learning rates per preset for the default run (warm-up + cosine). Presets that
@@ -89,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                    help="adapt a pretrained causal LM (transformers from_pretrained, with its own tokenizer) "
                         "instead of pretraining the tiny built-in one")
+    p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none",
+                   help="QLoRA-style: adapt a bitsandbytes 4-bit (NF4) or 8-bit copy of the base model "
+                        "(needs pip install -e '.[quant]'; runs on a CPU too)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default ./demo_out)")
     p.add_argument("--quick", action="store_true",
                    help="tiny run (smaller built-in model, few steps, a smoke test) for CI and smoke tests")
@@ -146,7 +150,7 @@ def _environment(device: torch.device) -> dict:
 #: Settings and environment entries that change the numbers: a run resumes from ``results.json``
 #: only when all of them are equal (the presets and ranks may differ: rows are kept per preset).
 RESUME_SETTINGS = ("steps", "base_steps", "batch_size", "lr", "base_lr", "gamma", "target_modules", "n_train",
-                   "n_test", "eval_every", "seed", "quick", "model")
+                   "n_test", "eval_every", "seed", "quick", "model", "quantize")
 RESUME_ENVIRONMENT = ("device", "device_name", "backend", "torch", "transformers", "tiedlora_kernels")
 
 
@@ -291,6 +295,7 @@ def run_demo(args: argparse.Namespace) -> dict:
                 "gamma": args.gamma, "target_modules": target, "n_train": n_train, "n_test": n_test,
                 "acc_examples": n_test, "eval_train_examples": min(n_train, n_test), "eval_every": eval_every,
                 "seed": args.seed, "quick": quick, "model": args.model, "model_desc": None,
+                "quantize": getattr(args, "quantize", "none"),
                 "loss": "response tokens only, bits per token"}
     environment = _environment(device)
     key = _run_key(settings, environment)
@@ -347,6 +352,11 @@ def run_demo(args: argparse.Namespace) -> dict:
                                                     lr=args.base_lr, seed=args.seed, device=device,
                                                     progress=progress, log_every=log_every)
                     _save_base(model, out, key, state["base_losses"])
+
+            if settings["quantize"] != "none":
+                model = quantize_model(model, settings["quantize"], device)
+                settings["model_desc"] += f", base quantized to {settings['quantize']} (bitsandbytes)"
+                log(f"tiedlora demo: adapting a {settings['quantize']} bitsandbytes copy of the base model")
 
             train = encode_task(word_problems(n_train, seed=args.seed, split="train"), tok)
             test = encode_task(word_problems(n_test, seed=args.seed, split="test"), tok)

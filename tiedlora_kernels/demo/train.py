@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..bases import keep_off_cpu_repack
 from ..config import TiedLoRAConfig
 from ..integrations import expected_trainable_parameters, inject, trainable_parameters
 from ..integrations.inject import find_targets
@@ -40,6 +41,30 @@ def build_tiny_llama(vocab_size: int, *, hidden: int = 96, layers: int = 3, head
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
+
+
+def quantize_model(model: nn.Module, bits: str, device) -> nn.Module:
+    """``model`` reloaded with bitsandbytes linear layers, 4-bit NF4 (fp32 compute) or 8-bit, as
+    ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` loads a model (QLoRA-style)."""
+    import tempfile
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SystemExit("tiedlora demo: --quantize needs bitsandbytes: pip install -e '.[quant]'") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == "4bit":
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    else:
+        cfg = BitsAndBytesConfig(load_in_8bit=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=cfg, device_map={"": str(device)},
+                                                         dtype=torch.float32)
+    for module in quantized.modules():
+        keep_off_cpu_repack(module)
+    return quantized
 
 
 class Progress:

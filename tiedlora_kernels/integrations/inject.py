@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TiedLoRAConfig, match_pattern
+from ..bases import looks_quantized, quantized_base_of, unsupported_quantized_error
 from ..modules import AdapterFactors, TiedFactors, TiedLoRALinear
 
 #: Name of the root attribute holding every factor group.
@@ -60,8 +61,13 @@ class TargetLayer:
 
 
 def _layout_of(module: nn.Module) -> Optional[str]:
+    """``linear``, ``conv1d``, ``quantized`` (a supported quantized kind, see ``bases.py``),
+    ``unsupported-quantized`` (a linear whose weight is quantized by a library we do not support:
+    never treated as dense) or None (not a layer we adapt)."""
+    if quantized_base_of(module) is not None:
+        return "quantized"
     if isinstance(module, nn.Linear):
-        return "linear"
+        return "unsupported-quantized" if looks_quantized(module) else "linear"
     # transformers' Conv1D (GPT-2): weight stored (in, out). Matched by name so transformers stays optional.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return "conv1d"
@@ -69,6 +75,8 @@ def _layout_of(module: nn.Module) -> Optional[str]:
 
 
 def _in_out(module: nn.Module, layout: str) -> tuple[int, int]:
+    if layout == "quantized":
+        return quantized_base_of(module).in_out(module)
     w = module.weight
     return (w.shape[1], w.shape[0]) if layout == "linear" else (w.shape[0], w.shape[1])
 
@@ -101,6 +109,9 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
         raise ValueError(f"inject: target_modules={tm!r} matches no nn.Linear / Conv1D in "
                          f"{type(model).__name__}; available names: {kinds}")
+    for n, m, lay in chosen:
+        if lay == "unsupported-quantized":
+            raise unsupported_quantized_error(n, m)
     kinds = layer_kinds([n for n, _, _ in chosen], [n for n, _, _ in candidates], config)
     out = []
     for n, m, lay in chosen:
@@ -287,7 +298,7 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
 
     factors = AdapterFactors()
     for g, members in groups.items():
-        w = modules[members[0].name].weight
+        w = _dense_weight(modules[members[0].name], members[0].layout)
         dtype = config.torch_adapter_dtype or w.dtype
         K = max(t.in_features for t in members)
         N = max(t.out_features for t in members)
@@ -296,13 +307,15 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     for g, members in groups.items():
         for t in members:
             base = modules[t.name]
-            w = base.weight
-            w_nk = w if t.layout == "linear" else w.t()
+            w_nk = _dense_weight(base, t.layout)
             per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features,
-                                        config.torch_adapter_dtype or w.dtype)
-            layer = TiedLoRALinear(base.weight, base.bias, layout=t.layout, factors=factors[g], per_layer=per_layer,
-                                   scaling=config.layer_scaling(t.name), dropout=config.dropout, kind=t.kind,
-                                   magnitude=p.magnitude)
+                                        config.torch_adapter_dtype or w_nk.dtype)
+            common = dict(layout=t.layout, factors=factors[g], per_layer=per_layer, scaling=config.layer_scaling(t.name),
+                          dropout=config.dropout, kind=t.kind, magnitude=p.magnitude)
+            if t.layout == "quantized":  # the base layer is kept whole and computes its own output
+                layer = TiedLoRALinear(None, None, base_layer=base, base_kind=quantized_base_of(base), **common)
+            else:
+                layer = TiedLoRALinear(base.weight, base.bias, **common)
             layer.train(base.training)
             parent_name, _, child = t.name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
@@ -314,6 +327,15 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     # the hook survives deepcopy and pickling).
     model.register_forward_pre_hook(factors.new_forward_pass)
     return model
+
+
+def _dense_weight(module: nn.Module, layout: str) -> torch.Tensor:
+    """The base weight as (N, K) floating point: a view for dense layers, the dequantized weight
+    (a new tensor, compute dtype or fp32) for a quantized one."""
+    if layout == "quantized":
+        w = quantized_base_of(module).dequantized_weight(module)
+        return w if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else w.float()
+    return module.weight if layout == "linear" else module.weight.t()
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, TiedLoRALinear]]:
@@ -356,7 +378,8 @@ def reset_adapters(model: nn.Module) -> nn.Module:
     config = adapter_config(model)
     layers = list(adapted_layers(model))
     for name, layer in layers:
-        for what, t in (("weight", layer.weight), ("A", layer.factors.A)):
+        weight = layer.weight if layer.layout != "quantized" else layer.base_layer.weight
+        for what, t in (("weight", weight), ("A", layer.factors.A)):
             if t.is_meta:
                 raise RuntimeError(f"reset_adapters: {name}.{what} is on the meta device; materialise the model "
                                    "first (model.to_empty(device=...)) and load its base weights")

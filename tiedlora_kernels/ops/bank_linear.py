@@ -1,0 +1,294 @@
+"""An adapted linear layer over a batch in which every row (sequence) has its own adapter: the op
+behind :class:`tiedlora_kernels.serving.AdapterBank`. Inference only.
+
+    a = slot of row m (-1: base model only)
+    out[m] = x[m] W^T + b + ((x[m] A_a^T) * U[a]) B_a^T * V[a]                  (a >= 0)
+    out[m] = x[m] W^T + b                                                       (a = -1)
+    with a row scale C (S, N) (DoRA, Simple DoRA): out[m] = C[a] * (x[m] W^T + term) + b, C[-1] = 1
+
+    A_a = A (R, K) shared, or A[a] of (S, R, K); B_a = B (N, R) shared, or B[a] of (S, N, R);
+    U (S, R) is each slot's u times its scaling s; V (S, N) each slot's v (None: all 1).
+
+Routes (``TIEDLORA_BACKEND``, as for :func:`tiedlora_kernels.tied_lora_linear`):
+
+- GPU (Triton + cuBLAS): L = the rank-r term plus b in x's dtype, one pass over x, then
+  ``L.addmm_(x, W^T)`` (cuBLAS, beta = 1), the single-adapter scheme. When A and B are shared the
+  term is ``bank_term`` (one launch, no sort: rows gather their own U and V rows: the cost of one
+  adapter); when either is per slot, ``bank_segment_term`` (rows grouped by slot into segments, each
+  segment's factors read once, SGMV-style). A row scale adds one elementwise pass: b + y * C[a].
+- torch: the same formula in plain torch (the gather formulation when the factors are shared, one
+  product per segment otherwise), computed in the wider of x's and the factors' dtype as
+  :func:`tiedlora_kernels.reference.tied_lora_linear` is.
+
+Which slot each row uses is an :class:`AdapterRows`: the ids validated once (one host sync), the
+row-to-slot maps and segment plans kept for every call made with them (a model's layers, the
+prefill and each decode step of ``generate``), so a call adds no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import resolve_backend
+
+#: ``AdapterRows``' id dtypes: any integer tensor (int64 or int32 usually).
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class AdapterRows:
+    """The adapter slot of every sequence (or token) of a batch, validated against a bank.
+
+    Args:
+        adapter_ids: (batch,) one slot per sequence, broadcast over its tokens, or the exact leading
+            shape of the activations, e.g. (batch, seq), one per token; integer tensor on ``device``
+            (a list of ints is converted). -1 = the base model alone.
+        capacity: number of slots S; ids must lie in [-1, S).
+        occupied: which slots hold an adapter (None: all); an id naming an empty slot is refused.
+        device: the device the layers run on; a tensor elsewhere is refused, not copied.
+        names: slot -> adapter name, for error messages.
+
+    Raises:
+        TypeError / ValueError naming ``adapter_ids``: not an integer tensor, wrong rank, another
+        device, an id out of range or naming an empty slot.
+    """
+
+    def __init__(self, adapter_ids, capacity: int, occupied: Optional[Sequence[bool]] = None,
+                 device: Optional[Union[str, torch.device]] = None, names: Optional[dict] = None):
+        device = torch.device(device) if device is not None else None
+        if isinstance(adapter_ids, (list, tuple)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in adapter_ids):
+                raise TypeError(f"adapter_ids: a list must hold ints (adapter slots), got {list(adapter_ids)!r}")
+            adapter_ids = torch.tensor(adapter_ids, dtype=torch.int64, device=device)
+        if not isinstance(adapter_ids, torch.Tensor):
+            raise TypeError(f"adapter_ids must be an integer tensor (batch,) or a list of ints, got "
+                            f"{type(adapter_ids).__name__}")
+        if adapter_ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"adapter_ids must be an integer tensor (int64 or int32), got dtype {adapter_ids.dtype}")
+        if adapter_ids.dim() not in (1, 2):
+            raise ValueError(f"adapter_ids must be (batch,), one slot per sequence, or (batch, seq), one per token; "
+                             f"got shape {tuple(adapter_ids.shape)}")
+        if device is not None and adapter_ids.device != device:
+            raise ValueError(f"adapter_ids is on {adapter_ids.device} but the model runs on {device}; "
+                             f"pass adapter_ids.to({str(device)!r})")
+        host = adapter_ids.detach().to("cpu", torch.int64).reshape(-1)  # the one host sync
+        if host.numel():
+            bad = ((host < -1) | (host >= capacity)).nonzero()
+            if bad.numel():
+                i = int(bad[0, 0])
+                raise ValueError(f"adapter_ids[{_index(adapter_ids, i)}] = {int(host[i])} is out of range: ids are -1 "
+                                 f"(base model) or a slot 0..{capacity - 1} (the bank's capacity is {capacity})")
+            if occupied is not None:
+                for i, a in enumerate(host.tolist()):
+                    if a >= 0 and not occupied[a]:
+                        loaded = {s: (names or {}).get(s, s) for s, o in enumerate(occupied) if o}
+                        raise ValueError(f"adapter_ids[{_index(adapter_ids, i)}] = {a} names an empty slot (never "
+                                         f"loaded, or removed); loaded slots: {loaded}")
+        self.shape = tuple(adapter_ids.shape)
+        self.per_token = adapter_ids.dim() == 2
+        self.device = adapter_ids.device
+        self.capacity = capacity
+        self.host = host
+        self.ids = adapter_ids.reshape(-1).to(torch.int32)  # what the kernels read
+        self._plans: dict = {}
+        self._rows: dict = {}
+
+    def __len__(self) -> int:
+        return self.host.numel()
+
+    def rows_per_id(self, x: torch.Tensor) -> int:
+        """Rows of x (..., K) that each id covers; raises (naming ``adapter_ids``) when x's leading
+        dims do not fit the ids."""
+        lead = tuple(x.shape[:-1])
+        if self.per_token:
+            if lead != self.shape:
+                raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
+                                 f"have leading shape {lead}")
+            return 1
+        if len(lead) == 0 or lead[0] != self.shape[0]:
+            raise ValueError(f"adapter_ids has {self.shape[0]} entries (one slot per sequence) but the activations "
+                             f"have shape {tuple(x.shape)} (batch {lead[0] if lead else 'none'}); give one id per "
+                             "sequence of the batch (generate with num_beams or num_return_sequences > 1 expands "
+                             "the batch: repeat_interleave the ids to match)")
+        rows = 1
+        for d in lead[1:]:
+            rows *= d
+        return rows
+
+    def row_slots(self, rows_per_id: int) -> torch.Tensor:
+        """(M,) int64 slot of every row, on the device (kept per ``rows_per_id``)."""
+        t = self._rows.get(rows_per_id)
+        if t is None:
+            t = self.ids.to(torch.int64).repeat_interleave(rows_per_id)
+            self._rows[rows_per_id] = t
+        return t
+
+    def plan(self, rows_per_id: int, block_m: Optional[int] = None):
+        """The :class:`~.bank_segment_term.SegmentPlan` of these ids (kept per ``rows_per_id``)."""
+        from .bank_segment_term import segment_plan
+
+        key = (rows_per_id, block_m)
+        p = self._plans.get(key)
+        if p is None:
+            p = segment_plan(self.host, rows_per_id, self.device, block_m)
+            self._plans[key] = p
+        return p
+
+
+def _index(ids: torch.Tensor, flat: int) -> str:
+    if ids.dim() == 1:
+        return str(flat)
+    return ", ".join(str(i) for i in divmod(flat, ids.shape[1]))
+
+
+def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                adapter_ids: Union[torch.Tensor, AdapterRows], A: torch.Tensor, B: torch.Tensor, U: torch.Tensor,
+                V: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each row of x through the frozen layer (W, b) plus its own adapter (see the module docstring).
+
+    Args:
+        x: (..., K) activations, fp32/bf16/fp16 (fp64: torch route), any strides.
+        weight: (N, K) frozen base weight in x's dtype; bias: (N,) in x's dtype, or None.
+        adapter_ids: (batch,) int slot per sequence (x's first dim), or x.shape[:-1] per token, -1 =
+            base model only; or an :class:`AdapterRows` (validated once, reused across calls).
+        A: (R, K) shared or (S, R, K) per slot; B: (N, R) shared or (S, N, R) per slot.
+        U: (S, R) per slot s * u (zero rows for slots without an adapter); V: (S, N) per slot v or None.
+        row_scale: (S, N) per slot row scale c (DoRA's magnitude over its norm; 1 for slots without
+            one) or None.
+
+    Returns:
+        (..., N) in x's dtype. Inference only: raises when autograd would need a gradient.
+
+    Example:
+        >>> x = torch.randn(3, 5, 32); W = torch.randn(48, 32)
+        >>> A, B = torch.randn(4, 32), torch.randn(48, 4)
+        >>> U = torch.randn(2, 4)          # two adapters sharing A and B, each its own u
+        >>> out = bank_linear(x, W, None, torch.tensor([1, -1, 0]), A, B, U)
+        >>> torch.allclose(out[1], x[1] @ W.T)   # row -1: the base layer alone
+        True
+    """
+    check_bank_inputs(x, weight, bias, A, B, U, V, row_scale)
+    rows = adapter_ids if isinstance(adapter_ids, AdapterRows) else AdapterRows(adapter_ids, U.shape[0],
+                                                                                device=x.device)
+    if rows.capacity != U.shape[0]:
+        raise ValueError(f"adapter_ids was validated for {rows.capacity} slots but U has {U.shape[0]}")
+    return bank_linear_unchecked(x, weight, bias, rows, A, B, U, V, row_scale, resolve_backend(x, weight, bias))
+
+
+def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_scale, backend: str) -> torch.Tensor:
+    """:func:`bank_linear` without the checks of the bank's tensors (the bank checks them once per
+    ``use``) and with the backend resolved: per call, only x against the ids and against K."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("bank_linear (many adapters per batch) is inference only, but x requires grad; run it "
+                           "under torch.no_grad() or torch.inference_mode(), or train one adapter at a time")
+    K, N = weight.shape[1], weight.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(f"bank_linear: x must have last dimension K={K}, got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"bank_linear: x dtype {x.dtype} must equal the weight's {weight.dtype}")
+    T = rows.rows_per_id(x)
+    M = len(rows) * T
+    x2 = x.reshape(M, K)
+    with torch.no_grad():
+        if backend == "triton":
+            out = _triton_route(x2, weight, bias, rows, T, A, B, U, V, row_scale)
+        else:
+            out = _torch_route(x2, weight, bias, rows, T, A, B, U, V, row_scale)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def shared_factors(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """True when every slot uses the same A and B: the one-launch route."""
+    return A.dim() == 2 and B.dim() == 2
+
+
+def _triton_route(x2, weight, bias, rows, T, A, B, U, V, C):
+    lead_bias = bias if C is None else None  # with a row scale the bias comes after the scale
+    if shared_factors(A, B):
+        from .bank_term import bank_term
+
+        L = bank_term(x2, A, B, U, V, rows.ids, T, lead_bias)
+    else:
+        from .bank_segment_term import bank_segment_term
+
+        L = bank_segment_term(x2, A, B, U, V, rows.plan(T), lead_bias)
+    y = L.addmm_(x2, weight.t())
+    return y if C is None else _scale_rows(y, bias, C, rows.row_slots(T))
+
+
+def _scale_rows(y, bias, C, slots):
+    """b + y * C[a] (C[-1] = 1), computed in fp32 and rounded once, as the single-adapter op does."""
+    c = torch.where((slots >= 0)[:, None], C[slots.clamp(min=0)], 1.0)
+    cs = torch.promote_types(y.dtype, C.dtype)
+    out = (y.to(cs) * c.to(cs)).to(y.dtype)
+    return out + bias if bias is not None else out
+
+
+def _torch_route(x2, weight, bias, rows, T, A, B, U, V, C):
+    ct = torch.promote_types(x2.dtype, A.dtype)
+    slots = rows.row_slots(T)
+    live = (slots >= 0)[:, None]
+    a = slots.clamp(min=0)
+    if shared_factors(A, B):
+        h = x2.to(ct) @ A.to(ct).t()
+        z = torch.where(live, h * U[a].to(ct), 0.0)
+        d = z @ B.to(ct).t()
+        if V is not None:
+            d = d * V[a].to(ct)
+    else:
+        d = x2.new_zeros((x2.shape[0], weight.shape[0]), dtype=ct)
+        plan = rows.plan(T)
+        for i, s in enumerate(plan.slots):
+            if s < 0:
+                continue
+            idx = plan.perm[plan.bounds[i]:plan.bounds[i + 1]].long()
+            As = A[s] if A.dim() == 3 else A
+            Bs = B[s] if B.dim() == 3 else B
+            ds = ((x2[idx].to(ct) @ As.to(ct).t()) * U[s].to(ct)) @ Bs.to(ct).t()
+            d[idx] = ds * V[s].to(ct) if V is not None else ds
+    out = F.linear(x2, weight, bias if C is None else None) + d.to(x2.dtype)
+    return out if C is None else _scale_rows(out, bias, C, slots)
+
+
+def check_bank_inputs(x, weight, bias, A, B, U, V=None, row_scale=None) -> None:
+    """Validate the tensors of :func:`bank_linear` (shapes in its docstring); each error names the argument."""
+    op = "bank_linear"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"{op}: x must be a floating tensor (..., K), got {_describe(x)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be a 2-D tensor (N, K), got {_describe(weight)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"{op}: x must have last dimension K={K}, got {_describe(x)}")
+    if not isinstance(U, torch.Tensor) or U.dim() != 2:
+        raise ValueError(f"{op}: U must be (S, R), got {_describe(U)}")
+    S, R = U.shape
+    want = {"weight": (N, K), "bias": (N,), "A": [(R, K), (S, R, K)], "B": [(N, R), (S, N, R)], "U": (S, R),
+            "V": (S, N), "row_scale": (S, N)}
+    for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B), ("U", U), ("V", V),
+                    ("row_scale", row_scale)):
+        if t is None:
+            if name in ("A", "B"):
+                raise ValueError(f"{op}: {name} is required")
+            continue
+        shapes = want[name] if isinstance(want[name], list) else [want[name]]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {_describe(t)}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{op}: {name} must have shape {' or '.join(str(s) for s in shapes)}, got {_describe(t)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} must be on {x.device} (the device of x), got {_describe(t)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must equal x dtype {x.dtype}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return type(t).__name__
+
+
+__all__ = ["AdapterRows", "bank_linear", "bank_linear_unchecked", "check_bank_inputs", "shared_factors"]

@@ -1,0 +1,519 @@
+"""Serve many adapters of one base model in one batch: every sequence runs with its own adapter.
+
+An :class:`AdapterBank` belongs to one model prepared by :func:`tiedlora_kernels.inject` and keeps,
+for each adapted layer, the effective tensors of many adapters stacked in *slots* (the adapter id a
+request names). Inside ``bank.use(adapter_ids)`` every adapted layer computes, for each row, its base
+output plus the term of that row's adapter, in one call per layer (``ops/bank_linear.py``)::
+
+    bank = AdapterBank(model, capacity=16)          # model: injected (its own adapter is not used here)
+    math = bank.add("adapters/math")                 # a save_adapter directory -> slot 0
+    upper = bank.add(other_model, name="upper")       # a live injected model    -> slot 1
+    ids = torch.tensor([math, upper, -1, math])      # one slot per sequence; -1 = base model alone
+    with torch.no_grad(), bank.use(ids):
+        logits = model(input_ids).logits             # (4, T, V): row i with adapter ids[i]
+        tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+    bank.remove("upper")                              # slot 1 is free again; the others untouched
+
+What one slot holds, per layer (docs/MATH.md's effective tensors of the layer, whatever the preset):
+A_i (r, K), B_i (N, r), s_i * u_i (r,), v_i (N,), and DoRA's row scale c_i (N,). The bank stores
+s * u in U (S, R) and v in V (S, N) (S slots, R the bank's rank), and A and B **once** for a layer
+where every loaded adapter has the same A_i and B_i (VeRA-style seeded frozen factors, TL1-TL4's
+frozen factor with one trained factor also shared, or one trained tied pair reused with per-user
+u and v); that layer then runs the shared route, one launch at the cost of one adapter. Where they
+differ, the differing factor is stored per slot, (S, R, K) or (S, N, R), and the layer runs the
+segmented route (rows grouped by adapter, SGMV-style). Each layer chooses by itself, on every add
+and remove.
+
+What can be mixed in one bank: adapters of every preset (lora, vera, tl1-tl6, partial, tl_extra,
+tensor_embed, dora, simple_dora) and any alpha, of rank at most the bank's (lower ranks are
+zero-padded), adapting any subset of the model's adapted layers (a layer an adapter leaves out adds
+nothing for its rows), all trained on this base model. Not supported: quantized base layers, merged
+models, and training (inference only: the bank's forward refuses inputs that require grad).
+
+Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
+row scale, plus R (K + N) factor values for a per-slot factor (``factor_dtype``, fp32 by default).
+Slots are allocated up front (``capacity``) and grown by doubling when full; adding or removing an
+adapter writes its slot only, and a request (``use``) allocates nothing in the bank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Iterator, Mapping, NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .integrations import adapted_layers, adapter_config, load_adapter
+from .integrations.inject import ROOT_ATTR, _layout_of
+from .modules import TiedLoRALinear
+from .ops import resolve_backend
+from .ops.bank_linear import AdapterRows, bank_linear_unchecked, shared_factors
+
+#: Routes a layer can take (:meth:`AdapterBank.routes`).
+ROUTES = ("base", "shared", "segmented")
+
+
+class LayerAdapter(NamedTuple):
+    """One adapter's effective tensors for one layer (what :meth:`TiedLoRALinear.op_tensors` gives):
+    A (r, K), B (N, r), u (r,) or None, v (N,) or None, row_scale c (N,) or None, and its scaling s."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    u: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+    row_scale: Optional[torch.Tensor]
+    scaling: float
+
+
+class _Slots:
+    """The slots of one layer. A, B: None (no adapter adapts the layer), shared (R, K) / (N, R), or per
+    slot (S, R, K) / (S, N, R). U (S, R) fp32 s * u (0 for slots without this layer); V, C (S, N)
+    fp32 or None (all 1). ``present[s]``: slot s adapts this layer."""
+
+    def __init__(self, K: int, N: int, R: int, capacity: int, device, factor_dtype):
+        self.K, self.N, self.R = K, N, R
+        self.device, self.factor_dtype = device, factor_dtype
+        self.A: Optional[torch.Tensor] = None
+        self.B: Optional[torch.Tensor] = None
+        self.U = torch.zeros((capacity, R), device=device, dtype=torch.float32)
+        self.V: Optional[torch.Tensor] = None
+        self.C: Optional[torch.Tensor] = None
+        self.present = [False] * capacity
+
+    @property
+    def route(self) -> str:
+        if self.A is None:
+            return "base"
+        return "shared" if shared_factors(self.A, self.B) else "segmented"
+
+    def tensors(self) -> dict:
+        return dict(A=self.A, B=self.B, U=self.U, V=self.V, C=self.C)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
+
+    # Adding is staged: ``stage`` allocates whatever the slot needs (growth, a shared factor turned
+    # per slot, V or C on first use) without touching the layer; ``commit`` installs it and writes
+    # the slot. A failure before the commit leaves the bank as it was.
+    def stage(self, slot: int, entry: Optional[tuple], capacity: int) -> dict:
+        """New tensors for this layer (those unchanged are the current objects)."""
+        grow = capacity != len(self.present)
+        t = {k: (_resized(v, capacity, 1.0 if k in ("V", "C") else 0.0) if (grow and v is not None and
+                 (k in ("U", "V", "C") or v.dim() == 3)) else v) for k, v in self.tensors().items()}
+        if entry is None:
+            return t
+        A, B, _, v, c = entry
+        if t["A"] is None:  # the first adapter of this layer: its factors are the shared ones
+            t["A"], t["B"] = A, B
+        else:
+            others = [s for s, p in enumerate(self.present) if p and s != slot]
+            for k, new in (("A", A), ("B", B)):
+                cur = t[k]
+                if cur.dim() == 2 and not torch.equal(cur, new):
+                    if others:
+                        t[k] = cur.unsqueeze(0).repeat(capacity, *([1] * cur.dim()))  # now per slot
+                    else:
+                        t[k] = new
+        for k, given in (("V", v), ("C", c)):
+            if given is not None and t[k] is None:
+                t[k] = torch.ones((capacity, self.N), device=self.device, dtype=torch.float32)
+        return t
+
+    def commit(self, staged: dict, slot: int, entry: Optional[tuple], capacity: int) -> None:
+        self.A, self.B, self.U, self.V, self.C = (staged[k] for k in ("A", "B", "U", "V", "C"))
+        self.present = self.present + [False] * (capacity - len(self.present))
+        if entry is None:
+            return
+        A, B, U_row, v, c = entry
+        with torch.no_grad():
+            if self.A.dim() == 3:
+                self.A[slot].copy_(A)
+            if self.B.dim() == 3:
+                self.B[slot].copy_(B)
+            self.U[slot].copy_(U_row)
+            if self.V is not None:
+                self.V[slot].copy_(v) if v is not None else self.V[slot].fill_(1.0)
+            if self.C is not None:
+                self.C[slot].copy_(c) if c is not None else self.C[slot].fill_(1.0)
+        self.present[slot] = True
+
+    def clear(self, slot: int) -> None:
+        """Empty ``slot``; where the remaining adapters agree again, a per-slot factor becomes shared."""
+        if not self.present[slot]:
+            return
+        self.present[slot] = False
+        with torch.no_grad():
+            self.U[slot].zero_()
+            for t in (self.V, self.C):
+                if t is not None:
+                    t[slot].fill_(1.0)
+        live = [s for s, p in enumerate(self.present) if p]
+        if not live:
+            self.A = self.B = self.V = self.C = None
+            return
+        for k in ("A", "B"):
+            t = getattr(self, k)
+            if t.dim() == 3:
+                t[slot].zero_()
+                if all(torch.equal(t[live[0]], t[s]) for s in live[1:]):
+                    setattr(self, k, t[live[0]].clone())
+
+
+def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
+    """A new (capacity, ...) tensor holding t's rows, the new rows set to ``fill``."""
+    out = torch.full((capacity, *t.shape[1:]), fill, device=t.device, dtype=t.dtype)
+    out[:t.shape[0]].copy_(t)
+    return out
+
+
+class _Route:
+    """``TiedLoRALinear.bank_route`` while a bank is in use: the layer's output, each row with its slot."""
+
+    def __init__(self, bank: "AdapterBank", name: str):
+        self.bank, self.name = bank, name
+
+    def __call__(self, layer: TiedLoRALinear, x: torch.Tensor) -> torch.Tensor:
+        rows = self.bank._active
+        slots = self.bank._layers[self.name]
+        weight, bias = layer.weight_nk(), layer.bias
+        if slots.A is None:  # no loaded adapter adapts this layer
+            rows.rows_per_id(x)
+            return nn.functional.linear(x, weight, bias)
+        return bank_linear_unchecked(x, weight, bias, rows, slots.A, slots.B, slots.U, slots.V, slots.C,
+                                     resolve_backend(x, weight, bias))
+
+
+class AdapterBank:
+    """Many adapters of one injected model, stacked per layer in slots, served per row in one batch.
+
+    Args:
+        model: a model prepared by :func:`tiedlora_kernels.inject` (any preset: it fixes which layers
+            can be adapted; its own adapter is not used inside :meth:`use`). All its adapted layers on
+            one device, none merged, none over a quantized base.
+        capacity: slots allocated up front (>= 1); :meth:`add` doubles it when full.
+        rank: the bank's rank R (default: the model's adapter rank); adapters of lower rank are
+            zero-padded to it, higher ranks are refused.
+        factor_dtype: dtype of the stored A and B (default fp32, as adapters train; bf16 halves the
+            memory and the bytes of per-slot factors). U, V and row scales are always fp32.
+
+    Example:
+        >>> bank = AdapterBank(model, capacity=4)
+        >>> a, b = bank.add("out/math"), bank.add("out/upper")
+        >>> out = bank.generate(input_ids, adapter_ids=[a, b], attention_mask=mask, max_new_tokens=16)
+    """
+
+    def __init__(self, model: nn.Module, capacity: int = 8, *, rank: Optional[int] = None,
+                 factor_dtype: torch.dtype = torch.float32):
+        config = adapter_config(model)  # raises when the model has no adapters
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"AdapterBank: capacity must be an int >= 1, got {capacity!r}")
+        rank = config.rank if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"AdapterBank: rank must be an int >= 1, got {rank!r}")
+        if not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
+            raise ValueError(f"AdapterBank: factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
+        layers = list(adapted_layers(model))
+        for name, layer in layers:
+            if layer.layout == "quantized":
+                raise ValueError(f"AdapterBank: layer {name!r} has a quantized base ({layer.base_kind.name}); "
+                                 "the bank serves dense nn.Linear / Conv1D bases only")
+            if layer.merged:
+                raise ValueError(f"AdapterBank: layer {name!r} is merged; unmerge(model) first (a merged weight "
+                                 "carries one adapter into every row)")
+        devices = {layer.weight.device for _, layer in layers}
+        if len(devices) != 1:
+            raise ValueError(f"AdapterBank: the adapted layers are on several devices {sorted(map(str, devices))}; "
+                             "the bank serves a model on one device")
+        self.model = model
+        self.rank = rank
+        self.factor_dtype = factor_dtype
+        self.device = devices.pop()
+        self._capacity = capacity
+        self._names: list[Optional[str]] = [None] * capacity
+        self._layers = {name: _Slots(layer.in_features, layer.out_features, rank, capacity, self.device, factor_dtype)
+                        for name, layer in layers}
+        self._modules = dict(layers)
+        self._routes = {name: _Route(self, name) for name in self._layers}
+        self._active: Optional[AdapterRows] = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (loaded or free)."""
+        return self._capacity
+
+    def __len__(self) -> int:
+        return sum(n is not None for n in self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    @property
+    def adapters(self) -> dict[int, str]:
+        """Loaded adapters: slot -> name."""
+        return {s: n for s, n in enumerate(self._names) if n is not None}
+
+    def slot(self, name: str) -> int:
+        """The slot (adapter id) of the adapter called ``name``."""
+        try:
+            return self._names.index(name)
+        except ValueError:
+            raise KeyError(f"AdapterBank: no adapter named {name!r}; loaded: {self.adapters}") from None
+
+    def routes(self) -> dict[str, str]:
+        """Layer name -> ``"base"`` (no loaded adapter adapts it), ``"shared"`` (one A and B for every
+        slot: one launch, rows gather their u and v) or ``"segmented"`` (per-slot A and/or B)."""
+        return {name: s.route for name, s in self._layers.items()}
+
+    def nbytes(self) -> int:
+        """Bytes the bank's tensors take on its device."""
+        return sum(s.nbytes() for s in self._layers.values())
+
+    def __repr__(self) -> str:
+        counts = {r: sum(v == r for v in self.routes().values()) for r in ROUTES}
+        return (f"AdapterBank({len(self)}/{self.capacity} slots, rank={self.rank}, layers={len(self._layers)} "
+                f"(routes {counts}), {self.nbytes() / 2**20:.1f} MiB on {self.device})")
+
+    # ------------------------------------------------------------------------------------------
+    def add(self, source: Union[str, Path, nn.Module, Mapping[str, LayerAdapter]], name: Optional[str] = None) -> int:
+        """Load an adapter into a free slot and return the slot (its adapter id).
+
+        Args:
+            source: a :func:`~tiedlora_kernels.save_adapter` directory; or a model injected with the
+                adapter (a copy of this base model, trained: its layers' effective tensors are read);
+                or a mapping layer name -> :class:`LayerAdapter` (the layers it leaves out add nothing).
+            name: the adapter's name (default: the directory's name, else ``adapter<slot>``); unique.
+
+        Everything is read and checked before the bank changes: a file that does not fit (another
+        model's layers, a rank above the bank's, a corrupt file) raises ``ValueError`` and leaves the
+        bank as it was. A full bank doubles its capacity.
+        """
+        self._refuse_in_use("add")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"AdapterBank.add: name must be a non-empty string, got {name!r}")
+        if isinstance(source, (str, Path)):
+            effective = self._read_directory(Path(source))
+            name = name or Path(source).resolve().name
+        elif isinstance(source, nn.Module):
+            effective = _effective_tensors(source)
+        elif isinstance(source, Mapping):
+            effective = dict(source)
+        else:
+            raise TypeError(f"AdapterBank.add: source must be an adapter directory, an injected model or a mapping "
+                            f"of layer name -> LayerAdapter, got {type(source).__name__}")
+        if name is not None and name in self._names:
+            raise ValueError(f"AdapterBank.add: an adapter named {name!r} is already loaded (slot "
+                             f"{self._names.index(name)}); remove it first or choose another name")
+        entries = self._prepare(effective)
+        slot = next((s for s, n in enumerate(self._names) if n is None), self._capacity)
+        capacity = self._capacity if slot < self._capacity else 2 * self._capacity
+        staged = {ln: s.stage(slot, entries.get(ln), capacity) for ln, s in self._layers.items()}
+        # Nothing above changed the bank; from here on nothing can fail but the device itself.
+        for ln, s in self._layers.items():
+            s.commit(staged[ln], slot, entries.get(ln), capacity)
+        self._names += [None] * (capacity - self._capacity)
+        self._capacity = capacity
+        self._names[slot] = name or f"adapter{slot}"
+        return slot
+
+    def remove(self, adapter: Union[int, str]) -> None:
+        """Free the slot of ``adapter`` (its id or name). Other slots and their ids do not change."""
+        self._refuse_in_use("remove")
+        slot = self.slot(adapter) if isinstance(adapter, str) else adapter
+        if isinstance(slot, bool) or not isinstance(slot, int) or not (0 <= slot < self._capacity) \
+                or self._names[slot] is None:
+            raise KeyError(f"AdapterBank.remove: no adapter in slot {adapter!r}; loaded: {self.adapters}")
+        for s in self._layers.values():
+            s.clear(slot)
+        self._names[slot] = None
+
+    def reserve(self, capacity: int) -> None:
+        """Grow to at least ``capacity`` slots now (one allocation per tensor), not on a later add."""
+        self._refuse_in_use("reserve")
+        if capacity <= self._capacity:
+            return
+        staged = {ln: s.stage(0, None, capacity) for ln, s in self._layers.items()}
+        for ln, s in self._layers.items():
+            s.commit(staged[ln], 0, None, capacity)
+        self._names += [None] * (capacity - self._capacity)
+        self._capacity = capacity
+
+    # ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use(self, adapter_ids) -> Iterator[AdapterRows]:
+        """Within the context, every forward of the model runs each row with its own adapter.
+
+        Args:
+            adapter_ids: (batch,) slot per sequence (broadcast over its tokens), or (batch, seq) slot
+                per token; an integer tensor on the model's device or a list of ints. -1 = the base
+                model alone. Checked once here (one host sync): dtype, rank, device, range, loaded
+                slots; each layer then checks only that the batch matches.
+
+        Works for ``model(input_ids)`` and ``model.generate(...)`` (the prefill and every decode step
+        keep the batch's order: one id per prompt). Inference only: run it under ``torch.no_grad()``
+        or ``torch.inference_mode()``; inputs that require grad are refused. The bank cannot be changed
+        while in use, and contexts do not nest.
+        """
+        if self._active is not None:
+            raise RuntimeError("AdapterBank.use: the bank is already in use (contexts do not nest)")
+        for name, layer in self._modules.items():
+            if layer.weight.device != self.device:
+                raise RuntimeError(f"AdapterBank.use: layer {name!r} is now on {layer.weight.device} but the bank "
+                                   f"is on {self.device}; call bank.to(device) after moving the model")
+            if layer.merged:
+                raise RuntimeError(f"AdapterBank.use: layer {name!r} was merged after the bank was made; unmerge first")
+        rows = AdapterRows(adapter_ids, self._capacity, occupied=[n is not None for n in self._names],
+                           device=self.device, names=self.adapters)
+        self._active = rows
+        for name, layer in self._modules.items():
+            layer.bank_route = self._routes[name]
+        try:
+            yield rows
+        finally:
+            for layer in self._modules.values():
+                layer.bank_route = None
+            self._active = None
+
+    def generate(self, input_ids: torch.Tensor, adapter_ids, **kwargs) -> torch.Tensor:
+        """``model.generate(input_ids, **kwargs)`` with prompt i answered by adapter ``adapter_ids[i]``."""
+        with torch.no_grad(), self.use(adapter_ids):
+            return self.model.generate(input_ids, **kwargs)
+
+    def to(self, device) -> "AdapterBank":
+        """Move the bank's tensors to ``device`` (after moving the model)."""
+        self._refuse_in_use("to")
+        device = torch.device(device)
+        for s in self._layers.values():
+            for k, t in s.tensors().items():
+                if t is not None:
+                    setattr(s, k, t.to(device))
+            s.device = device
+        self.device = device
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def _refuse_in_use(self, what: str) -> None:
+        if self._active is not None:
+            raise RuntimeError(f"AdapterBank.{what}: the bank is in use (inside bank.use(...)); change it between "
+                               "requests")
+
+    def _read_directory(self, directory: Path) -> dict:
+        """Effective tensors of a saved adapter: loaded into a shell of this model's linear layers that
+        shares their weights (nothing of the model is copied or changed), with load_adapter's checks."""
+        shell = _shell_of(self.model)
+        frozen = {id(p): p.requires_grad for p in self.model.parameters()}
+        try:
+            load_adapter(shell, directory)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"AdapterBank.add: adapter {str(directory)!r} does not fit the bank's model: {e}") from None
+        finally:  # inject freezes the shell's parameters, which are the model's own
+            for p in self.model.parameters():
+                p.requires_grad_(frozen[id(p)])
+        return _effective_tensors(shell)
+
+    def _prepare(self, effective: dict) -> dict:
+        """layer name -> (A (R, K), B (N, R) in factor_dtype, U row (R,) fp32, v (N,), c (N,)) on the
+        bank's device, after checking every layer; raises ValueError naming the first misfit."""
+        unknown = sorted(set(effective) - set(self._layers))
+        if unknown:
+            raise ValueError(f"AdapterBank.add: the adapter adapts layers the bank's model does not adapt: "
+                             f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (inject the model with targets "
+                             "covering them)")
+        if not effective:
+            raise ValueError("AdapterBank.add: the adapter adapts no layer")
+        out = {}
+        R = self.rank
+        for ln, e in effective.items():
+            if not isinstance(e, LayerAdapter):
+                e = LayerAdapter(*e)
+            s = self._layers[ln]
+            A, B = e.A.detach(), e.B.detach()
+            if A.dim() != 2 or A.shape[1] != s.K:
+                raise ValueError(f"AdapterBank.add: layer {ln!r}: A must be (r, K={s.K}), got {tuple(A.shape)}")
+            r = A.shape[0]
+            if r > R:
+                raise ValueError(f"AdapterBank.add: layer {ln!r} has rank {r}, above the bank's rank {R} "
+                                 "(make the bank with AdapterBank(model, rank=...))")
+            for what, t, shape in (("B", B, (s.N, r)), ("u", e.u, (r,)), ("v", e.v, (s.N,)),
+                                   ("row_scale", e.row_scale, (s.N,))):
+                if t is not None and tuple(t.shape) != shape:
+                    raise ValueError(f"AdapterBank.add: layer {ln!r}: {what} must have shape {shape}, "
+                                     f"got {tuple(t.shape)}")
+            if not (isinstance(e.scaling, (int, float)) and math.isfinite(e.scaling)):
+                raise ValueError(f"AdapterBank.add: layer {ln!r}: scaling must be a finite number, got {e.scaling!r}")
+            dev = self.device
+            A_pad = torch.zeros((R, s.K), device=dev, dtype=self.factor_dtype)
+            A_pad[:r] = A.to(dev, self.factor_dtype)
+            B_pad = torch.zeros((s.N, R), device=dev, dtype=self.factor_dtype)
+            B_pad[:, :r] = B.to(dev, self.factor_dtype)
+            U_row = torch.zeros(R, device=dev, dtype=torch.float32)
+            U_row[:r] = float(e.scaling) * (e.u.detach().to(dev, torch.float32) if e.u is not None else 1.0)
+            v = e.v.detach().to(dev, torch.float32) if e.v is not None else None
+            c = e.row_scale.detach().to(dev, torch.float32) if e.row_scale is not None else None
+            for what, t in (("A", A_pad), ("B", B_pad), ("u", U_row), ("v", v), ("row_scale", c)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"AdapterBank.add: layer {ln!r}: {what} holds inf or NaN")
+            out[ln] = (A_pad, B_pad, U_row, v, c)
+        return out
+
+
+def _effective_tensors(model: nn.Module) -> dict[str, LayerAdapter]:
+    """layer name -> :class:`LayerAdapter` of every adapted layer of an injected ``model``."""
+    adapter_config(model)
+    out = {}
+    with torch.no_grad():
+        for name, layer in adapted_layers(model):
+            if layer.merged:
+                raise ValueError(f"AdapterBank.add: layer {name!r} of the source model is merged; unmerge it first")
+            A, B, u, v, c = layer.op_tensors()
+            out[name] = LayerAdapter(A, B, u, v, c, layer.scaling)
+    return out
+
+
+class _LinearShell(nn.Linear):
+    """An ``nn.Linear`` around an existing weight and bias (shared, not copied)."""
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+
+
+class Conv1D(nn.Module):
+    """HF ``Conv1D``'s shape (weight (K, N)) around an existing weight: ``inject`` recognises layers of
+    that name, so a shell of a GPT-2-style model gets the same kinds as the model."""
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]):
+        super().__init__()
+        self.nf = weight.shape[1]
+        self.weight, self.bias = weight, bias
+
+
+def _shell_of(model: nn.Module) -> nn.Module:
+    """A module tree with a linear shell at the path of every linear layer of ``model`` (adapted or
+    not: a layer's kind depends on all of them), sharing the weights, and nothing else."""
+    root = nn.Module()
+    for name, module in model.named_modules():
+        if not name or name == ROOT_ATTR or name.startswith(ROOT_ATTR + "."):
+            continue
+        if isinstance(module, TiedLoRALinear):
+            layout = module.layout
+        else:
+            layout = _layout_of(module)
+        if layout is None:
+            continue
+        shell = _LinearShell(module.weight, module.bias) if layout == "linear" else Conv1D(module.weight, module.bias)
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, shell)
+    return root
+
+
+__all__ = ["AdapterBank", "LayerAdapter", "ROUTES"]
