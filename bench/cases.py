@@ -162,7 +162,8 @@ def merged_weight(t: Inputs) -> torch.Tensor:
     d = lambda p: None if p is None else p.detach()  # noqa: E731
     Wm = reference.merged_weight(t.W, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling)
     a, b = weight_layout(t.W), weight_layout(Wm)
-    assert {k: v for k, v in a.items() if k != "align_bytes"} == {k: v for k, v in b.items() if k != "align_bytes"}, (a, b)
+    same = lambda lay: {k: v for k, v in lay.items() if k != "align_bytes"}  # noqa: E731
+    assert same(a) == same(b), (a, b)
     assert b["align_bytes"] >= 16, b  # cuBLAS's vectorised loads need 16-byte alignment
     return Wm
 
@@ -171,8 +172,8 @@ def _merged(t: Inputs) -> Impl:
     d = lambda p: None if p is None else p.detach()  # noqa: E731
     Wm = merged_weight(t)
     # The oracle of the merged layer is the adapted layer itself: merging must not change the function.
-    return Impl(lambda x: F.linear(x, Wm, t.b), [], [Wm, t.b], {}, (t.W, t.b, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling),
-                info=dict(weight=weight_layout(Wm)))
+    fac = (t.W, t.b, d(t.A), d(t.B), d(t.u), d(t.v), t.scaling)
+    return Impl(lambda x: F.linear(x, Wm, t.b), [], [Wm, t.b], {}, fac, info=dict(weight=weight_layout(Wm)))
 
 
 def _addmm(t: Inputs) -> Impl:

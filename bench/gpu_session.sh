@@ -6,12 +6,13 @@
 #   On the device tool (what comes back is at most 8 files, so everything is packed into one tarball):
 #     PACK_TO=$OUT OUT=/tmp/gpu-session BENCH_COMMIT=<sha> bash bench/gpu_session.sh
 #   -> $OUT/gpu_session.tar.gz (every file below) and $OUT/SUMMARY.md, both refreshed after each phase.
-#   Locally: OUT=some/dir bash bench/gpu_session.sh. A CPU dry run of the flow (what tests/bench runs):
-#     BUDGET_S=90 BENCH_GRID=smoke OUT=/tmp/x bash bench/gpu_session.sh
+#   Locally: OUT=some/dir bash bench/gpu_session.sh. A CPU dry run of the flow (tests/bench runs one;
+#   150 s is the smallest budget whose scaled shares fit, and the phases end early on a CPU):
+#     BUDGET_S=150 BENCH_GRID=smoke OUT=/tmp/x bash bench/gpu_session.sh
 #
 # Phases, in this order. Each has a guaranteed share and a cap (seconds at BUDGET_S=480; both scale
 # with BUDGET_S; PHASE_MINS / PHASE_CAPS="name=s,..." override them unscaled). A phase may run up to
-#   min(cap, seconds left - the guaranteed shares of the phases after it - RESERVE_S),
+#   min(cap, seconds left - the guaranteed shares of the phases after it - RESERVE_S - STEP_S per phase),
 # so every later phase keeps its share and time a phase leaves unused flows to the next ones. At its
 # allowance minus GRACE_S a phase gets SIGINT (pytest prints its summary; the benchmark writes what
 # it measured), SIGKILL GRACE_S later: no phase ends past its allowance.
@@ -55,7 +56,8 @@ read -r -a TESTS <<< "${TEST_PATHS:-tests}"
 PHASES=(bench cuda_tests e2e suite pybench)
 SHARE=(140 90 80 60 30)
 CAP=(200 120 120 0 60)  # 0: no cap
-RESERVE_S=15            # not scaled: the summary step needs its seconds at any budget
+RESERVE_S=15            # not scaled: the final summary step needs its seconds at any budget
+STEP_S=2                # each phase's own summary and tarball refresh, kept out of the later shares
 scale() { echo $(( $1 * BUDGET_S / 480 )); }
 for i in "${!PHASES[@]}"; do
   SHARE[$i]=$(scale "${SHARE[$i]}")
@@ -100,6 +102,9 @@ for name in ("triton", "transformers", "peft", "matplotlib", "tqdm", "pytest_ben
         print(name, "MISSING")
 EOF
   echo "commit ${BENCH_COMMIT:-unknown}; budget ${BUDGET_S} s; shares ${SHARE[*]}; caps ${CAP[*]}; reserve ${RESERVE_S} s; grace ${GRACE_S} s"
+  total=$RESERVE_S
+  for i in "${!PHASES[@]}"; do total=$(( total + SHARE[i] + STEP_S )); done
+  [ "$total" -le "$BUDGET_S" ] || echo "WARNING: shares + reserve = ${total} s > BUDGET_S: the last phases get less than their share"
 } > "$OUT/env.txt" 2>&1
 
 START=$(date +%s)
@@ -115,15 +120,15 @@ summarize() {  # SUMMARY.md from what is there now (extra arguments: see bench/s
 }
 
 # allowance NAME: sets PHASE_I, PHASE_ALLOW (seconds this phase may take) and PHASE_T (its SIGINT
-# deadline); returns 1 (and records the phase as skipped) when less than 5 s is left for it.
+# deadline); returns 1 (and records the phase as skipped) when less than 3 s is left for it.
 allowance() {
   local i later=0 j
   for i in "${!PHASES[@]}"; do [ "${PHASES[$i]}" = "$1" ] && PHASE_I=$i; done
-  for (( j = PHASE_I + 1; j < ${#PHASES[@]}; j++ )); do later=$(( later + SHARE[j] )); done
-  PHASE_ALLOW=$(( BUDGET_S - $(now) - later - RESERVE_S ))
+  for (( j = PHASE_I + 1; j < ${#PHASES[@]}; j++ )); do later=$(( later + SHARE[j] + STEP_S )); done
+  PHASE_ALLOW=$(( BUDGET_S - $(now) - later - STEP_S - RESERVE_S ))
   if [ "${CAP[$PHASE_I]}" -gt 0 ] && [ "$PHASE_ALLOW" -gt "${CAP[$PHASE_I]}" ]; then PHASE_ALLOW=${CAP[$PHASE_I]}; fi
   PHASE_T=$(( PHASE_ALLOW - GRACE_S ))
-  if [ "$PHASE_T" -lt 5 ]; then
+  if [ "$PHASE_T" -lt 3 ]; then
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "${SHARE[$PHASE_I]}" "${CAP[$PHASE_I]}" "$PHASE_ALLOW" "$(now)" "$(now)" \
       - "skipped: no time left" >> "$OUT/phases.tsv"
     echo "== $1: skipped (no time left)"

@@ -146,7 +146,7 @@ def profile_tables(records: list[dict]) -> list[str]:
                    f"{_fmt(p.get('kernels_per_step'), '.0f')} | {_top(p, 5)} |")
     floors = [(r, k) for r in prof for k in r.get("kernel_floors") or []]
     if floors:
-        out += ["", "### Each Triton kernel against its own bandwidth floor (target <= 1.3 at the data-sheet bandwidth)", "",
+        out += ["", "### Each Triton kernel against its own bandwidth floor (target <= 1.3 at the data-sheet bandwidth, judged at M = 8192; at decode the kernels are launch bound)", "",
                 "| op | M | r | preset | kernel | MB | us per call | floor us (spec) | x floor (spec) | x floor (copy) "
                 "| profiled names |", "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
         for r, k in floors:

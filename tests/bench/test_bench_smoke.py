@@ -105,8 +105,8 @@ def test_ratios_in_smoke_json_come_from_paired_medians(smoke):
         assert r["ratio_to_limit"] == pytest.approx(r["median_ms"] / r["limit_paired_ms"], rel=1e-12)
         for peft in ("peft_lora", "peft_vera"):
             # each side normalised by its own paired limit
-            assert r["speedup_vs_" + peft] == pytest.approx(ratio[(peft, r["op"], r["M"], r["rank"])] / r["ratio_to_limit"],
-                                                            rel=1e-12)
+            want = ratio[(peft, r["op"], r["M"], r["rank"])] / r["ratio_to_limit"]
+            assert r["speedup_vs_" + peft] == pytest.approx(want, rel=1e-12)
 
 
 def test_interleaved_timing_alternates_and_resets_grads():
@@ -214,7 +214,9 @@ def test_targets_verdicts():
                  graph_ratio_to_limit=1.2),
             dict(base, impl="ours", op="fwd", M=8192, rank=16, preset="tl6", ratio_to_limit=1.13,
                  kernel_floors=[dict(kernel="_adapter_term_kernel", ratio_spec=1.25),
-                                dict(kernel="_grad_up_kernel", ratio_spec=None)])]
+                                dict(kernel="_grad_up_kernel", ratio_spec=None)]),
+            dict(base, impl="ours", op="fwd", M=16, rank=16, preset="tl6",  # decode: launch bound, not judged
+                 kernel_floors=[dict(kernel="_adapter_term_kernel", ratio_spec=30.0)])]
     e2e = [dict(config="no_adapter", step_ms=100.0, peak_mem_bytes=10), dict(config="ours_tl6", step_ms=116.0,
                                                                               peak_mem_bytes=7),
            dict(config="peft_lora", step_ms=150.0, peak_mem_bytes=10)]
