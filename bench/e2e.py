@@ -36,8 +36,11 @@ GPU_MODEL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                  num_key_value_heads=16, vocab_size=32000)
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=97)
-CONFIGS = ["no_adapter", "ours_tl6", "peft_lora", "ours_lora", "ours_dora", "peft_dora", "ours_simple_dora",
-           "ours_tl_extra", "ours_tensor_embed", "ours_partial"]
+CONFIGS = ["no_adapter", "ours_tl6", "peft_lora", "ours_lora", "no_adapter_4bit", "ours_tl6_4bit", "peft_lora_4bit",
+           "ours_dora", "peft_dora", "ours_simple_dora", "ours_tl_extra", "ours_tensor_embed", "ours_partial"]
+#: Configs ending in this train over a bitsandbytes NF4 copy of the base (QLoRA-style; compared with
+#: no_adapter_4bit). Needs bitsandbytes (on the lent GPU machine: carried as a wheel, see gpu_session.sh).
+QUANTIZED = "_4bit"
 #: Warm-up on a GPU: at least WARMUP_MIN steps, at most WARMUP_MAX, until two consecutive steps agree
 #: within WARMUP_TOL (a CPU smoke run: 1 or 2 steps).
 WARMUP_MIN, WARMUP_MAX, WARMUP_TOL = 3, 10, 0.05
@@ -87,8 +90,12 @@ def _syncs_in(step: Callable[[], object], device: str) -> Optional[int]:
     return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
 
 
-def _build(config: str, base, rank: int, device, dtype):
-    model = copy.deepcopy(base).to(device, dtype)
+def _build(config: str, base, rank: int, device, dtype, quantized_dir: Optional[Path] = None):
+    if config.endswith(QUANTIZED):
+        model = _load_4bit(quantized_dir, device, dtype)
+        config = config.removesuffix(QUANTIZED)
+    else:
+        model = copy.deepcopy(base).to(device, dtype)
     if config == "no_adapter":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -101,6 +108,17 @@ def _build(config: str, base, rank: int, device, dtype):
                               use_dora=config == "peft_dora")
         return peft.get_peft_model(model, cfg)
     return inject(model, TiedLoRAConfig(rank=rank, preset=config.removeprefix("ours_")))
+
+
+def _load_4bit(path: Path, device, dtype):
+    """The base saved at ``path`` reloaded with bitsandbytes NF4 linear layers (compute in ``dtype``)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map={"": str(device)},
+                                                    dtype=dtype)
 
 
 def _timed_steps(step, device: str, steps: int) -> tuple[list[float], float]:
@@ -164,7 +182,15 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
         base = LlamaForCausalLM(LlamaConfig(**shape, max_position_embeddings=seq)).to(dtype)
     base = base.cpu()
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device)
+    quantized_dir = None
+    tmp = None
     for config in configs or CONFIGS:
+        if config.endswith(QUANTIZED) and quantized_dir is None:
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory()
+            quantized_dir = Path(tmp.name)
+            base.save_pretrained(quantized_dir)
         if deadline is not None and time.monotonic() > deadline:
             out.append(dict(config=config, error="skipped: out of time (--max-minutes)"))
             if on_record:
@@ -172,7 +198,7 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
             continue
         model = opt = None
         try:
-            model = _build(config, base, rank, device, dtype)
+            model = _build(config, base, rank, device, dtype, quantized_dir)
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -226,10 +252,11 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
             model = opt = None  # release this config before the next is built
             if device == "cuda":
                 torch.cuda.empty_cache()
-        limit = next((e["step_ms"] for e in out if e["config"] == "no_adapter" and "step_ms" in e), None)
-        for e in out:
-            if limit and "step_ms" in e:
-                e["ratio_to_no_adapter"] = e["step_ms"] / limit
+        for family in ("", QUANTIZED):  # each config against the no-adapter run on the same base
+            limit = next((e["step_ms"] for e in out if e["config"] == "no_adapter" + family and "step_ms" in e), None)
+            for e in out:
+                if limit and "step_ms" in e and e["config"].endswith(QUANTIZED) == bool(family):
+                    e["ratio_to_no_adapter"] = e["step_ms"] / limit
         if on_record:
             on_record()
     return out

@@ -23,7 +23,7 @@
 #                           the merged weight), then the profiler pass; its own deadline leaves MARGIN_S
 #                           for start-up and the final write.
 #   cuda_tests    90   120  pytest -m cuda (target: all of them in <= 90 s on an H100/H200)
-#   e2e           80   120  python -m bench --e2e-only: 10 configs, warm-up, timing, profile each
+#   e2e           80   120  python -m bench --e2e-only: 13 configs (3 on a 4-bit base), warm-up, timing, profile each
 #   suite         60     -  pytest -m "not cuda": the rest of the suite, in whatever is left
 #   pybench       30    60  pytest bench/test_bench_ops.py --benchmark-enable
 #   reserve       15        SUMMARY.md, the benchmark's claims restamped with the tests' exit code, the tarball
@@ -85,6 +85,13 @@ done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}"
 unset TRITON_INTERPRET TIEDLORA_BACKEND
+# bitsandbytes (the e2e's *_4bit configs, tests/integrations/test_quantized.py) is not installed on the
+# lent GPU machine, which has no network: a wheel carried in wheels/ (git-ignored; fetch it with
+# `pip download bitsandbytes==0.50.2 --no-deps -d wheels` and pass carry=["wheels"]) is installed here.
+if ls wheels/bitsandbytes-*.whl >/dev/null 2>&1 && ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-index wheels/bitsandbytes-*.whl > "$OUT/pip_bitsandbytes.log" 2>&1 \
+    || echo "bitsandbytes wheel did not install (see pip_bitsandbytes.log): the 4-bit configs will be skipped"
+fi
 # pyproject's addopts carry --benchmark-disable, which pytest rejects without pytest-benchmark.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p bench.pytest_phase_report -rfE)
 "$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST+=(-o "addopts=-ra --import-mode=importlib")
@@ -95,7 +102,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p bench.pytest_phase_report -rfE
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU dry run)")
-for name in ("triton", "transformers", "peft", "matplotlib", "tqdm", "pytest_benchmark", "pynvml"):
+for name in ("triton", "transformers", "peft", "bitsandbytes", "matplotlib", "tqdm", "pytest_benchmark", "pynvml"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "present"))
     except ImportError:
