@@ -105,13 +105,16 @@ def _tiles(M: int, r_block: int, device: torch.device) -> tuple[int, int, int, i
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), fixed by shape (no autotuning: a memory-bound pass
     whose floor is known; tests and training never pay for tuning). Rows per program shrink until
     the row blocks alone fill the device twice; the [BR, BN] tile of P shrinks at large rank so it
-    stays in registers."""
+    stays in registers. BLOCK_K = 128 keeps ~8 KiB of x per pipeline stage in flight per program
+    (2 programs x 3 stages per SM: ~6 MB in flight on 132 SMs, above the ~5 MB that 4.8 TB/s at ~1 us
+    of latency needs; 64 above rank 64, where the [BK, BR] tile of D would take most of the shared
+    memory): a prediction, to be checked against the kernel's floor on a GPU."""
     if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
         return 32, 32, 32, 4
     programs = common.target_programs(device)
     block_m = 64 if M >= 64 * programs else (32 if M >= 16 * programs else 16)
     block_n = max(32, min(128, 8192 // r_block))
-    return block_m, block_n, 64, 8 if r_block >= 128 else 4
+    return block_m, block_n, 128 if r_block <= 64 else 64, 8 if r_block >= 128 else 4
 
 
 def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optional[torch.Tensor],
