@@ -227,8 +227,11 @@ class TiedLoRALinear(nn.Module):
 
     def op_tensors(self) -> tuple:
         """(A_i, B_i, u_i, v_i, c): the effective tensors and the row scale (c (N,) or None) the fused
-        op takes for this layer; Simple DoRA's ||W||_row is computed once for both v_i and c."""
-        return self._derived("effective", self._effective_tensors)
+        op takes for this layer; Simple DoRA's ||W||_row is computed once for both v_i and c. Computed
+        in the adapters' own dtype even under torch.autocast (which would run the einsums and the
+        DoRA norm in its lower dtype)."""
+        with torch.autocast(self._factors.A.device.type, enabled=False):
+            return self._derived("effective", self._effective_tensors)
 
     def _effective_tensors(self):
         A, B = self._factors.slices(self.in_features, self.out_features)

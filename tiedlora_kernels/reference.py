@@ -83,15 +83,17 @@ def tied_lora_add(
 
 
 def _adapter_delta(x, A, B, u, v, scaling, dropout_p, training) -> torch.Tensor:
-    """s * (((dropout(x) A^T) * u) B^T) * v computed in the wider of x's and A's dtype, cast to x's."""
+    """s * (((dropout(x) A^T) * u) B^T) * v computed in the wider of x's and A's dtype, cast to x's
+    (under torch.autocast too: autocast would otherwise run these products in its lower dtype)."""
     ct = adapter_compute_dtype(x, A)
-    xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-    h = F.linear(xd.to(ct), A.to(ct))
-    z = h * u.to(ct) if u is not None else h
-    delta = F.linear(z, B.to(ct))
-    if v is not None:
-        delta = delta * v.to(ct)
-    return (scaling * delta).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+        h = F.linear(xd.to(ct), A.to(ct))
+        z = h * u.to(ct) if u is not None else h
+        delta = F.linear(z, B.to(ct))
+        if v is not None:
+            delta = delta * v.to(ct)
+        return (scaling * delta).to(x.dtype)
 
 
 def _scale_and_bias(out: torch.Tensor, row_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:

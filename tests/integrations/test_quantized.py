@@ -246,3 +246,41 @@ def test_from_peft_over_a_4bit_model(base_dir, use_dora):
         got = ours(ids).logits
     assert rel_err(want, base) > 1e-2  # the adapter matters
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["tl6", "dora"])
+def test_gpu_4bit_bf16_matches_the_dequantized_model(base_dir, preset):
+    """The GPU path over bitsandbytes' CUDA 4-bit layers, bf16 compute: logits and adapter gradients
+    against the dense twin (dequantized weights, same adapters, the torch backend) at bf16 tolerance."""
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg,
+                                                                  device_map={"": "cuda"}, dtype=torch.bfloat16)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).cuda()
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if quantized_base_of(module) is not None:
+                modules[name].weight.copy_(quantized_base_of(module).dequantized_weight(module))
+    for model in (quantized, dense):
+        inject(model, config(preset))
+    randomize_adapters(quantized, std=0.2)
+    copy_adapters(quantized, dense)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    outs = []
+    for model, backend in ((quantized, "auto"), (dense, "torch")):
+        import os
+
+        os.environ["TIEDLORA_BACKEND"] = backend
+        try:
+            model.zero_grad(set_to_none=True)
+            logits = model(ids).logits.float()
+            (logits * torch.linspace(-1, 1, logits.shape[-1], device="cuda")).sum().backward()
+        finally:
+            del os.environ["TIEDLORA_BACKEND"]
+        outs.append((logits, {n: p.grad for n, p in adapter_named_parameters(model) if p.requires_grad}))
+    (lq, gq), (ld, gd) = outs
+    assert rel_err(lq, ld) < 2e-2
+    for name in gq:
+        assert rel_err(gq[name], gd[name]) < 5e-2, name

@@ -87,3 +87,33 @@ def test_unknown_backend_is_named(monkeypatch):
     x, W, *_ = _layer_inputs()
     with pytest.raises(ValueError, match="TIEDLORA_BACKEND must be one of"):
         ops.resolve_backend(x, W)
+
+
+def test_gpu_rank_limits_follow_shared_memory(monkeypatch):
+    """Ranks the kernels fit: 128 on sm_80/sm_90 (163/227 KiB of shared memory per block), 64 on
+    sm_86/89 (99 KiB), 32 below; from torch's reported opt-in limit, else the capability table."""
+    from types import SimpleNamespace
+
+    devices = [SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448),
+               SimpleNamespace(major=8, minor=6),  # no reported limit: the table's 99 KiB
+               SimpleNamespace(major=7, minor=5, shared_memory_per_block_optin=65536)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: devices[i])
+    ops.gpu_rank_limits.cache_clear()
+    try:
+        assert ops.gpu_rank_limits() == (128, 64, 32)
+    finally:
+        ops.gpu_rank_limits.cache_clear()
+
+
+@pytest.mark.cuda
+def test_a_rank_the_kernels_do_not_fit_takes_the_torch_path_or_a_clear_error(monkeypatch):
+    limit = ops.gpu_rank_limits()[torch.cuda.current_device()]
+    x, W = torch.randn(4, 16, device="cuda"), torch.randn(12, 16, device="cuda")
+    monkeypatch.setenv("TIEDLORA_BACKEND", "auto")
+    assert ops.resolve_backend(x, W, None, limit) == "triton"
+    assert ops.resolve_backend(x, W, None, limit + 1) == "torch"
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    with pytest.raises(ValueError, match=rf"rank r = A.shape\[0\] = {limit + 1} is above {limit}"):
+        ops.resolve_backend(x, W, None, limit + 1)

@@ -208,6 +208,20 @@ def test_split_reductions_and_column_splits(monkeypatch, nan_allocations):
     monkeypatch.setattr(common, "target_programs", lambda device: 12)
     check(make(100, 33, 70, 5, lead=()))
     check(make(100, 33, 70, 5, lead=(), c=True))  # dc's row splits too
+    # dropout across splits: the mask each split and column split regenerates is the forward's
+    t = make(100, 33, 70, 5, lead=(), c=True)
+    G = upstream((100, 70), torch.float32)
+    torch.manual_seed(8)
+    out, grads = run(kernel, t, G, 0.7, dropout_p=0.3, training=True)
+    torch.manual_seed(8)
+    keep = dropout.dropout_mask(dropout.draw_dropout_seed(DEVICE), (100, 33), 0.3)
+
+    def masked_oracle(x, weight, bias, A, B, u, v, scaling, row_scale):
+        y = F.linear(x, weight) + oracle(x * keep.double() / 0.7, torch.zeros_like(weight), None, A, B, u, v, scaling)
+        return y * row_scale + bias
+
+    ref, ref_grads = run(masked_oracle, as_f64(t), G.double())
+    assert_matches(out, grads, ref, ref_grads, t, TOL[torch.float32])
 
 
 def test_sliced_factors_and_strided_vectors():
@@ -661,3 +675,34 @@ def test_add_over_a_base_output(case):
     for name, a, b in zip(names, got, want):
         assert a.dtype == (dtype if name in ("out", "E", "x") else t[name].dtype), name
         assert rel_err(a, b) < TOL[dtype], f"{name}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("scale_of", ["A", "B"])
+def test_fp16_activations_with_tiny_fp32_factors(scale_of):
+    """fp16 activations with an fp32 factor far below fp16's normal range and a scale s that makes up
+    for it (gamma's scaled initialisation: A ~ 1e-6, s ~ 1e6): the rank-r dots keep fp32's exponent
+    range, as the reference does by computing in the wider dtype. Casting A (forward) or (B v)
+    (backward) to fp16 flushed them to zero: relative errors of 0.14 to 1.0."""
+    tiny = 1e-6 if scale_of == "A" else 1e-7
+    t = make(37, 33, 40, 16, dtype=torch.float16)
+    with torch.no_grad():
+        t[scale_of].mul_(tiny)
+    G = upstream((37, 40), torch.float16)
+    out, grads = run(kernel, t, G, scaling=0.7 / tiny)
+    ref, ref_grads = run(oracle, as_f64(t), G.double(), scaling=0.7 / tiny)
+    assert_matches(out, grads, ref, ref_grads, t, TOL[torch.float16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """A layer on cuda:1 called while cuda:0 is current (device_map="auto"): the launches go to the
+    tensors' device."""
+    t = make(64, 256, 384, 16, dtype=torch.bfloat16)
+    moved = {k: (v.detach().to("cuda:1").requires_grad_(v.requires_grad) if v is not None else None)
+             for k, v in t.items()}
+    G = upstream((64, 384), torch.bfloat16).to("cuda:1")
+    with torch.cuda.device(0):
+        out, grads = run(kernel, moved, G)
+    ref, ref_grads = run(oracle, as_f64(moved), G.double())
+    assert_matches(out, grads, ref, ref_grads, moved, TOL[torch.bfloat16])

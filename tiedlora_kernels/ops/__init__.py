@@ -3,8 +3,9 @@
 ``TIEDLORA_BACKEND`` picks the implementation of :func:`tied_lora_linear`:
 
 - ``auto`` (default): the GPU path (cuBLAS GEMMs + this package's Triton kernels, ``ops/tied_lora.py``)
-  for CUDA tensors in fp32/bf16/fp16 with a frozen base layer, the torch reference otherwise (CPU
-  tensors, fp64, a base weight that trains);
+  for CUDA tensors in fp32/bf16/fp16 with a frozen base layer and a rank the device's shared memory
+  fits (:func:`gpu_rank_limits`), the torch reference otherwise (CPU tensors, fp64, a base weight
+  that trains, a larger rank);
 - ``torch``: always the reference (``tiedlora_kernels.reference``);
 - ``triton``: always the GPU path. On CPU tensors this needs ``TRITON_INTERPRET=1`` set before the
   kernels are first imported (how CI checks kernel parity without a GPU).
@@ -42,28 +43,52 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+#: Shared memory per block (KiB, CUDA's opt-in maximum) by compute capability, where torch does not report it.
+_SMEM_KIB = {(9, 0): 227, (8, 0): 163, (8, 7): 163, (8, 6): 99, (8, 9): 99, (7, 5): 64, (7, 0): 96}
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_rank_limits() -> tuple[int, ...]:
+    """Per visible CUDA device, the largest rank the GPU path's kernels fit in its shared memory.
+
+    Compiled for each architecture without running (``bench.compile_report``), a training step's
+    kernels need about 40 KiB at rank 32, 80 at 64, 110 at 128, 136-208 at 256 and over 227 at 512:
+    rank <= 128 on sm_80/sm_90 (163/227 KiB), <= 64 on sm_86/89 (99 KiB), <= 32 below. Above it
+    ``auto`` takes the torch path and ``triton`` raises."""
+    limits = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        smem = getattr(props, "shared_memory_per_block_optin", 0) // 1024 or _SMEM_KIB.get((props.major, props.minor), 64)
+        limits.append(128 if smem >= 160 else 64 if smem >= 96 else 32)
+    return tuple(limits)
+
+
 @torch._dynamo.assume_constant_result
-def dispatch_settings() -> tuple[str, bool, bool]:
-    """(``TIEDLORA_BACKEND``, triton installed, ``TRITON_INTERPRET`` set): everything the switch reads
-    besides the tensors. Under ``torch.compile`` dynamo calls this in Python and bakes the result
-    into the graph instead of tracing it."""
+def dispatch_settings() -> tuple[str, bool, bool, tuple[int, ...]]:
+    """(``TIEDLORA_BACKEND``, triton installed, ``TRITON_INTERPRET`` set, :func:`gpu_rank_limits`):
+    everything the switch reads besides the tensors. Under ``torch.compile`` dynamo calls this in
+    Python and bakes the result into the graph instead of tracing it."""
     want = os.environ.get("TIEDLORA_BACKEND", "auto").strip().lower() or "auto"
-    return want, triton_available(), triton_interpreting()
+    return want, triton_available(), triton_interpreting(), gpu_rank_limits()
 
 
-def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> str:
-    """The backend that will run for activations ``x`` (and base ``weight``/``bias``): ``"torch"`` or ``"triton"``.
+def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    rank: int = 1) -> str:
+    """The backend that will run for activations ``x`` (and base ``weight``/``bias``, adapter ``rank``):
+    ``"torch"`` or ``"triton"``.
 
     Raises (before any launch) when ``TIEDLORA_BACKEND`` is unknown, or is ``triton`` and the inputs
     cannot run there; the message names the argument and what the GPU path needs."""
-    want, installed, interpreting = dispatch_settings()
+    want, installed, interpreting, rank_limits = dispatch_settings()
+    rank_limit = rank_limits[x.device.index] if x.is_cuda and x.device.index is not None and \
+        x.device.index < len(rank_limits) else None
     if want not in BACKENDS:
         raise ValueError(f"TIEDLORA_BACKEND must be one of {BACKENDS}, got {want!r}")
     if want == "torch":
         return "torch"
     base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
     if want == "auto":
-        fits = x.is_cuda and x.dtype != torch.float64 and not base_trains
+        fits = x.is_cuda and x.dtype != torch.float64 and not base_trains and (rank_limit is None or rank <= rank_limit)
         return "triton" if fits and installed else "torch"
     if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
@@ -78,7 +103,24 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
         if t is not None and t.requires_grad:
             raise ValueError(f"tied_lora_linear (triton): {name} requires grad, but the kernels treat the base "
                              "layer as frozen; freeze it, or use TIEDLORA_BACKEND=torch to train it")
+    if rank_limit is not None and rank > rank_limit:
+        raise ValueError(f"tied_lora_linear (triton): rank r = A.shape[0] = {rank} is above {rank_limit}, the largest "
+                         f"the kernels' tiles fit in {x.device}'s shared memory; use TIEDLORA_BACKEND=auto or torch")
     return "triton"
+
+
+def autocast_base(x, *base):
+    """Under ``torch.autocast``: x and the base layer's tensors (weight or base output, bias) cast to
+    the autocast dtype, as ``F.linear`` casts its operands; the adapter tensors keep their dtype (fp32
+    adapters are what mixed precision wants). Outside autocast (or for non-tensors, fp64): unchanged."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return (x, *base)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *base)
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return (cast(x), *(cast(t) for t in base))
 
 
 def tied_lora_linear(
@@ -120,8 +162,9 @@ def tied_lora_linear(
         >>> torch.allclose(tied_lora_linear(x, W, None, A, B), x @ W.T)
         True
     """
+    x, weight, bias = autocast_base(x, weight, bias)
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, weight, bias) == "triton":
+    if resolve_backend(x, weight, bias, A.shape[0]) == "triton":
         from .tied_lora import tied_lora_linear_triton
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
@@ -157,8 +200,9 @@ def tied_lora_add(
     Returns:
         (..., N) in x's dtype.
     """
+    x, base_out, bias = autocast_base(x, base_out, bias)
     check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, None, bias) == "triton":
+    if resolve_backend(x, None, bias, A.shape[0]) == "triton":
         from .tied_lora import tied_lora_add_triton
 
         return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,

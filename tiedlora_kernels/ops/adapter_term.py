@@ -40,7 +40,7 @@ def _adapter_term_kernel(
     scaling, p_drop,
     HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr,
     IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, WRITE_OUT: tl.constexpr,
-    UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
+    WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """OUT[:, cols] = s * ((X_d D^T * U) P^T) * V [* keep / (1 - p)] + BIAS [+ E], cols = this split's range;
@@ -48,7 +48,8 @@ def _adapter_term_kernel(
 
     X (M, K), D (R, K), P (N, R), E and OUT (M, N), H (M, R): any strides. U (R,), V (N,), BIAS (N,) unit
     stride. IN_DROPOUT drops X's elements (m, k); OUT_DROPOUT drops OUT's elements (m, n) (the dX use).
-    WRITE_OUT=False only stores H (the backward's g when x is frozen).
+    WRITE_OUT=False only stores H (the backward's g when x is frozen). WIDE_DOT: h's dot in fp32
+    operands (TF32 on a GPU, 8 exponent bits) for fp16 X with an fp32 D; otherwise in X's dtype.
     """
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -70,8 +71,11 @@ def _adapter_term_kernel(
             b_keep = keep_mask(seed, o_m, o_k, K, p_drop)
             b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
         b_dt = tl.load(D + o_k[:, None] * stride_dk + o_r[None, :] * stride_dr,
-                       mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)                  # [BK, BR]
-        b_h = mma(b_x, b_dt, b_h, UPCAST, MAIN_PREC)
+                       mask=m_k[:, None] & m_r[None, :], other=0.0)                                # [BK, BR]
+        if WIDE_DOT:  # fp16 X, fp32 D: D cast to fp16 would flush its small values to zero
+            b_h = tl.dot(b_x.to(tl.float32), b_dt.to(tl.float32), b_h, input_precision=SMALL_PREC)
+        else:
+            b_h = mma(b_x, b_dt.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
     if STORE_H:
         if i_s == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
@@ -155,6 +159,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         float(scaling), float(p_drop),
         HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None,
         IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
+        WIDE_DOT=x.dtype == torch.float16 and down.dtype == torch.float32,
         **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,
     )

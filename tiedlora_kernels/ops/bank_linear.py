@@ -27,6 +27,7 @@ prefill and each decode step of ``generate``), so a call adds no host sync.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
@@ -81,11 +82,12 @@ class AdapterRows:
                 raise ValueError(f"adapter_ids[{_index(adapter_ids, i)}] = {int(host[i])} is out of range: ids are -1 "
                                  f"(base model) or a slot 0..{capacity - 1} (the bank's capacity is {capacity})")
             if occupied is not None:
-                for i, a in enumerate(host.tolist()):
-                    if a >= 0 and not occupied[a]:
-                        loaded = {s: (names or {}).get(s, s) for s, o in enumerate(occupied) if o}
-                        raise ValueError(f"adapter_ids[{_index(adapter_ids, i)}] = {a} names an empty slot (never "
-                                         f"loaded, or removed); loaded slots: {loaded}")
+                empty = ((host >= 0) & ~torch.tensor(list(occupied), dtype=torch.bool)[host.clamp(min=0)]).nonzero()
+                if empty.numel():
+                    i = int(empty[0, 0])
+                    loaded = {s: (names or {}).get(s, s) for s, o in enumerate(occupied) if o}
+                    raise ValueError(f"adapter_ids[{_index(adapter_ids, i)}] = {int(host[i])} names an empty slot "
+                                     f"(never loaded, or removed); loaded slots: {loaded}")
         self.shape = tuple(adapter_ids.shape)
         self.per_token = adapter_ids.dim() == 2
         self.device = adapter_ids.device
@@ -174,7 +176,8 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                                                                                 device=x.device)
     if rows.capacity != U.shape[0]:
         raise ValueError(f"adapter_ids was validated for {rows.capacity} slots but U has {U.shape[0]}")
-    return bank_linear_unchecked(x, weight, bias, rows, A, B, U, V, row_scale, resolve_backend(x, weight, bias))
+    return bank_linear_unchecked(x, weight, bias, rows, A, B, U, V, row_scale,
+                                 resolve_backend(x, weight, bias, U.shape[1]))
 
 
 def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_scale, backend: str) -> torch.Tensor:
@@ -193,7 +196,9 @@ def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_sc
     x2 = x.reshape(M, K)
     with torch.no_grad():
         if backend == "triton":
-            out = _triton_route(x2, weight, bias, rows, T, A, B, U, V, row_scale)
+            # Triton launches on the current CUDA device: make it x's (a model on cuda:1, say)
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                out = _triton_route(x2, weight, bias, rows, T, A, B, U, V, row_scale)
         else:
             out = _torch_route(x2, weight, bias, rows, T, A, B, U, V, row_scale)
     return out.reshape(*x.shape[:-1], N)

@@ -42,7 +42,7 @@ def _bank_segment_term_kernel(
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_bs, stride_bn, stride_br,
     stride_us, stride_ur, stride_vs, stride_vn, stride_om, stride_on,
     HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
+    WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Tile t = rows PERM[TILE_LO[t] : TILE_HI[t]] (at most BLOCK_M, one slot a = TILE_SLOT[t]):
@@ -51,7 +51,7 @@ def _bank_segment_term_kernel(
 
     X (M, K), OUT (M, N): any strides. A (S, R, K), B (S, N, R) with any strides (stride_as /
     stride_bs = 0: one factor shared by every slot). U (S, R), V (S, N) any strides; BIAS (N,) unit
-    stride. PERM, TILE_*: int32.
+    stride. PERM, TILE_*: int32. WIDE_DOT: h's dot in fp32 operands for fp16 X with an fp32 A.
     """
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -74,8 +74,11 @@ def _bank_segment_term_kernel(
             b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
                           mask=m_m[:, None] & m_k[None, :], other=0.0)                            # [BM, BK]
             b_at = tl.load(A + o_a * stride_as + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar,
-                           mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)             # [BK, BR]
-            b_h = mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
+                           mask=m_k[:, None] & m_r[None, :], other=0.0)                           # [BK, BR]
+            if WIDE_DOT:  # fp16 X, fp32 A: A cast to fp16 would lose its small values (adapter_term's rule)
+                b_h = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), b_h, input_precision=SMALL_PREC)
+            else:
+                b_h = mma(b_x, b_at.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
     b_u = tl.load(U + o_a * stride_us + o_r * stride_ur, mask=m_r, other=0.0).to(tl.float32)      # [BR]
     # Set, not multiplied, to 0 off the rank and on base-only tiles (0 * inf = NaN).
     b_z = tl.where(m_r[None, :] & live, b_h * b_u[None, :], 0.0)                                 # [BM, BR]
@@ -151,7 +154,8 @@ def bank_segment_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torc
     Args:
         x: (M, K) any strides; M = ``plan.perm.numel()``.
         A: (S, R, K) per slot or (R, K) shared; B: (S, N, R) per slot or (N, R) shared. Any strides
-            and float dtype (A is cast to x's dtype for the dot, B read in fp32).
+            and float dtype (A is cast to x's dtype for the dot, except fp32 A on fp16 x: an fp32
+            dot; B read in fp32).
         U: (S, R) each slot's s * u; V: (S, N) or None (all 1). Any strides.
         plan: :func:`segment_plan` of the batch's ids (slots validated by the caller).
         bias: (N,) or None.
@@ -180,6 +184,7 @@ def bank_segment_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torc
         V.stride(0) if V is not None else 0, V.stride(1) if V is not None else 0,
         out.stride(0), out.stride(1),
         HAS_V=V is not None, HAS_BIAS=bias is not None,
+        WIDE_DOT=x.dtype == torch.float16 and A.dtype == torch.float32,
         **precisions(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,
     )

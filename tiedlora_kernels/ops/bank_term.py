@@ -39,14 +39,14 @@ def _bank_term_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_us, stride_ur, stride_vs, stride_vn,
     stride_om, stride_on,
     HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
+    WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """OUT[:, cols] = ((X A^T * U[a]) B^T) * V[a] + BIAS for rows with a slot a >= 0, BIAS (or 0) for
     a = -1; cols = this split's range. Grid (row blocks, column splits).
 
     X (M, K), A (R, K), B (N, R), U (S, R), V (S, N), OUT (M, N): any strides. IDS (M / rows_per_id,)
-    int32, BIAS (N,): unit stride.
+    int32, BIAS (N,): unit stride. WIDE_DOT: h's dot in fp32 operands for fp16 X with an fp32 A.
     """
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -66,8 +66,11 @@ def _bank_term_kernel(
         b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
                       mask=m_m[:, None] & m_k[None, :], other=0.0)                                # [BM, BK]
         b_at = tl.load(A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar,
-                       mask=m_k[:, None] & m_r[None, :], other=0.0).to(b_x.dtype)                 # [BK, BR]
-        b_h = mma(b_x, b_at, b_h, UPCAST, MAIN_PREC)
+                       mask=m_k[:, None] & m_r[None, :], other=0.0)                               # [BK, BR]
+        if WIDE_DOT:  # fp16 X, fp32 A: A cast to fp16 would lose its small values (adapter_term's rule)
+            b_h = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), b_h, input_precision=SMALL_PREC)
+        else:
+            b_h = mma(b_x, b_at.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
     # z = h * U[a] (s folded into U). Dead rows and the padded rank columns are set to 0, not
     # multiplied by 0: an inf in x would make 0 * inf = NaN reach OUT.
     m_z = m_live[:, None] & m_r[None, :]
@@ -98,7 +101,7 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
     Args:
         x: (M, K) any strides; rows ``[j * rows_per_id, (j + 1) * rows_per_id)`` belong to ``ids[j]``.
         A: (R, K) and B: (N, R), any strides and float dtype (A is cast to x's dtype for the dot, as
-            the single-adapter kernel does; B is read in fp32).
+            the single-adapter kernel does, except fp32 A on fp16 x: an fp32 dot; B is read in fp32).
         U: (S, R) each slot's s * u; V: (S, N) each slot's v, or None (all 1). Any strides.
         ids: (M / rows_per_id,) int32 slot per sequence, -1 for the base model only (validated by
             the caller: values in [-1, S)). bias: (N,) or None.
@@ -125,6 +128,7 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
         V.stride(0) if V is not None else 0, V.stride(1) if V is not None else 0,
         out.stride(0), out.stride(1),
         HAS_V=V is not None, HAS_BIAS=bias is not None,
+        WIDE_DOT=x.dtype == torch.float16 and A.dtype == torch.float32,
         **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,
     )

@@ -33,6 +33,7 @@ gradients are returned in each parameter's dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -44,9 +45,21 @@ from .grad_up import grad_up
 from .row_scale_grad import row_scale_grad
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one (a model spread over
+    several GPUs, e.g. ``device_map="auto"``, calls layers on each)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _forward_impl(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
     """(out (M, N), h (M, r) fp32 or (0, r), y (M, N) or (0, N)) for x (M, K) and either the base
     weight (N, K) or the base layer's output ``base_out`` (M, N); see the module docstring."""
+    with _on_device_of(x):
+        return _forward_on_device(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p,
+                                  store_h, store_y)
+
+
+def _forward_on_device(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
     M, r, N = x.shape[0], A.shape[0], B.shape[0]
     no_h, no_y = x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
     if M == 0:
@@ -87,6 +100,11 @@ def _(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p
 
 def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
     """[dx, dA, dB, du, dv, dc, G * c] for ``needs``; see ``_backward_op``."""
+    with _on_device_of(G):
+        return _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
+
+
+def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
     need_x, need_a, need_b, need_u, need_v, need_c, need_gs = needs
     M, K = G.shape[0], A.shape[1]
     nothing = G.new_empty(0)
