@@ -3,7 +3,7 @@ on every linear layer of the decoder (lm_head excluded, as PEFT's "all-linear" d
 
 Configs, in order of importance (a run short of time keeps the first ones): no adapter (every
 weight frozen, but backward still runs through every layer: the speed limit), ours TL6, PEFT LoRA,
-ours LoRA, then the seed-003 variants (ours DoRA vs PEFT DoRA, Simple DoRA, Tied-LoRA Extra,
+ours LoRA, then the other variants (ours DoRA vs PEFT DoRA, Simple DoRA, Tied-LoRA Extra,
 tensor embedding, partial tying).
 
 What a timed step contains, and what it must not: warm-up steps run until two consecutive steps

@@ -27,7 +27,7 @@ from typing import Optional
 #: Vendor HBM bandwidth, bytes/s (data sheets): the denominator of a kernel's bandwidth floor.
 SPEC_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12)]
 #: GEMM rates used for the predictions, FLOP/s: H200 measured (cuBLAS 8192 x 4096 x 4096 bf16 in
-#: 344.7 us, ../shared/gpu-runs/README.md); H100 a realistic cuBLAS bf16 figure (~70 % of 989).
+#: 344.7 us, bench/results/2026-11-30-H200-02cdd68/FINDINGS.md); H100 a realistic cuBLAS bf16 figure (~70 % of 989).
 GEMM_RATE = {"H200": 797e12, "H100": 700e12}
 #: Dense bf16 tensor peak (both chips): the compute side of a Triton kernel's floor.
 TENSOR_PEAK = 989e12

@@ -44,7 +44,7 @@ from .cases import GRIDS, IMPLS, KERNEL_IMPLS, Case, Impl, env, flops, make_inpu
 from .floors import PRESET_TRAIN, kernel_floors, spec_bandwidth
 from .profiling import host_ms, kernel_floor_rows, profile_steps
 
-#: Tolerance rule (flash-attention's, STYLE.md): an impl's relative error against the fp32 oracle
+#: Tolerance rule (flash-attention's): an impl's relative error against the fp32 oracle
 #: may be at most TOL_FACTOR x the error of eager PyTorch in the same dtype (the reference on the same
 #: factors) plus a floor per activation dtype, the op tests' table (tests/ops): the addmm recipe and
 #: the kernels may round the rank-r path to bf16. A layer that drops its adapter term, or its u or v,
