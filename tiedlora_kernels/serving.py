@@ -16,13 +16,14 @@ output plus the term of that row's adapter, in one call per layer (``ops/bank_li
 
 What one slot holds, per layer (docs/MATH.md's effective tensors of the layer, whatever the preset):
 A_i (r, K), B_i (N, r), s_i * u_i (r,), v_i (N,), and DoRA's row scale c_i (N,). The bank stores
-s * u in U (S, R) and v in V (S, N) (S slots, R the bank's rank), and A and B **once** for a layer
-where every loaded adapter has the same A_i and B_i (VeRA-style seeded frozen factors, TL1-TL4's
-frozen factor with one trained factor also shared, or one trained tied pair reused with per-user
-u and v); that layer then runs the shared route, one launch at the cost of one adapter. Where they
-differ, the differing factor is stored per slot, (S, R, K) or (S, N, R), and the layer runs the
-segmented route (rows grouped by adapter, SGMV-style). Each layer chooses by itself, on every add
-and remove.
+s * u in U (S, R) and v in V (S, N) (S slots, R the bank's rank), and each of A and B **once** for a
+layer where every loaded adapter has the same one: VeRA adapters of one seed and rank (both factors
+seeded and frozen), TL1/TL2 adapters of one seed (their frozen B), TL3/TL4 (their frozen A), and
+adapters that reuse one trained tied pair and differ only in u and v (a TL2/TL4/TL6 pair trained
+once, then per-user vectors). A layer whose A and B are both shared runs the shared route: one
+launch, the cost of one adapter. Otherwise the factor that differs is stored per slot, (S, R, K) or
+(S, N, R), and the layer runs the segmented route (rows grouped by adapter, SGMV-style; a shared
+factor is still stored and read once). Each layer chooses by itself, on every add and remove.
 
 What can be mixed in one bank: adapters of every preset (lora, vera, tl1-tl6, partial, tl_extra,
 tensor_embed, dora, simple_dora) and any alpha, of rank at most the bank's (lower ranks are
@@ -71,7 +72,13 @@ class LayerAdapter(NamedTuple):
 class _Slots:
     """The slots of one layer. A, B: None (no adapter adapts the layer), shared (R, K) / (N, R), or per
     slot (S, R, K) / (S, N, R). U (S, R) fp32 s * u (0 for slots without this layer); V, C (S, N)
-    fp32 or None (all 1). ``present[s]``: slot s adapts this layer."""
+    fp32 or None (all 1). ``present[s]``: slot s adapts this layer.
+
+    Which slots agree on a factor is known without comparing slots to one another: ``ref[k]`` is the
+    layer's reference A or B (the shared one, or the one the first adapters had before another made
+    the factor per slot) and ``fid[k][s]`` is 0 where slot s holds exactly ``ref[k]`` (an add compares
+    the new factor with it, one comparison per layer and factor), else an id of its own. A remove
+    makes a per-slot factor shared again when the remaining slots agree."""
 
     def __init__(self, K: int, N: int, R: int, capacity: int, device, factor_dtype):
         self.K, self.N, self.R = K, N, R
@@ -82,6 +89,9 @@ class _Slots:
         self.V: Optional[torch.Tensor] = None
         self.C: Optional[torch.Tensor] = None
         self.present = [False] * capacity
+        self.ref: dict = {"A": None, "B": None}
+        self.fid: dict = {"A": [0] * capacity, "B": [0] * capacity}
+        self._next_id = 1
 
     @property
     def route(self) -> str:
@@ -93,30 +103,36 @@ class _Slots:
         return dict(A=self.A, B=self.B, U=self.U, V=self.V, C=self.C)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
+        seen = {id(t): t for t in [*self.tensors().values(), *self.ref.values()] if t is not None}
+        return sum(t.numel() * t.element_size() for t in seen.values())
 
     # Adding is staged: ``stage`` allocates whatever the slot needs (growth, a shared factor turned
     # per slot, V or C on first use) without touching the layer; ``commit`` installs it and writes
     # the slot. A failure before the commit leaves the bank as it was.
-    def stage(self, slot: int, entry: Optional[tuple], capacity: int) -> dict:
-        """New tensors for this layer (those unchanged are the current objects)."""
-        grow = capacity != len(self.present)
+    def stage(self, slot: int, entry: Optional[tuple], capacity: int, same: Optional[dict] = None) -> dict:
+        """The layer's state after adding ``entry`` in ``slot`` (tensors unchanged are the current
+        objects). ``same``: for each factor ("A", "B"), whether the entry's equals ``ref``
+        (:meth:`AdapterBank._matches`)."""
+        grow = capacity - len(self.present)
         t = {k: (_resized(v, capacity, 1.0 if k in ("V", "C") else 0.0) if (grow and v is not None and
                  (k in ("U", "V", "C") or v.dim() == 3)) else v) for k, v in self.tensors().items()}
+        t["ref"] = dict(self.ref)
+        t["fid"] = {k: ids + [0] * grow for k, ids in self.fid.items()}
+        t["next_id"] = self._next_id
         if entry is None:
             return t
         A, B, _, v, c = entry
-        if t["A"] is None:  # the first adapter of this layer: its factors are the shared ones
-            t["A"], t["B"] = A, B
-        else:
-            others = [s for s, p in enumerate(self.present) if p and s != slot]
-            for k, new in (("A", A), ("B", B)):
-                cur = t[k]
-                if cur.dim() == 2 and not torch.equal(cur, new):
-                    if others:
-                        t[k] = cur.unsqueeze(0).repeat(capacity, *([1] * cur.dim()))  # now per slot
-                    else:
-                        t[k] = new
+        for k, new in (("A", A), ("B", B)):
+            if t["ref"][k] is None:  # the first adapter of this layer: its factor is the shared one
+                t["ref"][k] = t[k] = new
+                t["fid"][k][slot] = 0
+            elif (same or {}).get(k, False):
+                t["fid"][k][slot] = 0
+            else:
+                if t[k].dim() == 2:  # now per slot: every slot so far holds ref
+                    t[k] = t[k].unsqueeze(0).repeat(capacity, *([1] * t[k].dim()))
+                t["fid"][k][slot] = t["next_id"]
+                t["next_id"] += 1
         for k, given in (("V", v), ("C", c)):
             if given is not None and t[k] is None:
                 t[k] = torch.ones((capacity, self.N), device=self.device, dtype=torch.float32)
@@ -124,6 +140,7 @@ class _Slots:
 
     def commit(self, staged: dict, slot: int, entry: Optional[tuple], capacity: int) -> None:
         self.A, self.B, self.U, self.V, self.C = (staged[k] for k in ("A", "B", "U", "V", "C"))
+        self.ref, self.fid, self._next_id = staged["ref"], staged["fid"], staged["next_id"]
         self.present = self.present + [False] * (capacity - len(self.present))
         if entry is None:
             return
@@ -153,13 +170,22 @@ class _Slots:
         live = [s for s, p in enumerate(self.present) if p]
         if not live:
             self.A = self.B = self.V = self.C = None
+            self.ref = {"A": None, "B": None}
             return
         for k in ("A", "B"):
             t = getattr(self, k)
-            if t.dim() == 3:
-                t[slot].zero_()
-                if all(torch.equal(t[live[0]], t[s]) for s in live[1:]):
-                    setattr(self, k, t[live[0]].clone())
+            self.fid[k][slot] = 0
+            if t.dim() != 3:
+                continue
+            t[slot].zero_()
+            ids = {self.fid[k][s] for s in live}
+            if ids == {0}:
+                setattr(self, k, self.ref[k])
+            elif len(ids) == 1:  # the remaining slots share another factor: it becomes the reference
+                self.ref[k] = t[live[0]].clone()
+                setattr(self, k, self.ref[k])
+                for s in live:
+                    self.fid[k][s] = 0
 
 
 def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
@@ -183,7 +209,7 @@ class _Route:
             rows.rows_per_id(x)
             return nn.functional.linear(x, weight, bias)
         return bank_linear_unchecked(x, weight, bias, rows, slots.A, slots.B, slots.U, slots.V, slots.C,
-                                     resolve_backend(x, weight, bias))
+                                     resolve_backend(x, weight, bias, slots.R))
 
 
 class AdapterBank:
@@ -239,7 +265,6 @@ class AdapterBank:
         self._routes = {name: _Route(self, name) for name in self._layers}
         self._active: Optional[AdapterRows] = None
 
-    # ------------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         """Slots allocated (loaded or free)."""
@@ -277,7 +302,6 @@ class AdapterBank:
         return (f"AdapterBank({len(self)}/{self.capacity} slots, rank={self.rank}, layers={len(self._layers)} "
                 f"(routes {counts}), {self.nbytes() / 2**20:.1f} MiB on {self.device})")
 
-    # ------------------------------------------------------------------------------------------
     def add(self, source: Union[str, Path, nn.Module, Mapping[str, LayerAdapter]], name: Optional[str] = None) -> int:
         """Load an adapter into a free slot and return the slot (its adapter id).
 
@@ -308,9 +332,10 @@ class AdapterBank:
             raise ValueError(f"AdapterBank.add: an adapter named {name!r} is already loaded (slot "
                              f"{self._names.index(name)}); remove it first or choose another name")
         entries = self._prepare(effective)
+        same = self._matches(entries)
         slot = next((s for s, n in enumerate(self._names) if n is None), self._capacity)
         capacity = self._capacity if slot < self._capacity else 2 * self._capacity
-        staged = {ln: s.stage(slot, entries.get(ln), capacity) for ln, s in self._layers.items()}
+        staged = {ln: s.stage(slot, entries.get(ln), capacity, same.get(ln)) for ln, s in self._layers.items()}
         # Nothing above changed the bank; from here on nothing can fail but the device itself.
         for ln, s in self._layers.items():
             s.commit(staged[ln], slot, entries.get(ln), capacity)
@@ -341,7 +366,6 @@ class AdapterBank:
         self._names += [None] * (capacity - self._capacity)
         self._capacity = capacity
 
-    # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def use(self, adapter_ids) -> Iterator[AdapterRows]:
         """Within the context, every forward of the model runs each row with its own adapter.
@@ -387,14 +411,14 @@ class AdapterBank:
         self._refuse_in_use("to")
         device = torch.device(device)
         for s in self._layers.values():
+            ref = {k: (r.to(device) if r is not None else None) for k, r in s.ref.items()}
             for k, t in s.tensors().items():
                 if t is not None:
-                    setattr(s, k, t.to(device))
-            s.device = device
+                    setattr(s, k, ref[k] if k in ref and t is s.ref[k] else t.to(device))
+            s.ref, s.device = ref, device
         self.device = device
         return self
 
-    # ------------------------------------------------------------------------------------------
     def _refuse_in_use(self, what: str) -> None:
         if self._active is not None:
             raise RuntimeError(f"AdapterBank.{what}: the bank is in use (inside bank.use(...)); change it between "
@@ -424,7 +448,7 @@ class AdapterBank:
                              "covering them)")
         if not effective:
             raise ValueError("AdapterBank.add: the adapter adapts no layer")
-        out = {}
+        out, finite = {}, []
         R = self.rank
         for ln, e in effective.items():
             if not isinstance(e, LayerAdapter):
@@ -454,9 +478,29 @@ class AdapterBank:
             v = e.v.detach().to(dev, torch.float32) if e.v is not None else None
             c = e.row_scale.detach().to(dev, torch.float32) if e.row_scale is not None else None
             for what, t in (("A", A_pad), ("B", B_pad), ("u", U_row), ("v", v), ("row_scale", c)):
-                if t is not None and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"AdapterBank.add: layer {ln!r}: {what} holds inf or NaN")
+                if t is not None:
+                    finite.append((ln, what, torch.isfinite(t).all()))
             out[ln] = (A_pad, B_pad, U_row, v, c)
+        flags = torch.stack([f for _, _, f in finite]).tolist()  # one host sync for every check
+        for (ln, what, _), ok in zip(finite, flags):
+            if not ok:
+                raise ValueError(f"AdapterBank.add: layer {ln!r}: {what} holds inf or NaN")
+        return out
+
+    def _matches(self, entries: dict) -> dict:
+        """layer name -> {"A": bool, "B": bool}: whether the entry's factor equals the layer's reference
+        one (shared, or what the agreeing slots hold); one host sync for all layers."""
+        keys, tests = [], []
+        for ln, (A, B, *_rest) in entries.items():
+            s = self._layers[ln]
+            for k, new in (("A", A), ("B", B)):
+                ref = s.ref[k]
+                if ref is not None:
+                    keys.append((ln, k))
+                    tests.append((ref == new).all())
+        out: dict = {}
+        for (ln, k), eq in zip(keys, torch.stack(tests).tolist() if tests else []):
+            out.setdefault(ln, {})[k] = eq
         return out
 
 
@@ -499,13 +543,19 @@ def _shell_of(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if not name or name == ROOT_ATTR or name.startswith(ROOT_ATTR + "."):
             continue
-        if isinstance(module, TiedLoRALinear):
-            layout = module.layout
+        layout = module.layout if isinstance(module, TiedLoRALinear) else _layout_of(module)
+        if layout == "linear":
+            shell = _LinearShell(module.weight, module.bias)
+        elif layout == "conv1d":
+            shell = Conv1D(module.weight, module.bias)
+        elif layout is not None and hasattr(module, "in_features"):
+            # a quantized layer the model does not adapt (the bank refuses adapted ones): it names kinds
+            # like any other; a weight of its shape on the meta device stands in (never read)
+            weight = nn.Parameter(torch.empty(module.out_features, module.in_features, device="meta"),
+                                  requires_grad=False)
+            shell = _LinearShell(weight, None)
         else:
-            layout = _layout_of(module)
-        if layout is None:
             continue
-        shell = _LinearShell(module.weight, module.bias) if layout == "linear" else Conv1D(module.weight, module.bias)
         parent = root
         *path, leaf = name.split(".")
         for part in path:

@@ -235,3 +235,18 @@ def test_rewrite_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other files"):
         export_peft(model, out)
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_exported_files_get_the_usual_mode(tmp_path):
+    """safetensors and tempfile create 0600 files; a serving process running as another user must
+    be able to read an export, as it can read a plain file."""
+    import os
+    import stat
+
+    model = tiny_llama()
+    inject(model, TiedLoRAConfig(rank=2, preset="tl6"))
+    export_peft(model, tmp_path / "exp")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "exp" / name).st_mode) == 0o666 & ~mask, name

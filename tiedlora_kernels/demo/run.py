@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import PRESETS, TiedLoRAConfig
+from ..integrations.checkpoint import usual_mode
 from ..ops import resolve_backend
 from . import report
 from .data import CharTokenizer, HFTokenizer, base_corpus, word_problems
@@ -212,6 +213,7 @@ def _save_base(model: torch.nn.Module, out: Path, key: dict, losses: list[float]
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
               metadata={"run_key": json.dumps(key, sort_keys=True), "pretrain_bits": json.dumps(losses)})
+    os.chmod(tmp, usual_mode(0o666))  # safetensors writes 0600
     os.replace(tmp, path)
 
 

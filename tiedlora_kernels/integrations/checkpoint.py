@@ -57,7 +57,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved adapter gets the usual mode
+        os.chmod(tmp, usual_mode(0o666))  # mkstemp makes 0600; a saved adapter gets the usual mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,17 +65,24 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path) -> None:
+    """fsync a directory, so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)
 
 
-def _umask() -> int:
+def usual_mode(mode: int) -> int:
+    """``mode`` less the process umask: what a plain ``open`` would give (tempfile and safetensors
+    create 0600 files, which another user, say a serving container, could not read)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return mode & ~mask
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

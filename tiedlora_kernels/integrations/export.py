@@ -38,7 +38,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..modules import TiedLoRALinear
-from .checkpoint import _is_writer
+from .checkpoint import _is_writer, fsync_dir, usual_mode
 from .inject import ROOT_ATTR, adapted_layers, adapter_config
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
@@ -244,18 +244,19 @@ def _write_directory(directory: Path, writers: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export gets the usual mode
+        os.chmod(tmp, usual_mode(0o777))  # mkdtemp makes 0700; an export gets the usual modes
         for file_name, write in writers.items():
             path = tmp / file_name
             write(str(path))
+            os.chmod(path, usual_mode(0o666))  # safetensors writes 0600
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=parent))
             os.replace(directory, old)  # onto the empty placeholder: directory -> old
         os.rename(tmp, directory)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not directory.exists():
@@ -267,15 +268,3 @@ def _write_directory(directory: Path, writers: dict) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
