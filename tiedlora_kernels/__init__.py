@@ -12,10 +12,11 @@ from .integrations import (adapted_layers, adapter_named_parameters, expected_tr
                            trainable_parameters, unmerge)
 from .modules import TiedFactors, TiedLoRALinear, cached_adapters
 from .ops import tied_lora_add, tied_lora_linear
+from .serving import AdapterBank
 
 __version__ = "0.1.0"
 
-__all__ = ["tied_lora_linear", "tied_lora_add", "reference", "TiedLoRAConfig", "PRESETS", "inject", "merge", "unmerge",
+__all__ = ["tied_lora_linear", "tied_lora_add", "AdapterBank", "reference", "TiedLoRAConfig", "PRESETS", "inject", "merge", "unmerge",
            "save_adapter", "load_adapter", "from_peft", "export_peft", "trainable_parameters",
            "expected_trainable_parameters",
            "adapted_layers", "adapter_named_parameters", "reset_adapters", "cached_adapters", "TiedLoRALinear", "TiedFactors"]

@@ -1,0 +1,549 @@
+"""AdapterBank (``tiedlora_kernels/serving.py``): many adapters of one model in one batch.
+
+The oracle for every row is the model with that row's adapter loaded the usual way
+(``load_adapter`` into a copy of the base model, the single-adapter path, TIEDLORA_BACKEND=torch),
+run on that row alone; rows with id -1 against the base model without adapters. The bank runs on
+the torch route and on the Triton kernels (the interpreter without a GPU).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama
+from tiedlora_kernels import TiedLoRAConfig, adapted_layers, inject, load_adapter, merge, save_adapter
+from tiedlora_kernels.ops import triton_interpreting
+from tiedlora_kernels.serving import AdapterBank, LayerAdapter
+
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter) if not torch.cuda.is_available() else "triton"
+BACKENDS = ["torch", TRITON]
+TOL = 1e-5  # fp32 logits, relative to the single-adapter model's
+
+#: name -> (config, randomization seed). vera_a / vera_b share their seeded frozen A and B (the
+#: shared route); the others bring their own factors, ranks, alphas, targets and row scales.
+ZOO = {
+    "vera_a": (dict(preset="vera"), 1),
+    "vera_b": (dict(preset="vera"), 2),
+    "lora": (dict(preset="lora"), 3),
+    "tl6_alpha": (dict(preset="tl6", alpha=8, alpha_pattern={"q_proj": 2.0}), 4),
+    "tl3_r2_qv": (dict(preset="tl3", rank=2, target_modules=["q_proj", "v_proj"]), 5),
+    "dora": (dict(preset="dora"), 6),
+    "simple_dora": (dict(preset="simple_dora"), 7),
+    "tl_extra": (dict(preset="tl_extra", init_u="absent"), 8),
+    "partial": (dict(preset="partial"), 9),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """(base model, {name: adapter directory}): every adapter of ZOO trained (randomized) on one base."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    dirs, root = {}, tmp_path_factory.mktemp("zoo")
+    for name, (cfg, seed) in ZOO.items():
+        model = inject(copy.deepcopy(base), TiedLoRAConfig(**{"rank": 4, **cfg}))
+        randomize_adapters(model, std=0.3, seed=seed)
+        dirs[name] = root / name
+        save_adapter(model, dirs[name])
+    return base, dirs
+
+
+def host_of(base, **cfg):
+    """The served model: the base injected on every linear layer (its own adapter is never used)."""
+    return inject(copy.deepcopy(base), TiedLoRAConfig(**{"rank": 4, "preset": "lora", **cfg}))
+
+
+def alone(base, directory):
+    """The single-adapter model of ``directory`` (None: the base model)."""
+    model = copy.deepcopy(base)
+    return load_adapter(model, directory) if directory is not None else model
+
+
+def reference_logits(base, dirs, names, ids, monkeypatch):
+    """Row i of ids through the model of adapter names[i] alone."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    rows = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            rows.append(alone(base, dirs[n] if n else None)(ids[i:i + 1]).logits)
+    return torch.cat(rows)
+
+
+def snapshot(bank):
+    return (bank.capacity, dict(bank.adapters), {
+        ln: ({k: (t.clone() if t is not None else None) for k, t in s.tensors().items()}, list(s.present))
+        for ln, s in bank._layers.items()})
+
+
+def same_snapshot(a, b):
+    if a[:2] != b[:2] or a[2].keys() != b[2].keys():
+        return False
+    for ln in a[2]:
+        (ta, pa), (tb, pb) = a[2][ln], b[2][ln]
+        if pa != pb:
+            return False
+        for k in ta:
+            if (ta[k] is None) != (tb[k] is None) or (ta[k] is not None and not torch.equal(ta[k], tb[k])):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_matches_each_adapter_alone(zoo, backend, monkeypatch):
+    """Every preset in one bank, one forward: each row equals its adapter loaded normally."""
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base), capacity=4)
+    slots = {n: bank.add(d) for n, d in dirs.items()}
+    names = ["vera_a", None, "lora", "tl6_alpha", "vera_b", "tl3_r2_qv", "dora", "vera_a", "simple_dora",
+             "tl_extra", "partial"]
+    ids = torch.randint(0, 97, (len(names), 7), generator=torch.Generator().manual_seed(1))
+    expected = reference_logits(base, dirs, names, ids, monkeypatch)
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    adapter_ids = torch.tensor([slots[n] if n else -1 for n in names])
+    with torch.no_grad(), bank.use(adapter_ids):
+        out = bank.model(ids).logits
+    for i, n in enumerate(names):
+        assert rel_err(out[i], expected[i]) < TOL, f"row {i} ({n}): {rel_err(out[i], expected[i]):.2e}"
+    # the rows differ from one another: the adapters matter
+    assert rel_err(out[0], out[1]) > 1e-2 and rel_err(out[0], out[4]) > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_each_prompt_with_its_adapter(zoo, backend, monkeypatch):
+    """generate on a batch of prompts, each with its adapter, equals each prompt generated alone."""
+    base, dirs = zoo
+    names = ["lora", "vera_b", None, "tl6_alpha"]
+    prompts = torch.randint(1, 97, (len(names), 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    expected = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            expected.append(alone(base, dirs[n] if n else None).generate(prompts[i:i + 1], **kw))
+    expected = torch.cat(expected)
+    bank = AdapterBank(host_of(base))
+    slots = {n: bank.add(dirs[n]) for n in names if n}
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    out = bank.generate(prompts, adapter_ids=[slots[n] if n else -1 for n in names], **kw)
+    assert torch.equal(out, expected)
+    assert len({tuple(r) for r in out[:, 5:].tolist()}) > 1  # the continuations differ
+
+
+def test_generate_left_padded_prompts(zoo, monkeypatch):
+    """Prompts of different lengths (left padding, attention mask): row i equals the same padded batch
+    generated with adapter i loaded normally."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    names = ["tl6_alpha", "vera_a", "lora"]
+    ids = torch.randint(1, 97, (3, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids = ids * mask
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    bank = AdapterBank(host_of(base))
+    slots = [bank.add(dirs[n]) for n in names]
+    out = bank.generate(ids, adapter_ids=torch.tensor(slots), **kw)
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            assert torch.equal(out[i], alone(base, dirs[n]).generate(ids, **kw)[i]), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_factors_take_the_shared_route(zoo, backend, monkeypatch):
+    """Adapters with the same A and B (VeRA, one seed): one launch per layer, no segments; a lora
+    added makes the layers segmented, removing it makes them shared again, and the VeRA rows are
+    bitwise the same before and after (the others untouched)."""
+    from tiedlora_kernels.ops import bank_segment_term, bank_term
+
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base), capacity=2)
+    a, b = bank.add(dirs["vera_a"]), bank.add(dirs["vera_b"])
+    assert set(bank.routes().values()) == {"shared"}
+    calls = []
+    for mod, fn in ((bank_term, "bank_term"), (bank_segment_term, "bank_segment_term")):
+        original = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *x, _f=original, _n=fn, **k: calls.append(_n) or _f(*x, **k))
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(4))
+
+    def run():
+        with torch.no_grad(), bank.use([b, -1, a]):
+            return bank.model(ids).logits
+
+    before = run()
+    n_layers = len(bank.routes())
+    assert calls == (["bank_term"] * n_layers if backend == "triton" else [])
+    lora = bank.add(dirs["lora"])
+    assert set(bank.routes().values()) == {"segmented"} and bank.capacity == 4
+    calls.clear()
+    with torch.no_grad(), bank.use([b, lora, a]):
+        mixed = bank.model(ids).logits
+    assert calls == (["bank_segment_term"] * n_layers if backend == "triton" else [])
+    assert rel_err(mixed[0], before[0]) < TOL and rel_err(mixed[2], before[2]) < TOL
+    bank.remove(lora)
+    assert set(bank.routes().values()) == {"shared"}
+    assert torch.equal(run(), before)
+
+
+def test_routes_follow_adds_and_removes(zoo, monkeypatch):
+    """Each layer's route after any order of adds and removes: shared exactly when the loaded adapters'
+    factors agree (a VeRA added after a LoRA made the layers per slot still counts as agreeing), and
+    the outputs stay those of each adapter alone."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    bank = AdapterBank(host_of(base), capacity=2)
+    routes = lambda: set(bank.routes().values())  # noqa: E731
+    va = bank.add(dirs["vera_a"])
+    lora = bank.add(dirs["lora"])
+    vb = bank.add(dirs["vera_b"])
+    assert routes() == {"segmented"}
+    factors = bank._layers["model.layers.0.self_attn.q_proj"]
+    assert factors.fid["A"][va] == factors.fid["A"][vb] == 0 != factors.fid["A"][lora]
+    bank.remove(lora)
+    assert routes() == {"shared"}
+    lora2 = bank.add(dirs["tl6_alpha"])
+    bank.remove(va)
+    bank.remove(vb)
+    assert routes() == {"shared"}  # one adapter left: its factors are the shared ones
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), bank.use([lora2, -1]):
+        out = bank.model(ids).logits
+    expected = reference_logits(base, dirs, ["tl6_alpha", None], ids, monkeypatch)
+    assert rel_err(out, expected) < TOL
+    bank.remove(lora2)
+    assert routes() == {"base"} and len(bank) == 0
+    with torch.no_grad(), bank.use([-1, -1]):
+        assert rel_err(bank.model(ids).logits, reference_logits(base, dirs, [None, None], ids, monkeypatch)) < TOL
+    with pytest.raises(ValueError, match="empty slot"):
+        with bank.use([lora2, -1]):
+            pass
+
+
+def test_slots_are_stable_reused_and_grown(zoo, monkeypatch):
+    """Removing one adapter leaves every other slot's id and output as they were; a freed slot is
+    reused; a full bank doubles; reserve grows without an add."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    bank = AdapterBank(host_of(base), capacity=1)
+    slots = [bank.add(dirs[n]) for n in ("lora", "tl6_alpha", "vera_a")]
+    assert slots == [0, 1, 2] and bank.capacity == 4 and len(bank) == 3
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), bank.use([0, 1, 2]):
+        before = bank.model(ids).logits
+    bank.remove("tl6_alpha")
+    assert bank.adapters == {0: "lora", 2: "vera_a"} and "tl6_alpha" not in bank
+    with torch.no_grad(), bank.use([0, -1, 2]):
+        after = bank.model(ids).logits
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    # the freed slot is reused by an adapter of fewer layers: nothing of the removed one may remain
+    assert bank.add(dirs["tl3_r2_qv"], name="qv") == 1 and bank.slot("qv") == 1
+    bank.reserve(16)
+    assert bank.capacity == 16 and bank.adapters == {0: "lora", 1: "qv", 2: "vera_a"}
+    with torch.no_grad(), bank.use([0, 1, 2]):
+        out = bank.model(ids).logits
+    assert torch.equal(out[0], after[0]) and torch.equal(out[2], after[2])
+    assert rel_err(out[1], reference_logits(base, dirs, ["tl3_r2_qv"], ids[1:2], monkeypatch)[0]) < TOL
+
+
+def test_reused_slot_keeps_nothing_of_the_removed_adapter(zoo, monkeypatch):
+    """A freed slot on shared layers, reused by an adapter of fewer layers (q and v only): the layers
+    it leaves out must add nothing for its rows, not the removed adapter's u and v."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    bank = AdapterBank(host_of(base))
+    bank.add(dirs["vera_a"])
+    bank.remove(bank.add(dirs["vera_b"]))
+    slot = bank.add(dirs["tl3_r2_qv"])
+    assert slot == 1 and bank.routes()["model.layers.0.self_attn.k_proj"] == "shared"
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), bank.use([slot]):
+        out = bank.model(ids).logits
+    assert rel_err(out, reference_logits(base, dirs, ["tl3_r2_qv"], ids, monkeypatch)) < TOL
+
+
+def test_live_model_and_mapping_sources(zoo, monkeypatch):
+    """An injected model (read live) and a {layer: LayerAdapter} mapping give what its file gives."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    bank = AdapterBank(host_of(base))
+    from_file = bank.add(dirs["tl6_alpha"])
+    trained = alone(base, dirs["tl6_alpha"])
+    live = bank.add(trained, name="live")
+    mapping = {n: LayerAdapter(*layer.op_tensors(), layer.scaling) for n, layer in adapted_layers(trained)}
+    by_hand = bank.add(mapping, name="mapping")
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(6)).repeat(3, 1)
+    with torch.no_grad(), bank.use([from_file, live, by_hand]):
+        out = bank.model(ids).logits
+    # same adapter, same tokens: equal up to where a row sits in the batched matmul
+    assert rel_err(out[1], out[0]) < 1e-6 and rel_err(out[2], out[0]) < 1e-6
+    assert set(bank.routes().values()) == {"shared"}  # identical factors stay shared
+
+
+def test_gpt2_conv1d_layers_and_kinds(monkeypatch, tmp_path):
+    """GPT-2 (Conv1D layers; attn.c_proj and mlp.c_proj are different kinds): files load into the
+    bank with the same kinds as into the model."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    dirs = {}
+    for name, cfg in (("tl6", dict(preset="tl6")), ("lora_cproj", dict(preset="lora", target_modules=["c_proj"]))):
+        model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, **cfg))
+        randomize_adapters(model, std=0.3)
+        dirs[name] = tmp_path / name
+        save_adapter(model, dirs[name])
+    bank = AdapterBank(inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="tl6")))
+    slots = [bank.add(dirs["tl6"]), bank.add(dirs["lora_cproj"])]
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), bank.use([slots[1], slots[0], -1]):
+        out = bank.model(ids).logits
+        for row, d in ((0, dirs["lora_cproj"]), (1, dirs["tl6"]), (2, None)):
+            assert rel_err(out[row], alone(base, d)(ids[row:row + 1]).logits[0]) < TOL
+
+
+def test_kinds_of_a_partly_adapted_model(monkeypatch, tmp_path):
+    """A file's layer kinds depend on every linear layer of the model, adapted or not (GPT-2's
+    attn.c_proj is "attn.c_proj" only because mlp.c_proj exists): a bank over a model adapting
+    fewer layers still reads it."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="tl6", target_modules=["attn.c_proj"]))
+    randomize_adapters(model, std=0.3)
+    save_adapter(model, tmp_path / "a")
+    bank = AdapterBank(inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="lora",
+                                                                   target_modules=["c_attn", "attn.c_proj"])))
+    slot = bank.add(tmp_path / "a")
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), bank.use([slot]):
+        assert rel_err(bank.model(ids).logits, model(ids).logits) < TOL
+
+
+def test_quantized_layers(tmp_path):
+    """A quantized layer the model does not adapt still names kinds (GPT-2's attn.c_proj is
+    "attn.c_proj" because an mlp.c_proj exists, quantized or not), so files load; a model whose
+    adapted layers are quantized is refused, naming the layer."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    quantized = copy.deepcopy(base)
+    for block in quantized.transformer.h:
+        K, N = block.mlp.c_proj.weight.shape  # Conv1D: (in, out)
+        block.mlp.c_proj = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False)
+    config = TiedLoRAConfig(rank=4, preset="lora", target_modules=["attn.c_proj"])
+    trained = inject(copy.deepcopy(base), config)
+    randomize_adapters(trained)
+    save_adapter(trained, tmp_path / "attn_out")
+    bank = AdapterBank(inject(copy.deepcopy(quantized), config))
+    assert bank.add(tmp_path / "attn_out") == 0 and set(bank.routes().values()) == {"shared"}
+    with pytest.raises(ValueError, match=r"layer 'transformer.h.0.mlp.c_proj' has a quantized base"):
+        AdapterBank(inject(quantized, TiedLoRAConfig(rank=4, preset="lora", target_modules=["c_proj"])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_adapter_ids_name_the_argument(zoo):
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base), capacity=4)
+    bank.add(dirs["lora"])
+    bank.add(dirs["vera_a"])
+    bank.remove(0)
+    ids = torch.randint(0, 97, (2, 5))
+    cases = [(torch.tensor([1.0, 1.0]), TypeError, "adapter_ids must be an integer tensor"),
+             (torch.tensor([1, 4]), ValueError, r"adapter_ids\[1\] = 4 is out of range.*capacity is 4"),
+             (torch.tensor([1, 0]), ValueError, r"adapter_ids\[1\] = 0 names an empty slot.*\{1: 'vera_a'\}"),
+             (torch.tensor([1, 1], device="meta"), ValueError, "adapter_ids is on meta but the model runs on cpu"),
+             ("1", TypeError, "adapter_ids must be an integer tensor")]
+    for adapter_ids, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            with bank.use(adapter_ids):
+                pass
+    with pytest.raises(ValueError, match=r"adapter_ids has 3 entries.*\(batch 2\)"):
+        with torch.no_grad(), bank.use([1, -1, 1]):
+            bank.model(ids)
+    assert all(layer.bank_route is None for _, layer in adapted_layers(bank.model))  # reset after the error
+
+
+def make_adapter(base, tmp_path, name, **cfg):
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(**{"rank": 4, "preset": "lora", **cfg}))
+    randomize_adapters(model, std=0.3)
+    save_adapter(model, tmp_path / name)
+    return tmp_path / name
+
+
+def test_failure_while_staging_leaves_the_bank_unchanged(zoo, monkeypatch):
+    """An allocation failing half-way through an add (out of memory, simulated on the 5th layer):
+    nothing is installed, so the bank is as it was and keeps working."""
+    from tiedlora_kernels import serving
+
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base), capacity=2)
+    bank.add(dirs["vera_a"])
+    bank.add(dirs["vera_b"])  # full: the next add grows it and makes the layers per slot
+    before = snapshot(bank)
+    original, calls = serving._Slots.stage, []
+
+    def failing(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("simulated")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(serving._Slots, "stage", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        bank.add(dirs["lora"])
+    assert same_snapshot(snapshot(bank), before)
+    assert all(s.fid == {"A": [0, 0], "B": [0, 0]} for s in bank._layers.values())
+    monkeypatch.setattr(serving._Slots, "stage", original)
+    assert bank.add(dirs["lora"]) == 2 and set(bank.routes().values()) == {"segmented"}
+
+
+def test_failed_load_leaves_the_bank_unchanged(zoo, tmp_path):
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base), capacity=2)
+    bank.add(dirs["vera_a"])
+    bank.add(dirs["lora"])  # full: a successful add would grow it
+    other_model = make_adapter(tiny_llama(hidden=48), tmp_path, "wider")
+    rank8 = make_adapter(base, tmp_path, "rank8", rank=8)
+    head = make_adapter(base, tmp_path, "head", target_modules=["q_proj", "lm_head"], exclude_modules=[])
+    corrupt = make_adapter(base, tmp_path, "corrupt")
+    f = corrupt / "adapter_model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-3] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    lora = alone(base, dirs["lora"])
+    nan = {n: LayerAdapter(*layer.op_tensors(), layer.scaling) for n, layer in adapted_layers(lora)}
+    name = next(iter(nan))
+    nan[name] = nan[name]._replace(u=torch.full((4,), float("nan")))
+    wrong_shape = dict(nan)
+    wrong_shape[name] = wrong_shape[name]._replace(u=None, B=torch.zeros(5, 4))
+    before = snapshot(bank)
+    flags = [p.requires_grad for p in bank.model.parameters()]
+    cases = [(other_model, ValueError, "does not fit the bank's model"),
+             (rank8, ValueError, "has rank 8, above the bank's rank 4"),
+             (head, ValueError, "adapts layers the bank's model does not adapt: \\['lm_head'\\]"),
+             (corrupt, ValueError, "corrupted"),
+             (tmp_path / "missing", FileNotFoundError, "no adapter_model.safetensors"),
+             (nan, ValueError, "u holds inf or NaN"),
+             (wrong_shape, ValueError, r"B must have shape \(\d+, 4\)"),
+             (42, TypeError, "source must be")]
+    for source, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            bank.add(source)
+        assert same_snapshot(snapshot(bank), before), f"bank changed by a failed add ({msg})"
+    with pytest.raises(ValueError, match="already loaded"):
+        bank.add(dirs["tl6_alpha"], name="lora")
+    assert same_snapshot(snapshot(bank), before)
+    assert [p.requires_grad for p in bank.model.parameters()] == flags  # the shell's inject froze nothing of it
+
+
+def test_inference_only(zoo):
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base))
+    bank.add(dirs["lora"])
+    emb = bank.model.get_input_embeddings()(torch.randint(0, 97, (1, 4))).detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="inference only"):
+        with bank.use([0]):
+            bank.model(inputs_embeds=emb)
+    with torch.no_grad(), bank.use([0]):
+        bank.model(inputs_embeds=emb)
+
+
+def test_bank_refuses_changes_in_use_nesting_and_merged_models(zoo):
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base))
+    bank.add(dirs["lora"])
+    with bank.use([0]):
+        with pytest.raises(RuntimeError, match="already in use"):
+            with bank.use([0]):
+                pass
+        for fn in (lambda: bank.add(dirs["vera_a"]), lambda: bank.remove(0), lambda: bank.reserve(32)):
+            with pytest.raises(RuntimeError, match="in use"):
+                fn()
+    with pytest.raises(KeyError, match="no adapter in slot 3"):
+        bank.remove(3)
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        bank.remove("nope")
+    moved = AdapterBank(host_of(base))
+    moved.to("meta")  # as if the model had moved elsewhere after the bank was made
+    with pytest.raises(RuntimeError, match=r"now on cpu but the bank is on meta; call bank.to\(device\)"):
+        with moved.use([-1]):
+            pass
+    merged = merge(host_of(base))
+    with pytest.raises(ValueError, match="is merged; unmerge"):
+        AdapterBank(merged)
+    with pytest.raises(ValueError, match="has no tiedlora adapters"):
+        AdapterBank(copy.deepcopy(base))
+    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+        AdapterBank(host_of(base), capacity=0)
+
+
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=pytest.mark.interpreter)],
+                         ids=["default-backend", "kernels"])
+def test_serve_command_tiny(kernels, tmp_path, capsys):
+    """``python -m tiedlora_kernels serve --tiny``: trains small adapters on its tasks, answers one mixed
+    batch, and every row matches its adapter alone (exit status 0)."""
+    from tiedlora_kernels.__main__ import main
+
+    if kernels and not (torch.cuda.is_available() or triton_interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    argv = ["serve", "--tiny", "--no-progress", "--out", str(tmp_path)] + (["--kernels"] if kernels else [])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "every row matches its adapter run alone" in out
+    assert "routes ['segmented']" in out and "routes ['shared']" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opposite", "plural", "pronoun", "sum"]
+
+
+def test_serve_command_reports_a_mismatch(tmp_path, monkeypatch, capsys):
+    """The command's check has teeth: a bank that drops every adapter term is reported, exit status 1."""
+    from tiedlora_kernels import serving
+    from tiedlora_kernels.__main__ import main
+
+    real = serving.bank_linear_unchecked
+    monkeypatch.setattr(serving, "bank_linear_unchecked",
+                        lambda x, w, b, rows, A, B, U, *rest: real(x, w, b, rows, A, B, U * 0, *rest))
+    assert main(["serve", "--tiny", "--no-progress", "--out", str(tmp_path)]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="smoke mode is the CPU path")
+def test_bench_serving_smoke(tmp_path, monkeypatch, capsys):
+    """``python -m bench.serving`` on a CPU: the harness runs, checks the bank against the loop, writes
+    a labelled JSON without speed claims."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench.serving import main as bench_main
+
+    assert bench_main(["--out", str(tmp_path), "--phases", "decode"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    meta = data["meta"]
+    assert meta["mode"] == "smoke-cpu" and meta["speed_claims"] is False and not data["targets"]
+    assert {"device", "torch", "triton", "transformers", "command", "commit"} <= set(meta)
+    assert meta["routes"] == {"shared": ["shared"], "full": ["segmented"]}
+    assert data["checks"] and all(c["ok"] for c in data["checks"])
+    configs = {(r["config"], r.get("kind"), r.get("distinct")) for r in data["records"] if "median_ms" in r}
+    assert {("base", None, None), ("one", "shared", None), ("bank", "full", 4), ("loop", "shared", 2)} <= configs
+    assert data["ratios"]["decode"]["full"]["4"]["loop / bank"] > 0
+    assert "No speed claims" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_gpu_mixed_batch_bf16(zoo, monkeypatch):
+    """On CUDA in bf16: the Triton route against the torch route on the same bank."""
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base).to("cuda", torch.bfloat16), factor_dtype=torch.bfloat16)
+    slots = [bank.add(d) for d in dirs.values()]
+    ids = torch.randint(0, 97, (len(slots) + 1, 33), device="cuda")
+    adapter_ids = torch.tensor(slots + [-1], device="cuda")
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+        with torch.no_grad(), bank.use(adapter_ids):
+            out[backend] = bank.model(ids).logits.float()
+    assert rel_err(out["triton"], out["torch"]) < 2e-2
