@@ -38,6 +38,9 @@
 # it never ran.
 #
 # Knobs: BUDGET_S, OUT, PACK_TO, PYTHON, BENCH_COMMIT, BENCH_GRID (targets), BENCH_IMPLS
+#
+# Not in this call: the multi-adapter serving benchmark (~3 minutes), which does not fit beside the
+# rest in 8 minutes; a second call runs it: python -m bench.serving --out "$OUT/serving" --max-minutes 3
 # (limit,ours,merged,addmm,peft_lora,peft_vera), E2E_CONFIGS (all), TEST_PATHS (tests), PHASE_MINS,
 # PHASE_CAPS. Assumes torch, triton, transformers, peft and pytest are installed (no network);
 # matplotlib / tqdm / pytest-benchmark / nvidia-ml-py are optional.
