@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import block_r, keep_mask, mma, precisions, triton_interpreting, vec
+from .common import block_r, down_project, keep_mask, precisions, triton_interpreting, vec, wide_dot
 
 
 @triton.jit
@@ -61,21 +61,8 @@ def _adapter_term_kernel(
     keep_scale = 1.0 / (1.0 - p_drop)
 
     # h = X_d D^T, one pass over this program's rows of X.
-    b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                                        # [BM, BR]
-    for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m_k = o_k < K
-        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)                                # [BM, BK]
-        if IN_DROPOUT:
-            b_keep = keep_mask(seed, o_m, o_k, K, p_drop)
-            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
-        b_dt = tl.load(D + o_k[:, None] * stride_dk + o_r[None, :] * stride_dr,
-                       mask=m_k[:, None] & m_r[None, :], other=0.0)                                # [BK, BR]
-        if WIDE_DOT:  # fp16 X, fp32 D: D cast to fp16 would flush its small values to zero
-            b_h = tl.dot(b_x.to(tl.float32), b_dt.to(tl.float32), b_h, input_precision=SMALL_PREC)
-        else:
-            b_h = mma(b_x, b_dt.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
+    b_h = down_project(X, D, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, stride_dr, seed, p_drop,
+                       keep_scale, IN_DROPOUT, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
     if STORE_H:
         if i_s == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
@@ -159,7 +146,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         float(scaling), float(p_drop),
         HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None,
         IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
-        WIDE_DOT=x.dtype == torch.float16 and down.dtype == torch.float32,
+        WIDE_DOT=wide_dot(x, down),
         **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,
     )

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import common
 from .adapter_term import _tiles
-from .common import block_r, mma, precisions, vec
+from .common import block_r, down_project, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -59,18 +59,8 @@ def _bank_term_kernel(
     o_a = tl.maximum(b_a, 0).to(tl.int64)  # a dead row reads slot 0's U and V, then drops them
 
     # h = X A^T, one pass over this program's rows of X (A shared by every row).
-    b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                                        # [BM, BR]
-    for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m_k = o_k < K
-        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)                                # [BM, BK]
-        b_at = tl.load(A + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar,
-                       mask=m_k[:, None] & m_r[None, :], other=0.0)                               # [BK, BR]
-        if WIDE_DOT:  # fp16 X, fp32 A: A cast to fp16 would lose its small values (adapter_term's rule)
-            b_h = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), b_h, input_precision=SMALL_PREC)
-        else:
-            b_h = mma(b_x, b_at.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
+    b_h = down_project(X, A, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_ak, stride_ar, 0, 0.0, 1.0,
+                       False, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)      # [BM, BR]
     # z = h * U[a] (s folded into U). Dead rows and the padded rank columns are set to 0, not
     # multiplied by 0: an inf in x would make 0 * inf = NaN reach OUT.
     m_z = m_live[:, None] & m_r[None, :]
@@ -128,7 +118,7 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
         V.stride(0) if V is not None else 0, V.stride(1) if V is not None else 0,
         out.stride(0), out.stride(1),
         HAS_V=V is not None, HAS_BIAS=bias is not None,
-        WIDE_DOT=x.dtype == torch.float16 and A.dtype == torch.float32,
+        WIDE_DOT=wide_dot(x, A),
         **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,
     )

@@ -40,6 +40,39 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PREC)
 
 
+@triton.jit
+def down_project(X, D, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, stride_dr, seed, p_drop, keep_scale,
+                 IN_DROPOUT: tl.constexpr, WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr,
+                 SMALL_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h = dropout(X[o_m]) D^T [BM, BR] fp32: one pass over rows o_m of X (M, K) against D (R, K), both
+    any strides. Every kernel's rank-r down projection (adapter_term's, the serving banks').
+
+    The dot runs in X's dtype (tensor cores for bf16/fp16) with D cast to it, except WIDE_DOT
+    (fp16 X, fp32 D): there D cast to fp16 would flush its small values (gamma's scaled init) to
+    zero, so both operands stay fp32 (TF32 on a GPU: fp32's exponent range)."""
+    b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                                        # [BM, BR]
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        m_k = o_k < K
+        b_x = tl.load(X + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)                                # [BM, BK]
+        if IN_DROPOUT:
+            b_keep = keep_mask(seed, o_m, o_k, K, p_drop)
+            b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
+        b_dt = tl.load(D + o_k[:, None] * stride_dk + o_r[None, :] * stride_dr,
+                       mask=m_k[:, None] & m_r[None, :], other=0.0)                                # [BK, BR]
+        if WIDE_DOT:
+            b_h = tl.dot(b_x.to(tl.float32), b_dt.to(tl.float32), b_h, input_precision=SMALL_PREC)
+        else:
+            b_h = mma(b_x, b_dt.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
+    return b_h
+
+
+def wide_dot(x: torch.Tensor, down: torch.Tensor) -> bool:
+    """The WIDE_DOT flag of :func:`down_project` for activations ``x`` and down projection ``down``."""
+    return x.dtype == torch.float16 and down.dtype == torch.float32
+
+
 def block_r(r: int) -> int:
     """Padded rank: a power of two, at least 16 (the smallest tl.dot dimension on tensor cores)."""
     return max(16, triton.next_power_of_2(r))
