@@ -230,7 +230,7 @@ class TiedLoRALinear(nn.Module):
         op takes for this layer; Simple DoRA's ||W||_row is computed once for both v_i and c. Computed
         in the adapters' own dtype even under torch.autocast (which would run the einsums and the
         DoRA norm in its lower dtype)."""
-        with torch.autocast(self._factors.A.device.type, enabled=False):
+        with reference.autocast_off(self._factors.A.device.type):
             return self._derived("effective", self._effective_tensors)
 
     def _effective_tensors(self):

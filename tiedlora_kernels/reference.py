@@ -8,6 +8,7 @@ computes here (section 6), which the fused kernels write out by hand.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -86,7 +87,7 @@ def _adapter_delta(x, A, B, u, v, scaling, dropout_p, training) -> torch.Tensor:
     """s * (((dropout(x) A^T) * u) B^T) * v computed in the wider of x's and A's dtype, cast to x's
     (under torch.autocast too: autocast would otherwise run these products in its lower dtype)."""
     ct = adapter_compute_dtype(x, A)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
         h = F.linear(xd.to(ct), A.to(ct))
         z = h * u.to(ct) if u is not None else h
@@ -94,6 +95,18 @@ def _adapter_delta(x, A, B, u, v, scaling, dropout_p, training) -> torch.Tensor:
         if v is not None:
             delta = delta * v.to(ct)
         return (scaling * delta).to(x.dtype)
+
+
+#: Device types torch.autocast knows (it raises for others, such as ``meta``).
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+
+
+def autocast_off(device_type: str):
+    """A context in which ``torch.autocast`` is off for ``device_type`` (a plain context for a device
+    type autocast does not know, such as ``meta``)."""
+    if device_type not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _scale_and_bias(out: torch.Tensor, row_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -116,7 +116,7 @@ def autocast_base(x, *base):
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return (x, *base)
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if device not in reference.AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return (x, *base)
     dtype = torch.get_autocast_dtype(device)
     cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
