@@ -29,3 +29,18 @@ def pytest_collection_modifyitems(config, items):
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def nan_allocations(monkeypatch):
+    """torch.empty / empty_like return NaN-filled tensors, so any element a kernel fails to write shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(alloc):
+        def wrapped(*args, **kw):
+            t = alloc(*args, **kw)
+            return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+        return wrapped
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))

@@ -35,6 +35,9 @@ class QuantizedBase:
         """(in_features K, out_features N)."""
         return module.in_features, module.out_features
 
+    def prepare(self, module: nn.Module) -> None:
+        """Called once when an adapter is put over ``module``: any one-time set-up the kind needs."""
+
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., N) for x, its bias included, in x's dtype, differentiable in x."""
         return module(x)
@@ -62,9 +65,8 @@ class Bnb4bit(QuantizedBase):
         bnb = _bnb()
         return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
-    def forward(self, module, x):
+    def prepare(self, module):
         keep_off_cpu_repack(module)
-        return module(x)
 
     def dequantized_weight(self, module):
         import bitsandbytes.functional as bf

@@ -250,7 +250,7 @@ def test_from_peft_over_a_4bit_model(base_dir, use_dora):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("preset", ["tl6", "dora"])
-def test_gpu_4bit_bf16_matches_the_dequantized_model(base_dir, preset):
+def test_gpu_4bit_bf16_matches_the_dequantized_model(base_dir, preset, monkeypatch):
     """The GPU path over bitsandbytes' CUDA 4-bit layers, bf16 compute: logits and adapter gradients
     against the dense twin (dequantized weights, same adapters, the torch backend) at bf16 tolerance."""
     cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -270,15 +270,10 @@ def test_gpu_4bit_bf16_matches_the_dequantized_model(base_dir, preset):
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
     outs = []
     for model, backend in ((quantized, "auto"), (dense, "torch")):
-        import os
-
-        os.environ["TIEDLORA_BACKEND"] = backend
-        try:
-            model.zero_grad(set_to_none=True)
-            logits = model(ids).logits.float()
-            (logits * torch.linspace(-1, 1, logits.shape[-1], device="cuda")).sum().backward()
-        finally:
-            del os.environ["TIEDLORA_BACKEND"]
+        monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits.float()
+        (logits * torch.linspace(-1, 1, logits.shape[-1], device="cuda")).sum().backward()
         outs.append((logits, {n: p.grad for n, p in adapter_named_parameters(model) if p.requires_grad}))
     (lq, gq), (ld, gd) = outs
     assert rel_err(lq, ld) < 2e-2

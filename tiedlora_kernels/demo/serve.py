@@ -101,27 +101,13 @@ def _train_adapter(base, config, examples, tok, *, steps: int, batch_size: int, 
     """A copy of ``base`` with ``config`` injected and trained on ``examples`` (prompt, response)."""
     from ..integrations import inject
     from .data import WordProblem
-    from .train import Progress, _lr_lambda, encode_task, lm_loss_sum, task_batch
+    from .train import Progress, encode_task, train_adapters
 
     task = encode_task([WordProblem(p, r, 0) for p, r in examples], tok)
-    model = inject(copy.deepcopy(base), config).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
+    model = inject(copy.deepcopy(base), config)
     gen = torch.Generator().manual_seed(seed)
-    bar = Progress(steps, desc, progress)
-    for _ in range(steps):
-        index = torch.randint(0, len(examples), (batch_size,), generator=gen).tolist()
-        ids, labels = task_batch(task, index, tok.pad_id, device)
-        loss_sum, n = lm_loss_sum(model, ids, labels)
-        loss = loss_sum / n
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.update(loss.item() / 0.6931471805599453)
-    bar.close()
+    batches = [torch.randint(0, len(examples), (batch_size,), generator=gen).tolist() for _ in range(steps)]
+    train_adapters(model, task, batches, tok.pad_id, lr=lr, device=device, progress=Progress(steps, desc, progress))
     return model.eval()
 
 

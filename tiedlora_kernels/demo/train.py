@@ -289,6 +289,31 @@ def lora_parameter_count(model: nn.Module, rank: int, target_modules="all-linear
                                                for t in find_targets(model, cfg)])
 
 
+def train_adapters(model: nn.Module, task: EncodedTask, batches: Sequence[Sequence[int]], pad_id: int, *, lr: float,
+                   device, progress: "Progress", on_step: Optional[Callable[[int, float], None]] = None) -> None:
+    """Train ``model``'s trainable tensors (its adapters) in place on ``task``, one AdamW step (warm-up
+    + cosine schedule, gradient norm clipped at 1) per batch of task indices; ``on_step(step, bits)``
+    after each step with the step's loss in bits per token."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(len(batches)))
+    for step, index in enumerate(batches):
+        ids, labels = task_batch(task, index, pad_id, device)
+        loss_sum, n = lm_loss_sum(model, ids, labels)
+        loss = loss_sum / n
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bits = loss.item() / LN2
+        if on_step is not None:
+            on_step(step, bits)
+        progress.update(bits)
+    progress.close()
+
+
 def adapt(base: nn.Module, config: TiedLoRAConfig, *, train: EncodedTask, test: EncodedTask, tok,
           batches: Sequence[Sequence[int]], lr: float, device, eval_train_limit: int, eval_test_limit: int,
           acc_limit: int, eval_every: int, initial_train_bits: float, progress: bool = True,
@@ -299,28 +324,17 @@ def adapt(base: nn.Module, config: TiedLoRAConfig, *, train: EncodedTask, test: 
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     inject(model, config)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(len(batches)))
     res = AdaptResult(config.preset, config.rank, lr, trainable_parameters(model)["total"],
                       initial_train_bits, math.nan, math.nan, math.nan)
-    bar = Progress(len(batches), desc or f"{config.preset} r={config.rank}", progress, log_every)
-    for step, index in enumerate(batches):
-        ids, labels = task_batch(train, index, tok.pad_id, device)
-        loss_sum, n = lm_loss_sum(model, ids, labels)
-        loss = loss_sum / n
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        res.step_bits.append(loss.item() / LN2)
+
+    def evaluate(step: int, bits: float) -> None:
+        res.step_bits.append(bits)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == len(batches)):
             res.eval_steps.append(step + 1)
             res.eval_test_bits.append(task_loss_bits(model, test, tok.pad_id, device, limit=eval_test_limit))
-        bar.update(res.step_bits[-1])
-    bar.close()
+
+    train_adapters(model, train, batches, tok.pad_id, lr=lr, device=device, on_step=evaluate,
+                   progress=Progress(len(batches), desc or f"{config.preset} r={config.rank}", progress, log_every))
     res.final_train_bits = task_loss_bits(model, train, tok.pad_id, device, limit=eval_train_limit)
     res.test_bits = (res.eval_test_bits[-1] if res.eval_test_bits
                      else task_loss_bits(model, test, tok.pad_id, device, limit=eval_test_limit))

@@ -313,7 +313,9 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
             common = dict(layout=t.layout, factors=factors[g], per_layer=per_layer, scaling=config.layer_scaling(t.name),
                           dropout=config.dropout, kind=t.kind, magnitude=p.magnitude)
             if t.layout == "quantized":  # the base layer is kept whole and computes its own output
-                layer = TiedLoRALinear(None, None, base_layer=base, base_kind=quantized_base_of(base), **common)
+                kind = quantized_base_of(base)
+                kind.prepare(base)
+                layer = TiedLoRALinear(None, None, base_layer=base, base_kind=kind, **common)
             else:
                 layer = TiedLoRALinear(base.weight, base.bias, **common)
             layer.train(base.training)
