@@ -38,4 +38,4 @@ def randomize_adapters(model, std=0.1, seed=1):
     with torch.no_grad():
         for _, p in adapter_named_parameters(model):
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)

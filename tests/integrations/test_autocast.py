@@ -12,16 +12,20 @@ from tiedlora_kernels.ops import triton_interpreting
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_op_under_autocast_equals_the_op_on_cast_operands(backend, monkeypatch):
-    if backend == "triton" and not (torch.cuda.is_available() or triton_interpreting()):
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+def test_op_under_autocast_equals_the_op_on_cast_operands(backend, device, monkeypatch):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if backend == "triton" and device == "cpu" and not triton_interpreting():
+        pytest.skip("the Triton backend on CPU tensors needs TRITON_INTERPRET=1")
     monkeypatch.setenv("TIEDLORA_BACKEND", backend)
     g = torch.Generator().manual_seed(0)
     x, W, b = torch.randn(5, 32, generator=g), torch.randn(24, 32, generator=g) / 6, torch.randn(24, generator=g)
-    A = (torch.randn(4, 32, generator=g) / 6).requires_grad_()
-    B = torch.randn(24, 4, generator=g).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x, W, b = x.to(device), W.to(device), b.to(device)
+    A = (torch.randn(4, 32, generator=g) / 6).to(device).requires_grad_()
+    B = torch.randn(24, 4, generator=g).to(device).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = tied_lora_linear(x, W, b, A, B, scaling=0.5)
     want = tied_lora_linear(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, scaling=0.5)
     assert out.dtype == torch.bfloat16

@@ -198,7 +198,8 @@ def test_presets_frozen_sets(preset, monkeypatch):
     assert not big, f"an M x K tensor (a dropout mask?) was saved: {big}"
     out.backward(upstream((M, N), torch.float32))
     assert calls["grad_down"] == int(trains["A"]), "dA pass must run only when A trains"
-    assert calls["grad_up"] == int(trains["B"] or trains["v"]), "dB/dv pass must run only when B or v trains"
+    assert calls["grad_up"] == int(trains["B"] or trains["v"] or trains["u"]), \
+        "the dB/dv/du pass must run only when B, v or u trains"
     check(t)
 
 

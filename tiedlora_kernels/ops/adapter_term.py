@@ -8,7 +8,8 @@ Forward (``adapter_term(x, A, B, ...)``): X = x, D = A, P = B; OUT = L, and then
 ``L.addmm_(x, W^T)`` is the layer's output; h is kept for backward when B, u or v trains. Over a
 base layer that computes its own output (a quantized one), that output is the addend E: OUT is
 then the layer's output, one read of E and one write of OUT beyond the pass over x.
-Backward (dX): X = G (M, N), D = (B * v)^T (R, N), P = A^T (K, R), u = u, no v, the dropout mask
+Backward (dX): X = G (M, N), D = B^T (R, N) with its columns scaled by v (``down_scale``: B v is
+never materialised), P = A^T (K, R), u = u, no v, the dropout mask
 on OUT's columns: h = g = G (B * v) and OUT = s (g * u) A * keep / (1 - p), then
 ``Ldx.addmm_(G, W)`` is dX. One kernel serves both.
 
@@ -33,13 +34,14 @@ from .common import block_r, down_project, keep_mask, precisions, triton_interpr
 
 @triton.jit
 def _adapter_term_kernel(
-    X, D, P, U, V, BIAS, E, OUT, H, SEED,
+    X, D, DS, P, U, V, BIAS, E, OUT, H, SEED,
     M, N, K, R, cols_per_split,
     stride_xm, stride_xk, stride_dr, stride_dk, stride_pn, stride_pr, stride_em, stride_en, stride_om, stride_on,
     stride_hm,
     scaling, p_drop,
     HAS_U: tl.constexpr, HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr,
-    IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, WRITE_OUT: tl.constexpr,
+    HAS_DSCALE: tl.constexpr, IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, STORE_H: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
     WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -61,8 +63,9 @@ def _adapter_term_kernel(
     keep_scale = 1.0 / (1.0 - p_drop)
 
     # h = X_d D^T, one pass over this program's rows of X.
-    b_h = down_project(X, D, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, stride_dr, seed, p_drop,
-                       keep_scale, IN_DROPOUT, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+    b_h = down_project(X, D, DS, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, stride_dr, seed, p_drop,
+                       keep_scale, IN_DROPOUT, HAS_DSCALE, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M,
+                       BLOCK_K, BLOCK_R)
     if STORE_H:
         if i_s == 0:
             tl.store(H + o_m[:, None] * stride_hm + o_r[None, :], b_h, mask=m_m[:, None] & m_r[None, :])
@@ -112,7 +115,8 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
                  v: Optional[torch.Tensor], bias: Optional[torch.Tensor], scaling: float, p_drop: float,
                  seed: Optional[torch.Tensor], *, in_dropout: bool, out_dropout: bool, store_h: bool,
                  write_out: bool = True, out_dtype: Optional[torch.dtype] = None,
-                 addend: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                 addend: Optional[torch.Tensor] = None, down_scale: Optional[torch.Tensor] = None,
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(OUT (M, N) in ``out_dtype`` (default x's) or None, h (M, R) fp32 or None); see the module docstring.
 
     Args:
@@ -122,6 +126,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         in_dropout / out_dropout: drop x's elements, or OUT's (the dX use, mask of x's shape).
         store_h: return h. write_out: compute OUT (False: only h).
         addend: (M, N) any strides, added to OUT (a base layer's own output), or None.
+        down_scale: (K,) or None: D's columns scaled by it (fp32 math), h = X (D diag(down_scale))^T.
     """
     M, K = x.shape
     N, R = up.shape
@@ -135,7 +140,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
     splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks)) if write_out else 1
     cols_per_split = triton.cdiv(col_tiles, splits) * block_n
     _adapter_term_kernel[(row_blocks, splits)](
-        x, down, up, vec(u, x), vec(v, x), vec(bias, x), addend if addend is not None else x,
+        x, down, vec(down_scale, x), up, vec(u, x), vec(v, x), vec(bias, x), addend if addend is not None else x,
         out if out is not None else x, h if h is not None else x,
         seed if seed is not None else x,
         M, N, K, R, cols_per_split,
@@ -145,8 +150,8 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         h.stride(0) if h is not None else 0,
         float(scaling), float(p_drop),
         HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None,
-        IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
-        WIDE_DOT=wide_dot(x, down),
+        HAS_DSCALE=down_scale is not None, IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
+        WIDE_DOT=wide_dot(x, down, down_scale),
         **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
         num_warps=warps,
     )

@@ -68,8 +68,8 @@ def _bank_segment_term_kernel(
 
     b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                                        # [BM, BR]
     if live:  # base-only rows never read x
-        b_h = down_project(X, A + o_a * stride_as, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_ak, stride_ar,
-                           0, 0.0, 1.0, False, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+        b_h = down_project(X, A + o_a * stride_as, X, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_ak, stride_ar,
+                           0, 0.0, 1.0, False, False, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
     b_u = tl.load(U + o_a * stride_us + o_r * stride_ur, mask=m_r, other=0.0).to(tl.float32)      # [BR]
     # Set, not multiplied, to 0 off the rank and on base-only tiles (0 * inf = NaN).
     b_z = tl.where(m_r[None, :] & live, b_h * b_u[None, :], 0.0)                                 # [BM, BR]

@@ -59,8 +59,8 @@ def _bank_term_kernel(
     o_a = tl.maximum(b_a, 0).to(tl.int64)  # a dead row reads slot 0's U and V, then drops them
 
     # h = X A^T, one pass over this program's rows of X (A shared by every row).
-    b_h = down_project(X, A, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_ak, stride_ar, 0, 0.0, 1.0,
-                       False, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)      # [BM, BR]
+    b_h = down_project(X, A, X, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_ak, stride_ar, 0, 0.0, 1.0,
+                       False, False, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC, BLOCK_M, BLOCK_K, BLOCK_R)      # [BM, BR]
     # z = h * U[a] (s folded into U). Dead rows and the padded rank columns are set to 0, not
     # multiplied by 0: an inf in x would make 0 * inf = NaN reach OUT.
     m_z = m_live[:, None] & m_r[None, :]

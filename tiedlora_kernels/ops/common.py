@@ -41,11 +41,14 @@ def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def down_project(X, D, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, stride_dr, seed, p_drop, keep_scale,
-                 IN_DROPOUT: tl.constexpr, WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr,
-                 SMALL_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """h = dropout(X[o_m]) D^T [BM, BR] fp32: one pass over rows o_m of X (M, K) against D (R, K), both
-    any strides. Every kernel's rank-r down projection (adapter_term's, the serving banks').
+def down_project(X, D, DS, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, stride_dr, seed, p_drop,
+                 keep_scale, IN_DROPOUT: tl.constexpr, HAS_DSCALE: tl.constexpr, WIDE_DOT: tl.constexpr,
+                 UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr, SMALL_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h = dropout(X[o_m]) (D diag(DS))^T [BM, BR] fp32: one pass over rows o_m of X (M, K) against
+    D (R, K), both any strides; HAS_DSCALE scales D's columns by DS (K,) unit stride, in fp32 (the
+    backward's D = (B v)^T without materialising B v). Every kernel's rank-r down projection
+    (adapter_term's, the serving banks').
 
     The dot runs in X's dtype (tensor cores for bf16/fp16) with D cast to it, except WIDE_DOT
     (fp16 X, fp32 D): there D cast to fp16 would flush its small values (gamma's scaled init) to
@@ -61,6 +64,8 @@ def down_project(X, D, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, s
             b_x = tl.where(b_keep, b_x.to(tl.float32) * keep_scale, 0.0).to(b_x.dtype)
         b_dt = tl.load(D + o_k[:, None] * stride_dk + o_r[None, :] * stride_dr,
                        mask=m_k[:, None] & m_r[None, :], other=0.0)                                # [BK, BR]
+        if HAS_DSCALE:
+            b_dt = b_dt.to(tl.float32) * tl.load(DS + o_k, mask=m_k, other=0.0).to(tl.float32)[:, None]
         if WIDE_DOT:
             b_h = tl.dot(b_x.to(tl.float32), b_dt.to(tl.float32), b_h, input_precision=SMALL_PREC)
         else:
@@ -68,9 +73,10 @@ def down_project(X, D, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_dk, s
     return b_h
 
 
-def wide_dot(x: torch.Tensor, down: torch.Tensor) -> bool:
-    """The WIDE_DOT flag of :func:`down_project` for activations ``x`` and down projection ``down``."""
-    return x.dtype == torch.float16 and down.dtype == torch.float32
+def wide_dot(x: torch.Tensor, down: torch.Tensor, down_scale: Optional[torch.Tensor] = None) -> bool:
+    """The WIDE_DOT flag of :func:`down_project` for activations ``x``, down projection ``down`` and
+    its column scale: fp16 x with a down projection formed in fp32 (an fp32 one, or a scaled one)."""
+    return x.dtype == torch.float16 and (down.dtype == torch.float32 or down_scale is not None)
 
 
 def block_r(r: int) -> int:

@@ -1,6 +1,8 @@
 """The adapted linear layer on the GPU: cuBLAS does the two big GEMMs, this package's kernels do
-everything cuBLAS cannot, composed as one ``torch.library`` custom op with its autograd formula
-(``torch.compile(fullgraph=True)`` sees one node, no graph break).
+everything cuBLAS cannot. Under ``torch.compile`` the layer is one ``torch.library`` custom op with
+its autograd formula (``fullgraph=True`` sees one node, no graph break); in eager mode the same
+forward and backward run as a plain ``autograd.Function`` (``_EagerTiedLoRA``), whose dispatch
+costs a fraction of the custom op's on the host.
 
 Formula (docs/MATH.md), x flattened to (M, K), W (N, K), A (r, K), B (N, r), u (r,), v (N,):
 
@@ -17,8 +19,8 @@ Backward, G = dL/dout (M, N):
     Ldx, g = adapter_term(G)        g = G (B v) fp32, Ldx = s (g * u) A * keep / (1 - p)
     dx = Ldx.addmm_(G, W)           cuBLAS with beta = 1
     dA = grad_down(x, g)            one pass over x, dropout mask regenerated from the seed
-    dB, dv = grad_up(G, h)          one more pass over G
-    du = s * sum_rows(g * h)        (M, r) in torch
+    dB, dv, du = grad_up(G, h, g)   one more pass over G (and h, g), then grad_up_finish: the
+                                    partials summed, the three gradients written in their dtypes
 
 Over a base layer that computes its own output E (a quantized layer: ``tied_lora_add``), there is
 no weight: adapter_term adds E in its epilogue (out = E + L, or y = E + L with a row scale), dx
@@ -123,18 +125,15 @@ def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling
     if need_x or need_a or need_u:
         # g = G (B v) is the "h" of dx's adapter term: adapter_term with roles (G, (B v)^T, A^T, u),
         # the dropout mask on its output columns (x's shape).
-        bv_t = (B.float() if v is None else B.float() * v.float()[:, None]).t()  # (r, N) fp32, N x r only
-        Ldx, g = adapter_term(G, bv_t, A.t(), u, None, None, scaling, dropout_p, seed, in_dropout=False,
-                              out_dropout=dropping, store_h=need_a or need_u, write_out=need_x)
+        Ldx, g = adapter_term(G, B.t(), A.t(), u, None, None, scaling, dropout_p, seed, in_dropout=False,
+                              out_dropout=dropping, store_h=need_a or need_u, write_out=need_x, down_scale=v)
         if need_x:
             dx = Ldx.addmm_(G, weight) if weight is not None else Ldx
     da = du = db = dv = None
     if need_a:
         da = grad_down(x, g, u, scaling, dropout_p, seed, dropping)
-    if need_u:
-        du = scaling * (g * h).sum(0)
-    if need_b or need_v:
-        db, dv = grad_up(G, h, u, v, B, scaling, need_b, need_v)
+    if need_b or need_v or need_u:
+        db, dv, du = grad_up(G, h, g, u, v, B, scaling, need_b, need_v, need_u)
     # Outputs of a custom op may not alias each other: each unneeded slot gets its own empty tensor.
     cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
     return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v),
@@ -178,7 +177,9 @@ def _setup_context(ctx, inputs, output):
                           output[1] if store_h else None, output[2] if store_y else None, seed)
 
 
-def _backward(ctx, grad_out, grad_h, grad_y):
+def _gradients(ctx, grad_out, run_backward):
+    """The 14 input gradients of the forward from dL/dout; ``run_backward`` is ``_backward_op`` (the
+    custom op, what a compiled graph records) or ``_backward_impl`` (its body, eager mode)."""
     if torch.is_grad_enabled():
         # create_graph=True: the backward op has no derivative of its own.
         raise RuntimeError("tied_lora_linear (triton): double backward (autograd.grad / backward with "
@@ -193,13 +194,37 @@ def _backward(ctx, grad_out, grad_h, grad_y):
         return (None,) * 14
     if not any(needs):  # only the base output's gradient, and no row scale: it is G itself
         return (None, None, grad_out if need_base else None) + (None,) * 11
-    grads = _backward_op(grad_out, x, weight, A, B, u, v, row_scale, h, y, seed, ctx.scaling, ctx.dropout_p, needs)
+    grads = run_backward(grad_out, x, weight, A, B, u, v, row_scale, h, y, seed, ctx.scaling, ctx.dropout_p, needs)
     dx, da, db, du, dv, dc, gs = (t if need else None for t, need in zip(grads, needs))
     d_base = (gs if ctx.has_c else grad_out) if need_base else None
     return dx, None, d_base, None, da, db, du, dv, dc, None, None, None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+def _compiled_backward(ctx, grad_out, grad_h, grad_y):
+    return _gradients(ctx, grad_out, _backward_op)
+
+
+_forward_op.register_autograd(_compiled_backward, setup_context=_setup_context)
+
+
+class _EagerTiedLoRA(torch.autograd.Function):
+    """Eager mode's autograd node: the custom op's forward, context and backward, without the custom
+    op's dispatch. That dispatch (schema binding, redispatch through the autograd and backend keys,
+    dynamo's disable wrapper) costs about as much host time as the kernels' own launches, twice per
+    layer and step (forward and backward); a training step that is host-bound pays it in full.
+    ``torch.compile`` traces the custom op instead (``_run``), which it sees as one opaque node."""
+
+    @staticmethod
+    def forward(*args):
+        return _forward_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h, grad_y):
+        return _gradients(ctx, grad_out, _backward_impl)
 
 
 def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -251,9 +276,11 @@ def _run(x, weight, base_out, bias, A, B, u, v, scaling, dropout_p, training, ro
     store_y = grad and row_scale is not None and row_scale.requires_grad
     args = (x2, weight, e2, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h), bool(store_y))
     differentiable = grad and any(t is not None and t.requires_grad for t in (x, base_out, A, B, u, v, row_scale))
-    if differentiable or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         out = _forward_op(*args)[0]
-    else:  # inference, eager: the body without the custom op's dispatch (~12 us a call on the host: decode)
+    elif differentiable:
+        out = _EagerTiedLoRA.apply(*args)[0]
+    else:  # inference, eager: no autograd node at all
         out = _forward_impl(*args)[0]
     return out.reshape(*x.shape[:-1], N)
 
