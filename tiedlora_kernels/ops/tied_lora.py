@@ -101,7 +101,7 @@ def _(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p
 
 
 def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
-    """[dx, dA, dB, du, dv, dc, G * c] for ``needs``; see ``_backward_op``."""
+    """[dx, dA, dB, du, dv, dc, G * c] for ``needs``, None where not needed; see ``_backward_op``."""
     with _on_device_of(G):
         return _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
 
@@ -109,12 +109,11 @@ def _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dro
 def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs):
     need_x, need_a, need_b, need_u, need_v, need_c, need_gs = needs
     M, K = G.shape[0], A.shape[1]
-    nothing = G.new_empty(0)
     if M == 0:  # empty batch: zero gradients, no launch
-        zeros = lambda t, need: torch.zeros_like(t) if need else nothing.clone()  # noqa: E731
-        return [G.new_zeros((0, K)) if need_x else nothing.clone(), zeros(A, need_a), zeros(B, need_b),
+        zeros = lambda t, need: torch.zeros_like(t) if need else None  # noqa: E731
+        return [G.new_zeros((0, K)) if need_x else None, zeros(A, need_a), zeros(B, need_b),
                 zeros(u, need_u), zeros(v, need_v), zeros(row_scale, need_c),
-                G.new_zeros(G.shape) if need_gs else nothing.clone()]
+                G.new_zeros(G.shape) if need_gs else None]
     dc = gs = None
     if row_scale is not None:
         # out = c * y + b: one pass gives dL/dy = G * c, which every other gradient is taken from, and dc.
@@ -134,10 +133,8 @@ def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling
         da = grad_down(x, g, u, scaling, dropout_p, seed, dropping)
     if need_b or need_v or need_u:
         db, dv, du = grad_up(G, h, g, u, v, B, scaling, need_b, need_v, need_u)
-    # Outputs of a custom op may not alias each other: each unneeded slot gets its own empty tensor.
-    cast = lambda t, like: t.to(like.dtype) if t is not None else nothing.clone()  # noqa: E731
-    return [dx if dx is not None else nothing.clone(), cast(da, A), cast(db, B), cast(du, u), cast(dv, v),
-            cast(dc, row_scale), gs if gs is not None else nothing.clone()]
+    cast = lambda t, like: t.to(like.dtype) if t is not None else None  # noqa: E731
+    return [dx, cast(da, A), db, du, dv, cast(dc, row_scale), gs]
 
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
@@ -153,7 +150,9 @@ def _backward_op(G: torch.Tensor, x: Optional[torch.Tensor], weight: Optional[to
     computes its own output: dx is the adapter's part only); h (M, r) fp32 (None unless B, u or v
     trains); y (M, N) the pre-scale output (None unless the row scale trains).
     """
-    return _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
+    grads = _backward_impl(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling, dropout_p, needs)
+    # A custom op returns tensors that do not alias each other: each unneeded slot its own empty one.
+    return [t if t is not None else G.new_empty(0) for t in grads]
 
 
 @_backward_op.register_fake
