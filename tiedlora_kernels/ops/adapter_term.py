@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import block_r, down_project, keep_mask, precisions, triton_interpreting, vec, wide_dot
+from .common import block_r, cdiv, down_project, keep_mask, kernels_interpreted, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def _tiles(M: int, r_block: int, device: torch.device, ieee_fp32: bool = False) 
     of latency needs; 64 above rank 64, where the [BK, BR] tile of D would take most of the shared
     memory; 64 too for IEEE fp32 dots, whose 128-deep tile with the backward's column scale spills
     on sm_90, bench/results/compile/): a prediction, to be checked against the kernel's floor on a GPU."""
-    if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
+    if kernels_interpreted():  # the interpreter's cost is per program: few, large blocks
         return 32, 32, 32, 4
     programs = common.target_programs(device)
     block_m = 64 if M >= 64 * programs else (32 if M >= 16 * programs else 16)
@@ -136,11 +136,11 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
     block_m, block_n, block_k, warps = _tiles(M, r_block, x.device, x.dtype == torch.float32 and prec["MAIN_PREC"] == "ieee")
     out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype) if write_out else None
     h = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_h else None
-    row_blocks = triton.cdiv(M, block_m)
-    col_tiles = max(1, triton.cdiv(N, block_n))
+    row_blocks = cdiv(M, block_m)
+    col_tiles = max(1, cdiv(N, block_n))
     # Decode: split the columns so one row block still fills the device (each split re-reads its rows of x).
     splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks)) if write_out else 1
-    cols_per_split = triton.cdiv(col_tiles, splits) * block_n
+    cols_per_split = cdiv(col_tiles, splits) * block_n
     _adapter_term_kernel[(row_blocks, splits)](
         x, down, vec(down_scale, x), up, vec(u, x), vec(v, x), vec(bias, x), addend if addend is not None else x,
         out if out is not None else x, h if h is not None else x,

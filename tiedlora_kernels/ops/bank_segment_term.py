@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import common
 from .adapter_term import _tiles
-from .common import block_r, down_project, precisions, triton_interpreting, vec, wide_dot
+from .common import block_r, cdiv, down_project, kernels_interpreted, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def segment_block_m(rows: int, segments: int) -> int:
     """Tile height for ``rows`` rows in ``segments`` segments: 16 (the smallest dot) when segments are
     short (decode: one row per sequence), up to 64 for long ones (prefill: a sequence per segment)."""
     mean = rows / max(segments, 1)
-    if triton_interpreting():  # the interpreter's cost is per program: few, large blocks
+    if kernels_interpreted():  # the interpreter's cost is per program: few, large blocks
         return 16 if mean <= 16 else 32
     return 16 if mean <= 16 else (32 if mean <= 32 else 64)
 
@@ -162,9 +162,9 @@ def bank_segment_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torc
     tiles = plan.tile_slot.numel()
     if M == 0 or tiles == 0:
         return out
-    col_tiles = max(1, triton.cdiv(N, block_n))
+    col_tiles = max(1, cdiv(N, block_n))
     splits = max(1, min(col_tiles, common.target_programs(x.device) // tiles))
-    cols_per_split = triton.cdiv(col_tiles, splits) * block_n
+    cols_per_split = cdiv(col_tiles, splits) * block_n
     a_s, a_r, a_k = (A.stride() if A.dim() == 3 else (0, *A.stride()))
     b_s, b_n, b_r = (B.stride() if B.dim() == 3 else (0, *B.stride()))
     _bank_segment_term_kernel[(tiles, splits)](

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import common
 from .adapter_term import _tiles
-from .common import block_r, down_project, precisions, vec, wide_dot
+from .common import block_r, cdiv, down_project, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -106,11 +106,11 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    row_blocks = triton.cdiv(M, block_m)
-    col_tiles = max(1, triton.cdiv(N, block_n))
+    row_blocks = cdiv(M, block_m)
+    col_tiles = max(1, cdiv(N, block_n))
     # Decode: split the columns so one row block still fills the device (each split re-reads its rows of x).
     splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks))
-    cols_per_split = triton.cdiv(col_tiles, splits) * block_n
+    cols_per_split = cdiv(col_tiles, splits) * block_n
     _bank_term_kernel[(row_blocks, splits)](
         x, A, B, U, V if V is not None else U, ids, vec(bias, x), out,
         M, N, K, R, rows_per_id, cols_per_split,

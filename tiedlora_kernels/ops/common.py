@@ -79,9 +79,27 @@ def wide_dot(x: torch.Tensor, down: torch.Tensor, down_scale: Optional[torch.Ten
     return x.dtype == torch.float16 and (down.dtype == torch.float32 or down_scale is not None)
 
 
+# The launchers' arithmetic is plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are jit
+# functions, and called from Python each goes through the JIT's dispatcher (several microseconds of
+# host time, a dozen times per layer and training step). So is the interpreter flag read once.
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative a and positive b."""
+    return -(-a // b)
+
+
 def block_r(r: int) -> int:
     """Padded rank: a power of two, at least 16 (the smallest tl.dot dimension on tensor cores)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, 1 << (r - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_interpreted() -> bool:
+    """Whether this package's kernels run on the Triton interpreter: ``TRITON_INTERPRET`` as it was
+    when ``triton.jit`` decorated them (at import), read once; the dispatch's checks read the
+    environment on each call (:func:`tiedlora_kernels.ops.triton_interpreting`)."""
+    return triton_interpreting()
 
 
 def tf32_allowed() -> bool:
@@ -100,7 +118,7 @@ def tf32_allowed() -> bool:
 def precisions(act_dtype: torch.dtype) -> dict:
     """constexpr dot settings for activations of ``act_dtype``: UPCAST (bf16 under the interpreter),
     MAIN_PREC (the dot over the activations), SMALL_PREC (the fp32 rank-r dots)."""
-    if triton_interpreting():
+    if kernels_interpreted():
         return dict(UPCAST=act_dtype == torch.bfloat16, MAIN_PREC="ieee", SMALL_PREC="ieee")
     if act_dtype == torch.float32:
         prec = "tf32" if tf32_allowed() else "ieee"
@@ -115,7 +133,7 @@ def _sm_count(device_index: int) -> int:
 
 def target_programs(device: torch.device) -> int:
     """Programs that fill the device twice over (1 under the interpreter: programs run serially)."""
-    if triton_interpreting() or device.type != "cuda":
+    if kernels_interpreted() or device.type != "cuda":
         return 1
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -124,11 +142,11 @@ def row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int, 
     """(splits, rows per split) of a two-stage row reduction: enough programs to fill the device,
     no more splits than row blocks, and at most 256 MiB of fp32 partials. Each split writes its own
     partial and torch sums them: deterministic, no atomics."""
-    n_blocks = triton.cdiv(max(M, 1), block_m)
+    n_blocks = cdiv(max(M, 1), block_m)
     splits = max(1, min(n_blocks, target_programs(device) // max(other_programs, 1),
                         (256 << 20) // max(bytes_per_split, 1)))
-    rows = triton.cdiv(n_blocks, splits) * block_m
-    return triton.cdiv(max(M, 1), rows), rows
+    rows = cdiv(n_blocks, splits) * block_m
+    return cdiv(max(M, 1), rows), rows
 
 
 def reduction_tiles(r: int) -> tuple[int, int, int, int]:
@@ -136,7 +154,7 @@ def reduction_tiles(r: int) -> tuple[int, int, int, int]:
     N columns, dA over K columns, dc): narrower column tiles and 8 warps at large rank keep the
     [columns, BLOCK_R] fp32 accumulator in registers."""
     b_r = block_r(r)
-    interp = triton_interpreting()
+    interp = kernels_interpreted()
     block_cols = 32 if interp or b_r >= 128 else 64
     return b_r, 32 if interp else 64, block_cols, 8 if b_r >= 128 else 4
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import keep_mask
+from .common import cdiv, keep_mask
 
 
 @triton.jit
@@ -42,6 +42,6 @@ def dropout_mask(seed: torch.Tensor, shape, p: float, device=None) -> torch.Tens
     device = seed.device if device is None else torch.device(device)
     keep = torch.empty((M, K), device=device, dtype=torch.int8)
     if M * K:
-        _dropout_keep_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 32))](
+        _dropout_keep_kernel[(cdiv(M, 32), cdiv(K, 32))](
             seed.to(device), keep, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
     return keep.bool()

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import keep_mask, precisions, reduction_tiles, row_splits, vec
+from .common import cdiv, keep_mask, precisions, reduction_tiles, row_splits, vec
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def grad_down(x: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], scali
     M, K = x.shape
     r = g.shape[1]
     r_block, block_m, block_k, warps = reduction_tiles(r)
-    n_tiles = triton.cdiv(K, block_k)
+    n_tiles = cdiv(K, block_k)
     splits, rows = row_splits(M, block_m, n_tiles, 4 * K * r, x.device)
     da_part = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
     _grad_down_kernel[(n_tiles, splits)](

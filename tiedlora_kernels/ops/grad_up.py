@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import precisions, reduction_tiles, row_splits, triton_interpreting, vec
+from .common import cdiv, kernels_interpreted, precisions, reduction_tiles, row_splits, vec
 from .grad_up_finish import grad_up_finish
 
 
@@ -91,9 +91,9 @@ def grad_up(G: torch.Tensor, h: torch.Tensor, g: Optional[torch.Tensor], u: Opti
     need_p = need_db or need_dv
     r_block, block_m, block_n, warps = reduction_tiles(r)
     small_prec = precisions(G.dtype)["SMALL_PREC"]
-    if small_prec == "ieee" and not triton_interpreting():
+    if small_prec == "ieee" and not kernels_interpreted():
         block_m = 32  # the IEEE fp32 dot of a 64-row tile spills on sm_90 (bench/results/compile/)
-    n_tiles = max(1, triton.cdiv(N, block_n)) if need_p else 1  # at least tile 0: it writes du (N = 0 too)
+    n_tiles = max(1, cdiv(N, block_n)) if need_p else 1  # at least tile 0: it writes du (N = 0 too)
     part_rows = (N if need_p else 0) + (1 if need_du else 0)
     splits, rows = row_splits(M, block_m, n_tiles, 4 * part_rows * r, G.device)
     part = torch.empty((splits, part_rows, r), device=G.device, dtype=torch.float32)

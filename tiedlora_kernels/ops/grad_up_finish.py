@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_r, vec
+from .common import block_r, cdiv, vec
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def grad_up_finish(part: torch.Tensor, B: torch.Tensor, v: Optional[torch.Tensor
     dv = torch.empty((N,), device=B.device, dtype=v.dtype) if need_dv else None
     du = torch.empty((r,), device=B.device, dtype=u.dtype) if need_du else None
     placeholder = part
-    _grad_up_finish_kernel[(max(1, triton.cdiv(N, block_n)) if need_p else 1,)](  # tile 0 writes du
+    _grad_up_finish_kernel[(max(1, cdiv(N, block_n)) if need_p else 1,)](  # tile 0 writes du
         part, B, vec(v, placeholder), db if need_db else placeholder, dv if need_dv else placeholder,
         du if need_du else placeholder,
         N, r, part.shape[0], du_row,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import reduction_tiles, row_splits, vec
+from .common import cdiv, reduction_tiles, row_splits, vec
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def row_scale_grad(G: torch.Tensor, y: Optional[torch.Tensor], c: torch.Tensor, 
     and y (M, N) row-major (the saved pre-scale output; needed only for dc)."""
     M, N = G.shape
     _, block_m, block_n, warps = reduction_tiles(1)
-    n_tiles = triton.cdiv(N, block_n)
+    n_tiles = cdiv(N, block_n)
     splits, rows = row_splits(M, block_m, n_tiles, 4 * N, G.device)
     gs = torch.empty((M, N), device=G.device, dtype=G.dtype) if need_gs else None
     dc_part = torch.empty((splits, N), device=G.device, dtype=torch.float32) if need_dc else None
