@@ -687,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=("target", "none"), default="target",
                     help="torch.profiler pass after all timings (target: the target M's impls and the decode forward)")
     ap.add_argument("--no-probes", action="store_true", help="skip the copy / addmm-vs-mm / merged-layout probes")
+    ap.add_argument("--serving", action="store_true",
+                    help="then the multi-adapter serving benchmark (bench.serving) into OUT/serving, for "
+                         "--serving-minutes (on a GPU it needs ~3 minutes of its own)")
+    ap.add_argument("--serving-minutes", type=float, default=3.0, help="the serving benchmark's budget")
     ap.add_argument("--resume", action="store_true",
                     help="keep the records of OUT/results.json and measure only the missing ones (same grid)")
     ap.add_argument("--tests-exit-code", type=int, default=None,
@@ -817,4 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in records if r.get("ok") is False or "error" in r]
     print(f"wrote {args.out}/results.json, results.md and plots; {len(records)} of {meta['planned']} measurements, "
           f"{len(bad)} failed or errored, {len(e2e)} end-to-end configs", file=sys.stderr)
+    if args.serving:
+        from . import serving
+
+        return serving.main(["--out", str(args.out / "serving"), "--max-minutes", str(args.serving_minutes)])
     return 0

@@ -358,3 +358,13 @@ def test_report_rebuilds_from_json_and_readme_snippet_is_gpu_only(smoke, tmp_pat
     text = readme_snippet(gpu, data["records"], data["e2e"], targets(data["records"], data["e2e"]), "bench/results/x")
     assert "H100 (fake, for the renderer)" in text and gpu["commit"][:12] in text and "| no_adapter |" in text
     assert text.count("| e2e step, TL6 <= 1.15x no adapter |") == 1
+
+
+def test_serving_benchmark_runs_from_the_main_command(tmp_path):
+    """``python -m bench --serving`` runs the multi-adapter serving benchmark (bench.serving) after the
+    rest, into OUT/serving (here with no time for measurements: the wiring and the labelled JSON)."""
+    assert main(["--grid", "smoke", "--max-minutes", "0", "--no-e2e", "--no-probes", "--profile", "none",
+                 "--serving", "--serving-minutes", "0", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "serving" / "results.json").read_text())
+    assert data["meta"]["mode"] == "smoke-cpu" and data["meta"]["speed_claims"] is False
+    assert "bench.serving" in data["meta"]["command"]
