@@ -2,7 +2,7 @@
 
 Run as ``python _ddp_worker.py OUT_DIR CASES_JSON`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
 and ``MASTER_PORT`` set (gloo, CPU). One process group serves every case in ``CASES_JSON`` (a
-list of ``{"name", "preset", "ckpt", "wrap"[, "static_graph"]}``: ``wrap`` is ``"ddp"`` or ``"fsdp2"``,
+list of ``{"name", "preset", "ckpt", "wrap"[, "static_graph", "quantized"]}``: ``wrap`` is ``"ddp"`` or ``"fsdp2"``,
 ``ckpt`` is false, true (transformers' default non-reentrant activation checkpointing) or
 ``"reentrant"``; a case with ``"expect_error": true`` records the ``RuntimeError`` it raises): startup
 (imports, rendezvous) costs more than the training itself. Each rank trains on its contiguous
@@ -35,10 +35,13 @@ SEQ = 12
 LR = 2.0
 
 
-def build_model(preset: str, ckpt) -> torch.nn.Module:
-    """The tiny LLaMA (hidden 32, 2 layers, vocab 97) with a rank-4 adapter, identical on every call."""
+def build_model(preset: str, ckpt, quantized: bool = False) -> torch.nn.Module:
+    """The tiny LLaMA (hidden 32, 2 layers, vocab 97) with a rank-4 adapter, identical on every call;
+    ``quantized``: its decoder linears reloaded as bitsandbytes 4-bit (NF4) layers (QLoRA-style)."""
     torch.manual_seed(0)
     model = tiny_llama(n_layer=2, hidden=32)
+    if quantized:
+        model = _as_4bit(model)
     inject(model, TiedLoRAConfig(rank=4, preset=preset, seed=3))
     with torch.no_grad():
         # Move the zero-initialised factor off zero, so every trained tensor gets a gradient at step 1.
@@ -53,6 +56,29 @@ def build_model(preset: str, ckpt) -> torch.nn.Module:
     elif ckpt:
         model.activation_checkpointing_enable()  # transformers' default: non-reentrant checkpoint
     return model
+
+
+def _as_4bit(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` saved and loaded back with transformers' ``BitsAndBytesConfig`` (4-bit NF4, fp32
+    compute, CPU), as users load a QLoRA base; the quantization is deterministic, so every rank
+    holds the same base."""
+    import tempfile
+    import warnings
+
+    import transformers
+
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as path, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Not save_pretrained: under torch.distributed it writes on rank 0 only; each rank needs its own copy.
+        from safetensors.torch import save_file
+
+        model.config.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{path}/model.safetensors",
+                  metadata={"format": "pt"})
+        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                                 dtype=torch.float32)
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -81,9 +107,9 @@ def train(forward, opt, rows: slice, after_backward=None) -> None:
         opt.step()
 
 
-def train_single(preset: str, ckpt: bool, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+def train_single(preset: str, ckpt: bool, rows: slice = slice(None), quantized: bool = False) -> dict[str, torch.Tensor]:
     """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce."""
-    model = build_model(preset, ckpt)
+    model = build_model(preset, ckpt, quantized)
     train(model, make_optimizer(model), rows)
     return trainable_state(model)
 
@@ -91,7 +117,7 @@ def train_single(preset: str, ckpt: bool, rows: slice = slice(None)) -> dict[str
 def _run_ddp(case: dict, rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = build_model(case["preset"], case["ckpt"])
+    model = build_model(case["preset"], case["ckpt"], case.get("quantized", False))
     ddp = DDP(model, static_graph=case.get("static_graph", False))  # find_unused_parameters=False: every trained tensor must get a gradient each step
     trainable = [p for p in ddp.parameters() if p.requires_grad]
     tied = [f.A for f in model.tiedlora.values()] + [f.B for f in model.tiedlora.values()]
