@@ -17,7 +17,9 @@ from pathlib import Path
 
 PHASES = [("bench", "targets microbenchmark (python -m bench --no-e2e)"),
           ("cuda_tests", "cuda-marked tests (pytest -m cuda)"),
+          ("host", "host time per call (python -m bench.host_overhead)"),
           ("e2e", "end-to-end training step (python -m bench --e2e-only)"),
+          ("serving", "many adapters in one batch (python -m bench.serving)"),
           ("suite", "rest of the suite (pytest -m \"not cuda\")"),
           ("pybench", "pytest-benchmark (bench/test_bench_ops.py)")]
 LIST = 25  # at most this many names per list in SUMMARY.md (the JSON files have all of them)
@@ -152,6 +154,34 @@ def _e2e_phase(out: Path) -> list[str]:
     return lines + _targets(data)
 
 
+def _host_phase(out: Path) -> list[str]:
+    data = _load(out / "host" / "host_overhead.json")
+    if data is None:
+        return ["- no host_overhead.json (stopped before it was written)"]
+    return [f"- us per call on {data['device']}: "
+            + ", ".join(f"{name} {us:.1f}" for name, us in data["us_per_call"].items())]
+
+
+def _serving_phase(out: Path) -> list[str]:
+    data = _load(out / "serving" / "results.json")
+    if data is None:
+        return ["- no results.json (stopped before it was written)"]
+    meta = data["meta"]
+    timed = [r for r in data["records"] if "median_ms" in r]
+    lines = [f"- {len(timed)} measurements ({meta.get('mode')}); checks against the loop: "
+             f"{sum(c['ok'] for c in data['checks'])} of {len(data['checks'])} ok"]
+    if meta.get("truncated"):
+        lines.append(f"- **cut short**: {meta['truncated']}")
+    for t in data.get("targets") or []:
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "**not met**")
+        lines.append(f"- {t['phase']}, {t['kind']} adapters, {t['figure']} at {t['distinct']} distinct: {value} "
+                     f"(target {t['target']}): {verdict}")
+    if not meta.get("speed_claims"):
+        lines.append(f"- speed claims: no ({meta.get('no_claims_reason', meta.get('mode'))})")
+    return lines
+
+
 def _targets(data: dict) -> list[str]:
     tg = [t for t in data.get("targets") or [] if t.get("binding")]
     if not tg:
@@ -190,7 +220,7 @@ def summary(out: Path, budget: int, final: bool) -> str:
                      f"{ran if ran is not None else '-'} | {within} | {p['rc'] if p['rc'] is not None else '-'} | "
                      f"{p['status']} |")
     lines.append("")
-    detail = {"bench": _bench_phase, "e2e": _e2e_phase}
+    detail = {"bench": _bench_phase, "host": _host_phase, "e2e": _e2e_phase, "serving": _serving_phase}
     for i, (name, what) in enumerate(PHASES, 1):
         lines += [f"## {i}. {name}: {what}", ""]
         p = phases.get(name)
