@@ -532,6 +532,40 @@ def test_clear_errors_on_the_triton_route(monkeypatch):
             public_tied_lora_linear(**_public_args(t))
 
 
+def test_traced_graphs_record_the_custom_ops_not_the_launches():
+    """Eager calls run a plain autograd.Function; anything that traces a graph must see the custom
+    ops instead: a make_fx trace (AOTAutograd without dynamo) of forward + backward, and compiled
+    autograd tracing the backward of an eager forward. Both gave the right gradients through the
+    custom op before eager mode had its own path, and must still."""
+    from torch._dynamo import compiled_autograd
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    t = make(6, 8, 5, 3)
+    G = upstream((6, 5), torch.float32)
+    ref, ref_grads = run(kernel, t, G)
+
+    def fwd_bwd(x, A, B, u, v):
+        out = kernel(x, t["weight"], t["bias"], A, B, u, v, 0.7)
+        return (out, *torch.autograd.grad(out, (x, A, B, u, v), G))
+
+    args = [t[n] for n in ("x", "A", "B", "u", "v")]
+    graph = make_fx(fwd_bwd)(*args)
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert {"tiedlora.tied_lora_linear_forward.default", "tiedlora.tied_lora_linear_backward.default"} <= targets
+    traced = graph(*args)
+    assert rel_err(traced[0], ref) < 1e-6
+    for name, got in zip(("x", "A", "B", "u", "v"), traced[1:]):
+        assert rel_err(got, ref_grads[name]) < 1e-6, name
+
+    for n in ("x", "A", "B", "u", "v"):
+        t[n].grad = None
+    out = kernel(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["u"], t["v"], 0.7)
+    with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        out.backward(G)
+    for name in ("x", "A", "B", "u", "v"):
+        assert rel_err(t[name].grad, ref_grads[name]) < 1e-6, name
+
+
 def test_double_backward_is_refused_clearly(monkeypatch):
     """create_graph=True through the kernels raises a clear error (the torch backend differentiates twice)."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")

@@ -95,21 +95,21 @@ def _adapter_term_kernel(
                      mask=m_m[:, None] & m_n[None, :])
 
 
-def _tiles(M: int, r_block: int, device: torch.device, ieee_fp32: bool = False) -> tuple[int, int, int, int]:
+def _tiles(M: int, r_block: int, device: torch.device, ieee_scaled: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), fixed by shape (no autotuning: a memory-bound pass
     whose floor is known; tests and training never pay for tuning). Rows per program shrink until
     the row blocks alone fill the device twice; the [BR, BN] tile of P shrinks at large rank so it
     stays in registers. BLOCK_K = 128 keeps ~8 KiB of x per pipeline stage in flight per program
     (2 programs x 3 stages per SM: ~6 MB in flight on 132 SMs, above the ~5 MB that 4.8 TB/s at ~1 us
     of latency needs; 64 above rank 64, where the [BK, BR] tile of D would take most of the shared
-    memory; 64 too for IEEE fp32 dots, whose 128-deep tile with the backward's column scale spills
+    memory; 64 too for the backward's IEEE fp32 dot with its column scale, whose 128-deep tile spills
     on sm_90, bench/results/compile/): a prediction, to be checked against the kernel's floor on a GPU."""
     if kernels_interpreted():  # the interpreter's cost is per program: few, large blocks
         return 32, 32, 32, 4
     programs = common.target_programs(device)
     block_m = 64 if M >= 64 * programs else (32 if M >= 16 * programs else 16)
     block_n = max(32, min(128, 8192 // r_block))
-    return block_m, block_n, 128 if r_block <= 64 and not ieee_fp32 else 64, 8 if r_block >= 128 else 4
+    return block_m, block_n, 128 if r_block <= 64 and not ieee_scaled else 64, 8 if r_block >= 128 else 4
 
 
 def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optional[torch.Tensor],
@@ -133,7 +133,8 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
     N, R = up.shape
     r_block = block_r(R)
     prec = precisions(x.dtype)
-    block_m, block_n, block_k, warps = _tiles(M, r_block, x.device, x.dtype == torch.float32 and prec["MAIN_PREC"] == "ieee")
+    ieee_scaled = down_scale is not None and x.dtype == torch.float32 and prec["MAIN_PREC"] == "ieee"
+    block_m, block_n, block_k, warps = _tiles(M, r_block, x.device, ieee_scaled)
     out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype) if write_out else None
     h = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_h else None
     row_blocks = cdiv(M, block_m)

@@ -96,9 +96,10 @@ def block_r(r: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def kernels_interpreted() -> bool:
-    """Whether this package's kernels run on the Triton interpreter: ``TRITON_INTERPRET`` as it was
-    when ``triton.jit`` decorated them (at import), read once; the dispatch's checks read the
-    environment on each call (:func:`tiedlora_kernels.ops.triton_interpreting`)."""
+    """Whether this package's kernels run on the Triton interpreter. ``triton.jit`` fixed that when it
+    decorated them, at import, from ``TRITON_INTERPRET``; this reads the variable once, at the first
+    launch (changing it later changes neither). The dispatch's checks read the environment on each
+    call (:func:`tiedlora_kernels.ops.triton_interpreting`)."""
     return triton_interpreting()
 
 

@@ -97,7 +97,7 @@ def grad_up(G: torch.Tensor, h: torch.Tensor, g: Optional[torch.Tensor], u: Opti
     part_rows = (N if need_p else 0) + (1 if need_du else 0)
     splits, rows = row_splits(M, block_m, n_tiles, 4 * part_rows * r, G.device)
     part = torch.empty((splits, part_rows, r), device=G.device, dtype=torch.float32)
-    du_row = part_rows - 1
+    du_row = part_rows - 1 if need_du else -1
     _grad_up_kernel[(n_tiles, splits)](
         G, h, g if g is not None else h, vec(u, h), part,
         M, N, r, rows, du_row,

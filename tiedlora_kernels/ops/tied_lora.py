@@ -223,7 +223,16 @@ class _EagerTiedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_h, grad_y):
-        return _gradients(ctx, grad_out, _backward_impl)
+        # Compiled autograd traces this backward with dynamo even when the forward ran eagerly.
+        return _gradients(ctx, grad_out, _backward_op if _tracing() else _backward_impl)
+
+
+def _tracing() -> bool:
+    """Whether this call is being traced into a graph (``torch.compile``, ``torch.export``, compiled
+    autograd, or a ``make_fx`` / AOTAutograd trace without dynamo): the graph must record the custom
+    ops, never the Triton launches inside them."""
+    return (torch.compiler.is_compiling()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
 def tied_lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -275,7 +284,7 @@ def _run(x, weight, base_out, bias, A, B, u, v, scaling, dropout_p, training, ro
     store_y = grad and row_scale is not None and row_scale.requires_grad
     args = (x2, weight, e2, bias, A, B, u, v, row_scale, seed, float(scaling), p, bool(store_h), bool(store_y))
     differentiable = grad and any(t is not None and t.requires_grad for t in (x, base_out, A, B, u, v, row_scale))
-    if torch.compiler.is_compiling():
+    if _tracing():
         out = _forward_op(*args)[0]
     elif differentiable:
         out = _EagerTiedLoRA.apply(*args)[0]
