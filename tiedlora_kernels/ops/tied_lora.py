@@ -1,8 +1,9 @@
 """The adapted linear layer on the GPU: cuBLAS does the two big GEMMs, this package's kernels do
-everything cuBLAS cannot. Under ``torch.compile`` the layer is one ``torch.library`` custom op with
-its autograd formula (``fullgraph=True`` sees one node, no graph break); in eager mode the same
-forward and backward run as a plain ``autograd.Function`` (``_EagerTiedLoRA``), whose dispatch
-costs a fraction of the custom op's on the host.
+everything cuBLAS cannot. In a traced graph (``torch.compile``, ``torch.export``, compiled
+autograd, ``make_fx``: ``_tracing``) the layer is one ``torch.library`` custom op with its autograd
+formula (``fullgraph=True`` sees one node, no graph break); in eager mode the same forward and
+backward run as a plain ``autograd.Function`` (``_EagerTiedLoRA``), whose dispatch costs a
+fraction of the custom op's on the host.
 
 Formula (docs/MATH.md), x flattened to (M, K), W (N, K), A (r, K), B (N, r), u (r,), v (N,):
 
@@ -211,7 +212,7 @@ class _EagerTiedLoRA(torch.autograd.Function):
     op's dispatch. That dispatch (schema binding, redispatch through the autograd and backend keys,
     dynamo's disable wrapper) costs about as much host time as the kernels' own launches, twice per
     layer and step (forward and backward); a training step that is host-bound pays it in full.
-    ``torch.compile`` traces the custom op instead (``_run``), which it sees as one opaque node.
+    A traced graph records the custom op instead (``_run``, ``_tracing``): one opaque node.
     The context is set up inside ``forward`` (not in a ``setup_context``): with one, every
     ``apply`` binds its arguments through ``inspect.signature``, tens of microseconds a call."""
 
