@@ -28,16 +28,22 @@ from .ops import tied_lora_add, tied_lora_linear
 #: ``quantized``: a base layer that computes its own output (``base_layer``, see ``bases.py``).
 LAYOUTS = ("linear", "conv1d", "quantized")
 
-#: Optimizer steps taken in this process (any torch optimizer, fused ones included): part of the
-#: validity key of the shared fp32 casts, since fused optimizer kernels do not move ``_version``.
+#: Optimizer steps taken in this process since the first trained bf16/fp16 tied factor was cast
+#: (any torch optimizer, fused ones included): part of the validity key of the shared fp32 casts,
+#: since fused optimizer kernels do not move ``_version``. The hook that counts them is registered
+#: then (``_count_optimizer_steps``), not at import: importing the package changes nothing global.
 _OPTIMIZER_STEPS = [0]
+_OPTIMIZER_HOOK: list = []
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
+def _count_optimizer_steps() -> int:
+    """The optimizer steps counted so far; the first call registers the counting hook."""
+    if not _OPTIMIZER_HOOK:
+        def count(optimizer, args, kwargs) -> None:
+            _OPTIMIZER_STEPS[0] += 1
 
-
-register_optimizer_step_post_hook(_count_optimizer_step)
+        _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(count))
+    return _OPTIMIZER_STEPS[0]
 
 
 class TiedFactors(nn.Module):
@@ -84,7 +90,7 @@ class TiedFactors(nn.Module):
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
         # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes.
-        key = None if torch.compiler.is_compiling() else (p._version, _OPTIMIZER_STEPS[0])
+        key = None if torch.compiler.is_compiling() else (p._version, _count_optimizer_steps())
         cached = self._fp32_views.get(name)
         if cached is None or cached[0] != key or cached[2] is not p:
             cached = (key, p.float(), p)

@@ -190,6 +190,18 @@ def test_meta_inject_then_reset_adapters_equals_inject_on_loaded_model(preset):
         assert got[n].requires_grad == want[n].requires_grad, n
 
 
+def test_importing_the_package_registers_no_global_hook():
+    """No import-time global state: the optimizer-step hook that guards the shared fp32 casts is
+    registered by the first cast of a trained bf16 tied factor, not by ``import tiedlora_kernels``."""
+    import subprocess
+    import sys
+
+    code = ("import torch.optim.optimizer as o, tiedlora_kernels, tiedlora_kernels.modules; "
+            "print(len(o._global_optimizer_post_hooks))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stdout + out.stderr[-2000:]
+
+
 def test_bf16_tied_gradients_are_summed_in_fp32():
     """bf16 tied factors: the per-layer gradients are added in fp32 and rounded once, so dA is the
     exact sum correctly rounded to bf16 almost everywhere (a bf16 running sum: about half the entries)."""
