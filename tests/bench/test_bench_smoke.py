@@ -368,3 +368,17 @@ def test_serving_benchmark_runs_from_the_main_command(tmp_path):
     data = json.loads((tmp_path / "serving" / "results.json").read_text())
     assert data["meta"]["mode"] == "smoke-cpu" and data["meta"]["speed_claims"] is False
     assert "bench.serving" in data["meta"]["command"]
+
+
+def test_host_overhead_probe_writes_every_pathway(tmp_path):
+    """``python -m bench.host_overhead`` (here on the interpreter, a few calls): every pathway timed,
+    the profile written, the record labelled with device and versions."""
+    from bench.host_overhead import main as host_main
+
+    assert host_main(["--out", str(tmp_path), "--calls", "2"]) == 0
+    rec = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert {"device", "torch", "triton", "command", "shape"} <= set(rec)
+    want = {"torch one-element add_", "F.linear fwd", "F.linear fwd+bwd", "adapter_term launch",
+            "ours fwd (no grad)", "ours fwd", "ours fwd+bwd", "custom op fwd+bwd"}
+    assert set(rec["us_per_call"]) == want and all(us > 0 for us in rec["us_per_call"].values())
+    assert "ours_fwd_bwd" in (tmp_path / "host_overhead_profile.txt").read_text()
