@@ -256,7 +256,10 @@ def to_markdown(rep: dict) -> str:
     lines = []
     for r in rep["rows"]:
         c = r["config"]
-        tiles = "/".join(str(c.get(k, "-")) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
+        # the gradient kernel's two roles: rows per tile of each (dA's / P's), one column block
+        rows = c.get("BLOCK_M", f"{c['BLOCK_M_A']},{c['BLOCK_M_P']}" if "BLOCK_M_A" in c else "-")
+        tiles = "/".join(str(x) for x in (rows, c.get("BLOCK_N", c.get("BLOCK_COLS", "-")),
+                                           c.get("BLOCK_K", c.get("BLOCK_COLS", "-")), c.get("BLOCK_R", "-")))
         spills = "?" if r["spill_store_bytes"] is None else r["spill_store_bytes"] + r["spill_load_bytes"]
         smem = f"{r['shared_bytes'] / 1024:.0f}" + ("" if r["fits_smem"] else " (too big)")
         lines.append(f"| {r['case']} | {r['phase']} | {r['kernel'].lstrip('_')} | {tiles} "

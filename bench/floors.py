@@ -9,9 +9,9 @@ bandwidth-bound passes:
   With a row scale c (DoRA): L without bias, y = L.addmm_(x, W.T), out = addcmul(b, y, c).
 - backward: (with c: ``_row_scale_grad_kernel``, one pass over G and y: G c, dc); then
   ``_adapter_term_kernel`` reads G once: g = G (B v) (fp32 (M, r)), Ldx = s (g u) A (M, K);
-  cuBLAS ``Ldx.addmm_(G, W)`` = dX; ``_grad_down_kernel``: one pass over x for dA;
-  ``_grad_up_kernel``: one pass over G (with h, and g for du) for row-split partials of
-  P = G^T (s h u) and of du; ``_grad_up_finish_kernel`` sums them into dB, dv, du.
+  cuBLAS ``Ldx.addmm_(G, W)`` = dX; ``_grad_factors_kernel``: in one launch, one pass over x for
+  row-split partials of dA and one over G (with h, and g for du) for those of P = G^T (s h u) and
+  du; ``_grad_finish_kernel`` sums them into dA, dB, dv, du.
 
 Bytes are compulsory traffic (each operand read once, each result written once; split-row partial
 sums are overhead the kernel has to earn inside its 1.3x allowance). ``python -m bench.floors``
@@ -33,8 +33,7 @@ GEMM_RATE = {"H200": 797e12, "H100": 700e12}
 #: Dense bf16 tensor peak (both chips): the compute side of a Triton kernel's floor.
 TENSOR_PEAK = 989e12
 #: The Triton kernels the redesigned op launches (the names the profiler reports).
-TRITON_KERNELS = ("_adapter_term_kernel", "_grad_down_kernel", "_grad_up_kernel", "_grad_up_finish_kernel",
-                  "_row_scale_grad_kernel")
+TRITON_KERNELS = ("_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel", "_row_scale_grad_kernel")
 
 
 def spec_bandwidth(device_name: Optional[str]) -> Optional[float]:
@@ -93,15 +92,17 @@ def design_costs(M: int, K: int, N: int, r: int, op: str, *, train=("A", "B", "u
     out.append(Launch("_adapter_term_kernel", "bwd", "triton", E * M * N + small + F * M * r + E * M * K,
                       2 * M * r * (K + N)))
     out.append(Launch("addmm_ (G W + Ldx)", "bwd", "cublas", E * (M * N + N * K + 2 * M * K), 2 * M * N * K))
-    if "A" in train:
-        out.append(Launch("_grad_down_kernel", "bwd", "triton", E * M * K + F * M * r + F * r * K, 2 * M * r * K))
-    need_p, need_du = "B" in train or "v" in train, "u" in train
-    if need_p or need_du:
-        out.append(Launch("_grad_up_kernel", "bwd", "triton",
-                          (E * M * N + F * (N * r + N) if need_p else 0) + F * M * r * (2 if need_du else 1),
-                          (2 * M * N * r if need_p else 0) + (2 * M * r if need_du else 0)))
-        # the partials (a few splits x N x r fp32) summed and dB, dv, du written: ~N r bytes, a launch
-        out.append(Launch("_grad_up_finish_kernel", "bwd", "triton", F * 3 * (N * r + N) + F * r, 2 * N * r))
+    need_a, need_p, need_du = "A" in train, "B" in train or "v" in train, "u" in train
+    if need_a or need_p or need_du:
+        # dA's pass over x (with g) and the pass over G (with h, and g for du), one launch
+        down = (E * M * K + F * M * r + F * r * K, 2 * M * r * K) if need_a else (0, 0)
+        up = ((E * M * N + F * (N * r + N) if need_p else 0) + F * M * r * (2 if need_du else 1),
+              (2 * M * N * r if need_p else 0) + (2 * M * r if need_du else 0)) if need_p or need_du else (0, 0)
+        out.append(Launch("_grad_factors_kernel", "bwd", "triton", down[0] + up[0], down[1] + up[1]))
+        # the partials (a few splits x (N + K) x r fp32) summed and the gradients written: a launch
+        out.append(Launch("_grad_finish_kernel", "bwd", "triton",
+                          F * 3 * ((N * r + N) if need_p else 0) + F * 3 * (r * K if need_a else 0) + F * r,
+                          2 * (N * r if need_p else 0) + 2 * (r * K if need_a else 0)))
     return out
 
 

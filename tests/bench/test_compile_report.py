@@ -15,8 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Every kernel one training step launches (row scale included); the GEMMs are cuBLAS's.
-KERNELS = {"_adapter_term_kernel", "_grad_down_kernel", "_grad_up_kernel", "_grad_up_finish_kernel",
-           "_row_scale_grad_kernel"}
+KERNELS = {"_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel", "_row_scale_grad_kernel"}
 
 
 @pytest.fixture(scope="module")

@@ -27,30 +27,31 @@ def test_target_case_bytes_and_launches():
     term = costs[("fwd", "_adapter_term_kernel")]
     # x read + L written (2 x 67.1 MB), h written (0.5 MB), A, B, u, v, bias
     assert term.bytes == 2 * M * K + 2 * M * N + 4 * M * 16 + 4 * (16 * K + N * 16 + 16 + N) + 2 * N
-    assert costs[("bwd", "_grad_down_kernel")].bytes == 2 * M * K + 4 * M * 16 + 4 * 16 * K
+    # tl6: dA's pass over x and g, and the pass over G with h (and g again for du), one launch
+    assert costs[("bwd", "_grad_factors_kernel")].bytes == (2 * M * K + 4 * M * 16 + 4 * 16 * K
+                                                           + 2 * M * N + 4 * (N * 16 + N) + 2 * 4 * M * 16)
     assert costs[("fwd", "addmm_ (x W^T + L)")].flops == 2 * M * N * K
     # inference does not store h
     fwd = {k.name: k for k in design_costs(M, K, N, 16, "fwd")}
     assert fwd["_adapter_term_kernel"].bytes == term.bytes - 4 * M * 16
     assert [k.name for k in limit_costs(M, K, N, "fwd_bwd")] == ["addmm (x W^T + b)", "mm (G W)"]
     # vera trains u, v only: no pass over x for dA; lora trains no u: no du
-    vera = {k.name for k in design_costs(M, K, N, 16, "fwd_bwd", train=("u", "v"))}
-    lora = {k.name for k in design_costs(M, K, N, 16, "fwd_bwd", train=("A", "B"), has_u=False, has_v=False)}
-    assert "_grad_down_kernel" not in vera and "_grad_up_kernel" in vera
-    assert "_grad_down_kernel" in lora
-    lora_up = next(k for k in design_costs(M, K, N, 16, "fwd_bwd", train=("A", "B"), has_u=False, has_v=False)
-                   if k.name == "_grad_up_kernel")
-    assert lora_up.flops == 2 * M * N * 16  # no du work without a trained u
+    vera = {k.name: k for k in design_costs(M, K, N, 16, "fwd_bwd", train=("u", "v"))}
+    lora = {k.name: k for k in design_costs(M, K, N, 16, "fwd_bwd", train=("A", "B"), has_u=False, has_v=False)}
+    assert vera["_grad_factors_kernel"].bytes == 2 * M * N + 4 * (N * 16 + N) + 2 * 4 * M * 16  # G, B, v, h, g
+    assert lora["_grad_factors_kernel"].flops == 2 * M * 16 * K + 2 * M * N * 16  # dA and P, no du work
+    frozen = {k.name for k in design_costs(M, K, N, 16, "fwd_bwd", train=())}
+    assert "_grad_factors_kernel" not in frozen and "_grad_finish_kernel" not in frozen
     dora = {k.name for k in design_costs(M, K, N, 16, "fwd_bwd", row_scale="train")}
     assert {"_row_scale_grad_kernel", "addcmul (b + y c)"} <= dora and set(TRITON_KERNELS) <= dora
 
 
 def test_floor_per_kernel_at_the_h200_bandwidth():
     f = kernel_floors(M, K, N, 16, "fwd_bwd", "tl6", 4.8e12)
-    assert set(f) == {"_adapter_term_kernel", "_grad_down_kernel", "_grad_up_kernel", "_grad_up_finish_kernel"}
+    assert set(f) == {"_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel"}
     assert f["_adapter_term_kernel"]["calls"] == 2  # forward on x, backward on G
     assert f["_adapter_term_kernel"]["floor_us"] == pytest.approx(2 * 28.2, abs=0.2)
-    assert f["_grad_down_kernel"]["floor_us"] == pytest.approx(14.1, abs=0.1)
+    assert f["_grad_factors_kernel"]["floor_us"] == pytest.approx(14.1 + 14.3, abs=0.2)  # x once, G once
 
 
 def test_spec_bandwidth_by_device_name():
@@ -61,14 +62,14 @@ def test_spec_bandwidth_by_device_name():
 
 
 def test_kernel_ratio_to_its_floor_from_a_profile():
-    profile = dict(kernel_us_per_step={"_adapter_term_kernel": 70.0, "_grad_down_kernel": 20.0,
+    profile = dict(kernel_us_per_step={"_adapter_term_kernel": 70.0, "_grad_factors_kernel": 40.0,
                                        "sm90_xmma_gemm_bf16bf16": 700.0})
     floors = kernel_floors(M, K, N, 16, "fwd_bwd", "lora", 4.8e12)
     rows = {r["kernel"]: r for r in kernel_floor_rows(profile, floors, dict(spec=4.8e12, copy=4.3e12))}
     term = rows["_adapter_term_kernel"]
     assert term["ratio_spec"] == pytest.approx(70.0 / (floors["_adapter_term_kernel"]["bytes"] / 4.8e12 * 1e6))
     assert term["ratio_copy"] < term["ratio_spec"] and term["matched"] == ["_adapter_term_kernel"]
-    assert rows["_grad_up_kernel"]["us_per_step"] is None and rows["_grad_up_kernel"]["ratio_spec"] is None
+    assert rows["_grad_finish_kernel"]["us_per_step"] is None and rows["_grad_finish_kernel"]["ratio_spec"] is None
     # on a CPU there is neither a kernel time nor a data-sheet bandwidth: rows without ratios
     rec = dict(impl="ours", op="fwd_bwd", M=M, K=K, N=N, rank=16, preset="tl6", profile=dict(top=[]))
     add_kernel_floors([rec], dict(spec_bandwidth=None, copy_bandwidth=None))

@@ -1,7 +1,7 @@
 """Adapter-input dropout: the seed one call draws, and the keep-mask the kernels apply for it.
 
 The kernels never store the mask: each one that needs it (adapter_term on x in the forward, on
-the dX columns in the backward, grad_down on x) regenerates it from (seed, m * K + k) with Philox
+the dX columns in the backward, the dA tile on x) regenerates it from (seed, m * K + k) with Philox
 (``common.keep_mask``). ``dropout_mask`` materialises the same mask, for tests and debugging.
 """
 

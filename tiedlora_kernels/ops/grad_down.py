@@ -1,38 +1,35 @@
-"""dA of the adapted linear layer: dA = (s g u)^T dropout(x), g = G (B v) (M, r) from the backward's
-adapter_term pass, in one pass over x with the dropout mask regenerated from its seed (never stored).
+"""The dA tile of the adapted layer's gradient pass: dA = (s g u)^T dropout(x), g = G (B v) (M, r)
+from the backward's adapter_term pass, in one pass over x with the dropout mask regenerated from
+its seed (never stored).
 
-Grid (K tiles, row splits); each split writes an fp32 partial (splits, r, K) that torch sums: a
-deterministic two-stage reduction, no atomics. Bytes: x once (M K), g once per K tile (M r fp32,
-from L2), partials 4 r K per split. At M = 8192, K = 4096, bf16: 64 MiB, 14 us at 4.8 TB/s.
+A program owns one K tile for one row split and writes that split's fp32 partial (splits, r, K);
+``grad_finish`` sums the splits in order: a deterministic two-stage reduction, no atomics. It runs
+as one role of ``_grad_factors_kernel`` (grad_factors.py), in the same launch as the dB / dv / du
+tiles. Bytes: x once (M K), g once per K tile (M r fp32, from L2), partials 4 r K per split. At
+M = 8192, K = 4096, bf16: 64 MiB, 14 us at 4.8 TB/s.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, keep_mask, precisions, reduction_tiles, row_splits, vec
+from .common import keep_mask
 
 
 @triton.jit
-def _grad_down_kernel(
+def grad_down_tile(
     X, GR, U, DA_PART, SEED,
     M, K, R, rows_per_split,
     stride_xm, stride_xk, stride_gm,
-    scaling, p_drop,
+    scaling, p_drop, i_k, i_s,
     HAS_U: tl.constexpr, X_DROPOUT: tl.constexpr, SMALL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Row-split partials of dA = (s * g * U)^T X_d; the dropout mask is recomputed from SEED.
-
-    Grid (K tiles, row splits). X (M, K) any strides, GR = g (M, R) fp32; DA_PART (splits, R, K)
-    fp32 contiguous, every element written.
+    """K tile ``i_k``, row split ``i_s`` of dA = (s * g * U)^T X_d; the dropout mask is recomputed
+    from SEED. X (M, K) any strides, GR = g (M, R) fp32 with unit column stride; DA_PART
+    (splits, R, K) fp32 contiguous: this tile of split ``i_s`` written (zeros for an empty split).
     """
-    i_k = tl.program_id(0)
-    i_s = tl.program_id(1)
     o_k = i_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     o_r = tl.arange(0, BLOCK_R).to(tl.int64)
     m_k = o_k < K
@@ -58,22 +55,3 @@ def _grad_down_kernel(
     p_da = DA_PART + i_s.to(tl.int64) * R * K + o_r[:, None] * K + o_k[None, :]
     tl.store(p_da, b_da, mask=m_r[:, None] & m_k[None, :])
 
-
-def grad_down(x: torch.Tensor, g: torch.Tensor, u: Optional[torch.Tensor], scaling: float, p_drop: float,
-              seed: Optional[torch.Tensor], x_dropout: bool) -> torch.Tensor:
-    """dA (r, K) fp32 = (s g u)^T x_d from x (M, K) any strides and g (M, r) fp32 contiguous."""
-    M, K = x.shape
-    r = g.shape[1]
-    r_block, block_m, block_k, warps = reduction_tiles(r)
-    n_tiles = cdiv(K, block_k)
-    splits, rows = row_splits(M, block_m, n_tiles, 4 * K * r, x.device)
-    da_part = torch.empty((splits, r, K), device=x.device, dtype=torch.float32)
-    _grad_down_kernel[(n_tiles, splits)](
-        x, g, vec(u, g), da_part, seed if seed is not None else g,
-        M, K, r, rows,
-        x.stride(0), x.stride(1), g.stride(0),
-        float(scaling), float(p_drop),
-        HAS_U=u is not None, X_DROPOUT=x_dropout, SMALL_PREC=precisions(x.dtype)["SMALL_PREC"],
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=r_block, num_warps=warps,
-    )
-    return da_part.sum(0)

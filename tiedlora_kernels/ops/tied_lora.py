@@ -19,9 +19,10 @@ Backward, G = dL/dout (M, N):
     row scale: G, dc = G * c, sum_rows(G * y)       row_scale_grad: one pass over G and y
     Ldx, g = adapter_term(G)        g = G (B v) fp32, Ldx = s (g * u) A * keep / (1 - p)
     dx = Ldx.addmm_(G, W)           cuBLAS with beta = 1
-    dA = grad_down(x, g)            one pass over x, dropout mask regenerated from the seed
-    dB, dv, du = grad_up(G, h, g)   one more pass over G (and h, g), then grad_up_finish: the
-                                    partials summed, the three gradients written in their dtypes
+    dA, dB, dv, du = grad_factors(x, G, h, g)   one launch: a pass over x for dA (dropout mask
+                                    regenerated from the seed) and one more over G (with h, g) for
+                                    dB, dv, du; then grad_finish sums the partials and writes the
+                                    four gradients in their dtypes
 
 Over a base layer that computes its own output E (a quantized layer: ``tied_lora_add``), there is
 no weight: adapter_term adds E in its epilogue (out = E + L, or y = E + L with a row scale), dx
@@ -43,8 +44,7 @@ import torch
 
 from .adapter_term import adapter_term
 from .dropout import draw_dropout_seed
-from .grad_down import grad_down
-from .grad_up import grad_up
+from .grad_factors import grad_factors
 from .row_scale_grad import row_scale_grad
 
 
@@ -130,10 +130,9 @@ def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling
         if need_x:
             dx = Ldx.addmm_(G, weight) if weight is not None else Ldx
     da = du = db = dv = None
-    if need_a:
-        da = grad_down(x, g, u, scaling, dropout_p, seed, dropping)
-    if need_b or need_v or need_u:
-        db, dv, du = grad_up(G, h, g, u, v, B, scaling, need_b, need_v, need_u)
+    if need_a or need_b or need_v or need_u:
+        da, db, dv, du = grad_factors(x, G, h, g, A, B, u, v, scaling, dropout_p, seed, dropping,
+                                      need_a, need_b, need_v, need_u)
     cast = lambda t, like: t.to(like.dtype) if t is not None else None  # noqa: E731
     return [dx, cast(da, A), db, du, dv, cast(dc, row_scale), gs]
 
