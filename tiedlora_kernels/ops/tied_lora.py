@@ -133,8 +133,8 @@ def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling
     if need_a or need_b or need_v or need_u:
         da, db, dv, du = grad_factors(x, G, h, g, A, B, u, v, scaling, dropout_p, seed, dropping,
                                       need_a, need_b, need_v, need_u)
-    cast = lambda t, like: t.to(like.dtype) if t is not None else None  # noqa: E731
-    return [dx, cast(da, A), db, du, dv, cast(dc, row_scale), gs]
+    # dA, dB, du, dv come in their parameters' dtypes (grad_finish); dc is an fp32 sum
+    return [dx, da, db, du, dv, dc.to(row_scale.dtype) if dc is not None else None, gs]
 
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_backward", mutates_args=())
