@@ -195,11 +195,6 @@ def time_interleaved(fns: list, device: str, grads: Optional[list] = None, warmu
     return [_stats([s.elapsed_time(e) for s, e in pairs]) for pairs in ev]
 
 
-def time_ms(fn, device: str, grad_to_none=None) -> dict:
-    """One callable alone: :func:`time_interleaved` of a list of one."""
-    return time_interleaved([fn], device, [list(grad_to_none or [])])[0]
-
-
 def back_to_back_ms(fn, calls: int = 200) -> float:
     """Decode as an eager loop sees it: ``calls`` calls queued back to back, one sync, wall time per
     call. Includes the Python / launch overhead that do_bench's cache flush hides, and an L2 kept

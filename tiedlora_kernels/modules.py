@@ -222,11 +222,6 @@ class TiedLoRALinear(nn.Module):
             return self.base_kind.dequantized_weight(self.base_layer)
         return self.weight if self.layout == "linear" else self.weight.t()
 
-    @property
-    def base_bias(self) -> Optional[torch.Tensor]:
-        """The base layer's bias (N,) or None, whichever layout holds it."""
-        return self.base_layer.bias if self.layout == "quantized" else self.bias
-
     def adapter_tensors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The effective (A_i (r, K), B_i (N, r), u_i (r,) or None, v_i (N,) or None) of this layer."""
         return self.op_tensors()[:4]

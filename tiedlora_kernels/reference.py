@@ -48,6 +48,12 @@ def tied_lora_linear(
         scale multiplies the rounded pre-scale output in the wider of x's and c's dtype.
     """
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    return unchecked_tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+
+
+def unchecked_tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale):
+    """:func:`tied_lora_linear` on inputs the caller has validated (the op's dispatch validates once,
+    whichever backend runs)."""
     base = F.linear(x, weight, bias if row_scale is None else None)
     out = base + _adapter_delta(x, A, B, u, v, scaling, dropout_p, training)
     return _scale_and_bias(out, row_scale, bias)
@@ -77,6 +83,11 @@ def tied_lora_add(
         (..., N) in x's dtype, with the same roundings as :func:`tied_lora_linear`.
     """
     check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    return unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+
+
+def unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale):
+    """:func:`tied_lora_add` on inputs the caller has validated."""
     out = base_out + _adapter_delta(x, A, B, u, v, scaling, dropout_p, training)
     if row_scale is None and bias is not None:
         out = out + bias

@@ -107,10 +107,30 @@ def train(forward, opt, rows: slice, after_backward=None) -> None:
         opt.step()
 
 
-def train_single(preset: str, ckpt: bool, rows: slice = slice(None), quantized: bool = False) -> dict[str, torch.Tensor]:
-    """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce."""
+def train_single(preset: str, ckpt: bool, rows: slice = slice(None), quantized: bool = False,
+                 shards: int = 1) -> dict[str, torch.Tensor]:
+    """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce.
+    ``shards`` > 1: each step's gradient is the mean of the gradients of ``shards`` equal row slices,
+    taken one after the other (DDP's arithmetic, without the processes)."""
     model = build_model(preset, ckpt, quantized)
-    train(model, make_optimizer(model), rows)
+    if shards == 1:
+        train(model, make_optimizer(model), rows)
+        return trainable_state(model)
+    opt = make_optimizer(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step in range(STEPS):
+        ids = global_batch(step)[rows]
+        size = ids.shape[0] // shards
+        total = [torch.zeros_like(p) for p in params]
+        for k in range(shards):
+            opt.zero_grad(set_to_none=True)
+            part = ids[k * size:(k + 1) * size]
+            model(part, labels=part).loss.backward()
+            for t, p in zip(total, params):
+                t += p.grad / shards  # as DDP: each rank's gradient divided by the world size, then summed
+        for t, p in zip(total, params):
+            p.grad = t
+        opt.step()
     return trainable_state(model)
 
 

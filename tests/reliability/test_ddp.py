@@ -34,12 +34,6 @@ WORLD_SIZE = 2
 TOL = {
     "param_rel": 1e-5,     # ||p_dist - p_single|| / ||p_single|| per trained tensor after STEPS steps
     "update_rel": 1e-4,    # the same on the update p - p_init (what training changed)
-    # Over a 4-bit base the whole-batch run and the half-batch average part by up to ~4e-4 after the
-    # three lr = 2 steps, without DDP too (half-batch gradients averaged by hand in one process: the
-    # same gap; each adapted 4-bit layer alone agrees to 1e-7): the quantized model's sensitivity,
-    # not the reduction. A wrong reduction moves the result by O(1); the control stays > 1e-1 away.
-    "param_rel_4bit": 1e-3,
-    "update_rel_4bit": 1e-2,
     "control_min": 1e-1,   # a single process on rank 0's half batch must differ by at least this
 }
 
@@ -106,7 +100,12 @@ def dist_results(tmp_path_factory) -> dict:
 def test_distributed_steps_equal_one_process_on_the_whole_batch(dist_results, case):
     got = dist_results[case["name"]]
     quantized = case.get("quantized", False)
-    single = worker.train_single(case["preset"], case["ckpt"], quantized=quantized)
+    # Over a 4-bit base the whole batch and the mean of the two half-batch gradients part by ~4e-4
+    # after the three lr = 2 steps in one process already (each adapted 4-bit layer alone agrees to
+    # 1e-7: the quantized model amplifies rounding). There the oracle is that mean, computed in one
+    # process (worker.train_single(shards=...)), at the same tolerances: what DDP must reproduce.
+    single = worker.train_single(case["preset"], case["ckpt"], quantized=quantized,
+                                 shards=WORLD_SIZE if quantized else 1)
     control = worker.train_single(case["preset"], case["ckpt"], rows=slice(0, worker.GLOBAL_BATCH // WORLD_SIZE),
                                   quantized=quantized)
     init = worker.trainable_state(worker.build_model(case["preset"], case["ckpt"], quantized))
@@ -115,9 +114,8 @@ def test_distributed_steps_equal_one_process_on_the_whole_batch(dist_results, ca
     for name, want in single.items():
         have = got["params"][name]
         assert have.shape == want.shape and have.dtype == want.dtype, name
-        tol = {k: TOL[k + ("_4bit" if quantized else "")] for k in ("param_rel", "update_rel")}
-        assert rel_err(have, want) < tol["param_rel"], (name, rel_err(have, want))
-        assert rel_err(have - init[name], want - init[name]) < tol["update_rel"], name
+        assert rel_err(have, want) < TOL["param_rel"], (name, rel_err(have, want))
+        assert rel_err(have - init[name], want - init[name]) < TOL["update_rel"], name
     # The check can fail: training on one half only (no gradient exchange) lands far away.
     worst = max(rel_err(control[n] - init[n], single[n] - init[n]) for n in single)
     assert worst > TOL["control_min"], worst

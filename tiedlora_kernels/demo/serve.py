@@ -111,16 +111,6 @@ def _train_adapter(base, config, examples, tok, *, steps: int, batch_size: int, 
     return model.eval()
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Run the serving demo as ``args`` say; print the table. Returns the exit status (0: every row matches)."""
     from ..ops import triton_interpreting
@@ -134,7 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..integrations import inject, load_adapter, save_adapter
     from ..serving import AdapterBank
     from .data import CharTokenizer, base_corpus
-    from .train import build_tiny_llama, pretrain
+    from .train import build_tiny_llama, left_pad, pretrain
 
     t0 = time.perf_counter()
     tiny = 1 if args.tiny else 0
@@ -182,7 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
             rows.append((task, *TASKS[task][2](rng)))
     rows.insert(1, (None, *TASKS[tasks[0]][2](random.Random(f"serve-base:{args.seed}"))))
     bos = [tok.bos_id] if tok.bos_id is not None else []
-    ids, mask = _left_pad([bos + tok.encode(p) for _, p, _ in rows], tok.pad_id, device)
+    ids, mask = left_pad([bos + tok.encode(p) for _, p, _ in rows], tok.pad_id, device)
     gen_kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_id,
                   eos_token_id=tok.eos_id)
 

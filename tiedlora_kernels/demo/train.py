@@ -223,6 +223,18 @@ def task_loss_bits(model: nn.Module, task: EncodedTask, pad_id: int, device, bat
     return total / max(count, 1) / LN2
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(prompts), longest) int64 on ``device``: each prompt
+    right-aligned after ``pad_id`` padding, as ``generate`` wants a batch."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int,
                     stop_ids: Sequence[int], device, batch_size: int = 256) -> list[list[int]]:
@@ -234,14 +246,9 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     out: list[list[int]] = []
     stop = set(stop_ids)
     for s in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[s:s + batch_size]]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+        ids, mask = left_pad(prompts[s:s + batch_size], pad_id, device)
+        width = ids.shape[1]
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=pad_id,
                              eos_token_id=list(stop) or None, num_beams=1)
         for row in gen[:, width:].tolist():

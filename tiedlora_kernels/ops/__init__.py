@@ -63,13 +63,19 @@ def gpu_rank_limits() -> tuple[int, ...]:
     return tuple(limits)
 
 
-@torch._dynamo.assume_constant_result
 def dispatch_settings() -> tuple[str, bool, bool, tuple[int, ...]]:
     """(``TIEDLORA_BACKEND``, triton installed, ``TRITON_INTERPRET`` set, :func:`gpu_rank_limits`):
     everything the switch reads besides the tensors. Under ``torch.compile`` dynamo calls this in
     Python and bakes the result into the graph instead of tracing it."""
     want = os.environ.get("TIEDLORA_BACKEND", "auto").strip().lower() or "auto"
     return want, triton_available(), triton_interpreting(), gpu_rank_limits()
+
+
+# What ``torch.compiler.assume_constant_result`` marks (dynamo then calls the function instead of
+# tracing it), set here directly: that decorator imports dynamo, ~0.9 s added to every import of
+# this package. tests/ops/test_dispatch.py compiles the dispatch with fullgraph=True and fails if
+# a torch release stops honouring the mark.
+dispatch_settings._dynamo_marked_constant = True
 
 
 def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
@@ -169,7 +175,7 @@ def tied_lora_linear(
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
                                        row_scale=row_scale)
-    return reference.tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+    return reference.unchecked_tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
 
 
 def tied_lora_add(
@@ -207,4 +213,4 @@ def tied_lora_add(
 
         return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,
                                     row_scale=row_scale)
-    return reference.tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+    return reference.unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import block_r, cdiv, down_project, keep_mask, kernels_interpreted, precisions, vec, wide_dot
+from .common import block_r, cdiv, column_splits, down_project, keep_mask, kernels_interpreted, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -138,10 +138,8 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
     out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype) if write_out else None
     h = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_h else None
     row_blocks = cdiv(M, block_m)
-    col_tiles = max(1, cdiv(N, block_n))
-    # Decode: split the columns so one row block still fills the device (each split re-reads its rows of x).
-    splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks)) if write_out else 1
-    cols_per_split = cdiv(col_tiles, splits) * block_n
+    # only h (write_out=False): one program per row block, no columns to split
+    splits, cols_per_split = column_splits(row_blocks, N, block_n, x.device) if write_out else (1, block_n)
     _adapter_term_kernel[(row_blocks, splits)](
         x, down, vec(down_scale, x), up, vec(u, x), vec(v, x), vec(bias, x), addend if addend is not None else x,
         out if out is not None else x, h if h is not None else x,

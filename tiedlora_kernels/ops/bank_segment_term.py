@@ -30,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
 from .adapter_term import _tiles
-from .common import block_r, cdiv, down_project, kernels_interpreted, precisions, vec, wide_dot
+from .common import block_r, column_splits, down_project, kernels_interpreted, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -162,9 +161,7 @@ def bank_segment_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torc
     tiles = plan.tile_slot.numel()
     if M == 0 or tiles == 0:
         return out
-    col_tiles = max(1, cdiv(N, block_n))
-    splits = max(1, min(col_tiles, common.target_programs(x.device) // tiles))
-    cols_per_split = cdiv(col_tiles, splits) * block_n
+    splits, cols_per_split = column_splits(tiles, N, block_n, x.device)
     a_s, a_r, a_k = (A.stride() if A.dim() == 3 else (0, *A.stride()))
     b_s, b_n, b_r = (B.stride() if B.dim() == 3 else (0, *B.stride()))
     _bank_segment_term_kernel[(tiles, splits)](

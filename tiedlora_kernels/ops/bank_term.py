@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
 from .adapter_term import _tiles
-from .common import block_r, cdiv, down_project, precisions, vec, wide_dot
+from .common import block_r, cdiv, column_splits, down_project, precisions, vec, wide_dot
 
 
 @triton.jit
@@ -107,10 +106,7 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
     if M == 0:
         return out
     row_blocks = cdiv(M, block_m)
-    col_tiles = max(1, cdiv(N, block_n))
-    # Decode: split the columns so one row block still fills the device (each split re-reads its rows of x).
-    splits = max(1, min(col_tiles, common.target_programs(x.device) // row_blocks))
-    cols_per_split = cdiv(col_tiles, splits) * block_n
+    splits, cols_per_split = column_splits(row_blocks, N, block_n, x.device)
     _bank_term_kernel[(row_blocks, splits)](
         x, A, B, U, V if V is not None else U, ids, vec(bias, x), out,
         M, N, K, R, rows_per_id, cols_per_split,

@@ -139,6 +139,15 @@ def target_programs(device: torch.device) -> int:
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def column_splits(row_programs: int, N: int, block_n: int, device) -> tuple[int, int]:
+    """(splits, columns per split) of the N output columns when each of ``row_programs`` programs
+    would otherwise write all of them: at decode one row block cannot fill the device, so its
+    columns are split over more programs (each split recomputes h from its rows of x)."""
+    col_tiles = max(1, cdiv(N, block_n))
+    splits = max(1, min(col_tiles, target_programs(device) // max(row_programs, 1)))
+    return splits, cdiv(col_tiles, splits) * block_n
+
+
 def row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int, device) -> tuple[int, int]:
     """(splits, rows per split) of a two-stage row reduction: enough programs to fill the device,
     no more splits than row blocks, and at most 256 MiB of fp32 partials. Each split writes its own

@@ -64,22 +64,23 @@ def _forward_impl(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scalin
 
 def _forward_on_device(x, weight, base_out, bias, A, B, u, v, row_scale, seed, scaling, dropout_p, store_h, store_y):
     M, r, N = x.shape[0], A.shape[0], B.shape[0]
-    no_h, no_y = x.new_empty((0, r), dtype=torch.float32), x.new_empty((0, N))
+    no_h = lambda: x.new_empty((0, r), dtype=torch.float32)  # noqa: E731  (allocated only where returned)
+    no_y = lambda: x.new_empty((0, N))  # noqa: E731
     if M == 0:
-        return x.new_empty((0, N)), no_h, no_y
+        return x.new_empty((0, N)), no_h(), no_y()
     lead_bias = bias if row_scale is None else None  # with a row scale the bias comes after the scale
     L, h = adapter_term(x, A, B, u, v, lead_bias, scaling, dropout_p, seed, in_dropout=dropout_p > 0,
                         out_dropout=False, store_h=store_h, addend=base_out)
     y = L.addmm_(x, weight.t()) if weight is not None else L
-    h = h if h is not None else no_h
+    h = h if h is not None else no_h()
     if row_scale is None:
-        return y, h, no_y
+        return y, h, no_y()
     out = torch.empty_like(y)  # b + y * c computed in fp32 (c may be fp32 on bf16 y), rounded once
     if bias is not None:
         torch.addcmul(bias, y, row_scale, out=out)
     else:
         torch.mul(y, row_scale, out=out)
-    return out, h, (y if store_y else no_y)
+    return out, h, (y if store_y else no_y())
 
 
 @torch.library.custom_op("tiedlora::tied_lora_linear_forward", mutates_args=())
