@@ -62,12 +62,13 @@ class Launch:
 
 
 def design_costs(M: int, K: int, N: int, r: int, op: str, *, train=("A", "B", "u", "v"), has_u: bool = True,
-                 has_v: bool = True, bias: bool = True, row_scale: Optional[str] = None, act: int = 2,
-                 adapter: int = 4) -> list[Launch]:
+                 has_v: bool = True, bias: bool = True, row_scale: Optional[str] = None, magnitude: str = "dora",
+                 act: int = 2, adapter: int = 4) -> list[Launch]:
     """Every launch of one adapted layer call: ``op`` "fwd" (inference: h not stored) or "fwd_bwd".
 
     train: the adapter tensors that train (lora: A, B; vera: u, v; tl6: all four). row_scale: None,
-    "frozen" or "train" (DoRA's c). act / adapter: bytes per element of x, W, G (bf16: 2) and of
+    "frozen" or "train" (DoRA's c), and ``magnitude`` ("dora" or "simple_dora") how c is formed each
+    call. act / adapter: bytes per element of x, W, G (bf16: 2) and of
     A, B, u, v, h, g (fp32: 4).
     """
     E, F = act, adapter
@@ -81,6 +82,11 @@ def design_costs(M: int, K: int, N: int, r: int, op: str, *, train=("A", "B", "u
                       2 * M * r * (K + N)))
     out.append(Launch("addmm_ (x W^T + L)", "fwd", "cublas", E * (M * K + N * K + 2 * M * N), 2 * M * N * K))
     if row_scale is not None:
+        # c = m / ||W + D||_row per call (reference.merged_row_norm): ||W||_row, one read of W, and
+        # W A^T, one more (Simple DoRA: ||W||_row only); the rest is (N, r) work
+        out.append(Launch("row norm ||W||_row", "fwd", "torch", E * N * K + F * N, 2 * N * K))
+        if magnitude == "dora":
+            out.append(Launch("mm (W A^T)", "fwd", "torch", E * N * K + E * r * K + E * N * r, 2 * N * K * r))
         out.append(Launch("addcmul (b + y c)", "fwd", "torch", E * 2 * M * N + b + F * N, 2 * M * N))
     if not grad:
         return out

@@ -120,6 +120,49 @@ def test_merged_weight_reproduces_forward():
     assert rel_err(back, t["weight"]) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,r,u,v", [(13, 11, 3, True, True), (1, 37, 1, False, True), (40, 9, 5, True, False),
+                                       (7, 64, 16, False, False)])
+def test_merged_row_norm_matches_the_norm_of_the_merged_weight(dtype, N, K, r, u, v):
+    """DoRA's ||W + s diag(v) B diag(u) A||_row without the merged weight, against that weight formed in
+    float64; the adapter factors fp32 (fp64 for fp64), an update of the size training gives it."""
+    t = make_inputs(M=1, K=K, N=N, r=r, u=u, v=v, seed=N + K)
+    fac = torch.float64 if dtype == torch.float64 else torch.float32
+    W = t["weight"].to(dtype)
+    A, B = t["A"].detach().to(fac), (t["B"].detach() / 4).to(fac)
+    uu = t["u"].detach().to(fac) if u else None
+    vv = t["v"].detach().to(fac) if v else None
+    ref = reference.merged_weight(W.double(), A.double(), B.double(), uu.double() if u else None,
+                                  vv.double() if v else None, 0.7).norm(dim=1)
+    got = reference.merged_row_norm(W, A, B, uu, vv, 0.7)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    assert rel_err(got, ref) < tol
+    assert rel_err(reference.row_norm(W), W.double().norm(dim=1)) < tol
+
+
+def test_merged_row_norm_keeps_a_small_fp16_down_projection():
+    """fp16 W with an fp32 A of values below fp16's normal range (gamma's scaled init): W A^T is
+    taken in fp32, where A cast to fp16 would flush to 0 and drop the cross term."""
+    t = make_inputs(M=1, K=24, N=6, r=2, seed=3)
+    W = t["weight"].half()
+    A = (t["A"].detach() * 1e-8).float()
+    B = (t["B"].detach() * 5e7).float()
+    ref = reference.merged_weight(W.double(), A.double(), B.double(), None, None, 1.0).norm(dim=1)
+    assert rel_err(reference.merged_row_norm(W, A, B, None, None, 1.0), ref) < 1e-2
+    assert rel_err(ref, W.double().norm(dim=1)) > 0.05  # the update matters at this size
+
+
+def test_merged_row_norm_of_an_update_that_cancels_the_weight_is_not_nan():
+    """W + D = 0 in exact arithmetic: rounding may leave a tiny negative square, clamped to 0."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 8, generator=g)
+    A = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]  # orthogonal: B A = -W exactly up to rounding
+    B = -W @ A.t()
+    n = reference.merged_row_norm(W, A, B, None, None, 1.0)
+    assert not n.isnan().any() and (n < 1e-2 * W.norm(dim=1)).all()
+
+
 def test_mixed_precision_output_dtype():
     t = make_inputs(dtype=torch.float32)
     x = t["x"].detach().bfloat16()

@@ -251,7 +251,7 @@ class TiedLoRALinear(nn.Module):
             c = m / n.to(m.dtype)
         elif self.magnitude == "dora":  # c = m / ||W + dW||_row, the norm detached (paper, PEFT)
             with torch.no_grad():
-                n = _row_norm(reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling))
+                n = reference.merged_row_norm(self.weight_nk(), A, B, u, v, self.scaling)
             c = m / n.to(m.dtype)
         return A, B, u, v, c
 
@@ -263,7 +263,7 @@ class TiedLoRALinear(nn.Module):
         if self.merged:
             return self.merged_base_norm
         with torch.no_grad():
-            return _row_norm(self.weight_nk())
+            return reference.row_norm(self.weight_nk())
 
     def _derived(self, slot: str, compute):
         """``compute()``; inside :func:`cached_adapters` without grad, computed once and kept.
@@ -378,7 +378,3 @@ def cached_adapters(model: nn.Module):
         for layer in layers:
             layer._frozen_cache = None
 
-
-def _row_norm(w: torch.Tensor) -> torch.Tensor:
-    """||w||_2 per output row, in fp32 (fp64 for fp64 weights)."""
-    return torch.linalg.vector_norm(w.to(torch.promote_types(w.dtype, torch.float32)), dim=1)

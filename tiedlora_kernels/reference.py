@@ -145,6 +145,45 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Opt
     return (weight.to(ct) + scaling * (Bm @ A.to(ct))).to(weight.dtype)
 
 
+def row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||W||_2 per row (N,) of weight (N, K), fp32 (fp64 for fp64 weights).
+
+    torch's reduction accumulates in fp32 and reads W once; asking it for an fp32 result would first
+    copy a 16-bit W to fp32 (an N x K write and read, more than the read itself). So a 16-bit W's
+    norm is rounded once to its dtype, as PEFT rounds its DoRA weight norm (relative error <= 2^-9
+    for bf16), then widened."""
+    return torch.linalg.vector_norm(weight, dim=1).to(torch.promote_types(weight.dtype, torch.float32))
+
+
+def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
+                    v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
+    """||W + D||_2 per row (N,), D = s diag(v) B diag(u) A (DoRA's norm), fp32 (fp64 for fp64
+    weights), without forming the (N, K) merged weight.
+
+    Row i: ||W_i + D_i||^2 = ||W_i||^2 + 2 <W_i, D_i> + ||D_i||^2, with z_i = B_i * u (r,) and
+    D_i = s v_i z_i A, so <W_i, D_i> = s v_i (W A^T)_i . z_i and ||D_i||^2 = s^2 v_i^2 z_i (A A^T) z_i^T.
+    Two reads of W (its row norms, :func:`row_norm`, and W A^T: one skinny GEMM in W's dtype with fp32
+    accumulation; an fp16 W with a wider A in fp32, where A's small values would flush), the rest
+    (N, r) and (r, r) work. Forming W + D in fp32 instead moves ~10x the bytes of W.
+
+    Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None. A row whose update
+    cancels W almost exactly (||W_i + D_i|| below ~1e-3 ||W_i||) loses that many digits; the
+    square is clamped at 0, so such a row's norm is never NaN.
+    """
+    ct = torch.promote_types(weight.dtype, torch.float32)
+    if weight.dtype == torch.float16 and A.dtype != torch.float16:
+        wa = F.linear(weight.to(ct), A.to(ct))
+    else:
+        wa = F.linear(weight, A.to(weight.dtype))
+    z = B.to(ct) * u.to(ct) if u is not None else B.to(ct)                                      # (N, r)
+    A_ct = A.to(ct)
+    cross = (wa.to(ct) * z).sum(1)                                                              # (W A^T)_i . z_i
+    quad = ((z @ (A_ct @ A_ct.t())) * z).sum(1)                                                 # z_i (A A^T) z_i^T
+    sv = v.to(ct) * scaling if v is not None else scaling
+    square = row_norm(weight).square() + sv * (2 * cross + sv * quad)
+    return square.clamp_min(0).sqrt()
+
+
 def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
                     v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
     """Inverse of :func:`merged_weight` (subtracts the same fp32 delta)."""
