@@ -18,18 +18,20 @@
 # it measured), SIGKILL GRACE_S later: no phase ends past its allowance.
 #
 #   phase       share  cap  what
-#   bench        120   190  python -m bench --grid targets --no-e2e: the artefact. Timings (each impl
+#   bench        110   180  python -m bench --grid targets --no-e2e: the artefact. Timings (each impl
 #                           interleaved with the limit), then the probes (copy bandwidth, addmm vs mm,
 #                           the merged weight), then the profiler pass; its own deadline leaves MARGIN_S
 #                           for start-up and the final write.
 #   cuda_tests    90   120  pytest -m cuda (measured: 62 s on an H200; target <= 90 s)
 #   host          10    25  python -m bench.host_overhead: host us per call of each pathway (the e2e step
 #                           of a small model is host-bound) and a cProfile of our fwd+bwd
-#   e2e           70   120  python -m bench --e2e-only: 13 configs (3 on a 4-bit base), warm-up, timing, profile each
-#   serving       50   120  python -m bench.serving: many adapters in one batch (a full run needs ~3
+#   tiles         45    90  python -m bench.tile_sweep: each Triton kernel's launch configurations against
+#                           its byte floor, the most decisive cases first (a full sweep needs ~3 minutes)
+#   e2e           60   120  python -m bench --e2e-only: 13 configs (3 on a 4-bit base), warm-up, timing, profile each
+#   serving       40   120  python -m bench.serving: many adapters in one batch (a full run needs ~3
 #                           minutes: this share measures its first configs; PHASE_CAPS=serving=200 for more)
-#   suite         20     -  pytest -m "not cuda": the rest of the suite, in whatever is left
-#   pybench       15    40  pytest bench/test_bench_ops.py --benchmark-enable
+#   suite         15     -  pytest -m "not cuda": the rest of the suite, in whatever is left
+#   pybench       10    40  pytest bench/test_bench_ops.py --benchmark-enable
 #   reserve       15        SUMMARY.md, the benchmark's claims restamped with the tests' exit code, the tarball
 #
 # The microbenchmark runs before the tests that gate its claims: when the cuda-marked tests fail, the
@@ -38,6 +40,7 @@
 # Files under $OUT: env.txt, phases.tsv (name, share, cap, allowance, start, end, exit code, status),
 # SUMMARY.md (what each phase did and skipped), bench/{results.json,results.md,ratio_*.png}, bench.log,
 # cuda_tests.{log,json}, host/{host_overhead.json,host_overhead_profile.txt}, host.log,
+# tiles/{tile_sweep.json,tile_sweep.md}, tiles.log,
 # e2e/{results.json,results.md}, e2e.log, serving/{results.json,results.md}, serving.log,
 # suite.{log,json}, pybench.{log,json}, pytest_benchmark.json. The *.json of a pytest phase
 # (bench/pytest_phase_report.py) lists the tests it never ran.
@@ -58,9 +61,9 @@ BENCH_IMPLS=${BENCH_IMPLS:-limit,ours,merged,addmm,peft_lora,peft_vera}
 E2E_CONFIGS=${E2E_CONFIGS:-}
 read -r -a TESTS <<< "${TEST_PATHS:-tests}"
 
-PHASES=(bench cuda_tests host e2e serving suite pybench)
-SHARE=(120 90 10 70 50 20 15)
-CAP=(190 120 25 120 120 0 40)  # 0: no cap
+PHASES=(bench cuda_tests host tiles e2e serving suite pybench)
+SHARE=(110 90 10 45 60 40 15 10)
+CAP=(180 120 25 90 120 120 0 40)  # 0: no cap
 RESERVE_S=15            # not scaled: the final summary step needs its seconds at any budget
 STEP_S=2                # each phase's own summary and tarball refresh, kept out of the later shares
 scale() { echo $(( $1 * BUDGET_S / 480 )); }
@@ -185,6 +188,10 @@ echo "$CUDA_RC" > "$OUT/cuda_tests.rc"
 
 if allowance host; then
   timed host "$OUT/host.log" "$PY" -m bench.host_overhead --out "$OUT/host"
+fi
+
+if allowance tiles; then
+  timed tiles "$OUT/tiles.log" "$PY" -m bench.tile_sweep --out "$OUT/tiles" --max-seconds $(( PHASE_T - MARGIN_S ))
 fi
 
 if allowance e2e; then

@@ -18,6 +18,7 @@ from pathlib import Path
 PHASES = [("bench", "targets microbenchmark (python -m bench --no-e2e)"),
           ("cuda_tests", "cuda-marked tests (pytest -m cuda)"),
           ("host", "host time per call (python -m bench.host_overhead)"),
+          ("tiles", "launch configurations against their floors (python -m bench.tile_sweep)"),
           ("e2e", "end-to-end training step (python -m bench --e2e-only)"),
           ("serving", "many adapters in one batch (python -m bench.serving)"),
           ("suite", "rest of the suite (pytest -m \"not cuda\")"),
@@ -162,6 +163,24 @@ def _host_phase(out: Path) -> list[str]:
             + ", ".join(f"{name} {us:.1f}" for name, us in data["us_per_call"].items())]
 
 
+def _tiles_phase(out: Path) -> list[str]:
+    data = _load(out / "tiles" / "tile_sweep.json")
+    if data is None:
+        return ["- no tile_sweep.json (stopped before it was written)"]
+    recs = data["records"]
+    timed = [r for r in recs if "us" in r]
+    lines = [f"- {len(timed)} configurations timed, {sum('error' in r for r in recs)} failed, "
+             f"{sum('skipped' in r for r in recs)} skipped at the deadline (tiles/tile_sweep.md)"]
+    for case in dict.fromkeys(r["case"] for r in timed):
+        mine = [r for r in timed if r["case"] == case]
+        current = next((r for r in mine if r["config"] == "current rule"), None)
+        best = min(mine, key=lambda r: r["us"])
+        if current:
+            lines.append(f"- {case}: current {current['us']} us ({current.get('ratio_to_floor')}x floor), fastest "
+                         f"{best['config']} {best['us']} us ({best.get('ratio_to_floor')}x)")
+    return lines
+
+
 def _serving_phase(out: Path) -> list[str]:
     data = _load(out / "serving" / "results.json")
     if data is None:
@@ -220,7 +239,8 @@ def summary(out: Path, budget: int, final: bool) -> str:
                      f"{ran if ran is not None else '-'} | {within} | {p['rc'] if p['rc'] is not None else '-'} | "
                      f"{p['status']} |")
     lines.append("")
-    detail = {"bench": _bench_phase, "host": _host_phase, "e2e": _e2e_phase, "serving": _serving_phase}
+    detail = {"bench": _bench_phase, "host": _host_phase, "tiles": _tiles_phase, "e2e": _e2e_phase,
+              "serving": _serving_phase}
     for i, (name, what) in enumerate(PHASES, 1):
         lines += [f"## {i}. {name}: {what}", ""]
         p = phases.get(name)

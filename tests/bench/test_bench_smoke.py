@@ -382,3 +382,33 @@ def test_host_overhead_probe_writes_every_pathway(tmp_path):
             "ours fwd (no grad)", "ours fwd", "ours fwd+bwd", "custom op fwd+bwd"}
     assert set(rec["us_per_call"]) == want and all(us > 0 for us in rec["us_per_call"].values())
     assert "ours_fwd_bwd" in (tmp_path / "host_overhead_profile.txt").read_text()
+
+
+def test_tile_sweep_checks_every_configuration_against_the_current_one(tmp_path):
+    """``python -m bench.tile_sweep`` on the interpreter (tiny shapes): every case's configurations
+    launch, agree with the current rule's outputs (fp32: the same math in another order), and the
+    records name the device, versions and commit; nothing is a speed claim on a CPU."""
+    from bench.tile_sweep import main as sweep_main
+
+    assert sweep_main(["--out", str(tmp_path), "--max-seconds", "120"]) == 0
+    data = json.loads((tmp_path / "tile_sweep.json").read_text())
+    assert {"device", "torch", "triton", "commit", "command"} <= set(data["meta"])
+    recs = data["records"]
+    cases = {r["case"] for r in recs}
+    assert {c.split(" ")[0] for c in cases} == {"fwd", "dx", "decode", "grad_factors"}
+    assert not [r for r in recs if "error" in r or "skipped" in r]
+    for case in cases:
+        mine = [r for r in recs if r["case"] == case]
+        assert mine[0]["config"] == "current rule" and mine[0]["rel_err_vs_current"] == 0 and len(mine) >= 2
+        assert all(r["rel_err_vs_current"] < 1e-5 for r in mine) and all("us" not in r for r in mine)
+    # a configuration that differs from the current rule really was launched with its own tiles
+    assert any(r["tiles"].get("block_m", r["tiles"].get("block_m_a")) == 16 for r in recs)
+    assert "| fwd r=3 M=37 | current rule |" in (tmp_path / "tile_sweep.md").read_text()
+
+
+def test_tile_sweep_stops_at_its_deadline_with_what_it_has(tmp_path):
+    from bench.tile_sweep import main as sweep_main
+
+    assert sweep_main(["--out", str(tmp_path), "--max-seconds", "0"]) == 0
+    recs = json.loads((tmp_path / "tile_sweep.json").read_text())["records"]
+    assert recs and all(r.get("skipped") == "deadline" for r in recs)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench.session_summary import main as summary_main  # noqa: E402
 
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
-PHASES = ["bench", "cuda_tests", "host", "e2e", "serving", "suite", "pybench"]
+PHASES = ["bench", "cuda_tests", "host", "tiles", "e2e", "serving", "suite", "pybench"]
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path")
 
 
@@ -101,16 +101,17 @@ def test_dry_run_every_phase_gets_its_share_and_the_summary_says_what_ran(tmp_pa
 def test_every_hanging_phase_is_stopped_at_its_allowance_and_later_phases_keep_their_share(tmp_path):
     stub = tmp_path / "python"
     stub.write_text("#!/usr/bin/env bash\n"
-                    'case " $* " in *" -m pytest "*|*" -m bench --"*|*" -m bench.host_overhead "*|*" -m bench.serving "*)'
+                    'case " $* " in *" -m pytest "*|*" -m bench --"*|*" -m bench.host_overhead "*|*" -m bench.serving "*|'
+                    '*" -m bench.tile_sweep "*)'
                     ' exec sleep 300 ;; esac\n'
                     f'exec "{sys.executable}" "$@"\n')
     stub.chmod(0o755)
-    out, pack, proc, wall = _run(tmp_path, 60, PYTHON=str(stub),
-                                 PHASE_MINS="bench=4,cuda_tests=4,host=4,e2e=4,serving=4,suite=4,pybench=4",
-                                 PHASE_CAPS="bench=6,cuda_tests=6,host=6,e2e=6,serving=6,suite=7,pybench=6")
+    out, pack, proc, wall = _run(tmp_path, 70, PYTHON=str(stub),
+                                 PHASE_MINS="bench=4,cuda_tests=4,host=4,tiles=4,e2e=4,serving=4,suite=4,pybench=4",
+                                 PHASE_CAPS="bench=6,cuda_tests=6,host=6,tiles=6,e2e=6,serving=6,suite=7,pybench=6")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _phases(out)
-    _check_shares(rows, 60)
+    _check_shares(rows, 70)
     # pybench runs only with pytest-benchmark installed; every phase that ran was stopped, none ran long
     for r in rows:
         stopped = r["status"] == "stopped at its allowance (SIGINT)"

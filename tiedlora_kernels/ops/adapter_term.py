@@ -22,7 +22,7 @@ FLOPs: 2 M R (K + N), under 1 % of the base GEMM at R = 16.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -95,21 +95,34 @@ def _adapter_term_kernel(
                      mask=m_m[:, None] & m_n[None, :])
 
 
-def _tiles(M: int, r_block: int, device: torch.device, ieee_scaled: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), fixed by shape (no autotuning: a memory-bound pass
+class TermTiles(NamedTuple):
+    """A launch configuration of ``_adapter_term_kernel`` (and of the serving banks' kernels, which
+    share its schedule). ``num_stages`` None: Triton's default; ``splits`` None: :func:`column_splits`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: Optional[int] = None
+    splits: Optional[int] = None
+
+
+def _tiles(M: int, r_block: int, device: torch.device, ieee_scaled: bool = False) -> TermTiles:
+    """The configuration for M rows at padded rank ``r_block``, fixed by shape (no autotuning: a memory-bound pass
     whose floor is known; tests and training never pay for tuning). Rows per program shrink until
     the row blocks alone fill the device twice; the [BR, BN] tile of P shrinks at large rank so it
     stays in registers. BLOCK_K = 128 keeps ~8 KiB of x per pipeline stage in flight per program
     (2 programs x 3 stages per SM: ~6 MB in flight on 132 SMs, above the ~5 MB that 4.8 TB/s at ~1 us
     of latency needs; 64 above rank 64, where the [BK, BR] tile of D would take most of the shared
     memory; 64 too for the backward's IEEE fp32 dot with its column scale, whose 128-deep tile spills
-    on sm_90, bench/results/compile/): a prediction, to be checked against the kernel's floor on a GPU."""
+    on sm_90, bench/results/compile/): a prediction, to be checked against the kernel's floor on a GPU
+    (``python -m bench.tile_sweep`` times the alternatives)."""
     if kernels_interpreted():  # the interpreter's cost is per program: few, large blocks
-        return 32, 32, 32, 4
+        return TermTiles(32, 32, 32, 4)
     programs = common.target_programs(device)
     block_m = 64 if M >= 64 * programs else (32 if M >= 16 * programs else 16)
     block_n = max(32, min(128, 8192 // r_block))
-    return block_m, block_n, 128 if r_block <= 64 and not ieee_scaled else 64, 8 if r_block >= 128 else 4
+    return TermTiles(block_m, block_n, 128 if r_block <= 64 and not ieee_scaled else 64, 8 if r_block >= 128 else 4)
 
 
 def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optional[torch.Tensor],
@@ -117,7 +130,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
                  seed: Optional[torch.Tensor], *, in_dropout: bool, out_dropout: bool, store_h: bool,
                  write_out: bool = True, out_dtype: Optional[torch.dtype] = None,
                  addend: Optional[torch.Tensor] = None, down_scale: Optional[torch.Tensor] = None,
-                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                 tiles: Optional[TermTiles] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(OUT (M, N) in ``out_dtype`` (default x's) or None, h (M, R) fp32 or None); see the module docstring.
 
     Args:
@@ -128,18 +141,20 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         store_h: return h. write_out: compute OUT (False: only h).
         addend: (M, N) any strides, added to OUT (a base layer's own output), or None.
         down_scale: (K,) or None: D's columns scaled by it (fp32 math), h = X (D diag(down_scale))^T.
+        tiles: the launch configuration; None (every caller but ``bench.tile_sweep``): :func:`_tiles`.
     """
     M, K = x.shape
     N, R = up.shape
     r_block = block_r(R)
     prec = precisions(x.dtype)
     ieee_scaled = down_scale is not None and x.dtype == torch.float32 and prec["MAIN_PREC"] == "ieee"
-    block_m, block_n, block_k, warps = _tiles(M, r_block, x.device, ieee_scaled)
+    cfg = tiles or _tiles(M, r_block, x.device, ieee_scaled)
     out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype) if write_out else None
     h = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_h else None
-    row_blocks = cdiv(M, block_m)
+    row_blocks = cdiv(M, cfg.block_m)
     # only h (write_out=False): one program per row block, no columns to split
-    splits, cols_per_split = column_splits(row_blocks, N, block_n, x.device) if write_out else (1, block_n)
+    splits, cols_per_split = (column_splits(row_blocks, N, cfg.block_n, x.device, cfg.splits) if write_out
+                              else (1, cfg.block_n))
     _adapter_term_kernel[(row_blocks, splits)](
         x, down, vec(down_scale, x), up, vec(u, x), vec(v, x), vec(bias, x), addend if addend is not None else x,
         out if out is not None else x, h if h is not None else x,
@@ -153,7 +168,7 @@ def adapter_term(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, u: Optio
         HAS_U=u is not None, HAS_V=v is not None, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None,
         HAS_DSCALE=down_scale is not None, IN_DROPOUT=in_dropout, OUT_DROPOUT=out_dropout, STORE_H=store_h, WRITE_OUT=write_out,
         WIDE_DOT=wide_dot(x, down, down_scale),
-        **prec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
-        num_warps=warps,
+        **prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=r_block,
+        **common.launch_options(cfg.num_warps, cfg.num_stages),
     )
     return out, h

@@ -156,12 +156,12 @@ def bank_segment_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torc
     M, K = x.shape
     N, R = B.shape[-2:]
     r_block = block_r(R)
-    _, block_n, block_k, warps = _tiles(M, r_block, x.device)
+    cfg = _tiles(M, r_block, x.device)  # its own tile height: plan.block_m
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     tiles = plan.tile_slot.numel()
     if M == 0 or tiles == 0:
         return out
-    splits, cols_per_split = column_splits(tiles, N, block_n, x.device)
+    splits, cols_per_split = column_splits(tiles, N, cfg.block_n, x.device)
     a_s, a_r, a_k = (A.stride() if A.dim() == 3 else (0, *A.stride()))
     b_s, b_n, b_r = (B.stride() if B.dim() == 3 else (0, *B.stride()))
     _bank_segment_term_kernel[(tiles, splits)](
@@ -173,7 +173,7 @@ def bank_segment_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torc
         out.stride(0), out.stride(1),
         HAS_V=V is not None, HAS_BIAS=bias is not None,
         WIDE_DOT=wide_dot(x, A),
-        **precisions(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
-        num_warps=warps,
+        **precisions(x.dtype), BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=r_block,
+        num_warps=cfg.num_warps,
     )
     return out

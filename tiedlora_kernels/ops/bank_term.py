@@ -101,12 +101,12 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
     M, K = x.shape
     N, R = B.shape
     r_block = block_r(R)
-    block_m, block_n, block_k, warps = _tiles(M, r_block, x.device)
+    cfg = _tiles(M, r_block, x.device)
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    row_blocks = cdiv(M, block_m)
-    splits, cols_per_split = column_splits(row_blocks, N, block_n, x.device)
+    row_blocks = cdiv(M, cfg.block_m)
+    splits, cols_per_split = column_splits(row_blocks, N, cfg.block_n, x.device)
     _bank_term_kernel[(row_blocks, splits)](
         x, A, B, U, V if V is not None else U, ids, vec(bias, x), out,
         M, N, K, R, rows_per_id, cols_per_split,
@@ -115,7 +115,7 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
         out.stride(0), out.stride(1),
         HAS_V=V is not None, HAS_BIAS=bias is not None,
         WIDE_DOT=wide_dot(x, A),
-        **precisions(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block,
-        num_warps=warps,
+        **precisions(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=r_block,
+        num_warps=cfg.num_warps,
     )
     return out

@@ -139,13 +139,20 @@ def target_programs(device: torch.device) -> int:
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def column_splits(row_programs: int, N: int, block_n: int, device) -> tuple[int, int]:
+def column_splits(row_programs: int, N: int, block_n: int, device, splits: Optional[int] = None) -> tuple[int, int]:
     """(splits, columns per split) of the N output columns when each of ``row_programs`` programs
     would otherwise write all of them: at decode one row block cannot fill the device, so its
-    columns are split over more programs (each split recomputes h from its rows of x)."""
+    columns are split over more programs (each split recomputes h from its rows of x). ``splits``
+    asks for that many (at most one per column tile) instead of the rule."""
     col_tiles = max(1, cdiv(N, block_n))
-    splits = max(1, min(col_tiles, target_programs(device) // max(row_programs, 1)))
+    want = splits if splits is not None else target_programs(device) // max(row_programs, 1)
+    splits = max(1, min(col_tiles, want))
     return splits, cdiv(col_tiles, splits) * block_n
+
+
+def launch_options(num_warps: int, num_stages: Optional[int]) -> dict:
+    """The launch keywords of a kernel: ``num_stages`` only when set (None: Triton's default)."""
+    return dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
 
 
 def row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int, device) -> tuple[int, int]:

@@ -12,13 +12,13 @@ splits to fill the device (``row_splits``), as two launches would. Bytes: those 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, kernels_interpreted, precisions, reduction_tiles, row_splits, vec
+from .common import block_r, cdiv, kernels_interpreted, launch_options, precisions, reduction_tiles, row_splits, vec
 from .grad_down import grad_down_tile
 from .grad_finish import grad_finish
 from .grad_up import grad_up_tile
@@ -51,28 +51,47 @@ def _grad_factors_kernel(
                          NEED_P, NEED_DU, HAS_U, SMALL_PREC, BLOCK_M_P, BLOCK_COLS, BLOCK_R)
 
 
+class FactorTiles(NamedTuple):
+    """A launch configuration of ``_grad_factors_kernel``: the row tiles of the dA role (over x) and
+    of the P role (over G), the column tile both share, warps, pipeline stages (None: Triton's)."""
+
+    block_m_a: int
+    block_m_p: int
+    block_cols: int
+    num_warps: int
+    num_stages: Optional[int] = None
+
+
+def _factor_tiles(r: int, small_prec: str) -> FactorTiles:
+    """The configuration at rank r (``reduction_tiles``); the IEEE fp32 dot of a 64-row tile of G
+    spills on sm_90 (bench/results/compile/), so fp32 activations without TF32 take 32-row P tiles.
+    ``python -m bench.tile_sweep`` times the alternatives on a GPU."""
+    _, block_m, block_cols, warps = reduction_tiles(r)
+    block_m_p = 32 if small_prec == "ieee" and not kernels_interpreted() else block_m
+    return FactorTiles(block_m, block_m_p, block_cols, warps)
+
+
 def grad_factors(x: Optional[torch.Tensor], G: torch.Tensor, h: Optional[torch.Tensor], g: Optional[torch.Tensor],
                  A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
                  scaling: float, p_drop: float, seed: Optional[torch.Tensor], x_dropout: bool, need_da: bool,
-                 need_db: bool, need_dv: bool, need_du: bool) -> tuple[Optional[torch.Tensor], ...]:
+                 need_db: bool, need_dv: bool, need_du: bool, tiles: Optional[FactorTiles] = None,
+                 ) -> tuple[Optional[torch.Tensor], ...]:
     """(dA (r, K), dB (N, r), dv (N,), du (r,)) in their parameters' dtypes, None where not needed.
 
     x (M, K) any strides (needed for dA), G (M, N) any strides, h (M, r) fp32 (needed for dB, dv,
     du) and g (M, r) fp32 (needed for dA, du), both unit column stride; the dropout seed and mask
-    flag regenerate x's mask for dA."""
+    flag regenerate x's mask for dA. ``tiles``: the launch configuration (None: ``_factor_tiles``)."""
     M, N = G.shape
     r, K = A.shape
     need_p = need_db or need_dv
     need_up = need_p or need_du
-    r_block, block_m, block_cols, warps = reduction_tiles(r)
     small_prec = precisions(G.dtype)["SMALL_PREC"]
-    # the IEEE fp32 dot of a 64-row tile of G spills on sm_90 (bench/results/compile/)
-    block_m_p = 32 if small_prec == "ieee" and not kernels_interpreted() else block_m
-    k_tiles = cdiv(K, block_cols) if need_da else 0
-    a_splits, a_rows = row_splits(M, block_m, k_tiles, 4 * K * r, G.device) if need_da else (0, 1)
-    n_tiles = (max(1, cdiv(N, block_cols)) if need_p else 1) if need_up else 0  # tile 0 writes du (N = 0 too)
+    cfg = tiles or _factor_tiles(r, small_prec)
+    k_tiles = cdiv(K, cfg.block_cols) if need_da else 0
+    a_splits, a_rows = row_splits(M, cfg.block_m_a, k_tiles, 4 * K * r, G.device) if need_da else (0, 1)
+    n_tiles = (max(1, cdiv(N, cfg.block_cols)) if need_p else 1) if need_up else 0  # tile 0 writes du (N = 0 too)
     part_rows = (N if need_p else 0) + (1 if need_du else 0)
-    p_splits, p_rows = row_splits(M, block_m_p, n_tiles, 4 * part_rows * r, G.device) if need_up else (0, 1)
+    p_splits, p_rows = row_splits(M, cfg.block_m_p, n_tiles, 4 * part_rows * r, G.device) if need_up else (0, 1)
     da_part = torch.empty((a_splits, r, K), device=G.device, dtype=torch.float32) if need_da else None
     part = torch.empty((p_splits, part_rows, r), device=G.device, dtype=torch.float32) if need_up else None
     du_row = part_rows - 1 if need_du else -1
@@ -87,7 +106,7 @@ def grad_factors(x: Optional[torch.Tensor], G: torch.Tensor, h: Optional[torch.T
         h.stride(0) if h is not None else 0, placeholder.stride(0), part.stride(0) if part is not None else 0,
         float(scaling), float(p_drop),
         NEED_DA=need_da, NEED_P=need_p, NEED_DU=need_du, HAS_U=u is not None, X_DROPOUT=x_dropout,
-        SMALL_PREC=small_prec, BLOCK_M_A=block_m, BLOCK_M_P=block_m_p, BLOCK_COLS=block_cols, BLOCK_R=r_block,
-        num_warps=warps,
+        SMALL_PREC=small_prec, BLOCK_M_A=cfg.block_m_a, BLOCK_M_P=cfg.block_m_p, BLOCK_COLS=cfg.block_cols,
+        BLOCK_R=block_r(r), **launch_options(cfg.num_warps, cfg.num_stages),
     )
     return grad_finish(part, da_part, A, B, u, v, du_row, need_da, need_db, need_dv, need_du)

@@ -1,0 +1,319 @@
+"""Launch configurations of the Triton kernels, each timed against its byte floor (issue 12: the
+kernels measured 1.9-17x their floors with tiles chosen on paper, bench/NOTES.md section 3).
+
+    python -m bench.tile_sweep [--out DIR] [--max-seconds S] [--smoke]
+
+Cases: bf16 activations, fp32 adapters, every adapter tensor trained (tl6), K = N = 4096:
+``_adapter_term_kernel`` as the forward (x, h stored) and as dX's term (G, B's columns scaled by v)
+at M = 8192, r = 16 and 128, and as decode's forward (M = 1 and 16, no h); ``_grad_factors_kernel``
+(with its ``_grad_finish_kernel``) at M = 8192, r = 16 and 128. Per case the current rule's
+configuration comes first, then the alternatives NOTES.md section 3 argues for: taller row blocks
+(fewer programs re-reading A and B from L2), A cast to x's dtype before the kernel (the dot casts
+each tile of A to bf16 anyway: the same result with half the re-read bytes), wider or narrower
+column tiles, more warps, deeper pipelines, fewer column splits and longer K steps at decode.
+
+Each configuration's outputs are compared with the current configuration's (``rel_err``: the same
+math in another order, ~1e-3 in bf16; a configuration that does not compile or launch is recorded
+with its error) and timed with ``triton.testing.do_bench`` (L2 flushed between calls, median).
+``ratio`` = time / the launch's bandwidth floor (``bench.floors``, data-sheet bandwidth). The
+cases run in order of what they decide, and the sweep stops at ``--max-seconds`` with what it has:
+each configuration compiles once (~1-2 s), so a full sweep takes a few minutes of a GPU.
+
+Writes ``tile_sweep.json`` (device, versions, commit, command, every record) and ``tile_sweep.md``
+(per case: the current configuration, the fastest, and its gain). On a CPU (``--smoke``, the
+kernels on the Triton interpreter) the shapes are tiny and no time is a kernel speed: the harness
+is what is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .floors import design_costs, spec_bandwidth
+
+# The package's kernels are imported where used: on a CPU, ``main`` first selects the Triton
+# interpreter, which must happen before the kernels are defined.
+
+
+@dataclass
+class SweepCase:
+    """One kernel use: ``run(config, variant)`` launches it and returns its outputs; ``floor_bytes``
+    its compulsory bytes; ``configs`` (label, config, variant) with the current rule's first."""
+
+    name: str
+    kernel: str
+    shape: dict
+    floor_bytes: float
+    run: Callable
+    configs: list = field(default_factory=list)
+
+
+def _rnd(g, *shape, scale=1.0, dtype=torch.float32, device="cpu"):
+    return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+
+def _term_case(kind: str, M: int, K: int, N: int, r: int, device, dtype, smoke: bool) -> SweepCase:
+    """``_adapter_term_kernel`` as the forward ("fwd": x -> L, h), dX's term ("dx": G -> Ldx, g, B's
+    columns scaled by v) or decode ("decode": x -> L, no h)."""
+    from tiedlora_kernels.ops.adapter_term import _tiles, adapter_term
+    from tiedlora_kernels.ops.common import block_r, precisions
+
+    g = torch.Generator(device=device).manual_seed(M + r)
+    A = _rnd(g, r, K, scale=K ** -0.5, device=device)
+    B = _rnd(g, N, r, scale=0.1, device=device)
+    u, v, b = _rnd(g, r, device=device), _rnd(g, N, device=device), _rnd(g, N, dtype=dtype, device=device)
+    if kind == "dx":
+        src = _rnd(g, M, N, dtype=dtype, device=device)
+        down, up, scale_cols = B.t(), A.t(), v
+    else:
+        src = _rnd(g, M, K, dtype=dtype, device=device)
+        down, up, scale_cols = A, B, None
+    store_h = kind != "decode"
+    down_low = down.to(dtype) if scale_cols is None else None  # the cast shared per kind (NOTES.md lever)
+
+    def run(cfg, variant: str):
+        d = down_low if variant == "down in x dtype" else down
+        if kind == "dx":
+            return adapter_term(src, d, up, u, None, None, 0.5, 0.0, None, in_dropout=False, out_dropout=False,
+                                store_h=True, down_scale=scale_cols, tiles=cfg)
+        return adapter_term(src, d, up, u, v, b, 0.5, 0.0, None, in_dropout=False, out_dropout=False,
+                            store_h=store_h, tiles=cfg)
+
+    op, phase = ("fwd", "fwd") if kind == "decode" else ("fwd_bwd", "fwd" if kind == "fwd" else "bwd")
+    costs = [c for c in design_costs(M, K, N, r, op) if c.name == "_adapter_term_kernel" and c.phase == phase]
+    # dX's term reads G (M, N) and writes Ldx (M, K): design_costs names the same launch for both roles
+    case = SweepCase(f"{kind} r={r} M={M}", "_adapter_term_kernel", dict(M=M, K=K, N=N, r=r, dtype=str(dtype)),
+                     costs[0].bytes, run)
+    ieee_scaled = scale_cols is not None and dtype == torch.float32 and precisions(dtype)["MAIN_PREC"] == "ieee"
+    cur = _tiles(M, block_r(r), src.device, ieee_scaled)
+    case.configs.append(("current rule", cur, ""))
+    if smoke:
+        case.configs += [("BLOCK_M 16", cur._replace(block_m=16), ""), ("splits 1", cur._replace(splits=1), "")]
+        if down_low is not None:
+            case.configs.append(("current, A in x dtype", cur, "down in x dtype"))
+        return case
+    alts: list[tuple] = []
+    if kind == "decode":
+        for splits in (4, 8, 16):
+            alts.append((f"splits {splits}", cur._replace(splits=splits), ""))
+        alts += [("BLOCK_K 256", cur._replace(block_k=256), ""),
+                 ("BLOCK_K 256, splits 8", cur._replace(block_k=256, splits=8), ""),
+                 ("BLOCK_N 64", cur._replace(block_n=64), ""),
+                 ("BLOCK_K 256, 8 warps", cur._replace(block_k=256, num_warps=8), "")]
+    elif r <= 64:
+        alts += [("BLOCK_M 64", cur._replace(block_m=64), ""),
+                 ("BLOCK_M 64, 8 warps", cur._replace(block_m=64, num_warps=8), ""),
+                 ("BLOCK_M 128, BLOCK_K 64, 8 warps", cur._replace(block_m=128, block_k=64, num_warps=8), ""),
+                 ("4 stages", cur._replace(num_stages=4), ""),
+                 ("BLOCK_M 64, BLOCK_K 64, 4 stages", cur._replace(block_m=64, block_k=64, num_stages=4), ""),
+                 ("BLOCK_N 256, 8 warps", cur._replace(block_n=256, num_warps=8), ""),
+                 ("BLOCK_M 16", cur._replace(block_m=16), "")]
+    else:
+        alts += [("BLOCK_M 64", cur._replace(block_m=64), ""),
+                 ("BLOCK_M 64, BLOCK_N 128", cur._replace(block_m=64, block_n=128), ""),
+                 ("BLOCK_N 128", cur._replace(block_n=128), ""),
+                 ("BLOCK_K 32, 4 stages", cur._replace(block_k=32, num_stages=4), ""),
+                 ("BLOCK_M 128, BLOCK_K 32", cur._replace(block_m=128, block_k=32), ""),
+                 ("4 warps", cur._replace(num_warps=4), "")]
+    if down_low is not None:
+        alts.insert(0, ("current, A in x dtype", cur, "down in x dtype"))
+        if kind != "decode":
+            alts.insert(2, ("BLOCK_M 64, A in x dtype", cur._replace(block_m=64), "down in x dtype"))
+    case.configs += alts
+    return case
+
+
+def _factors_case(M: int, K: int, N: int, r: int, device, dtype, smoke: bool) -> SweepCase:
+    """``_grad_factors_kernel`` (dA over x, dB / dv / du over G) and its finish, every factor trained."""
+    from tiedlora_kernels.ops.common import precisions
+    from tiedlora_kernels.ops.grad_factors import _factor_tiles, grad_factors
+
+    g = torch.Generator(device=device).manual_seed(M + r + 1)
+    x = _rnd(g, M, K, dtype=dtype, device=device)
+    G = _rnd(g, M, N, dtype=dtype, device=device)
+    h, gr = _rnd(g, M, r, device=device), _rnd(g, M, r, device=device)
+    A = _rnd(g, r, K, scale=K ** -0.5, device=device)
+    B = _rnd(g, N, r, scale=0.1, device=device)
+    u, v = _rnd(g, r, device=device), _rnd(g, N, device=device)
+
+    def run(cfg, variant: str):
+        return grad_factors(x, G, h, gr, A, B, u, v, 0.5, 0.0, None, False, True, True, True, True, tiles=cfg)
+
+    names = ("_grad_factors_kernel", "_grad_finish_kernel")
+    nbytes = sum(c.bytes for c in design_costs(M, K, N, r, "fwd_bwd") if c.name in names)
+    case = SweepCase(f"grad_factors r={r} M={M}", "_grad_factors_kernel + _grad_finish_kernel",
+                     dict(M=M, K=K, N=N, r=r, dtype=str(dtype)), nbytes, run)
+    cur = _factor_tiles(r, precisions(dtype)["SMALL_PREC"])
+    case.configs.append(("current rule", cur, ""))
+    if smoke:
+        case.configs.append(("BLOCK_M 16", cur._replace(block_m_a=16, block_m_p=16), ""))
+        return case
+    if r <= 64:
+        case.configs += [("cols 128", cur._replace(block_cols=128), ""),
+                         ("cols 128, 8 warps", cur._replace(block_cols=128, num_warps=8), ""),
+                         ("BLOCK_M 128", cur._replace(block_m_a=128, block_m_p=128), ""),
+                         ("BLOCK_M 32", cur._replace(block_m_a=32, block_m_p=32), ""),
+                         ("4 stages", cur._replace(num_stages=4), "")]
+    else:
+        case.configs += [("cols 64", cur._replace(block_cols=64), ""),
+                         ("BLOCK_M 32", cur._replace(block_m_a=32, block_m_p=32), ""),
+                         ("cols 64, BLOCK_M 32", cur._replace(block_cols=64, block_m_a=32, block_m_p=32), ""),
+                         ("2 stages", cur._replace(num_stages=2), ""),
+                         ("cols 16", cur._replace(block_cols=16), "")]
+    return case
+
+
+def cases(device, smoke: bool) -> list[SweepCase]:
+    """The sweep's cases, most decisive first (the forward at r = 16 is the issue's forward target)."""
+    dtype = torch.bfloat16
+    if smoke:  # the interpreter: tiny shapes, fp32 (its bf16 dot is upcast anyway)
+        K, N, M = 40, 24, 37
+        return [_term_case("fwd", M, K, N, 3, device, torch.float32, True),
+                _term_case("dx", M, K, N, 3, device, torch.float32, True),
+                _term_case("decode", 1, K, N, 3, device, torch.float32, True),
+                _factors_case(M, K, N, 3, device, torch.float32, True)]
+    K = N = 4096
+    return [_term_case("fwd", 8192, K, N, 16, device, dtype, False),
+            _factors_case(8192, K, N, 16, device, dtype, False),
+            _term_case("dx", 8192, K, N, 16, device, dtype, False),
+            _term_case("decode", 1, K, N, 16, device, dtype, False),
+            _term_case("fwd", 8192, K, N, 128, device, dtype, False),
+            _factors_case(8192, K, N, 128, device, dtype, False),
+            _term_case("dx", 8192, K, N, 128, device, dtype, False),
+            _term_case("decode", 16, K, N, 16, device, dtype, False)]
+
+
+def _rel_err(outs, refs) -> float:
+    worst = 0.0
+    for o, ref in zip(outs, refs):
+        if o is None or ref is None:
+            continue
+        o, ref = o.double(), ref.double()
+        worst = max(worst, float((o - ref).norm() / ref.norm().clamp_min(1e-30)))
+    return worst
+
+
+def _time_us(fn, cuda: bool) -> float:
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")) * 1e3
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
+def sweep(case_list: list[SweepCase], cuda: bool, bandwidth: Optional[float], deadline: float,
+          write: Callable[[list], None]) -> list[dict]:
+    """Run every configuration of every case until ``deadline`` (time.monotonic()); ``write`` is
+    called with the records after each case."""
+    records: list[dict] = []
+    for case in case_list:
+        floor_us = case.floor_bytes / bandwidth * 1e6 if bandwidth else None
+        ref = None
+        for label, cfg, variant in case.configs:
+            if time.monotonic() > deadline:
+                records.append(dict(case=case.name, config=label, skipped="deadline"))
+                continue
+            rec = dict(case=case.name, kernel=case.kernel, shape=case.shape, config=label, variant=variant or None,
+                       tiles=cfg._asdict(), floor_bytes=case.floor_bytes, floor_us=floor_us)
+            try:
+                outs = [t for t in case.run(cfg, variant) if t is not None]
+                if ref is None:
+                    ref = outs
+                rec["rel_err_vs_current"] = _rel_err(outs, ref)
+                us = _time_us(lambda: case.run(cfg, variant), cuda)
+                rec["us" if cuda else "cpu_wall_us_not_kernel_speed"] = round(us, 2)
+                if cuda and floor_us:
+                    rec["ratio_to_floor"] = round(us / floor_us, 3)
+            except Exception as e:  # a configuration that does not compile or launch (shared memory, ...)
+                rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            records.append(rec)
+        write(records)
+    return records
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    how = (f"time = do_bench median (L2 flushed); ratio = time / byte floor at {meta['bandwidth']} B/s"
+           if meta["cuda"] else "CPU interpreter: no time here is a kernel speed")
+    lines = [f"# Tile sweep: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"commit {meta['commit']}", "", f"`{meta['command']}`; {how}.", "",
+             "| case | config | us | ratio to floor | gain vs current | rel err vs current |",
+             "|---|---|---:|---:|---:|---:|"]
+    current: dict = {}
+    for r in records:
+        us = r.get("us")
+        if r["config"] == "current rule" and us:
+            current[r["case"]] = us
+        if "rel_err_vs_current" not in r:
+            lines.append(f"| {r['case']} | {r['config']} | {r.get('error') or r.get('skipped')} | - | - | - |")
+            continue
+        gain = f"{current[r['case']] / us:.2f}x" if us and r["case"] in current else "-"
+        lines.append(f"| {r['case']} | {r['config']} | {us or '-'} | {r.get('ratio_to_floor', '-')} | {gain} "
+                     f"| {r['rel_err_vs_current']:.1e} |")
+    lines += ["", "## Fastest per case", "", "| case | current us | fastest | us | gain |", "|---|---:|---|---:|---:|"]
+    for name in dict.fromkeys(r["case"] for r in records):
+        timed = [r for r in records if r["case"] == name and r.get("us")]
+        if timed and name in current:
+            best = min(timed, key=lambda r: r["us"])
+            lines.append(f"| {name} | {current[name]} | {best['config']} | {best['us']} "
+                         f"| {current[name] / best['us']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def _commit() -> Optional[str]:
+    """The commit measured: git's, else BENCH_COMMIT (the GPU session's copy of the tree has no .git)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        sha = ""
+    return sha or os.environ.get("BENCH_COMMIT") or None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/tile-sweep")
+    ap.add_argument("--max-seconds", type=float, default=240.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU interpreter's harness check)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda:  # the harness on the interpreter (tiny shapes): set before the kernels are defined
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    device = torch.device("cuda" if cuda else "cpu")
+    name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
+    meta = dict(device=name, cuda=cuda, torch=torch.__version__, triton=triton.__version__,
+                bandwidth=spec_bandwidth(name) if cuda else None,
+                commit=_commit(),
+                command="python -m bench.tile_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(records):
+        tmp = out / "tile_sweep.json.tmp"
+        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        tmp.replace(out / "tile_sweep.json")
+        (out / "tile_sweep.md").write_text(markdown(meta, records))
+
+    deadline = time.monotonic() + args.max_seconds
+    records = sweep(cases(device, args.smoke or not cuda), cuda, meta["bandwidth"], deadline, write)
+    write(records)
+    print((out / "tile_sweep.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
