@@ -3,8 +3,9 @@ on every linear layer of the decoder (lm_head excluded, as PEFT's "all-linear" d
 
 Configs, in order of importance (a run short of time keeps the first ones): no adapter (every
 weight frozen, but backward still runs through every layer: the speed limit), ours TL6, PEFT LoRA,
-ours LoRA, then the other variants (ours DoRA vs PEFT DoRA, Simple DoRA, Tied-LoRA Extra,
-tensor embedding, partial tying).
+ours LoRA, the three over a 4-bit base, then the other variants (ours DoRA vs PEFT DoRA, Simple
+DoRA, Tied-LoRA Extra, tensor embedding, partial tying), last no adapter / ours TL6 / PEFT LoRA
+under ``torch.compile`` (each family divided by its own no-adapter step).
 
 What a timed step contains, and what it must not: warm-up steps run until two consecutive steps
 agree within 5 % (at least 3 on a GPU, at most 10), so kernel compilation, allocator growth and the
@@ -37,10 +38,22 @@ GPU_MODEL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=97)
 CONFIGS = ["no_adapter", "ours_tl6", "peft_lora", "ours_lora", "no_adapter_4bit", "ours_tl6_4bit", "peft_lora_4bit",
-           "ours_dora", "peft_dora", "ours_simple_dora", "ours_tl_extra", "ours_tensor_embed", "ours_partial"]
+           "ours_dora", "peft_dora", "ours_simple_dora", "ours_tl_extra", "ours_tensor_embed", "ours_partial",
+           "no_adapter_compiled", "ours_tl6_compiled", "peft_lora_compiled"]
 #: Configs ending in this train over a bitsandbytes NF4 copy of the base (QLoRA-style; compared with
 #: no_adapter_4bit). Needs bitsandbytes (on the lent GPU machine: carried as a wheel, see gpu_session.sh).
 QUANTIZED = "_4bit"
+#: Configs ending in this run the model under ``torch.compile`` (inductor, default mode; the smoke
+#: mode on a CPU: the aot_eager backend, the plumbing only), compared with no_adapter_compiled: a
+#: small model's eager step is host-bound, and compiling is the usual remedy. The compilation
+#: (about a minute per config on the GPU machine) falls in the warm-up steps; they come last.
+COMPILED = "_compiled"
+FAMILIES = ("", QUANTIZED, COMPILED)
+
+
+def family(config: str) -> str:
+    """The base a config is compared with: no_adapter + this suffix."""
+    return next((f for f in FAMILIES[1:] if config.endswith(f)), "")
 #: Warm-up on a GPU: at least WARMUP_MIN steps, at most WARMUP_MAX, until two consecutive steps agree
 #: within WARMUP_TOL (a CPU smoke run: 1 or 2 steps).
 WARMUP_MIN, WARMUP_MAX, WARMUP_TOL = 3, 10, 0.05
@@ -91,6 +104,9 @@ def _syncs_in(step: Callable[[], object], device: str) -> Optional[int]:
 
 
 def _build(config: str, base, rank: int, device, dtype, quantized_dir: Optional[Path] = None):
+    if config.endswith(COMPILED):
+        model = _build(config.removesuffix(COMPILED), base, rank, device, dtype, quantized_dir)
+        return torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager")
     if config.endswith(QUANTIZED):
         model = _load_4bit(quantized_dir, device, dtype)
         config = config.removesuffix(QUANTIZED)
@@ -252,10 +268,10 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
             model = opt = None  # release this config before the next is built
             if device == "cuda":
                 torch.cuda.empty_cache()
-        for family in ("", QUANTIZED):  # each config against the no-adapter run on the same base
-            limit = next((e["step_ms"] for e in out if e["config"] == "no_adapter" + family and "step_ms" in e), None)
+        for fam in FAMILIES:  # each config against the no-adapter run on the same base, the same way
+            limit = next((e["step_ms"] for e in out if e["config"] == "no_adapter" + fam and "step_ms" in e), None)
             for e in out:
-                if limit and "step_ms" in e and e["config"].endswith(QUANTIZED) == bool(family):
+                if limit and "step_ms" in e and family(e["config"]) == fam:
                     e["ratio_to_no_adapter"] = e["step_ms"] / limit
         if on_record:
             on_record()

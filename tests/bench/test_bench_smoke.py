@@ -147,6 +147,21 @@ def test_smoke_e2e(smoke):
     assert e2e["ours_tl6"]["trainable"] < e2e["ours_lora"]["trainable"] == e2e["peft_lora"]["trainable"]
 
 
+def test_e2e_compiled_configs_compare_with_the_compiled_base():
+    """The *_compiled configs run under torch.compile (on a CPU the aot_eager backend: the plumbing)
+    and are divided by no_adapter_compiled, not by the eager base."""
+    from bench.e2e import family, run_e2e
+
+    out = run_e2e("cpu", True, configs=["no_adapter", "no_adapter_compiled", "ours_tl6_compiled"], profile=False)
+    e2e = {e["config"]: e for e in out}
+    assert all("error" not in e for e in out), out
+    assert e2e["no_adapter_compiled"]["ratio_to_no_adapter"] == 1.0
+    tl6 = e2e["ours_tl6_compiled"]
+    assert tl6["ratio_to_no_adapter"] == pytest.approx(tl6["step_ms"] / e2e["no_adapter_compiled"]["step_ms"])
+    assert tl6["trainable"] > 0 and tl6["loss"] == pytest.approx(e2e["no_adapter"]["loss"], rel=0.2)
+    assert [family(c) for c in ("ours_tl6", "ours_tl6_4bit", "peft_lora_compiled")] == ["", "_4bit", "_compiled"]
+
+
 def test_smoke_table_and_plots(smoke):
     out, data = smoke
     md = (out / "results.md").read_text()
