@@ -82,11 +82,13 @@ def design_costs(M: int, K: int, N: int, r: int, op: str, *, train=("A", "B", "u
                       2 * M * r * (K + N)))
     out.append(Launch("addmm_ (x W^T + L)", "fwd", "cublas", E * (M * K + N * K + 2 * M * N), 2 * M * N * K))
     if row_scale is not None:
-        # c = m / ||W + D||_row per call (reference.merged_row_norm): ||W||_row, one read of W, and
-        # W A^T, one more (Simple DoRA: ||W||_row only); the rest is (N, r) work
-        out.append(Launch("row norm ||W||_row", "fwd", "torch", E * N * K + F * N, 2 * N * K))
+        # c = m / ||W + D||_row per call (reference.merged_row_norm): W cast to fp32 (unrounded norms,
+        # DoRA's identity at init), its row norms and W A^T from that cast (Simple DoRA: ||W||_row
+        # only, the same cast inside torch's norm); the rest is (N, r) work
+        cast = (E + 4) * N * K if E < 4 else 0
+        out.append(Launch("row norm ||W||_row", "fwd", "torch", cast + 4 * N * K + F * N, 2 * N * K))
         if magnitude == "dora":
-            out.append(Launch("mm (W A^T)", "fwd", "torch", E * N * K + E * r * K + E * N * r, 2 * N * K * r))
+            out.append(Launch("mm (W A^T)", "fwd", "torch", 4 * N * K + F * r * K + 4 * N * r, 2 * N * K * r))
         out.append(Launch("addcmul (b + y c)", "fwd", "torch", E * 2 * M * N + b + F * N, 2 * M * N))
     if not grad:
         return out

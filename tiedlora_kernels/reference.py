@@ -146,13 +146,10 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Opt
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W||_2 per row (N,) of weight (N, K), fp32 (fp64 for fp64 weights).
-
-    torch's reduction accumulates in fp32 and reads W once; asking it for an fp32 result would first
-    copy a 16-bit W to fp32 (an N x K write and read, more than the read itself). So a 16-bit W's
-    norm is rounded once to its dtype, as PEFT rounds its DoRA weight norm (relative error <= 2^-9
-    for bf16), then widened."""
-    return torch.linalg.vector_norm(weight, dim=1).to(torch.promote_types(weight.dtype, torch.float32))
+    """||W||_2 per row (N,) of weight (N, K), fp32 (fp64 for fp64 weights), accumulated and returned
+    unrounded: DoRA's magnitude starts at this value and its row scale is m / this norm, so a
+    norm rounded to a 16-bit W's dtype would move the adapted layer off the identity at init."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.promote_types(weight.dtype, torch.float32))
 
 
 def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
@@ -160,28 +157,28 @@ def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: O
     """||W + D||_2 per row (N,), D = s diag(v) B diag(u) A (DoRA's norm), fp32 (fp64 for fp64
     weights), without forming the (N, K) merged weight.
 
-    Row i: ||W_i + D_i||^2 = ||W_i||^2 + 2 <W_i, D_i> + ||D_i||^2, with z_i = B_i * u (r,) and
-    D_i = s v_i z_i A, so <W_i, D_i> = s v_i (W A^T)_i . z_i and ||D_i||^2 = s^2 v_i^2 z_i (A A^T) z_i^T.
-    Two reads of W (its row norms, :func:`row_norm`, and W A^T: one skinny GEMM in W's dtype with fp32
-    accumulation; an fp16 W with a wider A in fp32, where A's small values would flush), the rest
-    (N, r) and (r, r) work. Forming W + D in fp32 instead moves ~10x the bytes of W.
+    Row i: ||W_i + D_i||^2 = ||W_i||^2 + e_i with z_i = B_i * u (r,), D_i = s v_i z_i A and
+    e_i = 2 <W_i, D_i> + ||D_i||^2 = s v_i z_i . (2 (W A^T)_i + s v_i (A A^T) z_i); the norm is taken
+    as ||W_i|| sqrt(1 + e_i / ||W_i||^2), which is ||W_i|| exactly when the update is 0 (DoRA at
+    init: c = m / norm = 1 exactly). Bytes: W cast to fp32 once (a 16-bit W; an fp32 W is used as
+    it is), read for its row norms and for W A^T (one skinny fp32 GEMM); the rest is (N, r) and
+    (r, r) work. Forming W + D in fp32 moves ~3x these bytes with four (N, K) fp32 temporaries.
 
     Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None. A row whose update
-    cancels W almost exactly (||W_i + D_i|| below ~1e-3 ||W_i||) loses that many digits; the
-    square is clamped at 0, so such a row's norm is never NaN.
+    cancels W almost exactly (||W_i + D_i|| below ~1e-3 ||W_i||) loses that many digits; 1 + e / ||W||^2
+    is clamped at 0, so such a row's norm is never NaN.
     """
     ct = torch.promote_types(weight.dtype, torch.float32)
-    if weight.dtype == torch.float16 and A.dtype != torch.float16:
-        wa = F.linear(weight.to(ct), A.to(ct))
-    else:
-        wa = F.linear(weight, A.to(weight.dtype))
-    z = B.to(ct) * u.to(ct) if u is not None else B.to(ct)                                      # (N, r)
+    w = weight.to(ct)
     A_ct = A.to(ct)
-    cross = (wa.to(ct) * z).sum(1)                                                              # (W A^T)_i . z_i
-    quad = ((z @ (A_ct @ A_ct.t())) * z).sum(1)                                                 # z_i (A A^T) z_i^T
-    sv = v.to(ct) * scaling if v is not None else scaling
-    square = row_norm(weight).square() + sv * (2 * cross + sv * quad)
-    return square.clamp_min(0).sqrt()
+    z = B.to(ct) * u.to(ct) if u is not None else B.to(ct)                                      # (N, r)
+    sv = v.to(ct) * scaling if v is not None else torch.full((weight.shape[0],), scaling, dtype=ct,
+                                                             device=weight.device)
+    # e = s v (z . (2 W A^T + s v z (A A^T)))
+    e = sv * (z * torch.addmm(F.linear(w, A_ct), z * sv[:, None], A_ct @ A_ct.t(), alpha=0.5)).sum(1) * 2
+    n = torch.linalg.vector_norm(w, dim=1)
+    scaled = n * (1 + e / n.square()).clamp_min(0).sqrt()
+    return torch.where(n > 0, scaled, e.clamp_min(0).sqrt())
 
 
 def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],

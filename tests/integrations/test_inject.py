@@ -24,6 +24,18 @@ def test_inject_starts_as_identity_and_trains_only_adapters(family, preset):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable_parameters(model)["total"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("preset", ["dora", "simple_dora", "tl6"])
+def test_inject_starts_as_identity_on_a_16_bit_model(preset, dtype):
+    """DoRA's row scale m / ||W + dW||_row is exactly 1 at init on a bf16 / fp16 model too: m and the
+    norm come from the same unrounded fp32 row norm (a norm rounded to the weight's dtype moved
+    the logits by ~2e-3)."""
+    model = tiny_llama().to(dtype)
+    before = model(IDS).logits
+    inject(model, TiedLoRAConfig(rank=4, preset=preset))
+    assert torch.equal(model(IDS).logits, before)
+
+
 def test_tied_factors_registered_once():
     model = tiny_llama(n_layer=3)
     inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules=["q_proj", "v_proj"]))

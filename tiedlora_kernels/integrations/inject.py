@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TiedLoRAConfig, match_pattern
+from .. import reference
 from ..bases import looks_quantized, quantized_base_of, unsupported_quantized_error
 from ..modules import AdapterFactors, TiedFactors, TiedLoRALinear
 
@@ -237,7 +238,7 @@ def build_per_layer(config: TiedLoRAConfig, name: str, weight_nk: torch.Tensor, 
         out["adapter_wM"] = param(mixing(config.core_bank, "wM"))
     if p.magnitude != "none":
         # m starts at ||W||_row (= ||W + dW||_row, dW = 0), so the layer starts as the identity change.
-        norm = torch.linalg.vector_norm(weight_nk.float(), dim=1) if not on_meta else torch.empty(N, device="meta")
+        norm = reference.row_norm(weight_nk).float() if not on_meta else torch.empty(N, device="meta")
         out["adapter_m"] = param(norm)
     return out
 
