@@ -12,6 +12,7 @@ bitsandbytes is optional: nothing here imports it unless a model already holds i
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import warnings
@@ -73,9 +74,11 @@ class Bnb4bit(QuantizedBase):
 
         weight = module.weight
         data, state = weight.data, weight.quant_state
-        # bitsandbytes repacks the weight for its CPU inference kernel on the first no-grad CPU forward
+        # bitsandbytes repacks the weight for its CPU inference kernel on the first no-grad CPU forward;
+        # its inverse rewrites the state it is given in place (the packing flag, absmax), which would
+        # leave the layer's packed weight with an unpacked state: it gets a copy.
         if getattr(state, "packing_format_for_cpu", False):
-            data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
+            data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
         return bf.dequantize_4bit(data, state)
 
     def replace_weight(self, module, weight):

@@ -184,6 +184,28 @@ class Int8WeightLinear(nn.Linear):
         self.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
 
 
+def test_dequantizing_a_cpu_repacked_4bit_layer_leaves_the_layer_as_it_was():
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel (packed here by hand, as its
+    first no-grad eval call does on avx512-bf16 CPUs); undoing that for the dequantized weight
+    (DoRA's norm each call, merge, inject's dense view) must not touch the layer's own state, or
+    its later forwards read a packed weight through an unpacked state (garbage)."""
+    import bitsandbytes.functional as bf
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64) / 8, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    dense = Bnb4bit().dequantized_weight(layer).clone()
+    data, state = layer.weight.data, layer.weight.quant_state
+    layer.weight.data, layer.weight.quant_state = bf._convert_weight_packed_for_cpu(data, state)
+    packed_state = layer.weight.quant_state
+    absmax, packed = packed_state.absmax.clone(), layer.weight.data.clone()
+    first = Bnb4bit().dequantized_weight(layer)
+    assert rel_err(first, dense) < 1e-2  # the packing keeps absmax in bf16: ~2e-3 off the unpacked layer
+    assert torch.equal(Bnb4bit().dequantized_weight(layer), first)
+    assert layer.weight.quant_state is packed_state and packed_state.packing_format_for_cpu
+    assert torch.equal(packed_state.absmax, absmax) and torch.equal(layer.weight.data, packed)
+
+
 def test_unsupported_quantized_layer_is_refused_naming_it():
     model = nn.Module()
     model.dense = nn.Linear(8, 8)
