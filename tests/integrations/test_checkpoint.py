@@ -32,6 +32,27 @@ def test_round_trip_into_fresh_model(tmp_path, preset):
     assert torch.equal(fresh(IDS).logits, model(IDS).logits)
 
 
+def test_a_merged_model_refuses_a_new_adapter_and_a_reset(tmp_path):
+    """Writing adapter tensors under a merged weight would leave it holding the old adapter (and
+    unmerge would subtract the new one's delta from it): refused, nothing changed."""
+    from tiedlora_kernels import merge, reset_adapters, unmerge
+
+    other = trained()
+    randomize_adapters(other, seed=4)
+    save_adapter(other, tmp_path)
+    model = trained()
+    merge(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for call, name in ((lambda: load_adapter(model, tmp_path), "load_adapter"),
+                       (lambda: reset_adapters(model), "reset_adapters")):
+        with pytest.raises(ValueError, match=name + r": \[.*\] and \d+ more are merged; call tiedlora_kernels.unmerge"):
+            call()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    unmerge(model)
+    load_adapter(model, tmp_path)
+    assert torch.allclose(model(IDS).logits, other(IDS).logits, atol=1e-5)
+
+
 def test_only_trainable_tensors_are_written(tmp_path):
     model = trained("tl4")  # A frozen random (rebuildable from the seed), B and u trained
     save_adapter(model, tmp_path)

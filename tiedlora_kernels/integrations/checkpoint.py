@@ -28,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import TiedLoRAConfig
 from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, build_factors,
-                     find_targets, inject)
+                     find_targets, inject, refuse_merged)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -250,6 +250,7 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
                       layers)
         inject(model, config)
     else:
+        refuse_merged(model, "load_adapter")
         # How kinds were named does not matter, only which they are: _check_layers compares them per layer.
         have = adapter_config(model).to_dict()
         diff = {k: (have[k], v) for k, v in config.to_dict().items()

@@ -348,6 +348,16 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, TiedLoRALinear]]:
             yield n, m
 
 
+def refuse_merged(model: nn.Module, caller: str) -> None:
+    """Raise when any adapted layer of ``model`` is merged: writing its adapter tensors would leave
+    the merged weight holding the old adapter, and ``unmerge`` would then subtract the new one's delta."""
+    merged = [n for n, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        more = f" and {len(merged) - 3} more" if len(merged) > 3 else ""
+        raise ValueError(f"{caller}: {merged[:3]}{more} {'is' if len(merged) == 1 else 'are'} merged; call "
+                         f"tiedlora_kernels.unmerge(model) first (its weights hold the current adapter)")
+
+
 def adapter_config(model: nn.Module) -> TiedLoRAConfig:
     """The config ``inject`` used on ``model``; raises if it has no adapters."""
     holder = getattr(model, ROOT_ATTR, None)
@@ -379,6 +389,7 @@ def reset_adapters(model: nn.Module) -> nn.Module:
     Raises if a base weight or an adapter tensor is still on the meta device.
     """
     config = adapter_config(model)
+    refuse_merged(model, "reset_adapters")
     layers = list(adapted_layers(model))
     for name, layer in layers:
         weight = layer.weight if layer.layout != "quantized" else layer.base_layer.weight
