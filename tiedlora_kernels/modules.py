@@ -12,9 +12,9 @@ Untied adapters (plain LoRA) are the same mechanism with one :class:`TiedFactors
 
 from __future__ import annotations
 
-from typing import Optional
-
 import contextlib
+import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -261,7 +261,7 @@ class TiedLoRALinear(nn.Module):
         meta device, pruned, parametrized: never stale; one N x K pass, ~1% of a training step's
         GEMMs), never from a merged weight."""
         if self.merged:
-            return self.merged_base_norm
+            return self._merged_base_norm.to(self.weight_nk().device)
         with torch.no_grad():
             return reference.row_norm(self.weight_nk())
 
@@ -289,6 +289,7 @@ class TiedLoRALinear(nn.Module):
         if self.layout == "quantized":
             return self._forward_quantized(x)
         if self.merged:
+            self._warn_if_training_merged()
             return nn.functional.linear(x, self.weight_nk(), self.bias)
         A, B, u, v, c = self.op_tensors()
         # The magnitude c is the op's row scale: applied in the kernels' epilogue, before the bias.
@@ -300,6 +301,7 @@ class TiedLoRALinear(nn.Module):
         in one pass; with a row scale c, out = c * (base - b + adapter) + b (as PEFT's DoRA does)."""
         base_out = self.base_kind.forward(self.base_layer, x)
         if self.merged:
+            self._warn_if_training_merged()
             return base_out
         A, B, u, v, c = self.op_tensors()
         bias = None
@@ -315,11 +317,14 @@ class TiedLoRALinear(nn.Module):
             return
         A, B, u, v, c = self.op_tensors()
         w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling)
-        if self.magnitude == "simple_dora":  # unmerge needs the norm of the original weight
-            self.register_buffer("merged_base_norm", self.base_row_norm(), persistent=False)
+        ct = torch.promote_types(w.dtype, torch.float32)
+        # What unmerge needs, kept as plain tensors (not buffers) so that a later model.to(dtype)
+        # cannot round them: the original weight's norm (Simple DoRA) and the row scale c.
+        if self.magnitude == "simple_dora":
+            self._merged_base_norm = self.base_row_norm()
         if c is not None:
-            self.register_buffer("merged_row_scale", c.float(), persistent=False)
-            w = (w.float() * c.float()[:, None]).to(w.dtype)
+            self._merged_row_scale = c.detach().to(ct).clone()
+            w = (w.to(ct) * self._merged_row_scale[:, None]).to(w.dtype)
         self._set_weight_nk(w)
         self.merged = True
 
@@ -330,13 +335,26 @@ class TiedLoRALinear(nn.Module):
             return
         w = self.weight_nk()
         if self.magnitude != "none":
-            w = (w.float() / self.merged_row_scale[:, None]).to(w.dtype)
-            del self.merged_row_scale
+            c = self._merged_row_scale.to(w.device)
+            w = (w.to(torch.promote_types(w.dtype, c.dtype)) / c[:, None]).to(w.dtype)
+            del self._merged_row_scale
         A, B, u, v = self.adapter_tensors()
         self._set_weight_nk(reference.unmerged_weight(w, A, B, u, v, self.scaling))
         if self.magnitude == "simple_dora":
-            del self.merged_base_norm
+            del self._merged_base_norm
         self.merged = False
+
+    def _warn_if_training_merged(self) -> None:
+        """A merged layer computes its adapter inside the base weight: in training with grad, its
+        adapter tensors would get no gradient, silently."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        own = (getattr(self, n) for n in self.PER_LAYER)
+        if self._factors.A.requires_grad or self._factors.B.requires_grad or any(
+                p is not None and p.requires_grad for p in own):
+            warnings.warn("TiedLoRALinear: a merged layer runs in training mode with grad enabled; its adapter "
+                          "gets no gradient from it. Call tiedlora_kernels.unmerge(model) before training.",
+                          stacklevel=3)
 
     def _set_weight_nk(self, w_nk: torch.Tensor) -> None:
         if self.layout == "quantized":

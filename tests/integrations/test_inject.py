@@ -1,6 +1,7 @@
 """inject / merge / unmerge on real transformers models built from configs."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -138,6 +139,42 @@ def test_merge_unmerge_round_trip(family, dtype, preset):
         eps = torch.finfo(dtype).eps
         assert rel_err(m.weight, w0[n]) < 2 * eps * (1 + merged_norm[n] / w0[n].double().norm())
     assert rel_err(model(IDS).logits, adapted) < tol
+
+
+@pytest.mark.parametrize("preset", ["dora", "simple_dora"])
+def test_what_unmerge_needs_survives_a_dtype_change_of_the_merged_model(preset):
+    """The row scale c (and Simple DoRA's original norm) that unmerge divides by stay in fp32 when the
+    merged model is cast (as buffers they were rounded to bf16, ~2e-3 per row on the restored weight)."""
+    model = tiny_llama()
+    inject(model, TiedLoRAConfig(rank=4, preset=preset))
+    randomize_adapters(model)
+    merge(model)
+    kept = {n: (m._merged_row_scale.clone(), getattr(m, "_merged_base_norm", None)) for n, m in adapted_layers(model)}
+    model.to(torch.bfloat16)
+    for n, m in adapted_layers(model):
+        assert m._merged_row_scale.dtype == torch.float32 and torch.equal(m._merged_row_scale, kept[n][0])
+        if preset == "simple_dora":
+            assert torch.equal(m._merged_base_norm, kept[n][1])
+    unmerge(model)
+    assert not any(hasattr(m, "_merged_row_scale") for _, m in adapted_layers(model))
+
+
+def test_a_merged_model_warns_when_it_would_train():
+    """Training through merged layers silently gives the adapter no gradient: warned, once per call
+    site; evaluation (eval mode or no grad) is silent."""
+    model = tiny_llama()
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    merge(model)
+    model.train()
+    with pytest.warns(UserWarning, match="merged layer runs in training mode"):
+        model(IDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.eval()
+        model(IDS)
+        model.train()
+        with torch.no_grad():
+            model(IDS)
 
 
 def test_generate_and_gradient_checkpointing():
