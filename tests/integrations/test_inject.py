@@ -37,6 +37,21 @@ def test_inject_starts_as_identity_on_a_16_bit_model(preset, dtype):
     assert torch.equal(model(IDS).logits, before)
 
 
+def test_exclude_modules_applies_to_every_form_of_target_modules():
+    """A list of targets is filtered by exclude_modules as "all-linear" and a regex are (PEFT's rule);
+    a listed name that only excluded layers match is refused, not silently dropped."""
+    for target in (["q_proj", "v_proj"], r".*\.(q|v)_proj", "all-linear"):
+        model = tiny_llama(n_layer=2)
+        inject(model, TiedLoRAConfig(rank=2, target_modules=target, exclude_modules=["layers.0.self_attn.q_proj"]))
+        names = {n for n, _ in adapted_layers(model)}
+        assert "model.layers.0.self_attn.q_proj" not in names and "model.layers.1.self_attn.q_proj" in names
+    with pytest.raises(ValueError, match=r"entry 'lm_head' matches only layers that exclude_modules="):
+        inject(tiny_llama(), TiedLoRAConfig(rank=2, target_modules=["q_proj", "lm_head"]))
+    model = tiny_llama()
+    inject(model, TiedLoRAConfig(rank=2, target_modules=["q_proj", "lm_head"], exclude_modules=[]))
+    assert isinstance(model.lm_head, TiedLoRALinear)
+
+
 def test_tied_factors_registered_once():
     model = tiny_llama(n_layer=3)
     inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules=["q_proj", "v_proj"]))

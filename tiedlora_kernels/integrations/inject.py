@@ -100,12 +100,17 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
         rx = re.compile(tm)
         chosen = [(n, m, lay) for n, m, lay in candidates if rx.fullmatch(n) and not excluded(n)]
     else:
-        chosen = [(n, m, lay) for n, m, lay in candidates if any(_name_matches(n, t) for t in tm)]
+        listed = [(n, m, lay) for n, m, lay in candidates if any(_name_matches(n, t) for t in tm)]
+        chosen = [(n, m, lay) for n, m, lay in listed if not excluded(n)]
         for t in tm:
-            if not any(_name_matches(n, t) for n, _, _ in chosen):
+            if not any(_name_matches(n, t) for n, _, _ in listed):
                 kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
                 raise ValueError(f"inject: target_modules entry {t!r} matches no nn.Linear / Conv1D in "
                                  f"{type(model).__name__}; available names: {kinds}")
+            if not any(_name_matches(n, t) for n, _, _ in chosen):
+                raise ValueError(f"inject: target_modules entry {t!r} matches only layers that exclude_modules="
+                                 f"{list(config.exclude_modules)!r} excludes (the default keeps output heads frozen); "
+                                 "pass exclude_modules without them to adapt those layers")
     if not chosen:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
         raise ValueError(f"inject: target_modules={tm!r} matches no nn.Linear / Conv1D in "
