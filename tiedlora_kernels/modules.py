@@ -84,13 +84,14 @@ class TiedFactors(nn.Module):
         The cast is made once per forward pass of the model: the root's forward pre-hook drops it
         (activation checkpointing's recompute, inside the same step, reuses it). As a second guard,
         for layers called without the root, it is also redone when the parameter object, its
-        in-place version or the count of optimizer steps changes (fused optimizers write without
-        moving the version)."""
+        in-place version, its storage or the count of optimizer steps changes (fused optimizers
+        write without moving the version; ``.data`` assignment and ``model.to`` replace the storage)."""
         p = getattr(self, name)
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
-        # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes.
-        key = None if torch.compiler.is_compiling() else (p._version, _count_optimizer_steps())
+        # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes. The
+        # storage address catches writes that bypass the version (``p.data = ...``, ``model.to(...)``).
+        key = None if torch.compiler.is_compiling() else (p._version, p.data_ptr(), _count_optimizer_steps())
         cached = self._fp32_views.get(name)
         if cached is None or cached[0] != key or cached[2] is not p:
             cached = (key, p.float(), p)

@@ -313,6 +313,23 @@ def test_bf16_tied_factors_train_with_fused_optimizers(call):
         assert abs(a - b) <= 1e-2 * abs(b), losses
 
 
+def test_bf16_tied_factor_replaced_through_data_is_seen_by_a_layer_called_directly():
+    """``p.data = ...`` (and ``model.to``) replaces a parameter's storage without moving its version:
+    a layer called without the model root (no pre-hook) must not keep using the old fp32 cast."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=1)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    before = layer(x)
+    A = model.tiedlora["q_proj"].A
+    A.data = (A.data * 3).clone()
+    after = layer(x)
+    fresh = copy.deepcopy(model).model.layers[0].self_attn.q_proj(x)  # no cast cached
+    assert not torch.equal(after, before) and torch.equal(after, fresh)
+
+
 def test_bf16_tied_factors_under_torch_compile_follow_eager(monkeypatch):
     """torch.compile(fullgraph=True) with bf16 tied factors and fused AdamW: the same losses as eager
     (the shared fp32 casts are refreshed by the root's pre-hook inside the compiled graph too)."""
