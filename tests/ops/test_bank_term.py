@@ -117,16 +117,27 @@ def test_low_precision(dtype, factor_dtype, factors, backend):
     check(make(6, 5, 33, 40, 16, 4, factors=factors, dtype=dtype, factor_dtype=factor_dtype))
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
-def test_fp16_activations_keep_small_fp32_factors(factors, backend):
-    """fp16 x with fp32 factors of magnitude ~1e-6 (fp16 subnormals): the dot over x must not round
-    A to fp16 (the single-adapter kernel's WIDE_DOT rule). The base weight is 0, so the output is the
-    adapter term alone and its error shows."""
+def test_fp16_activations_keep_small_fp32_factors(factors, factor_dtype, backend):
+    """fp16 x with fp32 (or bf16: ``AdapterBank(factor_dtype=torch.bfloat16)``) factors of magnitude
+    ~1e-6 (fp16 subnormals): the dot over x must not round A to fp16 (the single-adapter kernel's
+    WIDE_DOT rule). The base weight is 0, so the output is the adapter term alone and its error shows."""
     t = make(5, 3, 33, 40, 4, 4, factors=factors, dtype=torch.float16, bias=False)
-    t["A"] = t["A"] * 1e-5
+    t["A"] = (t["A"] * 1e-5).to(factor_dtype)
     t["U"] = t["U"] * 1e5
     t["weight"] = torch.zeros_like(t["weight"])
     check(t)
+
+
+@pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
+def test_base_only_rows_read_no_factor(factors, backend):
+    """Rows with id -1 get the base layer alone, whatever the factors hold: a non-finite B (slot 0's,
+    or a shared one) must not reach them through 0 * B."""
+    t = make(4, 3, 33, 40, 3, 2, factors=factors, ids=[-1, 1, -1, 1] if factors != "shared" else [-1, -1, -1, -1])
+    t["B"][0] = float("nan")
+    out, ref = call(t), oracle(t)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("factors", ["shared", "both_per_slot"])

@@ -242,6 +242,7 @@ def _torch_route(x2, weight, bias, rows, T, A, B, U, V, C):
         d = z @ B.to(ct).t()
         if V is not None:
             d = d * V[a].to(ct)
+        d = torch.where(live, d, 0.0)  # base-only rows: 0, not 0 * B (a non-finite B would reach them)
     else:
         d = x2.new_zeros((x2.shape[0], weight.shape[0]), dtype=ct)
         plan = rows.plan(T)

@@ -77,6 +77,8 @@ def _bank_term_kernel(
             b_v = tl.load(V + o_a[:, None] * stride_vs + o_n[None, :] * stride_vn,
                           mask=m_live[:, None] & m_n[None, :], other=0.0)                          # [BM, BN]
             b_out = b_out * b_v.to(tl.float32)
+        # base-only rows: set to 0, not left as 0 * B (a non-finite B would reach them)
+        b_out = tl.where(m_live[:, None], b_out, 0.0)
         if HAS_BIAS:
             b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),

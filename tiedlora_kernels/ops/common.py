@@ -51,8 +51,8 @@ def down_project(X, D, DS, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_d
     (adapter_term's, the serving banks').
 
     The dot runs in X's dtype (tensor cores for bf16/fp16) with D cast to it, except WIDE_DOT
-    (fp16 X, fp32 D): there D cast to fp16 would flush its small values (gamma's scaled init) to
-    zero, so both operands stay fp32 (TF32 on a GPU: fp32's exponent range)."""
+    (fp16 X, fp32 or bf16 D): there D cast to fp16 would flush its small values (gamma's scaled
+    init) to zero, so both operands go to fp32 (TF32 on a GPU: fp32's exponent range)."""
     b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                                        # [BM, BR]
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -75,8 +75,9 @@ def down_project(X, D, DS, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_d
 
 def wide_dot(x: torch.Tensor, down: torch.Tensor, down_scale: Optional[torch.Tensor] = None) -> bool:
     """The WIDE_DOT flag of :func:`down_project` for activations ``x``, down projection ``down`` and
-    its column scale: fp16 x with a down projection formed in fp32 (an fp32 one, or a scaled one)."""
-    return x.dtype == torch.float16 and (down.dtype == torch.float32 or down_scale is not None)
+    its column scale: fp16 x with a down projection of a wider exponent range than fp16's (fp32 or
+    bf16, where the reference computes in fp32), or a scaled one (formed in fp32)."""
+    return x.dtype == torch.float16 and (down.dtype != torch.float16 or down_scale is not None)
 
 
 # The launchers' arithmetic is plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are jit
