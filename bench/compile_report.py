@@ -84,6 +84,32 @@ CASES = [
 QUICK_CASES = [c for c in CASES if c.name in ("train-r16-tl6", "train-r128-tl6", "train-r16-simple_dora")]
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeCase:
+    """A mixed batch of a serving bank (``tiedlora_kernels.serving``): ``sequences`` x ``T`` rows over
+    ``slots`` adapters of rank r; ``per_slot``: each adapter its own A and B (the segment kernel),
+    else shared ones (the one-launch kernel)."""
+
+    name: str
+    sequences: int
+    T: int
+    K: int
+    N: int
+    r: int
+    slots: int
+    per_slot: bool
+    dtype: torch.dtype = torch.bfloat16
+
+
+SERVE_CASES = [
+    ServeCase("serve-prefill-shared-r16", 256, 128, 2048, 2048, 16, 1024, False),
+    ServeCase("serve-decode-shared-r16", 256, 1, 2048, 2048, 16, 1024, False),
+    ServeCase("serve-prefill-per-slot-r16", 256, 128, 2048, 2048, 16, 256, True),
+    ServeCase("serve-decode-per-slot-r16", 256, 1, 2048, 2048, 16, 256, True),
+]
+QUICK_SERVE_CASES = [c for c in SERVE_CASES if c.name in ("serve-decode-shared-r16", "serve-decode-per-slot-r16")]
+
+
 class _CompileOnlyDriver:
     """Stands in for triton's CUDA driver: reports a target, owns no device. Only what the JIT
     asks before it compiles is provided; a launch would fail (and none is made)."""
@@ -183,6 +209,30 @@ def _launches(case: CompileCase, arch: int) -> list[dict]:
     return rows
 
 
+def _serve_launches(case: ServeCase, arch: int) -> list[dict]:
+    """Compile the mixed-batch kernel of ``case`` (the adapters' rank-r term; the base GEMM is cuBLAS's)."""
+    from tiedlora_kernels.ops.bank_segment_term import bank_segment_term, segment_plan
+    from tiedlora_kernels.ops.bank_term import bank_term
+
+    meta, M = dict(device="meta"), case.sequences * case.T
+    slot = (case.slots,) if case.per_slot else ()
+    x = torch.empty(M, case.K, dtype=case.dtype, **meta)
+    A = torch.empty(*slot, case.r, case.K, dtype=case.dtype, **meta)
+    B = torch.empty(*slot, case.N, case.r, dtype=case.dtype, **meta)
+    U = torch.empty(case.slots, case.r, dtype=torch.float32, **meta)
+    V = torch.empty(case.slots, case.N, dtype=torch.float32, **meta)
+    bias = torch.empty(case.N, dtype=case.dtype, **meta)
+    ids = torch.arange(case.sequences) % (case.slots + 1) - 1  # every slot kind, base-only rows too
+    with compile_only(arch) as records:
+        if case.per_slot:
+            bank_segment_term(x, A, B, U, V, segment_plan(ids, case.T, torch.device("meta")), bias)
+        else:
+            bank_term(x, A, B, U, V, ids.to(torch.int32).to("meta"), case.T, bias)
+    return [dict(case=case.name, M=M, K=case.K, N=case.N, rank=case.r, preset=f"{case.slots} slots",
+                 dtype=str(case.dtype).removeprefix("torch."), dropout=0.0, phase="serve", kernel=name, config=config,
+                 **_inspect(kernel, arch)) for name, config, kernel in records]
+
+
 def _ptxas(arch: int) -> Optional[str]:
     """The ptxas Triton compiles with for ``arch`` (None if it cannot be found)."""
     try:
@@ -224,7 +274,8 @@ def _inspect(kernel, arch: int) -> dict:
     return info
 
 
-def report(cases: list[CompileCase], arch: int, progress=True) -> dict:
+def report(cases: list, arch: int, progress=True) -> dict:
+    """Every kernel of ``cases`` (``CompileCase``: a training step; ``ServeCase``: a mixed batch)."""
     import triton
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -232,7 +283,7 @@ def report(cases: list[CompileCase], arch: int, progress=True) -> dict:
     rows, start = [], time.time()
     for i, case in enumerate(cases):
         t0 = time.time()
-        rows.extend(_launches(case, arch))
+        rows.extend(_serve_launches(case, arch) if isinstance(case, ServeCase) else _launches(case, arch))
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name}: {time.time() - t0:.1f} s", file=sys.stderr)
     ptxas = _ptxas(arch)
@@ -249,7 +300,7 @@ def to_markdown(rep: dict) -> str:
     head = (f"# Compile report: sm_{rep['arch']}, triton {rep['triton']} ({rep['date']})\n\n"
             f"`{rep['command']}`. Compiled, not run: registers and spills from ptxas, shared memory "
             f"against the {rep['rows'][0]['smem_limit'] if rep['rows'] else '?'}-byte limit. The GEMMs are "
-            "cuBLAS's and not listed.\n\n"
+            "cuBLAS's and not listed; phase `serve` is a serving bank's mixed batch.\n\n"
             "| case | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spill st+ld (B/thread) | "
             "smem (KiB) | "
             "wgmma/mma | async copies |\n|---|---|---|---|---|---|---|---|---|\n")
@@ -273,9 +324,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: bench/results/compile/sm<arch>-triton<version>")
-    parser.add_argument("--quick", action="store_true", help="two cases only (the CI check)")
+    parser.add_argument("--quick", action="store_true", help="a few cases only (the CI check)")
     args = parser.parse_args(argv)
-    rep = report(QUICK_CASES if args.quick else CASES, args.arch)
+    rep = report(QUICK_CASES + QUICK_SERVE_CASES if args.quick else CASES + SERVE_CASES, args.arch)
     if args.out is None:
         args.out = Path("bench/results/compile") / f"sm{args.arch}-triton{'.'.join(rep['triton'].split('.')[:2])}"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Every kernel one training step launches (row scale included); the GEMMs are cuBLAS's.
-KERNELS = {"_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel", "_row_scale_grad_kernel"}
+#: Every kernel one training step launches (row scale included), and a serving bank's two; the
+#: GEMMs are cuBLAS's.
+KERNELS = {"_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel", "_row_scale_grad_kernel",
+           "_bank_term_kernel", "_bank_segment_term_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_every_kernel_compiles_for_hopper(compile_report):
         assert r["ptxas_error"] is None, r["ptxas_error"]
         assert r["registers"] is not None and 0 < r["registers"] <= 255, r  # ptxas -v was read
         assert r["fits_smem"], f"{r['kernel']} {r['config']}: {r['shared_bytes']} B of shared memory"
-    assert md.count("\n| train-") == len(rep["rows"])
+    assert md.count("\n| train-") + md.count("\n| serve-") == len(rep["rows"])
 
 
 def test_nothing_spills(compile_report):
@@ -55,9 +57,11 @@ def test_nothing_spills(compile_report):
 
 
 def test_bf16_rank_r_dots_run_on_tensor_cores(compile_report):
-    """The adapter_term kernel's bf16 dot over the activations runs on tensor cores (wgmma or mma.sync)."""
+    """The bf16 dot over the activations runs on tensor cores (wgmma or mma.sync): adapter_term's and
+    the serving banks'."""
     rep, _ = compile_report
-    term = [r for r in rep["rows"] if r["kernel"] == "_adapter_term_kernel" and r["dtype"] == "bfloat16"]
+    term = [r for r in rep["rows"] if r["kernel"] in ("_adapter_term_kernel", "_bank_term_kernel",
+                                                       "_bank_segment_term_kernel") and r["dtype"] == "bfloat16"]
     assert term
     for r in term:
         assert r["wgmma"] + r["mma"] > 0, r["config"]
