@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import block_r, cdiv, column_splits, down_project, keep_mask, kernels_interpreted, precisions, vec, wide_dot
+from .common import (block_r, cdiv, column_splits, down_project, keep_mask, kernels_interpreted, precisions,
+                     store_with_bias, up_project, vec, wide_dot)
 
 
 @triton.jit
@@ -79,20 +80,15 @@ def _adapter_term_kernel(
         for n0 in range(n_lo, min(n_lo + cols_per_split, N), BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             m_n = o_n < N
-            b_pt = tl.load(P + o_r[:, None] * stride_pr + o_n[None, :] * stride_pn,
-                           mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)            # [BR, BN]
-            b_out = tl.dot(b_z, b_pt, input_precision=SMALL_PREC)                                  # [BM, BN]
+            b_out = up_project(b_z, P, o_r, m_r, o_n, m_n, stride_pr, stride_pn, SMALL_PREC)          # [BM, BN]
             if HAS_V:
                 b_out = b_out * tl.load(V + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
             if OUT_DROPOUT:
                 b_out = tl.where(keep_mask(seed, o_m, o_n, N, p_drop), b_out * keep_scale, 0.0)
-            if HAS_BIAS:
-                b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
             if HAS_ADDEND:
                 b_out += tl.load(E + o_m[:, None] * stride_em + o_n[None, :] * stride_en,
                                  mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-            tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),
-                     mask=m_m[:, None] & m_n[None, :])
+            store_with_bias(OUT, BIAS, b_out, o_m, m_m, o_n, m_n, stride_om, stride_on, HAS_BIAS)
 
 
 class TermTiles(NamedTuple):

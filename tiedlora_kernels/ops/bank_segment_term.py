@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from .adapter_term import _tiles
-from .common import block_r, column_splits, down_project, kernels_interpreted, precisions, vec, wide_dot
+from .common import (block_r, column_splits, down_project, kernels_interpreted, precisions, store_with_bias,
+                     up_project, vec, wide_dot)
 
 
 @triton.jit
@@ -77,18 +78,13 @@ def _bank_segment_term_kernel(
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
         if live:
-            b_bt = tl.load(B + o_a * stride_bs + o_r[:, None] * stride_br + o_n[None, :] * stride_bn,
-                           mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)            # [BR, BN]
-            b_out = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                                  # [BM, BN]
+            b_out = up_project(b_z, B + o_a * stride_bs, o_r, m_r, o_n, m_n, stride_br, stride_bn, SMALL_PREC)
             if HAS_V:
                 b_v = tl.load(V + o_a * stride_vs + o_n * stride_vn, mask=m_n, other=0.0).to(tl.float32)
                 b_out = b_out * b_v[None, :]
         else:  # base-only rows read no factor (slot 0's, non-finite say, would reach OUT through 0 * x)
             b_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_BIAS:
-            b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),
-                 mask=m_m[:, None] & m_n[None, :])
+        store_with_bias(OUT, BIAS, b_out, o_m, m_m, o_n, m_n, stride_om, stride_on, HAS_BIAS)
 
 
 class SegmentPlan(NamedTuple):

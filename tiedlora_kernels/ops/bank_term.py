@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .adapter_term import _tiles
-from .common import block_r, cdiv, column_splits, down_project, precisions, vec, wide_dot
+from .common import block_r, cdiv, column_splits, down_project, precisions, store_with_bias, up_project, vec, wide_dot
 
 
 @triton.jit
@@ -69,9 +69,7 @@ def _bank_term_kernel(
     for n0 in range(n_lo, min(n_lo + cols_per_split, N), BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         m_n = o_n < N
-        b_bt = tl.load(B + o_r[:, None] * stride_br + o_n[None, :] * stride_bn,
-                       mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)                # [BR, BN]
-        b_out = tl.dot(b_z, b_bt, input_precision=SMALL_PREC)                                      # [BM, BN]
+        b_out = up_project(b_z, B, o_r, m_r, o_n, m_n, stride_br, stride_bn, SMALL_PREC)              # [BM, BN]
         if HAS_V:
             # each row its own slot's v: a gather from L2 (rows of one sequence hit the same line)
             b_v = tl.load(V + o_a[:, None] * stride_vs + o_n[None, :] * stride_vn,
@@ -79,10 +77,7 @@ def _bank_term_kernel(
             b_out = b_out * b_v.to(tl.float32)
         # base-only rows: set to 0, not left as 0 * B (a non-finite B would reach them)
         b_out = tl.where(m_live[:, None], b_out, 0.0)
-        if HAS_BIAS:
-            b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),
-                 mask=m_m[:, None] & m_n[None, :])
+        store_with_bias(OUT, BIAS, b_out, o_m, m_m, o_n, m_n, stride_om, stride_on, HAS_BIAS)
 
 
 def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor, V: Optional[torch.Tensor],

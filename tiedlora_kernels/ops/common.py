@@ -73,6 +73,25 @@ def down_project(X, D, DS, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_d
     return b_h
 
 
+@triton.jit
+def up_project(b_z, P, o_r, m_r, o_n, m_n, stride_pr, stride_pn, SMALL_PREC: tl.constexpr):
+    """b_z P[o_n]^T [BM, BN] fp32: the rank-r up projection of z [BM, BR] fp32 onto columns o_n of
+    P (N, R) (any strides), read in fp32 (padded rank rows and columns past N read as 0). Every
+    kernel's epilogue (adapter_term's, the serving banks')."""
+    b_pt = tl.load(P + o_r[:, None] * stride_pr + o_n[None, :] * stride_pn,
+                   mask=m_r[:, None] & m_n[None, :], other=0.0).to(tl.float32)                  # [BR, BN]
+    return tl.dot(b_z, b_pt, input_precision=SMALL_PREC)
+
+
+@triton.jit
+def store_with_bias(OUT, BIAS, b_out, o_m, m_m, o_n, m_n, stride_om, stride_on, HAS_BIAS: tl.constexpr):
+    """OUT[o_m, o_n] = b_out (+ BIAS[o_n]), computed in fp32, rounded once to OUT's dtype."""
+    if HAS_BIAS:
+        b_out += tl.load(BIAS + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + o_m[:, None] * stride_om + o_n[None, :] * stride_on, b_out.to(OUT.dtype.element_ty),
+             mask=m_m[:, None] & m_n[None, :])
+
+
 def wide_dot(x: torch.Tensor, down: torch.Tensor, down_scale: Optional[torch.Tensor] = None) -> bool:
     """The WIDE_DOT flag of :func:`down_project` for activations ``x``, down projection ``down`` and
     its column scale: fp16 x with a down projection of a wider exponent range than fp16's (fp32 or
