@@ -110,6 +110,23 @@ SERVE_CASES = [
 QUICK_SERVE_CASES = [c for c in SERVE_CASES if c.name in ("serve-decode-shared-r16", "serve-decode-per-slot-r16")]
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedDecodeCase:
+    """The one-launch decode kernel (``ops/decode_linear.py``) for M rows at rank r, every vector present."""
+
+    name: str
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: torch.dtype = torch.bfloat16
+
+
+DECODE_CASES = [FusedDecodeCase("fused-decode-m1-r16", 1, 4096, 4096, 16),
+                FusedDecodeCase("fused-decode-m16-r16", 16, 4096, 4096, 16),
+                FusedDecodeCase("fused-decode-m1-r128", 1, 4096, 4096, 128)]
+
+
 class _CompileOnlyDriver:
     """Stands in for triton's CUDA driver: reports a target, owns no device. Only what the JIT
     asks before it compiles is provided; a launch would fail (and none is made)."""
@@ -233,6 +250,21 @@ def _serve_launches(case: ServeCase, arch: int) -> list[dict]:
                  **_inspect(kernel, arch)) for name, config, kernel in records]
 
 
+def _fused_decode_launches(case: FusedDecodeCase, arch: int) -> list[dict]:
+    """Compile the one-launch decode kernel of ``case`` (row scale and every vector present)."""
+    from tiedlora_kernels.ops.decode_linear import decode_linear
+
+    meta = dict(device="meta")
+    e = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, **meta)  # noqa: E731
+    with compile_only(arch) as records:
+        decode_linear(e(case.M, case.K, dtype=case.dtype), e(case.N, case.K, dtype=case.dtype),
+                      e(case.N, dtype=case.dtype), e(case.r, case.K), e(case.N, case.r), e(case.r), e(case.N),
+                      e(case.N), 1.0)
+    return [dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset="tl6 + row scale",
+                 dtype=str(case.dtype).removeprefix("torch."), dropout=0.0, phase="fwd", kernel=name, config=config,
+                 **_inspect(kernel, arch)) for name, config, kernel in records]
+
+
 def _ptxas(arch: int) -> Optional[str]:
     """The ptxas Triton compiles with for ``arch`` (None if it cannot be found)."""
     try:
@@ -275,7 +307,8 @@ def _inspect(kernel, arch: int) -> dict:
 
 
 def report(cases: list, arch: int, progress=True) -> dict:
-    """Every kernel of ``cases`` (``CompileCase``: a training step; ``ServeCase``: a mixed batch)."""
+    """Every kernel of ``cases`` (``CompileCase``: a training step; ``ServeCase``: a mixed batch;
+    ``FusedDecodeCase``: the one-launch decode kernel)."""
     import triton
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -283,7 +316,8 @@ def report(cases: list, arch: int, progress=True) -> dict:
     rows, start = [], time.time()
     for i, case in enumerate(cases):
         t0 = time.time()
-        rows.extend(_serve_launches(case, arch) if isinstance(case, ServeCase) else _launches(case, arch))
+        launches = {ServeCase: _serve_launches, FusedDecodeCase: _fused_decode_launches}.get(type(case), _launches)
+        rows.extend(launches(case, arch))
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name}: {time.time() - t0:.1f} s", file=sys.stderr)
     ptxas = _ptxas(arch)
@@ -300,7 +334,8 @@ def to_markdown(rep: dict) -> str:
     head = (f"# Compile report: sm_{rep['arch']}, triton {rep['triton']} ({rep['date']})\n\n"
             f"`{rep['command']}`. Compiled, not run: registers and spills from ptxas, shared memory "
             f"against the {rep['rows'][0]['smem_limit'] if rep['rows'] else '?'}-byte limit. The GEMMs are "
-            "cuBLAS's and not listed; phase `serve` is a serving bank's mixed batch.\n\n"
+            "cuBLAS's and not listed; phase `serve` is a serving bank's mixed batch, `fused-decode-*` the one-launch "
+            "decode kernel.\n\n"
             "| case | phase | kernel | tiles (M/N/K/R) warps x stages | regs | spill st+ld (B/thread) | "
             "smem (KiB) | "
             "wgmma/mma | async copies |\n|---|---|---|---|---|---|---|---|---|\n")
@@ -326,7 +361,8 @@ def main(argv=None) -> int:
                         help="default: bench/results/compile/sm<arch>-triton<version>")
     parser.add_argument("--quick", action="store_true", help="a few cases only (the CI check)")
     args = parser.parse_args(argv)
-    rep = report(QUICK_CASES + QUICK_SERVE_CASES if args.quick else CASES + SERVE_CASES, args.arch)
+    rep = report(QUICK_CASES + QUICK_SERVE_CASES + DECODE_CASES[:1] if args.quick else CASES + SERVE_CASES + DECODE_CASES,
+                 args.arch)
     if args.out is None:
         args.out = Path("bench/results/compile") / f"sm{args.arch}-triton{'.'.join(rep['triton'].split('.')[:2])}"
     args.out.mkdir(parents=True, exist_ok=True)

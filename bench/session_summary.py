@@ -172,12 +172,12 @@ def _tiles_phase(out: Path) -> list[str]:
     lines = [f"- {len(timed)} configurations timed, {sum('error' in r for r in recs)} failed, "
              f"{sum('skipped' in r for r in recs)} skipped at the deadline (tiles/tile_sweep.md)"]
     for case in dict.fromkeys(r["case"] for r in timed):
-        mine = [r for r in timed if r["case"] == case]
-        current = next((r for r in mine if r["config"] == "current rule"), None)
-        best = min(mine, key=lambda r: r["us"])
-        if current:
-            lines.append(f"- {case}: current {current['us']} us ({current.get('ratio_to_floor')}x floor), fastest "
-                         f"{best['config']} {best['us']} us ({best.get('ratio_to_floor')}x)")
+        mine = [r for r in timed if r["case"] == case and r.get("variant") != "limit"]  # the limit is no option
+        if mine:  # the first configuration is the current rule (or path)
+            best = min(mine, key=lambda r: r["us"])
+            lines.append(f"- {case}: current ({mine[0]['config']}) {mine[0]['us']} us "
+                         f"({mine[0].get('ratio_to_floor')}x floor), fastest {best['config']} {best['us']} us "
+                         f"({best.get('ratio_to_floor')}x)")
     return lines
 
 

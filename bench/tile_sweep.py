@@ -173,6 +173,51 @@ def _factors_case(M: int, K: int, N: int, r: int, device, dtype, smoke: bool) ->
     return case
 
 
+def _decode_layer_case(M: int, K: int, N: int, r: int, device, dtype, smoke: bool) -> SweepCase:
+    """The whole layer at decode: the general path (``adapter_term`` + cuBLAS ``addmm_``: two
+    launches), the one-launch ``decode_linear`` in its configurations, and the base layer alone
+    (``F.linear``, the limit: its output differs, no rel err). Decides ``FUSED_DECODE_MAX_ROWS``."""
+    import torch.nn.functional as F
+
+    from tiedlora_kernels.ops.adapter_term import adapter_term
+    from tiedlora_kernels.ops.common import block_r
+    from tiedlora_kernels.ops.decode_linear import _decode_tiles, decode_linear
+
+    g = torch.Generator(device=device).manual_seed(M + r + 2)
+    x = _rnd(g, M, K, dtype=dtype, device=device)
+    W = _rnd(g, N, K, scale=K ** -0.5, dtype=dtype, device=device)
+    A = _rnd(g, r, K, scale=K ** -0.5, device=device)
+    B = _rnd(g, N, r, scale=0.1, device=device)
+    u, v, b = _rnd(g, r, device=device), _rnd(g, N, device=device), _rnd(g, N, dtype=dtype, device=device)
+    A_low = A.to(dtype)
+
+    def run(cfg, variant: str):
+        if variant == "limit":
+            return (F.linear(x, W, b),)
+        if variant == "general":
+            L, _ = adapter_term(x, A, B, u, v, b, 0.5, 0.0, None, in_dropout=False, out_dropout=False, store_h=False)
+            return (L.addmm_(x, W.t()),)
+        return (decode_linear(x, W, b, A_low if variant == "fused, A in x dtype" else A, B, u, v, None, 0.5, tiles=cfg),)
+
+    # the layer's compulsory bytes: W, x and out once (the adapter's own are small at decode)
+    case = SweepCase(f"decode layer r={r} M={M}", "whole layer", dict(M=M, K=K, N=N, r=r, dtype=str(dtype)),
+                     2 * (N * K + M * K + M * N), run)
+    cur = _decode_tiles(M, N, block_r(r), x.device)
+    case.configs += [("general path: adapter_term + addmm_", None, "general"), ("fused, current rule", cur, "fused")]
+    if smoke:
+        case.configs.append(("fused, BLOCK_N 16", cur._replace(block_n=16), "fused"))
+    else:
+        case.configs += [("fused, A in x dtype", cur, "fused, A in x dtype"),
+                         ("fused, BLOCK_N 64", cur._replace(block_n=64), "fused"),
+                         ("fused, BLOCK_K 128", cur._replace(block_k=128), "fused"),
+                         ("fused, 8 warps", cur._replace(num_warps=8), "fused"),
+                         ("fused, 4 stages", cur._replace(num_stages=4), "fused"),
+                         ("fused, BLOCK_N 64, BLOCK_K 128, 8 warps",
+                          cur._replace(block_n=64, block_k=128, num_warps=8), "fused")]
+    case.configs.append(("limit: F.linear alone", None, "limit"))
+    return case
+
+
 def cases(device, smoke: bool) -> list[SweepCase]:
     """The sweep's cases, most decisive first (the forward at r = 16 is the issue's forward target)."""
     dtype = torch.bfloat16
@@ -181,12 +226,15 @@ def cases(device, smoke: bool) -> list[SweepCase]:
         return [_term_case("fwd", M, K, N, 3, device, torch.float32, True),
                 _term_case("dx", M, K, N, 3, device, torch.float32, True),
                 _term_case("decode", 1, K, N, 3, device, torch.float32, True),
-                _factors_case(M, K, N, 3, device, torch.float32, True)]
+                _factors_case(M, K, N, 3, device, torch.float32, True),
+                _decode_layer_case(1, K, N, 3, device, torch.float32, True)]
     K = N = 4096
     return [_term_case("fwd", 8192, K, N, 16, device, dtype, False),
             _factors_case(8192, K, N, 16, device, dtype, False),
             _term_case("dx", 8192, K, N, 16, device, dtype, False),
             _term_case("decode", 1, K, N, 16, device, dtype, False),
+            _decode_layer_case(1, K, N, 16, device, dtype, False),
+            _decode_layer_case(16, K, N, 16, device, dtype, False),
             _term_case("fwd", 8192, K, N, 128, device, dtype, False),
             _factors_case(8192, K, N, 128, device, dtype, False),
             _term_case("dx", 8192, K, N, 128, device, dtype, False),
@@ -226,12 +274,14 @@ def sweep(case_list: list[SweepCase], cuda: bool, bandwidth: Optional[float], de
                 records.append(dict(case=case.name, config=label, skipped="deadline"))
                 continue
             rec = dict(case=case.name, kernel=case.kernel, shape=case.shape, config=label, variant=variant or None,
-                       tiles=cfg._asdict(), floor_bytes=case.floor_bytes, floor_us=floor_us)
+                       tiles=cfg._asdict() if cfg is not None else None, floor_bytes=case.floor_bytes,
+                       floor_us=floor_us)
             try:
                 outs = [t for t in case.run(cfg, variant) if t is not None]
                 if ref is None:
                     ref = outs
-                rec["rel_err_vs_current"] = _rel_err(outs, ref)
+                # the limit computes no adapter: its output is not comparable
+                rec["rel_err_vs_current"] = None if variant == "limit" else _rel_err(outs, ref)
                 us = _time_us(lambda: case.run(cfg, variant), cuda)
                 rec["us" if cuda else "cpu_wall_us_not_kernel_speed"] = round(us, 2)
                 if cuda and floor_us:
@@ -253,17 +303,17 @@ def markdown(meta: dict, records: list[dict]) -> str:
     current: dict = {}
     for r in records:
         us = r.get("us")
-        if r["config"] == "current rule" and us:
+        if us and r["case"] not in current:  # the case's first configuration: the current rule or path
             current[r["case"]] = us
         if "rel_err_vs_current" not in r:
             lines.append(f"| {r['case']} | {r['config']} | {r.get('error') or r.get('skipped')} | - | - | - |")
             continue
         gain = f"{current[r['case']] / us:.2f}x" if us and r["case"] in current else "-"
-        lines.append(f"| {r['case']} | {r['config']} | {us or '-'} | {r.get('ratio_to_floor', '-')} | {gain} "
-                     f"| {r['rel_err_vs_current']:.1e} |")
+        err = "-" if r["rel_err_vs_current"] is None else f"{r['rel_err_vs_current']:.1e}"
+        lines.append(f"| {r['case']} | {r['config']} | {us or '-'} | {r.get('ratio_to_floor', '-')} | {gain} | {err} |")
     lines += ["", "## Fastest per case", "", "| case | current us | fastest | us | gain |", "|---|---:|---|---:|---:|"]
     for name in dict.fromkeys(r["case"] for r in records):
-        timed = [r for r in records if r["case"] == name and r.get("us")]
+        timed = [r for r in records if r["case"] == name and r.get("us") and r.get("variant") != "limit"]
         if timed and name in current:
             best = min(timed, key=lambda r: r["us"])
             lines.append(f"| {name} | {current[name]} | {best['config']} | {best['us']} "

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Every kernel one training step launches (row scale included), and a serving bank's two; the
-#: GEMMs are cuBLAS's.
+#: Every kernel one training step launches (row scale included), a serving bank's two and the
+#: one-launch decode kernel; the GEMMs are cuBLAS's.
 KERNELS = {"_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel", "_row_scale_grad_kernel",
-           "_bank_term_kernel", "_bank_segment_term_kernel"}
+           "_bank_term_kernel", "_bank_segment_term_kernel", "_decode_linear_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_every_kernel_compiles_for_hopper(compile_report):
         assert r["ptxas_error"] is None, r["ptxas_error"]
         assert r["registers"] is not None and 0 < r["registers"] <= 255, r  # ptxas -v was read
         assert r["fits_smem"], f"{r['kernel']} {r['config']}: {r['shared_bytes']} B of shared memory"
-    assert md.count("\n| train-") + md.count("\n| serve-") == len(rep["rows"])
+    assert md.count("\n| train-") + md.count("\n| serve-") + md.count("\n| fused-decode-") == len(rep["rows"])
 
 
 def test_nothing_spills(compile_report):

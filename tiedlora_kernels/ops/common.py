@@ -66,10 +66,19 @@ def down_project(X, D, DS, o_m, m_m, o_r, m_r, K, stride_xm, stride_xk, stride_d
                        mask=m_k[:, None] & m_r[None, :], other=0.0)                                # [BK, BR]
         if HAS_DSCALE:
             b_dt = b_dt.to(tl.float32) * tl.load(DS + o_k, mask=m_k, other=0.0).to(tl.float32)[:, None]
-        if WIDE_DOT:
-            b_h = tl.dot(b_x.to(tl.float32), b_dt.to(tl.float32), b_h, input_precision=SMALL_PREC)
-        else:
-            b_h = mma(b_x, b_dt.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
+        b_h = down_dot(b_x, b_dt, b_h, WIDE_DOT, UPCAST, MAIN_PREC, SMALL_PREC)
+    return b_h
+
+
+@triton.jit
+def down_dot(b_x, b_dt, b_h, WIDE_DOT: tl.constexpr, UPCAST: tl.constexpr, MAIN_PREC: tl.constexpr,
+             SMALL_PREC: tl.constexpr):
+    """b_h + b_x b_dt: one K step of the down projection, x [BM, BK] against D^T [BK, BR], with
+    :func:`down_project`'s precision rule (D cast to x's dtype, or both in fp32 for WIDE_DOT)."""
+    if WIDE_DOT:
+        b_h = tl.dot(b_x.to(tl.float32), b_dt.to(tl.float32), b_h, input_precision=SMALL_PREC)
+    else:
+        b_h = mma(b_x, b_dt.to(b_x.dtype), b_h, UPCAST, MAIN_PREC)
     return b_h
 
 
