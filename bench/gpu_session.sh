@@ -45,7 +45,7 @@
 # suite.{log,json}, pybench.{log,json}, pytest_benchmark.json. The *.json of a pytest phase
 # (bench/pytest_phase_report.py) lists the tests it never ran.
 #
-# Knobs: BUDGET_S, OUT, PACK_TO, PYTHON, BENCH_COMMIT, BENCH_GRID (targets), BENCH_IMPLS
+# Knobs: BUDGET_S, OUT, PACK_TO, PYTHON, BENCH_COMMIT, SESSION_PHASES (all), BENCH_GRID (targets), BENCH_IMPLS
 # (limit,ours,merged,addmm,peft_lora,peft_vera), E2E_CONFIGS (all), TEST_PATHS (tests), PHASE_MINS,
 # PHASE_CAPS. Assumes torch, triton, transformers, peft and pytest are installed (no network);
 # matplotlib / tqdm / pytest-benchmark / nvidia-ml-py are optional.
@@ -82,6 +82,19 @@ override() {  # override ARRAY "name=s,name=s"
 }
 override SHARE "${PHASE_MINS:-}"
 override CAP "${PHASE_CAPS:-}"
+# SESSION_PHASES="tiles,e2e" (say): only those phases run, in the usual order, with their shares and
+# caps (a second call of a session: the rest of the tile sweep, the compiled e2e configs; pass the
+# first call's cuda-test exit code as TESTS_EXIT_CODE so its speed claims stand).
+if [ -n "${SESSION_PHASES:-}" ]; then
+  keep_p=() keep_s=() keep_c=()
+  for i in "${!PHASES[@]}"; do
+    case ",${SESSION_PHASES// /,}," in
+      *",${PHASES[$i]},"*) keep_p+=("${PHASES[$i]}"); keep_s+=("${SHARE[$i]}"); keep_c+=("${CAP[$i]}") ;;
+    esac
+  done
+  [ "${#keep_p[@]}" -gt 0 ] || { echo "SESSION_PHASES=${SESSION_PHASES} names none of: ${PHASES[*]}" >&2; exit 2; }
+  PHASES=("${keep_p[@]}") SHARE=("${keep_s[@]}") CAP=("${keep_c[@]}")
+fi
 GRACE_S=$(( BUDGET_S >= 240 ? 10 : 3 ))
 MARGIN_S=$(( BUDGET_S >= 240 ? 20 : 8 ))  # a python phase's start-up and final write, inside its allowance
 
@@ -135,10 +148,13 @@ summarize() {  # SUMMARY.md from what is there now (extra arguments: see bench/s
 }
 
 # allowance NAME: sets PHASE_I, PHASE_ALLOW (seconds this phase may take) and PHASE_T (its SIGINT
-# deadline); returns 1 (and records the phase as skipped) when less than 3 s is left for it.
+# deadline); returns 1 (and records the phase as skipped) when less than 3 s is left for it, or
+# without a record when SESSION_PHASES leaves it out.
 allowance() {
   local i later=0 j
+  PHASE_I=
   for i in "${!PHASES[@]}"; do [ "${PHASES[$i]}" = "$1" ] && PHASE_I=$i; done
+  [ -n "$PHASE_I" ] || return 1
   for (( j = PHASE_I + 1; j < ${#PHASES[@]}; j++ )); do later=$(( later + SHARE[j] + STEP_S )); done
   PHASE_ALLOW=$(( BUDGET_S - $(now) - later - STEP_S - RESERVE_S ))
   if [ "${CAP[$PHASE_I]}" -gt 0 ] && [ "$PHASE_ALLOW" -gt "${CAP[$PHASE_I]}" ]; then PHASE_ALLOW=${CAP[$PHASE_I]}; fi
@@ -179,7 +195,7 @@ if allowance bench; then
     --max-minutes "$(minutes $(( PHASE_T - MARGIN_S )))" --out "$OUT/bench"
 fi
 
-CUDA_RC=-1
+CUDA_RC=${TESTS_EXIT_CODE:--1}  # a second call without the tests: the first call's exit code, if given
 if allowance cuda_tests; then
   PHASE_REPORT="$OUT/cuda_tests.json" timed cuda_tests "$OUT/cuda_tests.log" "${PYTEST[@]}" -m cuda "${TESTS[@]}"
   CUDA_RC=$?

@@ -121,6 +121,22 @@ def test_every_hanging_phase_is_stopped_at_its_allowance_and_later_phases_keep_t
     assert "no results.json" in summary and "no report from the pytest plugin" in summary
 
 
+@cpu_only
+def test_a_second_call_runs_only_the_phases_it_names(tmp_path):
+    """SESSION_PHASES picks phases (the rest of a tile sweep, say): only those run, in order, each
+    with its share; TESTS_EXIT_CODE carries the first call's test result into the claims."""
+    out, _, proc, _ = _run(tmp_path, 60, SESSION_PHASES="tiles,host", TESTS_EXIT_CODE="0",
+                           PHASE_MINS="host=15,tiles=15", PHASE_CAPS="host=20,tiles=20")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = _phases(out)
+    assert [r["name"] for r in rows] == ["host", "tiles"] and all(r["status"] == "ran" for r in rows), rows
+    assert (out / "cuda_tests.rc").read_text().strip() == "0"
+    assert json.loads((out / "tiles" / "tile_sweep.json").read_text())["records"]
+    bad = subprocess.run(["bash", str(SCRIPT)], env=dict(os.environ, SESSION_PHASES="nope", OUT=str(tmp_path / "x")),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "names none of" in bad.stderr
+
+
 def test_summary_lists_what_each_phase_skipped(tmp_path):
     """The summary from files a cut-short session leaves: measurements not made, tests never run,
     e2e configs skipped, phases not reached; and the claims withdrawn when the tests failed."""
