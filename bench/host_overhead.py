@@ -10,7 +10,10 @@ a one-element torch op (the floor of any launch), ``F.linear`` forward and forwa
 the base layer costs), one ``adapter_term`` launch (the Triton launcher alone), then our op's
 forward and forward+backward through the public entry (eager: ``autograd.Function``), and the
 same through the custom op that ``torch.compile`` records (to show what eager mode saves). A
-cProfile of the eager forward+backward gives the Python functions that cost the most.
+cProfile of the eager forward+backward gives the Python functions that cost the most. Outside the
+interpreter (a GPU, or a CPU alone), the parts of one launch's host time that need no GPU: our
+launcher's Python, and that plus Triton's JIT ``run`` before the launch (meta tensors, the compile
+report's compile-only driver).
 
 Writes ``host_overhead.json`` (device, versions, us per call per pathway) and
 ``host_overhead_profile.txt``. A host-time probe: kernel speed is in ``python -m bench``.
@@ -90,6 +93,10 @@ def main(argv=None) -> int:
     for name, fn in pathways.items():
         us[name] = round(_per_call_us(fn, args.calls, sync), 2)
         print(f"{name:28s} {us[name]:9.1f} us/call", flush=True)
+    if not triton_interpreting():  # the compiled JIT path (the interpreter bypasses it)
+        for name, t in _launch_parts_us(M, K, N, r, dtype, args.calls).items():
+            us[name] = t
+            print(f"{name:28s} {t:9.1f} us/call", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if cuda or triton_interpreting():
@@ -110,6 +117,37 @@ def main(argv=None) -> int:
                command="python -m bench.host_overhead " + " ".join(sys.argv[1:] if argv is None else argv), us_per_call=us)
     (out / "host_overhead.json").write_text(json.dumps(rec, indent=1))
     return 0
+
+
+def _launch_parts_us(M: int, K: int, N: int, r: int, dtype, calls: int) -> dict:
+    """Where one ``adapter_term`` launch's host time goes, without a GPU: on meta tensors under the
+    compile report's compile-only driver, the launcher's own Python (Triton's ``run`` stubbed) and
+    that plus Triton's JIT ``run`` up to the launch (argument binding and specialization, the
+    cache key, the globals check); the rest of a real launch (the driver's launch call, the CUDA
+    allocations) is what the GPU-side "adapter_term launch" figure adds."""
+    from triton.runtime.jit import JITFunction
+
+    from bench.compile_report import compile_only
+    from tiedlora_kernels.ops.adapter_term import adapter_term
+
+    e = lambda *s, dt=torch.float32: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+    x, A, B, u, v, b = e(M, K, dt=dtype), e(r, K), e(N, r), e(r), e(N), e(N, dt=dtype)
+
+    def launch():
+        adapter_term(x, A, B, u, v, b, 0.5, 0.0, None, in_dropout=False, out_dropout=False, store_h=True)
+
+    out = {}
+    with compile_only(90):
+        launch()  # compiles once
+        out["adapter_term: our launcher + Triton JIT run (no launch)"] = round(_per_call_us(launch, calls, lambda: None),
+                                                                              2)
+        real = JITFunction.run
+        JITFunction.run = lambda self, *a, grid, warmup, **k: None
+        try:
+            out["adapter_term: our launcher only"] = round(_per_call_us(launch, calls, lambda: None), 2)
+        finally:
+            JITFunction.run = real
+    return out
 
 
 def _no_grad(fn, *args):

@@ -399,6 +399,20 @@ def test_host_overhead_probe_writes_every_pathway(tmp_path):
     assert "ours_fwd_bwd" in (tmp_path / "host_overhead_profile.txt").read_text()
 
 
+def test_host_overhead_splits_a_launch_without_a_gpu(tmp_path):
+    """Outside the interpreter the probe times our launcher's Python and Triton's JIT run before the
+    launch (compile-only, meta tensors): the JIT's part shows as the difference."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--calls", "20", "--out", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    us = json.loads((tmp_path / "host_overhead.json").read_text())["us_per_call"]
+    mine, with_jit = us["adapter_term: our launcher only"], us["adapter_term: our launcher + Triton JIT run (no launch)"]
+    assert 0 < mine < with_jit
+
+
 def test_tile_sweep_checks_every_configuration_against_the_current_one(tmp_path):
     """``python -m bench.tile_sweep`` on the interpreter (tiny shapes): every case's configurations
     launch, agree with the current rule's outputs (fp32: the same math in another order), and the
