@@ -45,7 +45,8 @@
 # suite.{log,json}, pybench.{log,json}, pytest_benchmark.json. The *.json of a pytest phase
 # (bench/pytest_phase_report.py) lists the tests it never ran.
 #
-# Knobs: BUDGET_S, OUT, PACK_TO, PYTHON, BENCH_COMMIT, SESSION_PHASES (all), BENCH_GRID (targets), BENCH_IMPLS
+# Knobs: BUDGET_S, OUT, PACK_TO, PYTHON, BENCH_COMMIT, SESSION_PHASES (all), TESTS_EXIT_CODE, TILE_CASES
+# (bench.tile_sweep --cases), BENCH_GRID (targets), BENCH_IMPLS
 # (limit,ours,merged,addmm,peft_lora,peft_vera), E2E_CONFIGS (all), TEST_PATHS (tests), PHASE_MINS,
 # PHASE_CAPS. Assumes torch, triton, transformers, peft and pytest are installed (no network);
 # matplotlib / tqdm / pytest-benchmark / nvidia-ml-py are optional.
@@ -86,13 +87,18 @@ override CAP "${PHASE_CAPS:-}"
 # caps (a second call of a session: the rest of the tile sweep, the compiled e2e configs; pass the
 # first call's cuda-test exit code as TESTS_EXIT_CODE so its speed claims stand).
 if [ -n "${SESSION_PHASES:-}" ]; then
+  for want in ${SESSION_PHASES//,/ }; do
+    case " ${PHASES[*]} " in
+      *" $want "*) ;;
+      *) echo "SESSION_PHASES: no phase named '$want' (phases: ${PHASES[*]})" >&2; exit 2 ;;
+    esac
+  done
   keep_p=() keep_s=() keep_c=()
   for i in "${!PHASES[@]}"; do
     case ",${SESSION_PHASES// /,}," in
       *",${PHASES[$i]},"*) keep_p+=("${PHASES[$i]}"); keep_s+=("${SHARE[$i]}"); keep_c+=("${CAP[$i]}") ;;
     esac
   done
-  [ "${#keep_p[@]}" -gt 0 ] || { echo "SESSION_PHASES=${SESSION_PHASES} names none of: ${PHASES[*]}" >&2; exit 2; }
   PHASES=("${keep_p[@]}") SHARE=("${keep_s[@]}") CAP=("${keep_c[@]}")
 fi
 GRACE_S=$(( BUDGET_S >= 240 ? 10 : 3 ))
@@ -207,7 +213,8 @@ if allowance host; then
 fi
 
 if allowance tiles; then
-  timed tiles "$OUT/tiles.log" "$PY" -m bench.tile_sweep --out "$OUT/tiles" --max-seconds $(( PHASE_T - MARGIN_S ))
+  timed tiles "$OUT/tiles.log" "$PY" -m bench.tile_sweep --out "$OUT/tiles" ${TILE_CASES:+--cases "$TILE_CASES"} \
+    --max-seconds $(( PHASE_T - MARGIN_S > 10 ? PHASE_T - MARGIN_S : 10 ))
 fi
 
 if allowance e2e; then

@@ -172,11 +172,14 @@ def _tiles_phase(out: Path) -> list[str]:
     lines = [f"- {len(timed)} configurations timed, {sum('error' in r for r in recs)} failed, "
              f"{sum('skipped' in r for r in recs)} skipped at the deadline (tiles/tile_sweep.md)"]
     for case in dict.fromkeys(r["case"] for r in timed):
-        mine = [r for r in timed if r["case"] == case and r.get("variant") != "limit"]  # the limit is no option
-        if mine:  # the first configuration is the current rule (or path)
-            best = min(mine, key=lambda r: r["us"])
-            lines.append(f"- {case}: current ({mine[0]['config']}) {mine[0]['us']} us "
-                         f"({mine[0].get('ratio_to_floor')}x floor), fastest {best['config']} {best['us']} us "
+        current = next((r for r in timed if r["case"] == case and r.get("current")), None)
+        # options: agree with the current outputs (the limit computes no adapter: no option)
+        agree = [r for r in timed if r["case"] == case and r.get("variant") != "limit" and "error" not in r
+                 and (r.get("current") or (r.get("rel_err_vs_current") is not None and r["rel_err_vs_current"] <= 1e-2))]
+        if current and agree:
+            best = min(agree, key=lambda r: r["us"])
+            lines.append(f"- {case}: current ({current['config']}) {current['us']} us "
+                         f"({current.get('ratio_to_floor')}x floor), fastest {best['config']} {best['us']} us "
                          f"({best.get('ratio_to_floor')}x)")
     return lines
 

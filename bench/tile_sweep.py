@@ -1,7 +1,7 @@
 """Launch configurations of the Triton kernels, each timed against its byte floor (issue 12: the
 kernels measured 1.9-17x their floors with tiles chosen on paper, bench/NOTES.md section 3).
 
-    python -m bench.tile_sweep [--out DIR] [--max-seconds S] [--smoke]
+    python -m bench.tile_sweep [--out DIR] [--max-seconds S] [--cases SUBSTRINGS] [--smoke]
 
 Cases: bf16 activations, fp32 adapters, every adapter tensor trained (tl6), K = N = 4096:
 ``_adapter_term_kernel`` as the forward (x, h stored) and as dX's term (G, B's columns scaled by v)
@@ -201,7 +201,7 @@ def _decode_layer_case(M: int, K: int, N: int, r: int, device, dtype, smoke: boo
 
     # the layer's compulsory bytes: W, x and out once (the adapter's own are small at decode)
     case = SweepCase(f"decode layer r={r} M={M}", "whole layer", dict(M=M, K=K, N=N, r=r, dtype=str(dtype)),
-                     2 * (N * K + M * K + M * N), run)
+                     x.element_size() * (N * K + M * K + M * N), run)
     cur = _decode_tiles(M, N, block_r(r), x.device)
     case.configs += [("general path: adapter_term + addmm_", None, "general"), ("fused, current rule", cur, "fused")]
     if smoke:
@@ -242,12 +242,17 @@ def cases(device, smoke: bool) -> list[SweepCase]:
 
 
 def _rel_err(outs, refs) -> float:
+    """The worst ||out - ref|| / ||ref|| over the outputs; inf where an output is not finite where
+    its reference is (a NaN must never read as a match)."""
     worst = 0.0
     for o, ref in zip(outs, refs):
         if o is None or ref is None:
             continue
         o, ref = o.double(), ref.double()
-        worst = max(worst, float((o - ref).norm() / ref.norm().clamp_min(1e-30)))
+        if not torch.equal(torch.isfinite(o), torch.isfinite(ref)):
+            return float("inf")
+        keep = torch.isfinite(ref)
+        worst = max(worst, float((o[keep] - ref[keep]).norm() / ref[keep].norm().clamp_min(1e-30)))
     return worst
 
 
@@ -268,20 +273,20 @@ def sweep(case_list: list[SweepCase], cuda: bool, bandwidth: Optional[float], de
     records: list[dict] = []
     for case in case_list:
         floor_us = case.floor_bytes / bandwidth * 1e6 if bandwidth else None
-        ref = None
-        for label, cfg, variant in case.configs:
+        ref = None  # the current configuration's outputs: every other one is checked against them
+        for i, (label, cfg, variant) in enumerate(case.configs):
             if time.monotonic() > deadline:
-                records.append(dict(case=case.name, config=label, skipped="deadline"))
+                records.append(dict(case=case.name, config=label, current=i == 0, skipped="deadline"))
                 continue
-            rec = dict(case=case.name, kernel=case.kernel, shape=case.shape, config=label, variant=variant or None,
-                       tiles=cfg._asdict() if cfg is not None else None, floor_bytes=case.floor_bytes,
-                       floor_us=floor_us)
+            rec = dict(case=case.name, kernel=case.kernel, shape=case.shape, config=label, current=i == 0,
+                       variant=variant or None, tiles=cfg._asdict() if cfg is not None else None,
+                       floor_bytes=case.floor_bytes, floor_us=floor_us)
             try:
                 outs = [t for t in case.run(cfg, variant) if t is not None]
-                if ref is None:
+                if i == 0:
                     ref = outs
-                # the limit computes no adapter: its output is not comparable
-                rec["rel_err_vs_current"] = None if variant == "limit" else _rel_err(outs, ref)
+                # the limit computes no adapter, and without the current outputs there is no reference
+                rec["rel_err_vs_current"] = None if variant == "limit" or ref is None else _rel_err(outs, ref)
                 us = _time_us(lambda: case.run(cfg, variant), cuda)
                 rec["us" if cuda else "cpu_wall_us_not_kernel_speed"] = round(us, 2)
                 if cuda and floor_us:
@@ -294,28 +299,30 @@ def sweep(case_list: list[SweepCase], cuda: bool, bandwidth: Optional[float], de
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
+    """Per case every configuration against the case's current one (its first), then the fastest
+    configuration whose outputs agree with the current one's (rel err <= 1e-2)."""
     how = (f"time = do_bench median (L2 flushed); ratio = time / byte floor at {meta['bandwidth']} B/s"
            if meta["cuda"] else "CPU interpreter: no time here is a kernel speed")
     lines = [f"# Tile sweep: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"commit {meta['commit']}", "", f"`{meta['command']}`; {how}.", "",
              "| case | config | us | ratio to floor | gain vs current | rel err vs current |",
              "|---|---|---:|---:|---:|---:|"]
-    current: dict = {}
+    current = {r["case"]: r.get("us") for r in records if r.get("current")}
     for r in records:
+        problem = r.get("error") or r.get("skipped")
         us = r.get("us")
-        if us and r["case"] not in current:  # the case's first configuration: the current rule or path
-            current[r["case"]] = us
-        if "rel_err_vs_current" not in r:
-            lines.append(f"| {r['case']} | {r['config']} | {r.get('error') or r.get('skipped')} | - | - | - |")
-            continue
-        gain = f"{current[r['case']] / us:.2f}x" if us and r["case"] in current else "-"
-        err = "-" if r["rel_err_vs_current"] is None else f"{r['rel_err_vs_current']:.1e}"
-        lines.append(f"| {r['case']} | {r['config']} | {us or '-'} | {r.get('ratio_to_floor', '-')} | {gain} | {err} |")
-    lines += ["", "## Fastest per case", "", "| case | current us | fastest | us | gain |", "|---|---:|---|---:|---:|"]
+        gain = f"{current[r['case']] / us:.2f}x" if us and current.get(r["case"]) else "-"
+        err = r.get("rel_err_vs_current")
+        err = "-" if err is None else f"{err:.1e}"
+        lines.append(f"| {r['case']} | {r['config']} | {problem or us or '-'} | {r.get('ratio_to_floor', '-')} "
+                     f"| {gain} | {err} |")
+    lines += ["", "## Fastest per case (outputs within 1e-2 of the current configuration's)", "",
+              "| case | current us | fastest | us | gain |", "|---|---:|---|---:|---:|"]
     for name in dict.fromkeys(r["case"] for r in records):
-        timed = [r for r in records if r["case"] == name and r.get("us") and r.get("variant") != "limit"]
-        if timed and name in current:
-            best = min(timed, key=lambda r: r["us"])
+        agree = [r for r in records if r["case"] == name and r.get("us") and "error" not in r
+                 and (r.get("current") or (r.get("rel_err_vs_current") is not None and r["rel_err_vs_current"] <= 1e-2))]
+        if agree and current.get(name):
+            best = min(agree, key=lambda r: r["us"])
             lines.append(f"| {name} | {current[name]} | {best['config']} | {best['us']} "
                          f"| {current[name] / best['us']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -336,6 +343,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/tile-sweep")
     ap.add_argument("--max-seconds", type=float, default=240.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU interpreter's harness check)")
+    ap.add_argument("--cases", default="", help="comma-separated substrings: only the cases whose name holds one "
+                    "(e.g. 'r=128,decode layer': a second call for the cases a first one did not reach)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:  # the harness on the interpreter (tiny shapes): set before the kernels are defined
@@ -359,7 +368,13 @@ def main(argv=None) -> int:
         (out / "tile_sweep.md").write_text(markdown(meta, records))
 
     deadline = time.monotonic() + args.max_seconds
-    records = sweep(cases(device, args.smoke or not cuda), cuda, meta["bandwidth"], deadline, write)
+    chosen = cases(device, args.smoke or not cuda)
+    wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+    if wanted:
+        chosen = [c for c in chosen if any(w in c.name for w in wanted)]
+        if not chosen:
+            raise SystemExit(f"bench.tile_sweep: --cases {args.cases!r} matches none of the cases")
+    records = sweep(chosen, cuda, meta["bandwidth"], deadline, write)
     write(records)
     print((out / "tile_sweep.md").read_text())
     return 0

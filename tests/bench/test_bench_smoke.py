@@ -438,6 +438,48 @@ def test_tile_sweep_checks_every_configuration_against_the_current_one(tmp_path)
     assert "| fwd r=3 M=37 | current rule |" in (tmp_path / "tile_sweep.md").read_text()
 
 
+def test_tile_sweep_records_never_pass_a_broken_configuration_as_a_match():
+    """A NaN output is no match (rel err inf); without the current configuration's outputs (it
+    failed) nothing is compared; an error while timing shows in the table; the fastest listed is
+    one whose outputs agree."""
+    from bench.tile_sweep import SweepCase, _rel_err, markdown, sweep
+
+    one = torch.ones(4)
+    assert _rel_err([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 2.0])]) == float("inf")
+    assert _rel_err([one * 1.5], [one]) == pytest.approx(0.5)
+
+    def run(cfg, variant):
+        if variant == "raise":
+            raise RuntimeError("out of shared memory")
+        return ({"ok": one, "nan": one * float("nan"), "off": one * 2}[variant],)
+
+    def case(*variants):
+        return SweepCase("c", "k", {}, 8.0, run, [(v, None, v) for v in variants])
+
+    recs = sweep([case("raise", "off", "ok")], False, None, float("inf"), lambda r: None)
+    assert recs[0]["current"] and "error" in recs[0]
+    assert [r["rel_err_vs_current"] for r in recs[1:]] == [None, None]
+    recs = sweep([case("ok", "nan", "off")], False, None, float("inf"), lambda r: None)
+    assert [r["rel_err_vs_current"] for r in recs] == [0.0, float("inf"), 1.0]
+    for r, us in zip(recs, (10.0, 2.0, 3.0)):  # as a GPU run records them
+        r["us"] = us
+    recs.append(dict(case="c", config="timefail", current=False, variant="x", rel_err_vs_current=0.0,
+                     error="RuntimeError: illegal address"))
+    md = markdown(dict(device="d", torch="t", triton="3", commit="x", command="c", cuda=True, bandwidth=1.0), recs)
+    assert "| c | timefail | RuntimeError: illegal address |" in md
+    assert "| c | 10.0 | ok | 10.0 | 1.00x |" in md  # neither the NaN nor the wrong one is the fastest
+
+
+def test_tile_sweep_runs_the_cases_it_is_asked_for(tmp_path):
+    from bench.tile_sweep import main as sweep_main
+
+    assert sweep_main(["--out", str(tmp_path), "--cases", "grad_factors,decode layer"]) == 0
+    recs = json.loads((tmp_path / "tile_sweep.json").read_text())["records"]
+    assert {r["case"].split(" r=")[0] for r in recs} == {"grad_factors", "decode layer"}
+    with pytest.raises(SystemExit, match="matches none"):
+        sweep_main(["--out", str(tmp_path), "--cases", "nothing"])
+
+
 def test_tile_sweep_stops_at_its_deadline_with_what_it_has(tmp_path):
     from bench.tile_sweep import main as sweep_main
 

@@ -124,6 +124,7 @@ def test_dispatch_takes_it_for_few_rows_when_the_forward_keeps_nothing(monkeypat
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("M", [1, 16, 40])
 def test_gpu_decode_shape(M):
+    """The GPU's own tiles (the interpreter takes small ones): 256-deep K steps, 32-row blocks above 16 rows."""
     check(make(M, 4096, 4096, 16, dtype=torch.bfloat16, c=True))
