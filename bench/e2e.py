@@ -5,7 +5,7 @@ Configs, in order of importance (a run short of time keeps the first ones): no a
 weight frozen, but backward still runs through every layer: the speed limit), ours TL6, PEFT LoRA,
 ours LoRA, the three over a 4-bit base, then the other variants (ours DoRA vs PEFT DoRA, Simple
 DoRA, Tied-LoRA Extra, tensor embedding, partial tying), last no adapter / ours TL6 / PEFT LoRA
-under ``torch.compile`` (each family divided by its own no-adapter step).
+under ``torch.compile`` and under its CUDA graphs (each family divided by its own no-adapter step).
 
 What a timed step contains, and what it must not: warm-up steps run until two consecutive steps
 agree within 5 % (at least 3 on a GPU, at most 10), so kernel compilation, allocator growth and the
@@ -39,7 +39,8 @@ SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, n
                    num_key_value_heads=4, vocab_size=97)
 CONFIGS = ["no_adapter", "ours_tl6", "peft_lora", "ours_lora", "no_adapter_4bit", "ours_tl6_4bit", "peft_lora_4bit",
            "ours_dora", "peft_dora", "ours_simple_dora", "ours_tl_extra", "ours_tensor_embed", "ours_partial",
-           "no_adapter_compiled", "ours_tl6_compiled", "peft_lora_compiled"]
+           "no_adapter_compiled", "ours_tl6_compiled", "peft_lora_compiled",
+           "no_adapter_graphs", "ours_tl6_graphs", "peft_lora_graphs"]
 #: Configs ending in this train over a bitsandbytes NF4 copy of the base (QLoRA-style; compared with
 #: no_adapter_4bit). Needs bitsandbytes (on the lent GPU machine: carried as a wheel, see gpu_session.sh).
 QUANTIZED = "_4bit"
@@ -48,7 +49,11 @@ QUANTIZED = "_4bit"
 #: small model's eager step is host-bound, and compiling is the usual remedy. The compilation
 #: (about a minute per config on the GPU machine) falls in the warm-up steps; they come last.
 COMPILED = "_compiled"
-FAMILIES = ("", QUANTIZED, COMPILED)
+#: Configs ending in this run under ``torch.compile(mode="reduce-overhead")``: CUDA graphs replay the
+#: forward and backward, so the host's issue time (what makes a small model's eager step host-bound)
+#: is gone; compared with no_adapter_graphs. On a CPU, aot_eager as above.
+GRAPHS = "_graphs"
+FAMILIES = ("", QUANTIZED, COMPILED, GRAPHS)
 
 
 def family(config: str) -> str:
@@ -104,9 +109,11 @@ def _syncs_in(step: Callable[[], object], device: str) -> Optional[int]:
 
 
 def _build(config: str, base, rank: int, device, dtype, quantized_dir: Optional[Path] = None):
-    if config.endswith(COMPILED):
-        model = _build(config.removesuffix(COMPILED), base, rank, device, dtype, quantized_dir)
-        return torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager")
+    if config.endswith((COMPILED, GRAPHS)):
+        model = _build(config.removesuffix(COMPILED).removesuffix(GRAPHS), base, rank, device, dtype, quantized_dir)
+        if device != "cuda":
+            return torch.compile(model, backend="aot_eager")
+        return torch.compile(model, mode="reduce-overhead" if config.endswith(GRAPHS) else None)
     if config.endswith(QUANTIZED):
         model = _load_4bit(quantized_dir, device, dtype)
         config = config.removesuffix(QUANTIZED)

@@ -159,7 +159,8 @@ def test_e2e_compiled_configs_compare_with_the_compiled_base():
     tl6 = e2e["ours_tl6_compiled"]
     assert tl6["ratio_to_no_adapter"] == pytest.approx(tl6["step_ms"] / e2e["no_adapter_compiled"]["step_ms"])
     assert tl6["trainable"] > 0 and tl6["loss"] == pytest.approx(e2e["no_adapter"]["loss"], rel=0.2)
-    assert [family(c) for c in ("ours_tl6", "ours_tl6_4bit", "peft_lora_compiled")] == ["", "_4bit", "_compiled"]
+    assert [family(c) for c in ("ours_tl6", "ours_tl6_4bit", "peft_lora_compiled", "ours_tl6_graphs")] == \
+        ["", "_4bit", "_compiled", "_graphs"]
 
 
 def test_smoke_table_and_plots(smoke):
