@@ -82,13 +82,15 @@ def design_costs(M: int, K: int, N: int, r: int, op: str, *, train=("A", "B", "u
                       2 * M * r * (K + N)))
     out.append(Launch("addmm_ (x W^T + L)", "fwd", "cublas", E * (M * K + N * K + 2 * M * N), 2 * M * N * K))
     if row_scale is not None:
-        # c = m / ||W + D||_row per call (reference.merged_row_norm): W cast to fp32 (unrounded norms,
-        # DoRA's identity at init), its row norms and W A^T from that cast (Simple DoRA: ||W||_row
-        # only, the same cast inside torch's norm); the rest is (N, r) work
+        # c = m / ||W + D||_row per call (reference.merged_row_norm): W's fp32 copy (unrounded norms,
+        # DoRA's identity at init), W + s B A added into it by one addmm_ (beta = 1; DoRA only), then
+        # the row norms (Simple DoRA: ||W||_row of the copy)
         cast = (E + 4) * N * K if E < 4 else 0
-        out.append(Launch("row norm ||W||_row", "fwd", "torch", cast + 4 * N * K + F * N, 2 * N * K))
         if magnitude == "dora":
-            out.append(Launch("mm (W A^T)", "fwd", "torch", 4 * N * K + F * r * K + 4 * N * r, 2 * N * K * r))
+            out.append(Launch("addmm_ (W + s B A, fp32)", "fwd", "cublas", cast + 8 * N * K + F * (N * r + r * K),
+                              2 * N * K * r))
+        out.append(Launch("row norm", "fwd", "torch", (0 if magnitude == "dora" else cast) + 4 * N * K + F * N,
+                          2 * N * K))
         out.append(Launch("addcmul (b + y c)", "fwd", "torch", E * 2 * M * N + b + F * N, 2 * M * N))
     if not grad:
         return out

@@ -124,8 +124,8 @@ def test_merged_weight_reproduces_forward():
 @pytest.mark.parametrize("N,K,r,u,v", [(13, 11, 3, True, True), (1, 37, 1, False, True), (40, 9, 5, True, False),
                                        (7, 64, 16, False, False)])
 def test_merged_row_norm_matches_the_norm_of_the_merged_weight(dtype, N, K, r, u, v):
-    """DoRA's ||W + s diag(v) B diag(u) A||_row without the merged weight, against that weight formed in
-    float64; the adapter factors fp32 (fp64 for fp64), an update of the size training gives it."""
+    """DoRA's ||W + s diag(v) B diag(u) A||_row (W + D formed in the wide dtype), against that weight
+    formed in float64; the adapter factors fp32 (fp64 for fp64), an update of the size training gives it."""
     t = make_inputs(M=1, K=K, N=N, r=r, u=u, v=v, seed=N + K)
     fac = torch.float64 if dtype == torch.float64 else torch.float32
     W = t["weight"].to(dtype)
@@ -142,8 +142,8 @@ def test_merged_row_norm_matches_the_norm_of_the_merged_weight(dtype, N, K, r, u
 
 
 def test_merged_row_norm_keeps_a_small_fp16_down_projection():
-    """fp16 W with an fp32 A of values below fp16's normal range (gamma's scaled init): W A^T is
-    taken in fp32, where A cast to fp16 would flush to 0 and drop the cross term."""
+    """fp16 W with an fp32 A of values below fp16's normal range (gamma's scaled init): W + D is
+    formed in fp32, where A cast to fp16 would flush to 0 and drop the update."""
     t = make_inputs(M=1, K=24, N=6, r=2, seed=3)
     W = t["weight"].half()
     A = (t["A"].detach() * 1e-8).float()
@@ -154,7 +154,7 @@ def test_merged_row_norm_keeps_a_small_fp16_down_projection():
 
 
 def test_merged_row_norm_of_an_update_that_cancels_the_weight_is_not_nan():
-    """W + D = 0 in exact arithmetic: rounding may leave a tiny negative square, clamped to 0."""
+    """W + D = 0 in exact arithmetic: the norm of what rounding leaves, small and never NaN."""
     g = torch.Generator().manual_seed(0)
     W = torch.randn(5, 8, generator=g)
     A = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]  # orthogonal: B A = -W exactly up to rounding

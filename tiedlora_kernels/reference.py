@@ -136,49 +136,40 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Opt
 
     Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None.
     """
+    return _merged_wide(weight, A, B, u, v, scaling).to(weight.dtype)
+
+
+def _merged_wide(weight, A, B, u, v, scaling) -> torch.Tensor:
+    """W + s diag(v) B diag(u) A in fp32 (fp64 for fp64 weights), laid out as W: W's wide copy with
+    the rank-r product added by one GEMM's epilogue (``addmm_``, beta = 1)."""
     ct = torch.promote_types(weight.dtype, torch.float32)
     Bm = B.to(ct)
     if u is not None:
         Bm = Bm * u.to(ct)
     if v is not None:
         Bm = Bm * v.to(ct)[:, None]
-    return (weight.to(ct) + scaling * (Bm @ A.to(ct))).to(weight.dtype)
+    return weight.to(ct, copy=True).addmm_(Bm, A.to(ct), alpha=scaling)
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W||_2 per row (N,) of weight (N, K), fp32 (fp64 for fp64 weights), accumulated and returned
-    unrounded: DoRA's magnitude starts at this value and its row scale is m / this norm, so a
-    norm rounded to a 16-bit W's dtype would move the adapted layer off the identity at init."""
-    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.promote_types(weight.dtype, torch.float32))
+    """||W||_2 per row (N,) of weight (N, K), fp32 (fp64 for fp64 weights), unrounded: DoRA's
+    magnitude starts at this value and its row scale is m / :func:`merged_row_norm`, which at init
+    (a zero update) reduces the same wide values in the same layout: c = 1 exactly."""
+    return torch.linalg.vector_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=1)
 
 
 def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
                     v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
-    """||W + D||_2 per row (N,), D = s diag(v) B diag(u) A (DoRA's norm), fp32 (fp64 for fp64
-    weights), without forming the (N, K) merged weight.
+    """||W + s diag(v) B diag(u) A||_2 per row (N,) (DoRA's norm), fp32 (fp64 for fp64 weights).
 
-    Row i: ||W_i + D_i||^2 = ||W_i||^2 + e_i with z_i = B_i * u (r,), D_i = s v_i z_i A and
-    e_i = 2 <W_i, D_i> + ||D_i||^2 = s v_i z_i . (2 (W A^T)_i + s v_i (A A^T) z_i); the norm is taken
-    as ||W_i|| sqrt(1 + e_i / ||W_i||^2), which is ||W_i|| exactly when the update is 0 (DoRA at
-    init: c = m / norm = 1 exactly). Bytes: W cast to fp32 once (a 16-bit W; an fp32 W is used as
-    it is), read for its row norms and for W A^T (one skinny fp32 GEMM); the rest is (N, r) and
-    (r, r) work. Forming W + D in fp32 moves ~3x these bytes with four (N, K) fp32 temporaries.
+    W + D formed once in fp32 (:func:`_merged_wide`: W's wide copy, then one ``addmm_``) and its row
+    norms taken: three launches for a 16-bit W and fp32 factors, ~18 bytes moved per weight element.
+    (The norm by expansion, ||W||^2 + 2 <W, D> + ||D||^2 from W A^T, moves fewer bytes but takes
+    ~15 small launches, more than a host-bound training step affords per layer.)
 
-    Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None. A row whose update
-    cancels W almost exactly (||W_i + D_i|| below ~1e-3 ||W_i||) loses that many digits; 1 + e / ||W||^2
-    is clamped at 0, so such a row's norm is never NaN.
+    Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None.
     """
-    ct = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(ct)
-    A_ct = A.to(ct)
-    z = B.to(ct) * u.to(ct) if u is not None else B.to(ct)                                      # (N, r)
-    sv = v.to(ct) * scaling if v is not None else torch.full((weight.shape[0],), scaling, dtype=ct,
-                                                             device=weight.device)
-    # e = s v (z . (2 W A^T + s v z (A A^T)))
-    e = sv * (z * torch.addmm(F.linear(w, A_ct), z * sv[:, None], A_ct @ A_ct.t(), alpha=0.5)).sum(1) * 2
-    n = torch.linalg.vector_norm(w, dim=1)
-    scaled = n * (1 + e / n.square()).clamp_min(0).sqrt()
-    return torch.where(n > 0, scaled, e.clamp_min(0).sqrt())
+    return torch.linalg.vector_norm(_merged_wide(weight, A, B, u, v, scaling), dim=1)
 
 
 def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],

@@ -44,11 +44,11 @@ def test_target_case_bytes_and_launches():
     assert "_grad_factors_kernel" not in frozen and "_grad_finish_kernel" not in frozen
     dora = {k.name for k in design_costs(M, K, N, 16, "fwd_bwd", row_scale="train")}
     assert {"_row_scale_grad_kernel", "addcmul (b + y c)"} <= dora and set(TRITON_KERNELS) <= dora
-    # DoRA's norm: one fp32 cast of a bf16 W (write 4, read 2), read for ||W||_row and for W A^T;
-    # Simple DoRA's: the cast and ||W||_row. 14 and 10 bytes per weight element
+    # DoRA's norm: a bf16 W's fp32 copy (read 2, write 4), W + s B A added into it (read and write
+    # 4), its row norms (read 4); Simple DoRA's: the copy and the norms. 18 and 10 bytes per element
     norms = {m: sum(k.bytes for k in design_costs(M, K, N, 16, "fwd", row_scale="train", magnitude=m)
-                    if k.name in ("row norm ||W||_row", "mm (W A^T)")) for m in ("dora", "simple_dora")}
-    assert norms["simple_dora"] == 10 * N * K + 4 * N and norms["dora"] == 14 * N * K + 4 * N + 4 * 16 * (K + N)
+                    if k.name in ("row norm", "addmm_ (W + s B A, fp32)")) for m in ("dora", "simple_dora")}
+    assert norms["simple_dora"] == 10 * N * K + 4 * N and norms["dora"] == 18 * N * K + 4 * N + 4 * 16 * (K + N)
 
 
 def test_floor_per_kernel_at_the_h200_bandwidth():
