@@ -13,8 +13,9 @@ programs: 34 MB of L2 reads, ~3 us at ~10 TB/s, overlapped with W's stream); x, 
 out are small. The base GEMV alone measured 19 us on the H200 under do_bench (cold L2) and the
 general path's ``_adapter_term_kernel`` 9.6 us on top (bench/NOTES.md section 3).
 
-Inference only (no h is kept, no dropout): ``tied_lora_linear`` takes it under no grad for at most
-``FUSED_DECODE_MAX_ROWS`` rows. That is 0, so the dispatch does not use this kernel yet: issue 12
+No h is kept and no dropout drawn: ``tied_lora_linear`` takes it for at most ``FUSED_DECODE_MAX_ROWS``
+rows when its forward keeps nothing for a backward (inference; or only x and A train, whose
+gradients need x alone). That is 0, so the dispatch does not use this kernel yet: issue 12
 asks for thresholds that a GPU measured, and none has (``python -m bench.tile_sweep`` times it
 against the two-launch path and the base layer alone; the next GPU session sets the value).
 """

@@ -10,8 +10,8 @@ Formula (docs/MATH.md), x flattened to (M, K), W (N, K), A (r, K), B (N, r), u (
     out = x W^T + b + s * ((dropout(x) A^T * u) B^T) * v
     with a row scale c (N,): y = x W^T + s * (...) * v, out = c * y + b   (DoRA / Simple DoRA)
 
-Forward (2 launches; 3 with a row scale; 1 for at most ``FUSED_DECODE_MAX_ROWS`` rows under no grad,
-``decode_linear``: the base GEMV and the adapter in one pass over W, off until a GPU measures it):
+Forward (2 launches; 3 with a row scale; 1 for at most ``FUSED_DECODE_MAX_ROWS`` rows when no h or y
+is kept, ``decode_linear``: the base GEMV and the adapter in one pass over W, off until a GPU measures it):
     L, h = adapter_term(x)           L = s ((x_d A^T) * u) (B v)^T + b in x's dtype, h = x_d A^T fp32
     out  = L.addmm_(x, W^T)          cuBLAS with beta = 1: the adapter term enters through the
                                      GEMM's epilogue read of C, out lives in L's buffer
@@ -72,7 +72,7 @@ def _forward_on_device(x, weight, base_out, bias, A, B, u, v, row_scale, seed, s
         return x.new_empty((0, N)), no_h(), no_y()
     if M <= fused_decode.FUSED_DECODE_MAX_ROWS and weight is not None and not (store_h or store_y) \
             and dropout_p == 0:
-        # a few rows, nothing kept for a backward: the whole layer in one launch
+        # a few rows, no h or y to keep (inference; or only x / A train: their gradients need x alone)
         out = fused_decode.decode_linear(x, weight, bias, A, B, u, v, row_scale, scaling)
         return out, no_h(), no_y()
     lead_bias = bias if row_scale is None else None  # with a row scale the bias comes after the scale
