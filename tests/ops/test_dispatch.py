@@ -79,7 +79,17 @@ def test_auto_picks_the_gpu_path_only_where_it_runs(monkeypatch):
         xc, Wc = x.cuda(), W.cuda()
         assert ops.resolve_backend(xc, Wc) == "triton"
         assert ops.resolve_backend(xc.double(), Wc.double()) == "torch"
+        assert ops.resolve_backend(xc, Wc, None, 4, torch.float64) == "torch"  # fp64 adapters: fp64 math
         assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "torch"  # a base layer that trains
+
+
+def test_fp64_adapters_are_refused_by_the_kernels_naming_A(monkeypatch):
+    """The kernels compute in fp32 at most: fp64 factors on fp32 activations would get fp32 gradients
+    in fp64 tensors, silently. auto takes the torch route (above); a forced triton route refuses."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    x, W, b, A, B = _layer_inputs()
+    with pytest.raises(TypeError, match="A must be float32, bfloat16 or float16 on the Triton backend"):
+        ops.tied_lora_linear(x, W, b, A.double(), B.double())
 
 
 def test_unknown_backend_is_named(monkeypatch):

@@ -4,8 +4,8 @@
 
 - ``auto`` (default): the GPU path (cuBLAS GEMMs + this package's Triton kernels, ``ops/tied_lora.py``)
   for CUDA tensors in fp32/bf16/fp16 with a frozen base layer and a rank the device's shared memory
-  fits (:func:`gpu_rank_limits`), the torch reference otherwise (CPU tensors, fp64, a base weight
-  that trains, a larger rank);
+  fits (:func:`gpu_rank_limits`), the torch reference otherwise (CPU tensors, fp64 activations or
+  adapters, a base weight that trains, a larger rank);
 - ``torch``: always the reference (``tiedlora_kernels.reference``);
 - ``triton``: always the GPU path. On CPU tensors this needs ``TRITON_INTERPRET=1`` set before the
   kernels are first imported (how CI checks kernel parity without a GPU).
@@ -79,9 +79,9 @@ dispatch_settings._dynamo_marked_constant = True
 
 
 def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                    rank: int = 1) -> str:
-    """The backend that will run for activations ``x`` (and base ``weight``/``bias``, adapter ``rank``):
-    ``"torch"`` or ``"triton"``.
+                    rank: int = 1, adapter_dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that will run for activations ``x`` (and base ``weight``/``bias``, adapter ``rank``
+    and the down factor's ``adapter_dtype``): ``"torch"`` or ``"triton"``.
 
     Raises (before any launch) when ``TIEDLORA_BACKEND`` is unknown, or is ``triton`` and the inputs
     cannot run there; the message names the argument and what the GPU path needs."""
@@ -93,8 +93,9 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     if want == "torch":
         return "torch"
     base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
+    wide = torch.float64 in (x.dtype, adapter_dtype)  # the kernels compute in fp32 at most
     if want == "auto":
-        fits = x.is_cuda and x.dtype != torch.float64 and not base_trains and (rank_limit is None or rank <= rank_limit)
+        fits = x.is_cuda and not wide and not base_trains and (rank_limit is None or rank <= rank_limit)
         return "triton" if fits and installed else "torch"
     if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
@@ -105,6 +106,9 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     if x.dtype == torch.float64:
         raise TypeError("tied_lora_linear (triton): x must be float32, bfloat16 or float16 on the Triton "
                         f"backend, got dtype {x.dtype}; use TIEDLORA_BACKEND=torch (or auto) for float64")
+    if adapter_dtype == torch.float64:
+        raise TypeError("tied_lora_linear (triton): A must be float32, bfloat16 or float16 on the Triton backend "
+                        "(its kernels compute in fp32 at most), got float64; use TIEDLORA_BACKEND=torch (or auto)")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.requires_grad:
             raise ValueError(f"tied_lora_linear (triton): {name} requires grad, but the kernels treat the base "
@@ -170,7 +174,7 @@ def tied_lora_linear(
     """
     x, weight, bias = autocast_base(x, weight, bias)
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, weight, bias, A.shape[0]) == "triton":
+    if resolve_backend(x, weight, bias, A.shape[0], A.dtype) == "triton":
         from .tied_lora import tied_lora_linear_triton
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
@@ -208,7 +212,7 @@ def tied_lora_add(
     """
     x, base_out, bias = autocast_base(x, base_out, bias)
     check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, None, bias, A.shape[0]) == "triton":
+    if resolve_backend(x, None, bias, A.shape[0], A.dtype) == "triton":
         from .tied_lora import tied_lora_add_triton
 
         return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,
