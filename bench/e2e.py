@@ -20,6 +20,7 @@ one step, and a torch.profiler pass (top kernels, launches and GPU busy time per
 from __future__ import annotations
 
 import copy
+import math
 import os
 import statistics
 import time
@@ -242,6 +243,11 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
             compiled_before = _triton_cache_entries()
             times, wall = _timed_steps(step, device, steps)
             compiled_after = _triton_cache_entries()
+            if not math.isfinite(float(last["loss"])):  # a diverged or broken config times nothing worth a ratio
+                out.append(dict(config=config, error=f"loss not finite after the timed steps ({float(last['loss'])})"))
+                if on_record:
+                    on_record()
+                continue
             ms = statistics.median(times)
             trainable = (trainable_parameters(model)["total"] if config.startswith("ours")
                          else sum(p.numel() for p in params))

@@ -207,6 +207,9 @@ if allowance cuda_tests; then
   CUDA_RC=$?
 fi
 echo "$CUDA_RC" > "$OUT/cuda_tests.rc"
+# The claims follow the tests now, not only at the end: a session stopped from outside after this
+# point must not leave the benchmark's verdicts standing over failed tests.
+[ "$CUDA_RC" = "-1" ] || summarize --tests-exit-code "$CUDA_RC"
 
 if allowance host; then
   timed host "$OUT/host.log" "$PY" -m bench.host_overhead --out "$OUT/host"
@@ -223,7 +226,7 @@ if allowance e2e; then
 fi
 
 if allowance serving; then
-  timed serving "$OUT/serving.log" "$PY" -m bench.serving --out "$OUT/serving" \
+  timed serving "$OUT/serving.log" "$PY" -m bench.serving --out "$OUT/serving" --tests-exit-code "$CUDA_RC" \
     --max-minutes "$(minutes $(( PHASE_T - MARGIN_S )))"
 fi
 

@@ -41,6 +41,7 @@ import torch
 from tiedlora_kernels import reference
 
 from .cases import GRIDS, IMPLS, KERNEL_IMPLS, Case, Impl, env, flops, make_inputs, min_bytes
+from .claims import withdraw_if_tests_failed
 from .floors import PRESET_TRAIN, kernel_floors, spec_bandwidth
 from .profiling import host_ms, kernel_floor_rows, profile_steps
 
@@ -706,11 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda" else "smoke-cpu")
         args.out = Path(__file__).resolve().parent / "results" / name
     meta["grid"] = grid_name
-    if args.tests_exit_code is not None:
-        meta["tests_exit_code"] = args.tests_exit_code
-        if args.tests_exit_code != 0:
-            meta["speed_claims"] = False
-            meta["no_claims_reason"] = f"the GPU tests failed (exit code {args.tests_exit_code})"
+    withdraw_if_tests_failed(meta, args.tests_exit_code)
     grid = GRIDS[grid_name]
     jobs = [] if args.e2e_only else plan(grid, device)
     if args.impls:
@@ -744,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, _on_term)
     cache = _InputCache(device)
     e2e: list[dict] = []
+    # Until the final write says otherwise, every save is of a run in progress: a process killed
+    # before it (SIGKILL, out of memory) leaves a file that says it is partial.
+    meta["truncated"] = "in progress: the run did not reach its final write"
     save = lambda: write_json(args.out, meta, records, e2e, probes)  # noqa: E731
     try:
         try:
@@ -807,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["truncated"] = f"interrupted ({e or 'KeyboardInterrupt'}) after {len(records)} measurements"
     finally:
         signal.signal(signal.SIGTERM, old_term)
+    if meta["truncated"].startswith("in progress"):
+        del meta["truncated"]  # it finished, or says above where it stopped
     meta["wall_s"] = round(time.monotonic() - start, 1)
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second interrupt must not cut the last write
     try:

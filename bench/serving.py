@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import torch
 from tiedlora_kernels import TiedLoRAConfig, adapted_layers, inject
 from tiedlora_kernels.serving import AdapterBank, LayerAdapter
 
+from .claims import withdraw_if_tests_failed
 from .e2e import GPU_MODEL, SMOKE_MODEL
 
 #: (sequences, tokens per sequence) of each phase, GPU and smoke.
@@ -155,6 +157,14 @@ def batch_ids(n_seq: int, distinct: int, capacity: int, gen: torch.Generator) ->
     return [pool[i % len(pool)] for i in torch.randperm(n_seq, generator=gen).tolist()]
 
 
+class _Stop(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise _Stop(f"signal {signum}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
@@ -166,6 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--phases", default="prefill,decode", help="comma-separated subset of prefill,decode")
     ap.add_argument("--no-loop", action="store_true", help="skip the naive loop (its timing is the slow part)")
+    ap.add_argument("--tests-exit-code", type=int, default=None,
+                    help="exit code of the GPU tests run before (nonzero withdraws the speed claims)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = "smoke" if args.smoke or device != "cuda" else "gpu"
@@ -175,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes
     meta = environment(device, mode, argv)
     meta["speed_claims"] = size == "gpu"
+    withdraw_if_tests_failed(meta, args.tests_exit_code)
     if args.out is None:
         tag = "smoke-" + device if size == "smoke" else f"{datetime.date.today()}-{meta['device'].replace(' ', '_')}"
         args.out = Path(__file__).resolve().parent / "results" / f"serving-{tag}"
@@ -216,68 +229,84 @@ def main(argv: Optional[list[str]] = None) -> int:
     def out_of_time() -> bool:
         return time.monotonic() > deadline
 
-    with torch.no_grad():
-        for phase, ids in inputs.items():
-            record(phase=phase, config="base", **timed(lambda: base.model(ids), device, reps, warmup))
-        for kind in kinds:
-            t0 = time.perf_counter()
-            host = inject(copy.deepcopy(base), TiedLoRAConfig(rank=rank, preset=KINDS[kind]))
-            bank = AdapterBank(host, capacity=capacity, rank=rank, factor_dtype=dtype)
-            for i in range(capacity):
-                bank.add(random_adapter(host, kind, rank, gen), name=f"{kind}{i}")
-            meta.setdefault("bank_setup_s", {})[kind] = time.perf_counter() - t0
-            meta.setdefault("bank_bytes", {})[kind] = bank.nbytes()
-            meta.setdefault("routes", {})[kind] = sorted(set(bank.routes().values()))
-            load_slot(host, bank, 0)  # "one": the single-adapter path, holding slot 0
+    def measure_all():
+        with torch.no_grad():
             for phase, ids in inputs.items():
-                if out_of_time():
-                    record(phase=phase, kind=kind, config="one", skipped="out of time")
-                    continue
-                record(phase=phase, kind=kind, config="one", **timed(lambda: host.model(ids), device, reps, warmup))
-                for n in DISTINCT[size]:
+                record(phase=phase, config="base", **timed(lambda: base.model(ids), device, reps, warmup))
+            for kind in kinds:
+                t0 = time.perf_counter()
+                host = inject(copy.deepcopy(base), TiedLoRAConfig(rank=rank, preset=KINDS[kind]))
+                bank = AdapterBank(host, capacity=capacity, rank=rank, factor_dtype=dtype)
+                for i in range(capacity):
+                    bank.add(random_adapter(host, kind, rank, gen), name=f"{kind}{i}")
+                meta.setdefault("bank_setup_s", {})[kind] = time.perf_counter() - t0
+                meta.setdefault("bank_bytes", {})[kind] = bank.nbytes()
+                meta.setdefault("routes", {})[kind] = sorted(set(bank.routes().values()))
+                load_slot(host, bank, 0)  # "one": the single-adapter path, holding slot 0
+                for phase, ids in inputs.items():
                     if out_of_time():
-                        record(phase=phase, kind=kind, config="bank", distinct=n, skipped="out of time")
+                        record(phase=phase, kind=kind, config="one", skipped="out of time")
                         continue
-                    slots = batch_ids(ids.shape[0], n, capacity, host_gen)
-                    adapter_ids = torch.tensor(slots, device=device)
+                    record(phase=phase, kind=kind, config="one", **timed(lambda: host.model(ids), device, reps, warmup))
+                    for n in DISTINCT[size]:
+                        if out_of_time():
+                            record(phase=phase, kind=kind, config="bank", distinct=n, skipped="out of time")
+                            continue
+                        slots = batch_ids(ids.shape[0], n, capacity, host_gen)
+                        adapter_ids = torch.tensor(slots, device=device)
 
-                    def bank_forward():
-                        with bank.use(adapter_ids):
-                            return host.model(ids).last_hidden_state
+                        def bank_forward():
+                            with bank.use(adapter_ids):
+                                return host.model(ids).last_hidden_state
 
-                    groups = [(a, torch.tensor([i for i, s in enumerate(slots) if s == a], device=device))
-                              for a in sorted(set(slots))]
+                        groups = [(a, torch.tensor([i for i, s in enumerate(slots) if s == a], device=device))
+                                  for a in sorted(set(slots))]
 
-                    def loop_forward():
-                        out = None
-                        for a, rows in groups:
-                            load_slot(host, bank, a)
-                            h = host.model(ids[rows]).last_hidden_state
-                            out = h.new_empty((ids.shape[0], *h.shape[1:])) if out is None else out
-                            out[rows] = h
-                        return out
+                        def loop_forward():
+                            out = None
+                            for a, rows in groups:
+                                load_slot(host, bank, a)
+                                h = host.model(ids[rows]).last_hidden_state
+                                out = h.new_empty((ids.shape[0], *h.shape[1:])) if out is None else out
+                                out[rows] = h
+                            return out
 
-                    # Correctness first: the bank against the loop on this batch.
-                    err = _rel_err(bank_forward(), loop_forward())
-                    load_slot(host, bank, 0)
-                    ok = err <= CHECK_TOL[dtype]
-                    result["checks"].append(dict(phase=phase, kind=kind, distinct=n, rel_err=err, ok=ok))
-                    if not ok:
-                        meta["speed_claims"] = False
-                        meta["no_claims_reason"] = f"the bank differs from the loop ({phase}, {kind}, {n}: {err:.2e})"
-                    record(phase=phase, kind=kind, config="bank", distinct=n, in_batch=len(set(slots)),
-                           **timed(bank_forward, device, reps, warmup))
-                    if not args.no_loop and not out_of_time():
-                        record(phase=phase, kind=kind, config="loop", distinct=n, in_batch=len(set(slots)),
-                               **timed(loop_forward, device, loop_reps, 1))
+                        # Correctness first: the bank against the loop on this batch.
+                        err = _rel_err(bank_forward(), loop_forward())
                         load_slot(host, bank, 0)
-            host = bank = None  # release this kind before the next is built
-            if device == "cuda":
-                torch.cuda.empty_cache()
+                        ok = err <= CHECK_TOL[dtype]
+                        result["checks"].append(dict(phase=phase, kind=kind, distinct=n, rel_err=err, ok=ok))
+                        if not ok:
+                            meta["speed_claims"] = False
+                            meta["no_claims_reason"] = f"the bank differs from the loop ({phase}, {kind}, {n}: {err:.2e})"
+                        record(phase=phase, kind=kind, config="bank", distinct=n, in_batch=len(set(slots)),
+                               **timed(bank_forward, device, reps, warmup))
+                        if not args.no_loop and not out_of_time():
+                            record(phase=phase, kind=kind, config="loop", distinct=n, in_batch=len(set(slots)),
+                                   **timed(loop_forward, device, loop_reps, 1))
+                            load_slot(host, bank, 0)
+                host = bank = None  # release this kind before the next is built
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+
+    old_term = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        measure_all()
+    except (KeyboardInterrupt, _Stop) as e:  # gpu_session.sh's SIGINT at the phase's allowance
+        meta["truncated"] = f"interrupted ({e or 'SIGINT'}) after {len(result['records'])} records"
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    skipped = sum("skipped" in r for r in result["records"])
+    if skipped and "truncated" not in meta:
+        meta["truncated"] = f"out of time (--max-minutes {args.max_minutes}): {skipped} measurements skipped"
     result["ratios"] = ratios(result["records"])
     if meta["speed_claims"]:
         result["targets"] = verdicts(result["ratios"], DISTINCT[size][-1])
-    save()
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second interrupt must not cut the last write
+    try:
+        save()
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     print(markdown(result))
     print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
     return 0

@@ -50,25 +50,25 @@ def read_phases(out: Path) -> dict[str, dict]:
 
 
 def restamp(out: Path, code: int) -> None:
-    """Record the cuda-marked tests' exit code in the microbenchmark's results (once)."""
-    path = out / "bench" / "results.json"
-    data = _load(path)
-    if not data or data["meta"].get("tests_exit_code") == code:
-        return
-    meta = data["meta"]
-    meta["tests_exit_code"] = code
-    if code != 0 and meta.get("mode") == "gpu":
-        meta["speed_claims"] = False
-        meta["no_claims_reason"] = ("the cuda-marked tests did not run" if code == -1 else
-                                    f"the cuda-marked tests failed or were cut short (exit code {code})")
-        data["targets"] = []
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-    from .report import markdown
+    """Record the cuda-marked tests' exit code in the microbenchmark's and the serving benchmark's
+    results (once each): a nonzero one withdraws their speed claims and their target verdicts."""
+    from .claims import withdraw_if_tests_failed
 
-    (path.parent / "results.md").write_text(markdown(meta, data["records"], data["e2e"], data.get("targets") or [],
-                                                     data.get("probes")))
+    for path in (out / "bench" / "results.json", out / "serving" / "results.json"):
+        data = _load(path)
+        if not data or data["meta"].get("tests_exit_code") == code:
+            continue
+        withdraw_if_tests_failed(data["meta"], code)
+        if not data["meta"].get("speed_claims"):
+            data["targets"] = []
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+        if path.parent.name == "bench":
+            from .report import markdown
+
+            (path.parent / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"],
+                                                             data.get("targets") or [], data.get("probes")))
 
 
 def _names(items: list[str]) -> list[str]:
@@ -142,7 +142,7 @@ def _e2e_phase(out: Path) -> list[str]:
     skipped = [e["config"] for e in e2e if "error" in e and e["error"].startswith("skipped")]
     errs = [f"{e['config']}: {e['error'][:100]}" for e in e2e if "error" in e and not e["error"].startswith("skipped")]
     lines = [f"- {len(ok)} configs timed: " + ", ".join(
-        f"{e['config']} {e['step_ms']:.1f} ms ({e.get('ratio_to_no_adapter') or 0:.2f}x)" for e in ok)]
+        f"{e['config']} {e['step_ms']:.1f} ms ({_ratio(e.get('ratio_to_no_adapter'))})" for e in ok)]
     if data["meta"].get("truncated"):
         lines.append(f"- **cut short**: {data['meta']['truncated']}")
     if skipped:
@@ -153,6 +153,11 @@ def _e2e_phase(out: Path) -> list[str]:
     if unprofiled:
         lines.append(f"- not profiled: {', '.join(unprofiled)}")
     return lines + _targets(data)
+
+
+def _ratio(value) -> str:
+    """A ratio as '1.23x', or '-' where there is none (its baseline missing): never 0.00x."""
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _host_phase(out: Path) -> list[str]:
