@@ -90,7 +90,7 @@ def e2e_table(e2e: list[dict]) -> list[str]:
                 f"{first['intermediate']}, rank {first['rank']}, batch {first['batch']} x {first['seq']} tokens, "
                 f"{first['dtype']}, AdamW; median of {first['steps']} steps run back to back (CUDA events at step "
                 "boundaries, one sync at the end) after the warm-up steps listed.", ""]
-    out += ["| config | step ms | tokens/s | x no-adapter | peak MB | trainable | warm-up steps | wall ms/step "
+    out += ["| config | step ms | tokens/s | x no-adapter | peak MiB | trainable | warm-up steps | wall ms/step "
             "| compiles in timed steps |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in e2e:
         if "error" in e:
@@ -247,8 +247,8 @@ def markdown(meta: dict, records: list[dict], e2e: list[dict], targets: list[dic
             "ratio = median time / the base layer alone (`limit`, F.linear) on the same shape, timed in alternation "
             "with it; vs PEFT = PEFT LoRA's ratio at the same rank / this ratio; saved = activation bytes autograd "
             "keeps for backward (frozen weights excluded); peak = extra device memory during one call.", ""]
-    rows = ["| op | M | K | N | r | preset | impl | median ms | x limit | vs PEFT LoRA | TFLOP/s | GB/s | saved MB "
-            "| peak MB | rel err | ok |",
+    rows = ["| op | M | K | N | r | preset | impl | median ms | x limit | vs PEFT LoRA | TFLOP/s | GB/s | saved MiB "
+            "| peak MiB | rel err | ok |",
             "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     order = {n: i for i, n in enumerate(IMPL_ORDER)}
     recs = sorted(records, key=lambda r: (r["K"], r["N"], r["op"], r["M"], r["rank"], r["preset"],
