@@ -719,14 +719,16 @@ def main(argv: list[str] | None = None) -> int:
     e2e_configs = args.e2e_configs.split(",") if args.e2e_configs else None
     records: list[dict] = []
     probes: dict = {}
+    kept_e2e: list[dict] = []
     if args.resume and (args.out / "results.json").exists():
         old = json.loads((args.out / "results.json").read_text())
         records = [r for r in old["records"] if "error" not in r]
         probes = old.get("probes") or {}
+        kept_e2e = old.get("e2e") or [] if args.no_e2e else []  # a run without e2e keeps the earlier one's
         done = {_key(r) for r in records}
         jobs = [j for j in jobs if (j[1], j[2], j[0].M, j[0].K, j[0].N, j[0].rank, j[0].preset) not in done]
         meta["resumed_from"] = old["meta"].get("date")
-    meta["planned"] = len(jobs)
+    meta["planned"] = len(records) + len(jobs)  # the whole grid: what earlier runs measured counts
     e2e_budget = 0.0 if args.no_e2e else (args.e2e_minutes if args.e2e_minutes is not None else
                                           args.max_minutes / 3 if device == "cuda" and not args.e2e_only else 0.0)
     est = len(jobs) * SECONDS_PER_CASE_GPU / 60
@@ -740,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     timing_end = micro_end - post
     old_term = signal.signal(signal.SIGTERM, _on_term)
     cache = _InputCache(device)
-    e2e: list[dict] = []
+    e2e: list[dict] = list(kept_e2e)
     # Until the final write says otherwise, every save is of a run in progress: a process killed
     # before it (SIGKILL, out of memory) leaves a file that says it is partial.
     meta["truncated"] = "in progress: the run did not reach its final write"
