@@ -333,7 +333,7 @@ def test_resume_measures_only_what_is_missing(tmp_path):
     assert all(old[k] == r["median_ms"] for k, r in zip(keys, data["records"]) if k in old)  # kept, not remeasured
     assert data["meta"]["planned"] == len(data["records"])  # the whole grid, not the remainder
     # a resumed run without e2e keeps the e2e records already there
-    data["e2e"] = [dict(config="no_adapter", step_ms=5.0)]
+    data["e2e"] = [dict(config="no_adapter", error="skipped: out of time (--max-minutes)")]
     (tmp_path / "results.json").write_text(json.dumps(data))
     assert main(["--grid", "smoke", "--no-e2e", "--impls", "limit", "--resume", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "results.json").read_text())["e2e"][0]["config"] == "no_adapter"
