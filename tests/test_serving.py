@@ -278,6 +278,8 @@ def test_live_model_and_mapping_sources(zoo, monkeypatch):
         out = bank.model(ids).logits
     # same adapter, same tokens: equal up to where a row sits in the batched matmul
     assert rel_err(out[1], out[0]) < 1e-6 and rel_err(out[2], out[0]) < 1e-6
+    with torch.no_grad():  # and that adapter's, as the trained model alone computes it
+        assert rel_err(out[0], trained(ids[:1]).logits[0]) < 1e-5
     assert set(bank.routes().values()) == {"shared"}  # identical factors stay shared
 
 

@@ -39,8 +39,8 @@ def make(nseq, T, K, N, R, S, *, factors="shared", dtype=torch.float32, factor_d
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     dev = lambda t, dt: t.to(DEVICE, dt)  # noqa: E731
-    if ids is None:  # every slot kind: repeated, -1, and (with S > nseq) unused
-        ids = [(i * 3) % (S + 1) - 1 for i in range(nseq)]
+    if ids is None:  # slot 0 first (an adapter always runs), then every slot in turn, -1 (base only) among
+        ids = [(i + 1) % (S + 1) - 1 for i in range(nseq)]  # them once nseq > S, unused slots once S > nseq
     t = dict(x=dev(rnd(nseq, T, K), dtype), weight=dev(rnd(N, K) / K**0.5, dtype),
              bias=dev(rnd(N), dtype) if bias else None,
              ids=torch.tensor(ids, device=DEVICE),
