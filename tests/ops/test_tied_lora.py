@@ -503,6 +503,12 @@ def test_tf32_setting_read_through_either_torch_api(setting):
         assert common.tf32_allowed() == want_tf32
         assert common.precisions(torch.float32)["MAIN_PREC"] == ("ieee" if common.triton_interpreting() or not want_tf32
                                                                  else "tf32")
+        # the compiled kernels' rule, whichever machine runs the test (the interpreter's is always IEEE)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(common, "kernels_interpreted", lambda: False)
+            compiled = common.precisions(torch.float32)
+            assert compiled["MAIN_PREC"] == compiled["SMALL_PREC"] == ("tf32" if want_tf32 else "ieee")
+            assert common.precisions(torch.bfloat16)["SMALL_PREC"] == "tf32" and not compiled["UPCAST"]
         kernel(*(make(3, 8, 5, 2)[n] for n in ("x", "weight", "bias", "A", "B", "u", "v")), 0.5).sum().backward()
     finally:
         if new_api:
