@@ -1,10 +1,29 @@
-"""When a GPU run may claim speed: its own correctness checks passed and the GPU tests run around
-it passed. One rule for every benchmark (``bench.run``, ``bench.serving``) and for the session
-summary that restamps them; imports no torch."""
+"""What a benchmark's record claims: the code it measured, and whether it may claim speed (its own
+correctness checks passed and the GPU tests run around it passed). One rule for every benchmark
+(``bench.run``, ``bench.serving``, ``bench.tile_sweep``) and for the session summary that restamps
+them; imports no torch."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
 from typing import Optional
+
+
+def measured_commit() -> tuple[Optional[str], Optional[bool]]:
+    """(commit, uncommitted changes?) of the tree the benchmark runs from: git's, else ``BENCH_COMMIT``
+    (the GPU session's copy of the tree has no .git; ``dirty`` is then unknown, None)."""
+    root = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root).stdout.strip()
+    except OSError:
+        sha, dirty = "", ""
+    if sha:
+        return sha, bool(dirty)
+    return os.environ.get("BENCH_COMMIT") or None, None
 
 
 def withdraw_if_tests_failed(meta: dict, tests_exit_code: Optional[int]) -> None:

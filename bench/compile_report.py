@@ -216,11 +216,9 @@ def _launches(case: CompileCase, arch: int) -> list[dict]:
                     op._backward_impl(t["G"], t["x"], t["weight"], t["A"], t["B"], t["u"], t["v"], t["c"],
                                       h if store_h else None, y if "c" in train else None, seed, 1.0, case.dropout,
                                       needs)
-            for name, config, kernel in records:
-                rows.append(dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset=case.preset,
-                                 dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
-                                 dropout=case.dropout, phase=phase, kernel=name, config=config,
-                                 **_inspect(kernel, arch)))
+            rows += _rows(records, arch, case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r,
+                          preset=case.preset, dtype=str(case.dtype).removeprefix("torch.") + ("+tf32" if case.tf32 else ""),
+                          dropout=case.dropout, phase=phase)
     finally:
         torch.set_float32_matmul_precision(previous_precision)
     return rows
@@ -245,9 +243,8 @@ def _serve_launches(case: ServeCase, arch: int) -> list[dict]:
             bank_segment_term(x, A, B, U, V, segment_plan(ids, case.T, torch.device("meta")), bias)
         else:
             bank_term(x, A, B, U, V, ids.to(torch.int32).to("meta"), case.T, bias)
-    return [dict(case=case.name, M=M, K=case.K, N=case.N, rank=case.r, preset=f"{case.slots} slots",
-                 dtype=str(case.dtype).removeprefix("torch."), dropout=0.0, phase="serve", kernel=name, config=config,
-                 **_inspect(kernel, arch)) for name, config, kernel in records]
+    return _rows(records, arch, case=case.name, M=M, K=case.K, N=case.N, rank=case.r, preset=f"{case.slots} slots",
+                 dtype=str(case.dtype).removeprefix("torch."), dropout=0.0, phase="serve")
 
 
 def _fused_decode_launches(case: FusedDecodeCase, arch: int) -> list[dict]:
@@ -260,9 +257,13 @@ def _fused_decode_launches(case: FusedDecodeCase, arch: int) -> list[dict]:
         decode_linear(e(case.M, case.K, dtype=case.dtype), e(case.N, case.K, dtype=case.dtype),
                       e(case.N, dtype=case.dtype), e(case.r, case.K), e(case.N, case.r), e(case.r), e(case.N),
                       e(case.N), 1.0)
-    return [dict(case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset="tl6 + row scale",
-                 dtype=str(case.dtype).removeprefix("torch."), dropout=0.0, phase="fwd", kernel=name, config=config,
-                 **_inspect(kernel, arch)) for name, config, kernel in records]
+    return _rows(records, arch, case=case.name, M=case.M, K=case.K, N=case.N, rank=case.r, preset="tl6 + row scale",
+                 dtype=str(case.dtype).removeprefix("torch."), dropout=0.0, phase="fwd")
+
+
+def _rows(records: list, arch: int, **fields) -> list[dict]:
+    """One report row per compiled kernel of ``records`` (``compile_only``'s), with the case's ``fields``."""
+    return [dict(fields, kernel=name, config=config, **_inspect(kernel, arch)) for name, config, kernel in records]
 
 
 def _ptxas(arch: int) -> Optional[str]:

@@ -110,11 +110,12 @@ def _syncs_in(step: Callable[[], object], device: str) -> Optional[int]:
 
 
 def _build(config: str, base, rank: int, device, dtype, quantized_dir: Optional[Path] = None):
-    if config.endswith((COMPILED, GRAPHS)):
-        model = _build(config.removesuffix(COMPILED).removesuffix(GRAPHS), base, rank, device, dtype, quantized_dir)
+    fam = family(config)
+    if fam in (COMPILED, GRAPHS):
+        model = _build(config.removesuffix(fam), base, rank, device, dtype, quantized_dir)
         if device != "cuda":
             return torch.compile(model, backend="aot_eager")
-        return torch.compile(model, mode="reduce-overhead" if config.endswith(GRAPHS) else None)
+        return torch.compile(model, mode="reduce-overhead" if fam == GRAPHS else None)
     if config.endswith(QUANTIZED):
         model = _load_4bit(quantized_dir, device, dtype)
         config = config.removesuffix(QUANTIZED)

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import re
 import shlex
@@ -41,7 +40,7 @@ import torch
 from tiedlora_kernels import reference
 
 from .cases import GRIDS, IMPLS, KERNEL_IMPLS, Case, Impl, env, flops, make_inputs, min_bytes
-from .claims import withdraw_if_tests_failed
+from .claims import measured_commit, withdraw_if_tests_failed
 from .floors import PRESET_TRAIN, kernel_floors, spec_bandwidth
 from .profiling import host_ms, kernel_floor_rows, profile_steps
 
@@ -573,17 +572,7 @@ def environment(device: str, mode: str, argv: list[str]) -> dict:
                         "rotated; ratio_to_limit uses the paired limit; profiler pass only after every timing"
                         if device == "cuda" else
                         "CPU wall clock, median of 3 interleaved rounds after 1 warm-up (smoke mode: not a speed claim)"))
-    try:
-        root = Path(__file__).resolve().parent
-        meta["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=root).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=root).stdout.strip()
-        meta["dirty"] = bool(dirty) if meta["commit"] else None
-    except OSError:
-        meta["commit"], meta["dirty"] = None, None
-    if not meta["commit"]:  # a copy of the tree without .git (the GPU session script passes it in)
-        meta["commit"] = os.environ.get("BENCH_COMMIT") or None
+    meta["commit"], meta["dirty"] = measured_commit()
     if device == "cuda":
         meta["device"] = torch.cuda.get_device_name()
         props = torch.cuda.get_device_properties(0)
@@ -629,12 +618,13 @@ def write(out: Path, meta: dict, records: list[dict], e2e: list[dict], probes: O
         write_json(out, meta, records, e2e, probes)
 
 
-class _Stop(Exception):
-    pass
+class Stopped(Exception):
+    """A benchmark stopped from outside (SIGTERM): what it measured is written, marked as cut short."""
 
 
-def _on_term(signum, frame):
-    raise _Stop(f"signal {signum}")
+def stop_on_signal(signum, frame):
+    """SIGTERM handler of the benchmarks: raise :class:`Stopped` where the run is."""
+    raise Stopped(f"signal {signum}")
 
 
 def _job_name(case: Case, impl: str, op: str) -> str:
@@ -656,7 +646,7 @@ def run_probes(grid: dict, device: str, probes: dict, deadline: float) -> None:
             continue
         try:
             probes[name] = fn()
-        except _Stop:
+        except Stopped:
             raise
         except Exception as e:
             probes[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
@@ -724,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads((args.out / "results.json").read_text())
         records = [r for r in old["records"] if "error" not in r]
         probes = old.get("probes") or {}
-        kept_e2e = old.get("e2e") or [] if args.no_e2e else []  # a run without e2e keeps the earlier one's
+        kept_e2e = (old.get("e2e") or []) if args.no_e2e else []  # a run without e2e keeps the earlier one's
         done = {_key(r) for r in records}
         jobs = [j for j in jobs if (j[1], j[2], j[0].M, j[0].K, j[0].N, j[0].rank, j[0].preset) not in done]
         meta["resumed_from"] = old["meta"].get("date")
@@ -740,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     # Probes and the profiler pass come after every timing; keep them a share (they are short).
     post = 0.0 if (args.no_probes and args.profile == "none") or not jobs else min(45.0, 0.25 * (micro_end - start))
     timing_end = micro_end - post
-    old_term = signal.signal(signal.SIGTERM, _on_term)
+    old_term = signal.signal(signal.SIGTERM, stop_on_signal)
     cache = _InputCache(device)
     e2e: list[dict] = list(kept_e2e)
     # Until the final write says otherwise, every save is of a run in progress: a process killed
@@ -762,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(jobs)}] {_job_name(case, impl, op)}", file=sys.stderr)
             try:
                 records.append(measure(case, impl, op, device, cache))
-            except _Stop:
+            except Stopped:
                 raise
             except Exception as e:  # a failing impl is recorded, not fatal: the others still run
                 records.append(dict(impl=impl, op=op, M=case.M, K=case.K, N=case.N, rank=case.rank,
@@ -790,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     rec.update(profile_record(case, impl, op, device, cache))
                     meta["profiled"] += 1
-                except _Stop:
+                except Stopped:
                     raise
                 except Exception as e:
                     rec["profile_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -805,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_e2e(device, smoke=mode == "smoke-cpu", deadline=deadline, sink=e2e, on_record=save,
                     configs=e2e_configs)
-    except (_Stop, KeyboardInterrupt) as e:
+    except (Stopped, KeyboardInterrupt) as e:
         meta["truncated"] = f"interrupted ({e or 'KeyboardInterrupt'}) after {len(records)} measurements"
     finally:
         signal.signal(signal.SIGTERM, old_term)

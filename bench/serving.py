@@ -39,7 +39,6 @@ import platform
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,8 +49,9 @@ import torch
 from tiedlora_kernels import TiedLoRAConfig, adapted_layers, inject
 from tiedlora_kernels.serving import AdapterBank, LayerAdapter
 
-from .claims import withdraw_if_tests_failed
+from .claims import measured_commit, withdraw_if_tests_failed
 from .e2e import GPU_MODEL, SMOKE_MODEL
+from .run import Stopped, stop_on_signal
 
 #: (sequences, tokens per sequence) of each phase, GPU and smoke.
 PHASES = {"gpu": {"prefill": (256, 128), "decode": (256, 1)}, "smoke": {"prefill": (4, 8), "decode": (4, 1)}}
@@ -80,14 +80,7 @@ def environment(device: str, mode: str, argv: list[str]) -> dict:
                 python=platform.python_version(), torch=torch.__version__, triton=triton_version,
                 transformers=transformers.__version__, cuda=torch.version.cuda, host=platform.node(),
                 backend=os.environ.get("TIEDLORA_BACKEND", "auto"))
-    try:
-        root = Path(__file__).resolve().parent
-        meta["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=root).stdout.strip() or os.environ.get("BENCH_COMMIT") or None
-        meta["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                            capture_output=True, text=True, cwd=root).stdout.strip())
-    except OSError:
-        meta["commit"], meta["dirty"] = os.environ.get("BENCH_COMMIT") or None, None
+    meta["commit"], meta["dirty"] = measured_commit()
     if device == "cuda":
         meta["device"] = torch.cuda.get_device_name()
         meta["sm_count"] = torch.cuda.get_device_properties(0).multi_processor_count
@@ -155,14 +148,6 @@ def batch_ids(n_seq: int, distinct: int, capacity: int, gen: torch.Generator) ->
     """One slot per sequence drawing on ``distinct`` adapters (at most ``n_seq`` of them in the batch)."""
     pool = torch.randperm(capacity, generator=gen)[:distinct].tolist()
     return [pool[i % len(pool)] for i in torch.randperm(n_seq, generator=gen).tolist()]
-
-
-class _Stop(Exception):
-    pass
-
-
-def _on_term(signum, frame):
-    raise _Stop(f"signal {signum}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -289,10 +274,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if device == "cuda":
                     torch.cuda.empty_cache()
 
-    old_term = signal.signal(signal.SIGTERM, _on_term)
+    old_term = signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         measure_all()
-    except (KeyboardInterrupt, _Stop) as e:  # gpu_session.sh's SIGINT at the phase's allowance
+    except (KeyboardInterrupt, Stopped) as e:  # gpu_session.sh's SIGINT at the phase's allowance
         meta["truncated"] = f"interrupted ({e or 'SIGINT'}) after {len(result['records'])} records"
     finally:
         signal.signal(signal.SIGTERM, old_term)

@@ -173,20 +173,10 @@ def _tiles_phase(out: Path) -> list[str]:
     if data is None:
         return ["- no tile_sweep.json (stopped before it was written)"]
     recs = data["records"]
-    timed = [r for r in recs if "us" in r]
-    lines = [f"- {len(timed)} configurations timed, {sum('error' in r for r in recs)} failed, "
+    lines = [f"- {sum('us' in r for r in recs)} configurations timed, {sum('error' in r for r in recs)} failed, "
              f"{sum('skipped' in r for r in recs)} skipped at the deadline (tiles/tile_sweep.md)"]
-    for case in dict.fromkeys(r["case"] for r in timed):
-        current = next((r for r in timed if r["case"] == case and r.get("current")), None)
-        # options: agree with the current outputs (the limit computes no adapter: no option)
-        agree = [r for r in timed if r["case"] == case and r.get("variant") != "limit" and "error" not in r
-                 and (r.get("current") or (r.get("rel_err_vs_current") is not None and r["rel_err_vs_current"] <= 1e-2))]
-        if current and agree:
-            best = min(agree, key=lambda r: r["us"])
-            lines.append(f"- {case}: current ({current['config']}) {current['us']} us "
-                         f"({current.get('ratio_to_floor')}x floor), fastest {best['config']} {best['us']} us "
-                         f"({best.get('ratio_to_floor')}x)")
-    return lines
+    return lines + [f"- {f['case']}: current ({f['current']}) {f['current_us']} us ({f['current_ratio']}x floor), "
+                    f"fastest {f['fastest']} {f['fastest_us']} us ({f['fastest_ratio']}x)" for f in data["fastest"]]
 
 
 def _serving_phase(out: Path) -> list[str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .claims import measured_commit
 from .floors import design_costs, spec_bandwidth
 
 # The package's kernels are imported where used: on a CPU, ``main`` first selects the Triton
@@ -66,7 +66,7 @@ def _term_case(kind: str, M: int, K: int, N: int, r: int, device, dtype, smoke: 
     """``_adapter_term_kernel`` as the forward ("fwd": x -> L, h), dX's term ("dx": G -> Ldx, g, B's
     columns scaled by v) or decode ("decode": x -> L, no h)."""
     from tiedlora_kernels.ops.adapter_term import _tiles, adapter_term
-    from tiedlora_kernels.ops.common import block_r, precisions
+    from tiedlora_kernels.ops.common import block_r
 
     g = torch.Generator(device=device).manual_seed(M + r)
     A = _rnd(g, r, K, scale=K ** -0.5, device=device)
@@ -94,8 +94,9 @@ def _term_case(kind: str, M: int, K: int, N: int, r: int, device, dtype, smoke: 
     # dX's term reads G (M, N) and writes Ldx (M, K): design_costs names the same launch for both roles
     case = SweepCase(f"{kind} r={r} M={M}", "_adapter_term_kernel", dict(M=M, K=K, N=N, r=r, dtype=str(dtype)),
                      costs[0].bytes, run)
-    ieee_scaled = scale_cols is not None and dtype == torch.float32 and precisions(dtype)["MAIN_PREC"] == "ieee"
-    cur = _tiles(M, block_r(r), src.device, ieee_scaled)
+    # bf16 activations on a GPU (fp32 only on the interpreter, whose tiles are fixed): the launcher's
+    # IEEE-fp32 rule never applies here
+    cur = _tiles(M, block_r(r), src.device)
     case.configs.append(("current rule", cur, ""))
     if smoke:
         case.configs += [("BLOCK_M 16", cur._replace(block_m=16), ""), ("splits 1", cur._replace(splits=1), "")]
@@ -298,9 +299,27 @@ def sweep(case_list: list[SweepCase], cuda: bool, bandwidth: Optional[float], de
     return records
 
 
+def fastest_per_case(records: list[dict]) -> list[dict]:
+    """Per timed case: its current configuration (the first) and the fastest one whose outputs agree
+    with the current one's (rel err <= 1e-2; the limit computes no adapter and is no option)."""
+    rows = []
+    for name in dict.fromkeys(r["case"] for r in records):
+        mine = [r for r in records if r["case"] == name and r.get("us") and "error" not in r]
+        current = next((r for r in mine if r.get("current")), None)
+        agree = [r for r in mine if r.get("current") or (r.get("rel_err_vs_current") is not None
+                                                        and r["rel_err_vs_current"] <= 1e-2)]
+        if current and agree:
+            best = min(agree, key=lambda r: r["us"])
+            rows.append(dict(case=name, current=current["config"], current_us=current["us"],
+                             current_ratio=current.get("ratio_to_floor"), fastest=best["config"],
+                             fastest_us=best["us"], fastest_ratio=best.get("ratio_to_floor"),
+                             gain=round(current["us"] / best["us"], 3)))
+    return rows
+
+
 def markdown(meta: dict, records: list[dict]) -> str:
-    """Per case every configuration against the case's current one (its first), then the fastest
-    configuration whose outputs agree with the current one's (rel err <= 1e-2)."""
+    """Per case every configuration against the case's current one (its first), then
+    :func:`fastest_per_case`."""
     how = (f"time = do_bench median (L2 flushed); ratio = time / byte floor at {meta['bandwidth']} B/s"
            if meta["cuda"] else "CPU interpreter: no time here is a kernel speed")
     lines = [f"# Tile sweep: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
@@ -318,24 +337,9 @@ def markdown(meta: dict, records: list[dict]) -> str:
                      f"| {gain} | {err} |")
     lines += ["", "## Fastest per case (outputs within 1e-2 of the current configuration's)", "",
               "| case | current us | fastest | us | gain |", "|---|---:|---|---:|---:|"]
-    for name in dict.fromkeys(r["case"] for r in records):
-        agree = [r for r in records if r["case"] == name and r.get("us") and "error" not in r
-                 and (r.get("current") or (r.get("rel_err_vs_current") is not None and r["rel_err_vs_current"] <= 1e-2))]
-        if agree and current.get(name):
-            best = min(agree, key=lambda r: r["us"])
-            lines.append(f"| {name} | {current[name]} | {best['config']} | {best['us']} "
-                         f"| {current[name] / best['us']:.2f}x |")
+    lines += [f"| {f['case']} | {f['current_us']} | {f['fastest']} | {f['fastest_us']} | {f['gain']:.2f}x |"
+              for f in fastest_per_case(records)]
     return "\n".join(lines) + "\n"
-
-
-def _commit() -> Optional[str]:
-    """The commit measured: git's, else BENCH_COMMIT (the GPU session's copy of the tree has no .git)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        sha = ""
-    return sha or os.environ.get("BENCH_COMMIT") or None
 
 
 def main(argv=None) -> int:
@@ -355,7 +359,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     meta = dict(device=name, cuda=cuda, torch=torch.__version__, triton=triton.__version__,
                 bandwidth=spec_bandwidth(name) if cuda else None,
-                commit=_commit(),
+                commit=measured_commit()[0],
                 command="python -m bench.tile_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
                 date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     out = Path(args.out)
@@ -363,7 +367,7 @@ def main(argv=None) -> int:
 
     def write(records):
         tmp = out / "tile_sweep.json.tmp"
-        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        tmp.write_text(json.dumps(dict(meta=meta, records=records, fastest=fastest_per_case(records)), indent=1))
         tmp.replace(out / "tile_sweep.json")
         (out / "tile_sweep.md").write_text(markdown(meta, records))
 

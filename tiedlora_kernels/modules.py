@@ -261,8 +261,8 @@ class TiedLoRALinear(nn.Module):
         rewriting W. Computed from the weight as it is at each call (loaded, materialised from the
         meta device, pruned, parametrized: never stale; one N x K pass, ~1% of a training step's
         GEMMs), never from a merged weight."""
-        if self.merged:
-            return self._merged_base_norm.to(self.weight_nk().device)
+        if self.merged:  # on the magnitude's device (a model moved after merging); no dequantization
+            return self._merged_base_norm.to(self.adapter_m.device)
         with torch.no_grad():
             return reference.row_norm(self.weight_nk())
 

@@ -41,9 +41,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..config import TiedLoRAConfig, match_pattern
 from .. import reference
 from ..bases import looks_quantized, quantized_base_of, unsupported_quantized_error
+from ..config import TiedLoRAConfig, match_pattern
 from ..modules import AdapterFactors, TiedFactors, TiedLoRALinear
 
 #: Name of the root attribute holding every factor group.
