@@ -89,6 +89,7 @@ def test_scaling():
     assert TiedLoRAConfig(rank=8).scaling == 1.0
     assert TiedLoRAConfig(rank=8, alpha=16).scaling == 2.0
     assert TiedLoRAConfig(rank=16, alpha=16, rslora=True).scaling == 4.0
+    assert TiedLoRAConfig(rank=16, rslora=True).scaling == 4.0  # alpha unset is the paper's alpha = r
     assert TiedLoRAConfig(rank=8, preset="tl6", gamma=10).scaling == 10.0  # A is the trained random factor
     assert TiedLoRAConfig(rank=8, preset="vera", gamma=10).scaling == 1.0  # no trained random factor
 

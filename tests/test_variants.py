@@ -204,6 +204,7 @@ def test_magnitude_combines_with_tying(magnitude):
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(preset="partial", tied=False), "needs tied=True"),
+    (dict(preset="tensor_embed", tied=False), "needs tied=True"),
     (dict(preset="tl_extra", init_u=1.0), "replaces u by a matrix"),
     (dict(preset="partial", banks=(0, 2)), "banks must be a pair"),
     (dict(core="cube"), "core must be one of"),

@@ -142,8 +142,8 @@ class TiedLoRAConfig:
             (every one but the output head), a regex string matched (``re.fullmatch``) against the
             full module name, or a list of names, each matching a module whose name equals it or
             ends with ``"." + name``.
-        alpha: scale numerator; ``None`` follows the paper (alpha = r, so s = 1), otherwise
-            s = alpha / r, or alpha / sqrt(r) with ``rslora=True``.
+        alpha: scale numerator; ``None`` follows the paper (alpha = r, so s = 1; with ``rslora``
+            s = sqrt(r)), otherwise s = alpha / r, or alpha / sqrt(r) with ``rslora=True``.
         alpha_pattern: per-layer alphas, ``{pattern: alpha}``, PEFT's ``alpha_pattern``: a layer whose
             module path a pattern matches (see :func:`match_pattern`; the first match wins) uses that
             alpha in place of ``alpha``. ``{"q_proj": 16}`` sets one kind's, a full path one layer's.
@@ -243,7 +243,8 @@ class TiedLoRAConfig:
 
     def _scaling(self, alpha: Optional[float]) -> float:
         r = self.rank
-        base = 1.0 if alpha is None else alpha / (math.sqrt(r) if self.rslora else r)
+        alpha = r if alpha is None else alpha  # the paper's alpha = r
+        base = alpha / (math.sqrt(r) if self.rslora else r)
         return base * self.gamma ** len(self.gamma_factors)
 
     @property
@@ -305,6 +306,9 @@ class TiedLoRAConfig:
         p = self.resolved()
         if p.banks is not None and not p.tied:
             raise ValueError("TiedLoRAConfig.banks (partial tying) needs tied=True: the banks are shared per kind")
+        if p.core == "tensor" and not p.tied:
+            raise ValueError("TiedLoRAConfig.core='tensor' (tensor embedding adaptation) needs tied=True: its LM "
+                             "(k, r, r) is shared per kind")
         if p.core != "vector" and p.u.init is not None:
             raise ValueError(f"TiedLoRAConfig: core={p.core!r} replaces u by a matrix; set init_u='absent' "
                              "(or use core='vector')")

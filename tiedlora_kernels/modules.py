@@ -242,7 +242,8 @@ class TiedLoRALinear(nn.Module):
             B = torch.einsum("k,kNr->Nr", self.adapter_wB.to(B.dtype), B)
         M = self.adapter_M
         if self.adapter_wM is not None:
-            M = torch.einsum("k,krs->rs", self.adapter_wM, self._factors.core_bank)
+            core = self._factors.accumulating("core_bank")  # tied: its gradient summed in fp32
+            M = torch.einsum("k,krs->rs", self.adapter_wM.to(core.dtype), core)
         if M is not None:
             B = B @ M.to(B.dtype)
         u, v, c, m = self.adapter_u, self.adapter_v, None, self.adapter_m
@@ -317,15 +318,14 @@ class TiedLoRALinear(nn.Module):
         if self.merged:
             return
         A, B, u, v, c = self.op_tensors()
-        w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling)
-        ct = torch.promote_types(w.dtype, torch.float32)
         # What unmerge needs, kept as plain tensors (not buffers) so that a later model.to(dtype)
         # cannot round them: the original weight's norm (Simple DoRA) and the row scale c.
         if self.magnitude == "simple_dora":
             self._merged_base_norm = self.base_row_norm()
         if c is not None:
-            self._merged_row_scale = c.detach().to(ct).clone()
-            w = (w.to(ct) * self._merged_row_scale[:, None]).to(w.dtype)
+            self._merged_row_scale = c.detach().to(torch.promote_types(c.dtype, torch.float32)).clone()
+            c = self._merged_row_scale
+        w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c)
         self._set_weight_nk(w)
         self.merged = True
 
@@ -334,13 +334,11 @@ class TiedLoRALinear(nn.Module):
         """Undo :meth:`merge` (divides by the stored c, subtracts the same fp32 delta)."""
         if not self.merged:
             return
-        w = self.weight_nk()
-        if self.magnitude != "none":
-            c = self._merged_row_scale.to(w.device)
-            w = (w.to(torch.promote_types(w.dtype, c.dtype)) / c[:, None]).to(w.dtype)
-            del self._merged_row_scale
+        c = self._merged_row_scale if self.magnitude != "none" else None
         A, B, u, v = self.adapter_tensors()
-        self._set_weight_nk(reference.unmerged_weight(w, A, B, u, v, self.scaling))
+        self._set_weight_nk(reference.unmerged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c))
+        if c is not None:
+            del self._merged_row_scale
         if self.magnitude == "simple_dora":
             del self._merged_base_norm
         self.merged = False

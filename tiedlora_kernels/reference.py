@@ -131,12 +131,17 @@ def _scale_and_bias(out: torch.Tensor, row_scale: Optional[torch.Tensor], bias: 
 
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
-                  v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
-    """W' = W + s * diag(v) B diag(u) A, computed in fp32 (fp64 for fp64 weights), in W's dtype.
+                  v: Optional[torch.Tensor], scaling: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W' = c * (W + s * diag(v) B diag(u) A), computed in fp32 (fp64 for fp64 weights) and rounded
+    to W's dtype once.
 
-    Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None.
+    Shapes: weight (N, K), A (r, K), B (N, r), u (r,) or None, v (N,) or None, row_scale c (N,) or
+    None (constant 1).
     """
-    return _merged_wide(weight, A, B, u, v, scaling).to(weight.dtype)
+    wide = _merged_wide(weight, A, B, u, v, scaling)
+    if row_scale is not None:
+        wide.mul_(row_scale.to(wide.device, wide.dtype)[:, None])
+    return wide.to(weight.dtype)
 
 
 def _merged_wide(weight, A, B, u, v, scaling) -> torch.Tensor:
@@ -173,6 +178,10 @@ def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: O
 
 
 def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
-                    v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
-    """Inverse of :func:`merged_weight` (subtracts the same fp32 delta)."""
-    return merged_weight(weight, A, B, u, v, -scaling)
+                    v: Optional[torch.Tensor], scaling: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse of :func:`merged_weight`: W'/c minus the same delta, in fp32, rounded once."""
+    ct = torch.promote_types(weight.dtype, torch.float32)
+    wide = weight.to(ct)
+    if row_scale is not None:
+        wide = wide / row_scale.to(wide.device, ct)[:, None]
+    return _merged_wide(wide, A, B, u, v, -scaling).to(weight.dtype)

@@ -156,6 +156,28 @@ def test_merge_unmerge_round_trip(family, dtype, preset):
     assert rel_err(model(IDS).logits, adapted) < tol
 
 
+@pytest.mark.parametrize("preset", ["lora", "dora", "simple_dora"])
+def test_merge_rounds_the_weight_once(preset):
+    """merge stores c * (W + dW) computed wide and rounded to bf16 once (rounding W + dW first, then
+    the product, differed by an ulp in ~25 % of a DoRA layer's entries)."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=64).to(torch.bfloat16)
+    inject(model, TiedLoRAConfig(rank=4, preset=preset, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        for _, m in adapted_layers(model):
+            if m.adapter_m is not None:  # c far from 1, so that its product rounds
+                m.adapter_m.mul_(1 + 0.3 * torch.randn_like(m.adapter_m))
+    once = {}
+    for n, m in adapted_layers(model):
+        A, B, u, v, c = (t if t is None else t.detach().double() for t in m.op_tensors())
+        dW = m.scaling * (B * (u if u is not None else 1) * (v[:, None] if v is not None else 1)) @ A
+        once[n] = ((m.weight.double() + dW) * (c[:, None] if c is not None else 1)).to(torch.bfloat16)
+    merge(model)
+    for n, m in adapted_layers(model):
+        assert (m.weight == once[n]).float().mean() > 0.999, n
+
+
 @pytest.mark.parametrize("preset", ["dora", "simple_dora"])
 def test_what_unmerge_needs_survives_a_dtype_change_of_the_merged_model(preset):
     """The row scale c (and Simple DoRA's original norm) that unmerge divides by stay in fp32 when the
@@ -266,23 +288,25 @@ def test_importing_the_package_registers_no_global_hook():
     assert out.returncode == 0 and out.stdout.strip() == "0", out.stdout + out.stderr[-2000:]
 
 
-def test_bf16_tied_gradients_are_summed_in_fp32():
-    """bf16 tied factors: the per-layer gradients are added in fp32 and rounded once, so dA is the
-    exact sum correctly rounded to bf16 almost everywhere (a bf16 running sum: about half the entries)."""
+@pytest.mark.parametrize("preset,tied", [("tl6", "A"), ("tensor_embed", "core_bank")])
+def test_bf16_tied_gradients_are_summed_in_fp32(preset, tied):
+    """bf16 tied factors (A; tensor embedding's LM bank): the per-layer gradients are added in fp32 and
+    rounded once, so the gradient is the exact sum correctly rounded to bf16 almost everywhere (a bf16
+    running sum: about half the entries)."""
     torch.manual_seed(0)
     model = tiny_llama(n_layer=8, hidden=64)
-    inject(model, TiedLoRAConfig(rank=8, preset="tl6", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    inject(model, TiedLoRAConfig(rank=8, preset=preset, adapter_dtype="bfloat16", target_modules=["q_proj"]))
     randomize_adapters(model)
     model(IDS, labels=IDS).loss.backward()
-    A = model.tiedlora["q_proj"].A
-    assert A.grad.dtype == torch.bfloat16
+    grad = getattr(model.tiedlora["q_proj"], tied).grad
+    assert grad.dtype == torch.bfloat16
     # The exact sum, from a float64 copy of the same model (same bf16 values, computed in fp64).
     ref = copy.deepcopy(model).double()
     for p in ref.parameters():
         p.grad = None
     ref(IDS, labels=IDS).loss.backward()
-    exact = ref.tiedlora["q_proj"].A.grad
-    assert (A.grad == exact.to(torch.bfloat16)).float().mean() > 0.95
+    exact = getattr(ref.tiedlora["q_proj"], tied).grad
+    assert (grad == exact.to(torch.bfloat16)).float().mean() > 0.95
     copy.deepcopy(model)  # the shared fp32 casts are not part of the module's state
 
 
