@@ -8,8 +8,9 @@ Cases: bf16 activations, fp32 adapters, every adapter tensor trained (tl6), K = 
 at M = 8192, r = 16 and 128, and as decode's forward (M = 1 and 16, no h); ``_grad_factors_kernel``
 (with its ``_grad_finish_kernel``) at M = 8192, r = 16 and 128. Per case the current rule's
 configuration comes first, then the alternatives NOTES.md section 3 argues for: taller row blocks
-(fewer programs re-reading A and B from L2), A cast to x's dtype before the kernel (the dot casts
-each tile of A to bf16 anyway: the same result with half the re-read bytes), wider or narrower
+(fewer programs re-reading A and B from L2), A cast to x's dtype before the kernel (half the
+re-read bytes and a bf16 dot in place of the fp32 (TF32) one: what fp32-accurate factor gradients
+cost, ~4e-3 relative error on them in exchange), wider or narrower
 column tiles, more warps, deeper pipelines, fewer column splits and longer K steps at decode.
 
 Each configuration's outputs are compared with the current configuration's (``rel_err``: the same

@@ -247,6 +247,17 @@ def test_slots_are_stable_reused_and_grown(zoo, monkeypatch):
     assert rel_err(out[1], reference_logits(base, dirs, ["tl3_r2_qv"], ids[1:2], monkeypatch)[0]) < TOL
 
 
+def test_default_names_never_repeat_a_loaded_name(zoo):
+    """An unnamed adapter is called adapter<slot>, made unique when an explicitly named one has that name."""
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base))
+    assert bank.add(dirs["lora"], name="adapter1") == 0
+    assert bank.add(alone(base, dirs["vera_a"])) == 1  # a live model: no directory name
+    assert bank.adapters == {0: "adapter1", 1: "adapter1_1"} and bank.slot("adapter1_1") == 1
+    bank.remove("adapter1")
+    assert bank.adapters == {1: "adapter1_1"}
+
+
 def test_reused_slot_keeps_nothing_of_the_removed_adapter(zoo, monkeypatch):
     """A freed slot on shared layers, reused by an adapter of fewer layers (q and v only): the layers
     it leaves out must add nothing for its rows, not the removed adapter's u and v."""
@@ -462,6 +473,12 @@ def test_bank_refuses_changes_in_use_nesting_and_merged_models(zoo):
         with pytest.raises(RuntimeError, match="already in use"):
             with bank.use([0]):
                 pass
+        # a second bank on the same model: its exit would switch this context's routes off
+        other = AdapterBank(bank.model)
+        with pytest.raises(RuntimeError, match="already routed by another bank's use"):
+            with other.use([-1]):
+                pass
+        assert all(layer.bank_route is not None for layer in bank._modules.values())
         for fn in (lambda: bank.add(dirs["vera_a"]), lambda: bank.remove(0), lambda: bank.reserve(32)):
             with pytest.raises(RuntimeError, match="in use"):
                 fn()

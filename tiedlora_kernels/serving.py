@@ -328,12 +328,17 @@ class AdapterBank:
         else:
             raise TypeError(f"AdapterBank.add: source must be an adapter directory, an injected model or a mapping "
                             f"of layer name -> LayerAdapter, got {type(source).__name__}")
-        if name is not None and name in self._names:
+        slot = next((s for s, n in enumerate(self._names) if n is None), self._capacity)
+        if name is None:  # adapter<slot>, made unique if an explicitly named adapter already has it
+            name, i = f"adapter{slot}", 0
+            while name in self._names:
+                i += 1
+                name = f"adapter{slot}_{i}"
+        if name in self._names:
             raise ValueError(f"AdapterBank.add: an adapter named {name!r} is already loaded (slot "
                              f"{self._names.index(name)}); remove it first or choose another name")
         entries = self._prepare(effective)
         same = self._matches(entries)
-        slot = next((s for s, n in enumerate(self._names) if n is None), self._capacity)
         capacity = self._capacity if slot < self._capacity else 2 * self._capacity
         staged = {ln: s.stage(slot, entries.get(ln), capacity, same.get(ln)) for ln, s in self._layers.items()}
         # Nothing above changed the bank; from here on nothing can fail but the device itself.
@@ -341,7 +346,7 @@ class AdapterBank:
             s.commit(staged[ln], slot, entries.get(ln), capacity)
         self._names += [None] * (capacity - self._capacity)
         self._capacity = capacity
-        self._names[slot] = name or f"adapter{slot}"
+        self._names[slot] = name
         return slot
 
     def remove(self, adapter: Union[int, str]) -> None:
@@ -384,6 +389,9 @@ class AdapterBank:
         if self._active is not None:
             raise RuntimeError("AdapterBank.use: the bank is already in use (contexts do not nest)")
         for name, layer in self._modules.items():
+            if layer.bank_route is not None:
+                raise RuntimeError(f"AdapterBank.use: layer {name!r} is already routed by another bank's use() "
+                                   "context; contexts do not nest, across banks either")
             if layer.weight.device != self.device:
                 raise RuntimeError(f"AdapterBank.use: layer {name!r} is now on {layer.weight.device} but the bank "
                                    f"is on {self.device}; call bank.to(device) after moving the model")

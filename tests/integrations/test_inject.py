@@ -156,6 +156,21 @@ def test_merge_unmerge_round_trip(family, dtype, preset):
     assert rel_err(model(IDS).logits, adapted) < tol
 
 
+def test_merge_refuses_a_weight_tied_to_another_module():
+    """Tied input/output embeddings with lm_head adapted: the adapter applies to lm_head's output only,
+    and merging (which would add it to the embedding too) is refused before any layer changes."""
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules=["q_proj", "lm_head"], exclude_modules=[]))
+    randomize_adapters(model)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    logits = model(IDS).logits
+    with pytest.raises(ValueError, match=r"layer 'lm_head' shares its weight with \['model.embed_tokens.weight'\]"):
+        merge(model)
+    assert not any(m.merged for _, m in adapted_layers(model))
+    assert torch.equal(model.model.embed_tokens.weight, embedding) and torch.equal(model(IDS).logits, logits)
+
+
 @pytest.mark.parametrize("preset", ["lora", "dora", "simple_dora"])
 def test_merge_rounds_the_weight_once(preset):
     """merge stores c * (W + dW) computed wide and rounded to bf16 once (rounding W + dW first, then

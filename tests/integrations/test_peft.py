@@ -152,3 +152,15 @@ def test_peft_options_without_an_equivalent_are_refused(kw, msg):
     pm, _ = _peft_model("llama", "lora", lora_alpha=8, **kw)
     with pytest.raises(ValueError, match=msg):
         from_peft(pm)
+
+
+def test_a_merged_peft_model_is_refused():
+    """A merged PEFT adapter lives in its base weights already: converting it would apply it twice."""
+    pm, _ = _peft_model("llama", "lora", lora_alpha=8)
+    _randomize(pm, ["lora_B"])
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match=r"are merged into their base weights; call peft_model.unmerge_adapter\(\)"):
+        from_peft(pm)
+    pm.unmerge_adapter()
+    logits = pm(IDS).logits.detach()
+    assert rel_err(from_peft(pm)(IDS).logits, logits) < 1e-6

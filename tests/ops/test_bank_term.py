@@ -283,13 +283,27 @@ def test_tensor_checks_name_the_argument(key, bad, msg):
         call(t)
 
 
-def test_inference_only(backend):
-    t = make(3, 2, 16, 8, 2, 4)
-    x = t["x"].requires_grad_()
-    with pytest.raises(RuntimeError, match="inference only"):
-        bank_linear(x, t["weight"], t["bias"], t["ids"], t["A"], t["B"], t["U"])
-    with torch.no_grad():
-        bank_linear(x, t["weight"], t["bias"], t["ids"], t["A"], t["B"], t["U"])
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "A", "B", "U", "V", "C"])
+def test_inference_only(backend, name):
+    """Any input that requires grad is refused with grad enabled (the result would have none)."""
+    t = make(3, 2, 16, 8, 2, 4, c=True)
+    t[name].requires_grad_()
+    # (a forced Triton route refuses a trainable base layer before this check, and without grad too)
+    with pytest.raises((RuntimeError, ValueError), match=f"{'row_scale' if name == 'C' else name} requires grad"):
+        bank_linear(t["x"], t["weight"], t["bias"], t["ids"], t["A"], t["B"], t["U"], t["V"], t["C"])
+    if name not in ("weight", "bias") or backend == "torch":
+        with torch.no_grad():
+            bank_linear(t["x"], t["weight"], t["bias"], t["ids"], t["A"], t["B"], t["U"], t["V"], t["C"])
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_ids_are_copied_when_checked(dtype):
+    """The checked ids are the ones the kernels read: a later write to the caller's tensor (here an
+    out-of-range slot) changes nothing."""
+    ids = torch.tensor([0, 1, 2], dtype=dtype)
+    rows = AdapterRows(ids, 3)
+    ids[1] = 7
+    assert rows.host.tolist() == [0, 1, 2] and rows.ids.tolist() == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -415,11 +415,36 @@ def reset_adapters(model: nn.Module) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (fp32 arithmetic, dtype kept): zero adapter overhead."""
+    """Fold every adapter into its base weight (fp32 arithmetic, dtype kept): zero adapter overhead.
+
+    Refused, before any layer changes, when an adapted layer's weight is also another module's
+    (tied input and output embeddings with ``lm_head`` adapted): merging would change both."""
     adapter_config(model)
+    shared = shared_weights(model)
+    if shared:
+        name, others = next(iter(shared.items()))
+        raise ValueError(f"merge: layer {name!r} shares its weight with {others} (tied weights); merging would "
+                         "add its adapter to those too. Keep the model unmerged, or untie the weights (e.g. "
+                         "clone the lm_head weight) before inject")
     for _, layer in adapted_layers(model):
         layer.merge()
     return model
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Adapted layer name -> the other parameter names its base weight is registered under (tied
+    embeddings: ``lm_head.weight`` is ``model.embed_tokens.weight``); only layers with such names."""
+    names: dict[int, list[str]] = {}
+    for n, prm in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(prm), []).append(n)
+    out = {}
+    for name, layer in adapted_layers(model):
+        if layer.layout == "quantized":
+            continue
+        others = [n for n in names.get(id(layer.weight), []) if n != f"{name}.weight"]
+        if others:
+            out[name] = others
+    return out
 
 
 def unmerge(model: nn.Module) -> nn.Module:

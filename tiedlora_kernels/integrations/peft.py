@@ -53,6 +53,10 @@ def from_peft(peft_model) -> nn.Module:
     is_vera = all(isinstance(m, VeraLayer) for _, m in layers)
     if not is_vera and not all(isinstance(m, LoraLayer) for _, m in layers):
         raise ValueError(f"from_peft: mixed adapter layer types {kinds}")
+    merged = [n for n, m in layers if m.merged]
+    if merged:  # their base weights hold the update already: converted, it would be applied twice
+        raise ValueError(f"from_peft: PEFT layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged into "
+                         "their base weights; call peft_model.unmerge_adapter() first")
     captured = {}
     for n, m in layers:
         if not isinstance(m.get_base_layer(), nn.Linear) and type(m.get_base_layer()).__name__ != "Conv1D":

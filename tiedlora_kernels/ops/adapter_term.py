@@ -52,7 +52,7 @@ def _adapter_term_kernel(
     X (M, K), D (R, K), P (N, R), E and OUT (M, N), H (M, R): any strides. U (R,), V (N,), BIAS (N,) unit
     stride. IN_DROPOUT drops X's elements (m, k); OUT_DROPOUT drops OUT's elements (m, n) (the dX use).
     WRITE_OUT=False only stores H (the backward's g when x is frozen). WIDE_DOT: h's dot in fp32
-    operands (TF32 on a GPU, 8 exponent bits) for fp16 X with an fp32 D; otherwise in X's dtype.
+    operands (TF32 on a GPU, 8 exponent bits) for 16-bit X with a D of another dtype; otherwise in X's dtype.
     """
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)

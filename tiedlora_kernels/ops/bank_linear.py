@@ -74,7 +74,8 @@ class AdapterRows:
         if device is not None and adapter_ids.device != device:
             raise ValueError(f"adapter_ids is on {adapter_ids.device} but the model runs on {device}; "
                              f"pass adapter_ids.to({str(device)!r})")
-        host = adapter_ids.detach().to("cpu", torch.int64).reshape(-1)  # the one host sync
+        # Copies, never views of the caller's tensor: ids changed after this check must not reach the kernels.
+        host = adapter_ids.detach().to("cpu", torch.int64, copy=True).reshape(-1)  # the one host sync
         if host.numel():
             bad = ((host < -1) | (host >= capacity)).nonzero()
             if bad.numel():
@@ -93,7 +94,7 @@ class AdapterRows:
         self.device = adapter_ids.device
         self.capacity = capacity
         self.host = host
-        self.ids = adapter_ids.reshape(-1).to(torch.int32)  # what the kernels read
+        self.ids = adapter_ids.detach().reshape(-1).to(torch.int32, copy=True)  # what the kernels read
         self._plans: dict = {}
         self._rows: dict = {}
 
@@ -183,9 +184,13 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_scale, backend: str) -> torch.Tensor:
     """:func:`bank_linear` without the checks of the bank's tensors (the bank checks them once per
     ``use``) and with the backend resolved: per call, only x against the ids and against K."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError("bank_linear (many adapters per batch) is inference only, but x requires grad; run it "
-                           "under torch.no_grad() or torch.inference_mode(), or train one adapter at a time")
+    if torch.is_grad_enabled():
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("A", A), ("B", B), ("U", U), ("V", V),
+                        ("row_scale", row_scale)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"bank_linear (many adapters per batch) is inference only, but {name} requires "
+                                   "grad; run it under torch.no_grad() or torch.inference_mode(), or train one "
+                                   "adapter at a time")
     K, N = weight.shape[1], weight.shape[0]
     if x.shape[-1] != K:
         raise ValueError(f"bank_linear: x must have last dimension K={K}, got shape {tuple(x.shape)}")

@@ -51,7 +51,7 @@ def _bank_segment_term_kernel(
 
     X (M, K), OUT (M, N): any strides. A (S, R, K), B (S, N, R) with any strides (stride_as /
     stride_bs = 0: one factor shared by every slot). U (S, R), V (S, N) any strides; BIAS (N,) unit
-    stride. PERM, TILE_*: int32. WIDE_DOT: h's dot in fp32 operands for fp16 X with an fp32 A.
+    stride. PERM, TILE_*: int32. WIDE_DOT: h's dot in fp32 operands (16-bit X, A of another dtype).
     """
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)

@@ -45,7 +45,7 @@ def _bank_term_kernel(
     a = -1; cols = this split's range. Grid (row blocks, column splits).
 
     X (M, K), A (R, K), B (N, R), U (S, R), V (S, N), OUT (M, N): any strides. IDS (M / rows_per_id,)
-    int32, BIAS (N,): unit stride. WIDE_DOT: h's dot in fp32 operands for fp16 X with an fp32 A.
+    int32, BIAS (N,): unit stride. WIDE_DOT: h's dot in fp32 operands (16-bit X, A of another dtype).
     """
     i_m = tl.program_id(0)
     i_s = tl.program_id(1)

@@ -103,9 +103,13 @@ def store_with_bias(OUT, BIAS, b_out, o_m, m_m, o_n, m_n, stride_om, stride_on, 
 
 def wide_dot(x: torch.Tensor, down: torch.Tensor, down_scale: Optional[torch.Tensor] = None) -> bool:
     """The WIDE_DOT flag of :func:`down_project` for activations ``x``, down projection ``down`` and
-    its column scale: fp16 x with a down projection of a wider exponent range than fp16's (fp32 or
-    bf16, where the reference computes in fp32), or a scaled one (formed in fp32)."""
-    return x.dtype == torch.float16 and (down.dtype != torch.float16 or down_scale is not None)
+    its column scale: 16-bit x with a down projection of another dtype (fp32 adapters on bf16 or
+    fp16 activations, mixed precision's usual setup, where the reference and PEFT compute in fp32),
+    or a scaled one (formed in fp32). Casting D to x's dtype instead rounds every factor to 8 (bf16)
+    or 11 (fp16) bits, and with it h and g, which all four factor gradients are made of: ~4e-3
+    relative error on bf16 where the fp32 dot (TF32 on a GPU) keeps them near fp32's; and fp16's
+    range flushes small fp32 or bf16 factor values (gamma's scaled init)."""
+    return x.dtype in (torch.float16, torch.bfloat16) and (down.dtype != x.dtype or down_scale is not None)
 
 
 # The launchers' arithmetic is plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are jit
