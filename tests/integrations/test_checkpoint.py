@@ -21,6 +21,12 @@ def trained(preset="tl6", family="llama", **kw):
     return model
 
 
+def base_of_trained(family="llama"):
+    """The base model :func:`trained` starts from."""
+    torch.manual_seed(0)
+    return tiny_gpt2() if family == "gpt2" else tiny_llama()
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_round_trip_into_fresh_model(tmp_path, preset):
     model = trained(preset)
@@ -75,6 +81,29 @@ def test_frozen_factor_that_seed_cannot_rebuild_is_saved(tmp_path):
     fresh.load_state_dict(model.state_dict(), strict=False)
     load_adapter(fresh, tmp_path)
     assert torch.equal(fresh.tiedlora["q_proj"].A, model.tiedlora["q_proj"].A)
+
+
+def test_loading_over_an_adapter_resets_the_frozen_factors_the_file_leaves_out(tmp_path):
+    """A file without a frozen factor (its seed rebuilds it) loaded into a model that holds another
+    adapter's value of that factor: the loaded model computes what the file does in a fresh model."""
+    edited, plain = trained("tl4"), trained("tl4")
+    with torch.no_grad():
+        edited.tiedlora["q_proj"].A.mul_(2)  # saved: the seed cannot rebuild it
+    save_adapter(edited, tmp_path / "edited")
+    save_adapter(plain, tmp_path / "plain")
+    model = load_adapter(base_of_trained(), tmp_path / "edited")
+    load_adapter(model, tmp_path / "plain")
+    assert torch.equal(model.tiedlora["q_proj"].A, plain.tiedlora["q_proj"].A)
+    assert torch.equal(model(IDS).logits, plain(IDS).logits)
+
+
+def test_banked_frozen_factors_are_rebuilt_not_saved(tmp_path):
+    """Partial tying's frozen banks (kA, r, K) are rebuilt from the seed like unbanked factors."""
+    model = trained("partial", train_A=False)
+    save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / ADAPTER_FILE), "pt") as f:
+        assert not any(k.endswith(".A") for k in f.keys())
+    assert torch.equal(load_adapter(base_of_trained(), tmp_path)(IDS).logits, model(IDS).logits)
 
 
 def test_mismatched_model_is_refused_naming_the_layer(tmp_path):
@@ -137,6 +166,17 @@ def test_refused_load_leaves_a_plain_model_untouched(tmp_path):
         load_adapter(other, tmp_path)
     assert not hasattr(other, "tiedlora")
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_a_file_refused_for_its_dtypes_leaves_a_plain_model_untouched(tmp_path):
+    """adapter_dtype="auto" saved from an fp32 base, loaded into a bf16 one: refused before inject."""
+    save_adapter(trained("tl6", adapter_dtype="auto"), tmp_path)
+    other = tiny_llama().to(torch.bfloat16)
+    flags = [p.requires_grad for p in other.parameters()]
+    with pytest.raises(ValueError, match=r"has dtype torch.float32 in the file, torch.bfloat16 in the model"):
+        load_adapter(other, tmp_path)
+    assert not hasattr(other, "tiedlora") and not list(adapted_layers(other))
+    assert [p.requires_grad for p in other.parameters()] == flags
 
 
 def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(tmp_path):

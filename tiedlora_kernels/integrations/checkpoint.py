@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import TiedLoRAConfig
-from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, build_factors,
-                     find_targets, inject, refuse_merged)
+from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_dtypes, adapter_named_parameters,
+                     build_factors, find_targets, inject, refuse_merged)
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -109,8 +109,8 @@ def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch
     if not name.startswith(ROOT_ATTR + ".") or name.count(".") != 2:
         return False
     _, group, which = name.split(".")
-    K = getattr(model, ROOT_ATTR)[group].A.shape[1]
-    N = getattr(model, ROOT_ATTR)[group].B.shape[0]
+    K = getattr(model, ROOT_ATTR)[group].A.shape[-1]  # (r, K), or (kA, r, K) with banks
+    N = getattr(model, ROOT_ATTR)[group].B.shape[-2]
     fresh = getattr(build_factors(config, group, K, N, "cpu", prm.dtype), which)
     return torch.equal(fresh, _full(prm))
 
@@ -245,9 +245,10 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     """
     config, layers, tensors, sha256 = _read_verified(directory)
     if not hasattr(model, ROOT_ATTR):
-        # Check the layers before injecting, so a refused file leaves the model untouched.
-        _check_layers([[t.name, t.kind, t.in_features, t.out_features] for t in _targets_or_refuse(model, config)],
-                      layers)
+        # Check the layers and the tensors' dtypes before injecting, so a refused file leaves the model untouched.
+        targets = _targets_or_refuse(model, config)
+        _check_layers([[t.name, t.kind, t.in_features, t.out_features] for t in targets], layers)
+        _check_dtypes(tensors, adapter_dtypes(model, config, targets))
         inject(model, config)
     else:
         refuse_merged(model, "load_adapter")
@@ -260,6 +261,7 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
                              f"(field: (model, file)): {diff}")
     _check_layers(_layer_table(model), layers)
     params = dict(adapter_named_parameters(model))
+    _check_dtypes(tensors, {n: prm.dtype for n, prm in params.items()})
     for name, t in tensors.items():
         prm = params.get(name)
         if prm is None:
@@ -267,13 +269,20 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         if tuple(prm.shape) != tuple(t.shape):
             raise ValueError(f"load_adapter: tensor {name!r} has shape {tuple(t.shape)} in the file, "
                              f"{tuple(prm.shape)} in the model")
-        if prm.dtype != t.dtype:
-            raise ValueError(f"load_adapter: tensor {name!r} has dtype {t.dtype} in the file, {prm.dtype} in the model")
     missing = [n for n, prm in params.items() if prm.requires_grad and n not in tensors]
     if missing:
         raise ValueError(f"load_adapter: trained tensors missing from the file: {missing}")
+    # A frozen factor the file leaves out is the one its seed rebuilds (save_adapter's rule): set it
+    # from the seed, since a model that already had adapters may hold another adapter's.
+    holder = getattr(model, ROOT_ATTR)
+    rebuilt = {}
+    for name, prm in params.items():
+        if name not in tensors and name.startswith(ROOT_ATTR + ".") and name.count(".") == 2:
+            _, group, which = name.split(".")
+            K, N = holder[group].A.shape[-1], holder[group].B.shape[-2]
+            rebuilt[name] = getattr(build_factors(config, group, K, N, "cpu", prm.dtype), which).detach()
     with torch.no_grad():
-        for name, t in tensors.items():
+        for name, t in {**tensors, **rebuilt}.items():
             prm = params[name]
             if hasattr(prm, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the full tensor
                 from torch.distributed.tensor import distribute_tensor
@@ -283,6 +292,15 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     if optimizer is not None:
         _load_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE, sha256)
     return model
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], want: dict[str, torch.dtype]) -> None:
+    """Refuse a file tensor whose dtype differs from the model's ``want`` (by tensor name, or by the
+    name of the layer or factor group that holds it)."""
+    for name, t in tensors.items():
+        dtype = want.get(name, want.get(name.rpartition(".")[0]))
+        if dtype is not None and dtype != t.dtype:
+            raise ValueError(f"load_adapter: tensor {name!r} has dtype {t.dtype} in the file, {dtype} in the model")
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

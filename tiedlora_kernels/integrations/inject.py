@@ -303,19 +303,18 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                              f"model.{ROOT_ATTR}; give it another one in config.kinds")
 
     factors = AdapterFactors()
+    dtypes = adapter_dtypes(model, config, targets)
     for g, members in groups.items():
         w = _dense_weight(modules[members[0].name], members[0].layout)
-        dtype = config.torch_adapter_dtype or w.dtype
         K = max(t.in_features for t in members)
         N = max(t.out_features for t in members)
-        factors[g] = build_factors(config, g, K, N, w.device, dtype)
+        factors[g] = build_factors(config, g, K, N, w.device, dtypes[f"{ROOT_ATTR}.{g}"])
 
     for g, members in groups.items():
         for t in members:
             base = modules[t.name]
             w_nk = _dense_weight(base, t.layout)
-            per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features,
-                                        config.torch_adapter_dtype or w_nk.dtype)
+            per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features, dtypes[t.name])
             common = dict(layout=t.layout, factors=factors[g], per_layer=per_layer, scaling=config.layer_scaling(t.name),
                           dropout=config.dropout, kind=t.kind, magnitude=p.magnitude)
             if t.layout == "quantized":  # the base layer is kept whole and computes its own output
@@ -335,6 +334,20 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     # the hook survives deepcopy and pickling).
     model.register_forward_pre_hook(factors.new_forward_pass)
     return model
+
+
+def adapter_dtypes(model: nn.Module, config: TiedLoRAConfig, targets: list[TargetLayer]) -> dict[str, torch.dtype]:
+    """The dtype ``inject`` gives each layer's own tensors (key: the layer's name) and each factor
+    group (key: ``tiedlora.<group>``): ``config.adapter_dtype``, or with "auto" the base weight's (a
+    group's: its first layer's)."""
+    modules = dict(model.named_modules())
+    tied = config.resolved().tied
+    out: dict[str, torch.dtype] = {}
+    for t in targets:
+        dtype = config.torch_adapter_dtype or _dense_weight(modules[t.name], t.layout).dtype
+        out[t.name] = dtype
+        out.setdefault(f"{ROOT_ATTR}.{group_name(t, tied)}", dtype)
+    return out
 
 
 def _dense_weight(module: nn.Module, layout: str) -> torch.Tensor:
