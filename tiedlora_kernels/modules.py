@@ -93,6 +93,15 @@ class TiedFactors(nn.Module):
         # storage address catches writes that bypass the version (``p.data = ...``, ``model.to(...)``).
         key = None if torch.compiler.is_compiling() else (p._version, p.data_ptr(), _count_optimizer_steps())
         cached = self._fp32_views.get(name)
+        if cached is None and key is not None and torch._C._current_graph_task_id() != -1:
+            # Built inside a backward pass with none from this forward: reentrant activation
+            # checkpointing recomputing a segment whose forward ran without grad. Each segment's
+            # backward then adds its part into the bf16 .grad on its own.
+            warnings.warn(f"TiedFactors: the trained {p.dtype} tied factor {name!r} under reentrant activation "
+                          "checkpointing: each checkpointed segment's gradient is rounded to "
+                          f"{p.dtype} before the segments are summed, not summed in fp32. Use "
+                          "use_reentrant=False (transformers: gradient_checkpointing_enable("
+                          "gradient_checkpointing_kwargs={'use_reentrant': False})) or fp32 adapters.", stacklevel=4)
         if cached is None or cached[0] != key or cached[2] is not p:
             cached = (key, p.float(), p)
             self._fp32_views[name] = cached

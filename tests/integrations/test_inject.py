@@ -246,6 +246,31 @@ def test_generate_and_gradient_checkpointing():
             assert rel_err(p.grad, ref[n]) < 1e-6, n
 
 
+@pytest.mark.parametrize("adapter_dtype,reentrant", [("bfloat16", True), ("bfloat16", False), ("float32", True)])
+def test_reentrant_checkpointing_of_bf16_tied_factors_warns(adapter_dtype, reentrant):
+    """Reentrant checkpointing runs each segment's backward on its own, so a bf16 tied factor's
+    gradient is summed in bf16 over segments: warned. Non-reentrant keeps the fp32 sum, bit for bit."""
+    import warnings
+
+    model = tiny_llama(n_layer=3)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype=adapter_dtype))
+    randomize_adapters(model)
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(IDS, labels=IDS).loss.backward()
+    warned = [w for w in caught if "reentrant activation checkpointing" in str(w.message)]
+    assert bool(warned) == (adapter_dtype == "bfloat16" and reentrant)
+    if not warned:
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert rel_err(p.grad, ref[n]) < (1e-6 if adapter_dtype == "float32" else 1e-9), n
+
+
 def test_meta_device_inject_then_materialize():
     from transformers import LlamaConfig, LlamaForCausalLM
 
