@@ -67,18 +67,17 @@ class Bnb4bit(QuantizedBase):
         return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
     def prepare(self, module):
-        keep_off_cpu_repack(module)
+        keep_standard_cpu_layout(module)
 
     def dequantized_weight(self, module):
         import bitsandbytes.functional as bf
 
         weight = module.weight
         data, state = weight.data, weight.quant_state
-        # bitsandbytes repacks the weight for its CPU inference kernel on the first no-grad CPU forward;
-        # its inverse rewrites the state it is given in place (the packing flag, absmax), which would
-        # leave the layer's packed weight with an unpacked state: it gets a copy.
+        # A layer not prepared (yet) may hold bitsandbytes' CPU layout; undoing it rewrites the state it
+        # is given in place, which would leave the layer's packed weight with an unpacked state: a copy.
         if getattr(state, "packing_format_for_cpu", False):
-            data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+            data, state = _unpacked_from_cpu_layout(data, copy.deepcopy(state))
         return bf.dequantize_4bit(data, state)
 
     def replace_weight(self, module, weight):
@@ -87,11 +86,8 @@ class Bnb4bit(QuantizedBase):
         old = module.weight
         kwargs = {k: v for k, v in old.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
         kwargs["requires_grad"] = False
-        device = old.device
-        if getattr(old.quant_state, "packing_format_for_cpu", False):
-            device = torch.device("cpu")
         fresh = bnb.nn.Params4bit(weight.to("cpu", old.quant_state.dtype).contiguous(), **kwargs)
-        module.weight = fresh.to(device)  # quantizes on the way
+        module.weight = fresh.to(old.device)  # quantizes on the way (prepare keeps the standard layout)
 
 
 class Bnb8bit(QuantizedBase):
@@ -124,16 +120,34 @@ class Bnb8bit(QuantizedBase):
 
 _QUANTIZED_TYPE_NAME = re.compile(r"(?i)quant|int4|int8|nf4|float8|fp8|4bit|8bit")
 
-def keep_off_cpu_repack(module: nn.Module) -> None:
-    """bitsandbytes 0.50 repacks a 4-bit weight for its CPU bf16 inference kernel on the first
-    no-grad eval call (on avx512-bf16 CPUs) and fails there unless out_features is a multiple of 32
-    and in_features of the quantization block size; such a layer keeps the generic dequantize +
-    matmul path instead."""
-    if not getattr(module, "support_avx512bf16_for_cpu", False):
+def keep_standard_cpu_layout(module: nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its CPU bf16 inference kernel on the first
+    no-grad eval call (on avx512-bf16 CPUs). That kernel has no backward: a later training step
+    drops the base layer's input gradient, with only a warning, so every adapter gradient below it
+    is wrong. It also fails unless out_features is a multiple of 32 and in_features of the block
+    size. So the repack is switched off, and a weight already repacked (an eval pass before
+    ``inject``) is put back in the standard layout. Other modules are left alone."""
+    bnb = _bnb()
+    if bnb is None or not isinstance(module, bnb.nn.Linear4bit):
         return
-    blocksize = getattr(module.weight, "blocksize", None) or 64
-    if module.out_features % 32 or module.in_features % blocksize:
-        module.support_avx512bf16_for_cpu = False
+    module.support_avx512bf16_for_cpu = False
+    weight = module.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _unpacked_from_cpu_layout(weight.data, weight.quant_state)
+
+
+def _unpacked_from_cpu_layout(data: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+    """(data, state) of a 4-bit weight in bitsandbytes' CPU layout, back in the standard one; ``state``
+    is rewritten in place. bitsandbytes 0.50's own inverse restores the block scales' order only for
+    double-quantized states; a plain state keeps them (K / block, N)-transposed, which dequantizes
+    with the wrong scale for every block (2e-1 relative error): that order is restored here. The
+    repack rounded the scales to bf16, which no inverse undoes (~1e-3)."""
+    import bitsandbytes.functional as bf
+
+    data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
+    if not state.nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
+    return data, state
 
 
 #: Every supported kind, checked in order.

@@ -113,6 +113,42 @@ def test_4bit_logits_and_every_adapter_gradient_match_the_dequantized_model(base
 
 
 @pytest.mark.parametrize("preset", ["tl6", "dora"])
+def test_training_after_eval_passes_on_a_cpu_repacked_model(base_dir, preset):
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel, which has no backward, on
+    the first no-grad eval call (avx512-bf16 CPUs; packed by hand here, so any CPU runs this). inject
+    puts a packed weight back in the standard layout, scales included (transformers' default state
+    is not double-quantized, where bitsandbytes' own inverse leaves them transposed), and switches
+    the repack off, so eval passes after inject change nothing: training stays exact."""
+    import bitsandbytes.functional as bf
+
+    quantized = load_quantized(base_dir, 4)
+    layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not layers[0].weight.quant_state.nested
+    for m in layers:
+        m.weight.data, m.weight.quant_state = bf._convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    dense = dense_twin(base_dir, quantized)  # dequantized from the packed layout
+    inject(quantized, config(preset))
+    inject(dense, config(preset))
+    assert all(not m.support_avx512bf16_for_cpu and not m.weight.quant_state.packing_format_for_cpu for m in layers)
+    randomize_adapters(quantized, std=0.2)
+    copy_adapters(quantized, dense)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        quantized.eval()(ids)
+    assert not any(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    outs = []
+    for model in (quantized, dense):
+        model.train().zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        outs.append((logits, {n: p.grad for n, p in adapter_named_parameters(model) if p.requires_grad}))
+    (lq, gq), (ld, gd) = outs
+    assert rel_err(lq, ld) < 1e-5
+    for name in gq:
+        assert rel_err(gq[name], gd[name]) < 1e-4, (name, rel_err(gq[name], gd[name]))
+
+
+@pytest.mark.parametrize("preset", ["tl6", "dora"])
 def test_8bit_layer_matches_its_own_output_plus_the_reference_adapter(base_dir, preset):
     quantized = load_quantized(base_dir, 8)
     inject(quantized, config(preset))
@@ -184,7 +220,8 @@ class Int8WeightLinear(nn.Linear):
         self.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
 
 
-def test_dequantizing_a_cpu_repacked_4bit_layer_leaves_the_layer_as_it_was():
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantizing_a_cpu_repacked_4bit_layer_leaves_the_layer_as_it_was(double_quant):
     """bitsandbytes repacks a 4-bit weight for its CPU inference kernel (packed here by hand, as its
     first no-grad eval call does on avx512-bf16 CPUs); undoing that for the dequantized weight
     (DoRA's norm each call, merge, inject's dense view) must not touch the layer's own state, or
@@ -192,8 +229,9 @@ def test_dequantizing_a_cpu_repacked_4bit_layer_leaves_the_layer_as_it_was():
     import bitsandbytes.functional as bf
 
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64) / 8, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128) / 8, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant)._quantize("cpu")
     dense = Bnb4bit().dequantized_weight(layer).clone()
     data, state = layer.weight.data, layer.weight.quant_state
     layer.weight.data, layer.weight.quant_state = bf._convert_weight_packed_for_cpu(data, state)

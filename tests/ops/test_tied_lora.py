@@ -420,6 +420,23 @@ def test_bf16_activations_keep_fp32_factor_gradients(c):
         assert rel_err(grads[name], ref_grads[name]) < tol, f"d{name}: {rel_err(grads[name], ref_grads[name]):.2e}"
 
 
+def test_an_infinite_u_gives_infinite_factor_gradients_not_nan():
+    """dA and dB scale their row sums by s u after the dot: the tiles' padded rows (zeros) never meet
+    the inf, so no NaN appears where the reference has none (0 * inf in padded rows made every entry
+    NaN). The reference's row sums of +-inf can be NaN where ours, scaled after summing, are +-inf."""
+    t = make(3, 5, 4, 2, train=("A", "B"), v=False)
+    with torch.no_grad():
+        t["u"][0] = float("inf")
+    G = upstream((3, 4), torch.float32).abs() + 0.1
+    _, grads = run(kernel, t, G)
+    _, ref_grads = run(oracle, as_f64(t), G.double())
+    for name in ("A", "B"):
+        got, ref = grads[name], ref_grads[name]
+        assert not (got.isnan() & ~ref.isnan()).any(), name
+        assert torch.equal(got[ref.isinf()], ref[ref.isinf()].float()) and not ref.isfinite().all(), name
+        assert rel_err(got[ref.isfinite()], ref[ref.isfinite()]) < 1e-5, name
+
+
 def test_empty_batch():
     t = make(0, 33, 40, 3, lead=(2,))
     out, grads = run(kernel, t, upstream((2, 0, 40), torch.float32))

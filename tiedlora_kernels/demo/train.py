@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..bases import keep_off_cpu_repack
+from ..bases import keep_standard_cpu_layout
 from ..config import TiedLoRAConfig
 from ..integrations import expected_trainable_parameters, inject, trainable_parameters
 from ..integrations.inject import find_targets
@@ -63,7 +63,7 @@ def quantize_model(model: nn.Module, bits: str, device) -> nn.Module:
         quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=cfg, device_map={"": str(device)},
                                                          dtype=torch.float32)
     for module in quantized.modules():
-        keep_off_cpu_repack(module)
+        keep_standard_cpu_layout(module)
     return quantized
 
 

@@ -50,8 +50,9 @@ def grad_down_tile(
         if X_DROPOUT:
             b_x = tl.where(keep_mask(seed, o_m, o_k, K, p_drop), b_x * keep_scale, 0.0)
         p_g = GR + o_m[:, None] * stride_gm + o_r[None, :]
-        b_gh = tl.load(p_g, mask=m_m[:, None] & m_r[None, :], other=0.0) * b_su[None, :]     # [BM, BR]
-        b_da = tl.dot(tl.trans(b_gh), b_x, b_da, input_precision=SMALL_PREC)
+        b_gr = tl.load(p_g, mask=m_m[:, None] & m_r[None, :], other=0.0)                    # [BM, BR]
+        b_da = tl.dot(tl.trans(b_gr), b_x, b_da, input_precision=SMALL_PREC)
+    # s u scales the sum, not each row: padded rows (0) times a non-finite u would make NaN of every column
     p_da = DA_PART + i_s.to(tl.int64) * R * K + o_r[:, None] * K + o_k[None, :]
-    tl.store(p_da, b_da, mask=m_r[:, None] & m_k[None, :])
+    tl.store(p_da, b_da * b_su[:, None], mask=m_r[:, None] & m_k[None, :])
 

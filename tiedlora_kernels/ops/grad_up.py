@@ -61,14 +61,14 @@ def grad_up_tile(
         if NEED_P:
             p_g = G + o_m[:, None] * stride_gm + o_n[None, :] * stride_gn
             b_g = tl.load(p_g, mask=m_m[:, None] & m_n[None, :], other=0.0).to(tl.float32)   # [BM, BN]
-            b_p = tl.dot(tl.trans(b_g), b_h * b_su[None, :], b_p, input_precision=SMALL_PREC)
+            b_p = tl.dot(tl.trans(b_g), b_h, b_p, input_precision=SMALL_PREC)
         if NEED_DU:
             if i_n == 0:
                 b_gr = tl.load(GR + o_m[:, None] * stride_grm + o_r[None, :], mask=m_mr, other=0.0)
                 b_du += tl.sum(b_gr * b_h, axis=0)
     p_part = PART + i_s.to(tl.int64) * stride_ps
-    if NEED_P:
-        tl.store(p_part + o_n[:, None] * R + o_r[None, :], b_p, mask=m_n[:, None] & m_r[None, :])
+    if NEED_P:  # s u scales the sum (see grad_down: no 0 * inf in padded rows)
+        tl.store(p_part + o_n[:, None] * R + o_r[None, :], b_p * b_su[None, :], mask=m_n[:, None] & m_r[None, :])
     if NEED_DU:
         if i_n == 0:
             tl.store(p_part + du_row * R + o_r, b_du * scaling, mask=m_r)
