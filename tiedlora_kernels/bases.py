@@ -118,7 +118,7 @@ class Bnb8bit(QuantizedBase):
         module.state.CB = module.state.SCB = None
 
 
-_QUANTIZED_TYPE_NAME = re.compile(r"(?i)quant|int4|int8|nf4|float8|fp8|4bit|8bit")
+_QUANTIZED_TYPE_NAME = re.compile(r"(?i)quant|int[2-8]|nf4|float[48]|fp[48]|[48]bit|mx(fp|int|tensor)|hqq|gptq|awq")
 
 def keep_standard_cpu_layout(module: nn.Module) -> None:
     """bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its CPU bf16 inference kernel on the first
@@ -173,6 +173,14 @@ def looks_quantized(module: nn.Module) -> bool:
     # floating storage behind a quantizing tensor subclass (torchao's AffineQuantizedTensor, NF4Tensor, ...);
     # other subclasses (DTensor under FSDP2) are dense
     return _QUANTIZED_TYPE_NAME.search(type(weight).__name__) is not None
+
+
+def looks_like_quantized_linear(module: nn.Module) -> bool:
+    """True for a module of another library that is a quantized linear layer without being an
+    ``nn.Linear`` (HQQ, GPTQ, AWQ layers): a quantizing class name and linear sizes."""
+    sized = any(hasattr(module, a) and hasattr(module, b) for a, b in (("in_features", "out_features"),
+                                                                     ("infeatures", "outfeatures")))
+    return sized and not isinstance(module, nn.Linear) and _QUANTIZED_TYPE_NAME.search(type(module).__name__) is not None
 
 
 def unsupported_quantized_error(name: str, module: nn.Module) -> ValueError:

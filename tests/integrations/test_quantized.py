@@ -253,6 +253,43 @@ def test_unsupported_quantized_layer_is_refused_naming_it():
         inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules="all-linear"))
 
 
+class MXTensor(torch.Tensor):
+    """A stand-in for a quantizing tensor subclass with floating storage (torchao's MX / NVFP4 tensors)."""
+
+
+class HQQLinear(nn.Module):
+    """A stand-in for another library's quantized linear that is no nn.Linear (HQQ, GPTQ, AWQ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 8, 8
+        self.register_buffer("W_q", torch.zeros(8, 4, dtype=torch.uint8))
+
+
+def _int8_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(8, 8)
+    layer.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    return layer
+
+
+def _mx_linear():
+    layer = nn.Linear(8, 8)
+    layer.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.bfloat16).as_subclass(MXTensor), requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("make,what", [(_int8_conv1d, "Conv1D"), (_mx_linear, "MXTensor"), (HQQLinear, "HQQLinear")],
+                         ids=["int8-conv1d", "tensor-subclass", "not-an-nn-linear"])
+def test_other_quantized_layers_are_refused_not_treated_as_dense_or_skipped(make, what):
+    model = nn.Module()
+    model.dense = nn.Linear(8, 8)
+    model.proj = make()
+    with pytest.raises(ValueError, match=rf"layer 'proj' is a quantized .*{what}.*supported quantized base layers"):
+        inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules="all-linear"))
+
+
 @pytest.mark.parametrize("preset", ["tl6", "dora", "simple_dora"])
 def test_4bit_layer_with_bias_matches_the_dense_twin(preset):
     """A biased 4-bit layer: the magnitude variants scale (base - b + adapter) and add b after, as

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from .. import reference
-from ..bases import looks_quantized, quantized_base_of, unsupported_quantized_error
+from ..bases import looks_like_quantized_linear, looks_quantized, quantized_base_of, unsupported_quantized_error
 from ..config import TiedLoRAConfig, match_pattern
 from ..modules import AdapterFactors, TiedFactors, TiedLoRALinear
 
@@ -71,7 +71,10 @@ def _layout_of(module: nn.Module) -> Optional[str]:
         return "unsupported-quantized" if looks_quantized(module) else "linear"
     # transformers' Conv1D (GPT-2): weight stored (in, out). Matched by name so transformers stays optional.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return "conv1d"
+        return "unsupported-quantized" if looks_quantized(module) else "conv1d"
+    # another library's quantized linear that is no nn.Linear (HQQ, GPTQ, AWQ layers): refused, not skipped
+    if looks_like_quantized_linear(module):
+        return "unsupported-quantized"
     return None
 
 
