@@ -147,7 +147,9 @@ def test_a_peft_scale_changed_after_creation_is_carried_exactly(tmp_path):
     (dict(rank_pattern={"q_proj": 2}), r"rank 2 != r=4 \(per-layer ranks, LoraConfig\.rank_pattern"),
     (dict(modules_to_save=["lm_head"]), r"LoraConfig\.modules_to_save=\['lm_head'\] trains base-model tensors"),
     (dict(bias="lora_only"), r"LoraConfig\.bias='lora_only' trains base-model tensors"),
-], ids=["lora_bias", "alora", "rank_pattern", "modules_to_save", "bias"])
+    (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' rewrites the base model's weights"),
+    (dict(init_lora_weights="olora"), r"init_lora_weights='olora' rewrites the base model's weights"),
+], ids=["lora_bias", "alora", "rank_pattern", "modules_to_save", "bias", "pissa", "olora"])
 def test_peft_options_without_an_equivalent_are_refused(kw, msg):
     pm, _ = _peft_model("llama", "lora", lora_alpha=8, **kw)
     with pytest.raises(ValueError, match=msg):
@@ -164,3 +166,22 @@ def test_a_merged_peft_model_is_refused():
     pm.unmerge_adapter()
     logits = pm(IDS).logits.detach()
     assert rel_err(from_peft(pm)(IDS).logits, logits) < 1e-6
+
+
+def test_several_adapters_are_refused():
+    """from_peft converts one adapter: unload() would silently drop the others."""
+    pm, _ = _peft_model("llama", "lora", lora_alpha=8)
+    pm.add_adapter("second", peft.LoraConfig(r=4, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"exactly one adapter is supported, the model has \['default', 'second'\]"):
+        from_peft(pm)
+
+
+def test_dora_with_dropout_warns_that_training_steps_differ():
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                           lora_dropout=0.1))
+    _randomize(pm, ["lora_B"])
+    logits = pm.eval()(IDS).logits.detach()
+    with pytest.warns(UserWarning, match=r"DoRA with lora_dropout=0.1: in training mode PEFT applies"):
+        ours = from_peft(pm)
+    assert rel_err(ours.eval()(IDS).logits, logits) < 1e-6  # eval mode: identical

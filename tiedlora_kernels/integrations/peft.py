@@ -1,9 +1,11 @@
-"""Convert an HF PEFT LoRA or VeRA model into ours, with identical outputs and gradients."""
+"""Convert an HF PEFT LoRA or VeRA model into ours, with identical outputs and gradients (DoRA with
+lora_dropout > 0 in training excepted: see :func:`from_peft`)."""
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,10 @@ def from_peft(peft_model) -> nn.Module:
     per layer; lambda_d -> u, lambda_b -> v). The PEFT wrapper is consumed: its base model is
     returned with our modules in place of PEFT's.
 
+    DoRA with ``lora_dropout > 0`` differs in training mode (identical in eval mode and in
+    expectation): PEFT computes W x + (c - 1) W x_d + c s B A x_d with x_d the dropped-out input,
+    ours c (W x + s B A x_d), dropout on the adapter's input only; a warning says so.
+
     Raises:
         ValueError: for adapters or settings without an exact equivalent (per-layer ranks,
             several adapters, non-linear layers, ``lora_bias``, LoRA variants other than DoRA,
@@ -35,9 +41,16 @@ def from_peft(peft_model) -> nn.Module:
     from peft.tuners.vera import VeraLayer
 
     name = peft_model.active_adapter
-    if not isinstance(name, str):
-        raise ValueError(f"from_peft: exactly one active adapter is supported, got {name!r}")
+    if not isinstance(name, str) or len(peft_model.peft_config) != 1:
+        raise ValueError(f"from_peft: exactly one adapter is supported, the model has {sorted(peft_model.peft_config)} "
+                         f"(active: {name!r}); delete the others first (peft_model.delete_adapter)")
     pcfg = peft_model.peft_config[name]
+    init = getattr(pcfg, "init_lora_weights", True)
+    if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "loftq")):
+        # These rewrite the base weights too: no adapter file carries them (as modules_to_save below).
+        raise ValueError(f"from_peft: LoraConfig.init_lora_weights={init!r} rewrites the base model's weights, "
+                         "which a tiedlora adapter does not hold; convert it to a plain LoRA adapter of the original "
+                         "base first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     # Trained tensors outside the adapter layers: from_peft would keep them in the base model, but no
     # adapter file carries them, so a saved and reloaded adapter would compute another function.
     for field in ("modules_to_save", "trainable_token_indices", "bias"):
@@ -84,6 +97,11 @@ def from_peft(peft_model) -> nn.Module:
     dora = {"m" in t for t in captured.values()}
     if len(dora) > 1:
         raise ValueError("from_peft: some layers use DoRA and some do not")
+    if dora == {True} and dropout > 0:
+        warnings.warn(f"from_peft: DoRA with lora_dropout={dropout}: in training mode PEFT applies the magnitude's "
+                      "base term to the dropped-out input (W x + (c - 1) W x_d + c s B A x_d), tiedlora to the whole "
+                      "input (c (W x + s B A x_d)); outputs agree in eval mode and in expectation, not per step",
+                      UserWarning, stacklevel=2)
     rslora = bool(getattr(pcfg, "use_rslora", False))
 
     def make_config(alpha_pattern: dict) -> TiedLoRAConfig:
