@@ -367,3 +367,20 @@ def test_simple_dora_trains_after_an_inference_mode_evaluation():
         model(IDS)
     logits_and_loss(model)
     assert all(layer.adapter_m.grad is not None for _, layer in adapted_layers(model))
+
+
+@pytest.mark.parametrize("preset", ["dora", "simple_dora"])
+def test_unmerge_inside_cached_adapters_recomputes_the_row_scale(preset):
+    """unmerge derives DoRA's row scale from the merged weight on its way: inside cached_adapters that
+    value must not outlive the unmerge."""
+    from tiedlora_kernels import cached_adapters, merge, unmerge
+
+    model = injected(preset)
+    randomize_adapters(model)
+    with torch.no_grad():
+        want = model(IDS).logits
+        merge(model)
+        with cached_adapters(model):
+            unmerge(model)
+            got = model(IDS).logits
+    assert rel_err(got, want) < 1e-5

@@ -13,6 +13,7 @@ Untied adapters (plain LoRA) are the same mechanism with one :class:`TiedFactors
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Optional
 
@@ -62,6 +63,21 @@ class TiedFactors(nn.Module):
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
         self._fp32_views: dict[str, tuple] = {}  # name -> (validity key, fp32 cast, parameter cast)
+        self._cast_hooks: dict[str, tuple] = {}  # name -> (parameter, handle of its drop-the-cast hook)
+        for name in ("A", "B", "core_bank"):
+            self._drop_cast_after_its_gradient(name)
+
+    def _drop_cast_after_its_gradient(self, name: str) -> None:
+        """Once per trained parameter object: a hook that forgets the factor's fp32 cast as soon as the
+        parameter's gradient has been accumulated (the cast has served its backward). The next use
+        casts again, whatever wrote the parameter since: ``p.data`` writes move neither its version
+        nor its storage, and a compiled graph must not read a cast recorded by an earlier one."""
+        p = getattr(self, name)
+        hooked = self._cast_hooks.get(name)
+        if p is None or not p.requires_grad or (hooked is not None and hooked[0] is p):
+            return
+        self._cast_hooks[name] = (p, p.register_post_accumulate_grad_hook(functools.partial(_forget, self._fp32_views,
+                                                                                          name)))
 
     def new_forward_pass(self) -> None:
         """Drop the shared fp32 casts: called by the model root's forward pre-hook (see ``inject``)."""
@@ -82,8 +98,10 @@ class TiedFactors(nn.Module):
         per-layer gradients in bf16).
 
         The cast is made once per forward pass of the model: the root's forward pre-hook drops it
-        (activation checkpointing's recompute, inside the same step, reuses it). As a second guard,
-        for layers called without the root, it is also redone when the parameter object, its
+        (activation checkpointing's recompute, inside the same step, reuses it), and so does the
+        parameter's post-accumulate-grad hook once the backward has used it
+        (:meth:`_drop_cast_after_its_gradient`: a submodule called without the root, a ``.data``
+        write in between). As a last guard it is also redone when the parameter object, its
         in-place version, its storage or the count of optimizer steps changes (fused optimizers
         write without moving the version; ``.data`` assignment and ``model.to`` replace the storage)."""
         p = getattr(self, name)
@@ -91,7 +109,10 @@ class TiedFactors(nn.Module):
             return p
         # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes. The
         # storage address catches writes that bypass the version (``p.data = ...``, ``model.to(...)``).
-        key = None if torch.compiler.is_compiling() else (p._version, p.data_ptr(), _count_optimizer_steps())
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._drop_cast_after_its_gradient(name)  # a factor trained since __init__, or a replaced parameter
+        key = None if compiling else (p._version, p.data_ptr(), _count_optimizer_steps())
         cached = self._fp32_views.get(name)
         if cached is None and key is not None and torch._C._current_graph_task_id() != -1:
             # Built inside a backward pass with none from this forward: reentrant activation
@@ -108,8 +129,9 @@ class TiedFactors(nn.Module):
         return cached[1]
 
     def __getstate__(self):
-        # The casts are graph nodes of past forwards: never copied or pickled with the module.
-        return {**self.__dict__, "_fp32_views": {}}
+        # The casts are graph nodes of past forwards: never copied or pickled with the module; a
+        # copy's parameters are new objects, which get their own hooks on first use.
+        return {**self.__dict__, "_fp32_views": {}, "_cast_hooks": {}}
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
@@ -122,6 +144,11 @@ class TiedFactors(nn.Module):
         bank = "" if self.core_bank is None else f", core_bank={tuple(self.core_bank.shape)}"
         return (f"A={tuple(self.A.shape)}{'' if self.A.requires_grad else ' frozen'}, "
                 f"B={tuple(self.B.shape)}{'' if self.B.requires_grad else ' frozen'}{bank}")
+
+
+def _forget(views: dict, name: str, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a trained factor: drop its fp32 cast from ``views``."""
+    views.pop(name, None)
 
 
 class AdapterFactors(nn.ModuleDict):
@@ -337,6 +364,7 @@ class TiedLoRALinear(nn.Module):
         w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c)
         self._set_weight_nk(w)
         self.merged = True
+        self._forget_derived()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -351,6 +379,13 @@ class TiedLoRALinear(nn.Module):
         if self.magnitude == "simple_dora":
             del self._merged_base_norm
         self.merged = False
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        """Inside :func:`cached_adapters`: drop what was derived from the weight before merge/unmerge
+        rewrote it (unmerge derives DoRA's row scale from the merged weight)."""
+        if self._frozen_cache is not None:
+            self._frozen_cache.clear()
 
     def _warn_if_training_merged(self) -> None:
         """A merged layer computes its adapter inside the base weight: in training with grad, its

@@ -350,6 +350,46 @@ def test_bf16_tied_gradients_are_summed_in_fp32(preset, tied):
     copy.deepcopy(model)  # the shared fp32 casts are not part of the module's state
 
 
+@pytest.mark.parametrize("write", ["data.add_", "data.copy_"])
+def test_bf16_tied_factor_written_through_data_is_seen_by_a_submodule_call(write):
+    """A submodule called directly (no root pre-hook) after its bf16 tied factor was written through
+    ``.data`` (a hand-written update, weight averaging: neither moves the version nor the storage):
+    the shared fp32 cast is dropped once its gradient has accumulated, so the next call sees the write."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.model(IDS).last_hidden_state.square().mean().backward()
+    A = model.tiedlora["q_proj"].A
+    with torch.no_grad():
+        (A.data.add_(0.25) if write == "data.add_" else A.data.copy_(torch.randn_like(A)))
+    fresh = copy.deepcopy(model)  # with grad enabled: the trained factor goes through its fp32 cast
+    assert torch.equal(model.model(IDS).last_hidden_state, fresh.model(IDS).last_hidden_state)
+
+
+def test_compiled_submodule_with_bf16_tied_factors_trains_like_eager():
+    """torch.compile of a submodule (the root's pre-hook never runs): each step's graph casts the bf16
+    factors afresh (a cast recorded by the previous graph made the second backward fail)."""
+    losses = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_llama(n_layer=2)
+        inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+        randomize_adapters(model)
+        inner = torch.compile(model.model, backend="aot_eager") if mode == "compiled" else model.model
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        losses[mode] = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = model.lm_head(inner(IDS).last_hidden_state).float().square().mean()
+            loss.backward()
+            opt.step()
+            losses[mode].append(loss.item())
+    torch._dynamo.reset()
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5) and losses["eager"][0] != losses["eager"][-1]
+
+
 @pytest.mark.parametrize("call", ["root", "submodule"])
 def test_bf16_tied_factors_train_with_fused_optimizers(call):
     """Fused optimizer kernels write parameters without moving their version counter: the shared
