@@ -12,8 +12,10 @@ from typing import Optional
 
 
 def measured_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(commit, uncommitted changes?) of the tree the benchmark runs from: git's, else ``BENCH_COMMIT``
-    (the GPU session's copy of the tree has no .git; ``dirty`` is then unknown, None)."""
+    """(commit, uncommitted changes?) of the tree the benchmark runs from. ``BENCH_COMMIT``, when set,
+    names it: the GPU machine's copy of the tree can carry git metadata of an older commit (the
+    2026-11-30 run of 1f403e4 recorded 0ceb4ed, dirty). ``dirty`` comes from git only when git's HEAD
+    is that commit, else it is unknown (None). Without ``BENCH_COMMIT``: git's HEAD and status."""
     root = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
@@ -21,9 +23,10 @@ def measured_commit() -> tuple[Optional[str], Optional[bool]]:
                                text=True, cwd=root).stdout.strip()
     except OSError:
         sha, dirty = "", ""
-    if sha:
-        return sha, bool(dirty)
-    return os.environ.get("BENCH_COMMIT") or None, None
+    named = os.environ.get("BENCH_COMMIT") or None
+    if named is not None:
+        return named, (bool(dirty) if sha and sha.startswith(named) else None)
+    return (sha, bool(dirty)) if sha else (None, None)
 
 
 def withdraw_if_tests_failed(meta: dict, tests_exit_code: Optional[int]) -> None:

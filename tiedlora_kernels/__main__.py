@@ -14,7 +14,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .demo.run import __doc__ as demo_doc, add_arguments
     from .demo.serve import __doc__ as serve_doc, add_arguments as add_serve_arguments
 
-    demo = sub.add_parser("demo", help="fine-tune a small LM with LoRA, VeRA and TL1..TL6 and compare them",
+    demo = sub.add_parser("demo", help="fine-tune a small LM with every preset (LoRA, VeRA, TL1..TL6 and the variants) and compare them",
                           description=demo_doc.split("\n\n")[0])
     add_arguments(demo)
     serve = sub.add_parser("serve", help="several adapters trained on different tasks answer one mixed batch",

@@ -548,3 +548,21 @@ def test_tile_sweep_stops_at_its_deadline_with_what_it_has(tmp_path):
     assert sweep_main(["--out", str(tmp_path), "--max-seconds", "0"]) == 0
     recs = json.loads((tmp_path / "tile_sweep.json").read_text())["records"]
     assert recs and all(r.get("skipped") == "deadline" for r in recs)
+
+
+def test_an_explicit_bench_commit_names_the_measured_tree(monkeypatch):
+    """BENCH_COMMIT wins over git's HEAD (the GPU machine's copy can carry an older commit's git
+    metadata); dirtiness is known only when git's HEAD is that commit."""
+    import subprocess
+
+    from bench.claims import measured_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    commit, dirty = measured_commit()
+    assert commit == (head or None) and (dirty is None) == (not head)
+    monkeypatch.setenv("BENCH_COMMIT", "0123abcd")
+    assert measured_commit() == ("0123abcd", None)
+    if head:
+        monkeypatch.setenv("BENCH_COMMIT", head[:12])
+        assert measured_commit()[0] == head[:12] and isinstance(measured_commit()[1], bool)

@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="adapter training batch size (default 16; --quick: 8)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate for every preset (default: per preset, see PRESET_LR)")
+                   help="peak learning rate for every preset (default: per preset, "
+                        + ", ".join(f"{k} {v:g}" for k, v in PRESET_LR.items()) + f", others {DEFAULT_LR:g})")
     p.add_argument("--base-lr", type=float, default=3e-3, help="base pretraining learning rate (default 3e-3)")
     p.add_argument("--gamma", type=float, default=1.0,
                    help="gamma of the 'multiply and divide' initialisation (docs/MATH.md; default 1)")
@@ -93,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "instead of pretraining the tiny built-in one")
     p.add_argument("--quantize", choices=("none", "4bit", "8bit"), default="none",
                    help="QLoRA-style: adapt a bitsandbytes 4-bit (NF4) or 8-bit copy of the base model "
-                        "(needs pip install -e '.[quant]'; runs on a CPU too)")
+                        "(needs bitsandbytes: pip install -e '.[quant]', also in '.[test]'; runs on a CPU too)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default ./demo_out)")
     p.add_argument("--quick", action="store_true",
                    help="tiny run (smaller built-in model, few steps, a smoke test) for CI and smoke tests")

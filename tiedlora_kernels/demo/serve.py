@@ -115,6 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Run the serving demo as ``args`` say; print the table. Returns the exit status (0: every row matches)."""
     from ..ops import triton_interpreting
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"tiedlora serve: --device {args.device} but CUDA is not available")
     if args.kernels and torch.device(args.device).type != "cuda" and not triton_interpreting():
         # triton reads it when it is imported, and importing torch imports it: set it before Python starts
         raise SystemExit("tiedlora serve: --kernels on a CPU runs the Triton kernels on the interpreter, which must "
