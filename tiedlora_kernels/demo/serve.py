@@ -258,12 +258,15 @@ def _cut(ids: list[int], eos: Optional[int]) -> list[int]:
 
 
 def _print_table(table) -> None:
-    head = ("task", "preset", "prompt", "answer in the batch", "alone", "expected", "max |dlogit|", "same")
+    head = ("task", "preset", "prompt", "answer in the batch", "alone", "task's answer", "max |dlogit|",
+            "batch = alone")
     cells = [[t, p, _short(q, 38), _short(a, 22), _short(b, 22), _short(e, 22), f"{d:.1e}", "yes" if s else "NO"]
              for t, p, q, a, b, e, d, s in table]
     widths = [max(len(str(r[i])) for r in [head, *cells]) for i in range(len(head))]
     for r in [head, ["-" * w for w in widths], *cells]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("(checked: each row of the mixed batch answers as its adapter alone does; the task's answer shows "
+          "how well that small adapter learned its task, which is not what is checked)")
 
 
 def _short(s: str, n: int) -> str:
