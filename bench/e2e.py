@@ -38,17 +38,21 @@ GPU_MODEL = dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                  num_key_value_heads=16, vocab_size=32000)
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, vocab_size=97)
-CONFIGS = ["no_adapter", "ours_tl6", "peft_lora", "ours_lora", "no_adapter_4bit", "ours_tl6_4bit", "peft_lora_4bit",
-           "ours_dora", "peft_dora", "ours_simple_dora", "ours_tl_extra", "ours_tensor_embed", "ours_partial",
-           "no_adapter_compiled", "ours_tl6_compiled", "peft_lora_compiled",
-           "no_adapter_graphs", "ours_tl6_graphs", "peft_lora_graphs"]
+#: In the order of what they decide, since a GPU session's share stops where it stops: the eager
+#: targets (TL6 against no adapter and PEFT LoRA; DoRA and the 4-bit base against PEFT's), then the
+#: CUDA-graph family (about a minute of compilation each), then what has no target.
+CONFIGS = ["no_adapter", "ours_tl6", "peft_lora", "ours_dora", "peft_dora",
+           "no_adapter_4bit", "ours_tl6_4bit", "peft_lora_4bit",
+           "no_adapter_graphs", "ours_tl6_graphs", "peft_lora_graphs",
+           "ours_lora", "ours_simple_dora", "ours_tl_extra", "ours_tensor_embed", "ours_partial",
+           "no_adapter_compiled", "ours_tl6_compiled", "peft_lora_compiled"]
 #: Configs ending in this train over a bitsandbytes NF4 copy of the base (QLoRA-style; compared with
 #: no_adapter_4bit). Needs bitsandbytes (on the lent GPU machine: carried as a wheel, see gpu_session.sh).
 QUANTIZED = "_4bit"
 #: Configs ending in this run the model under ``torch.compile`` (inductor, default mode; the smoke
 #: mode on a CPU: the aot_eager backend, the plumbing only), compared with no_adapter_compiled: a
 #: small model's eager step is host-bound, and compiling is the usual remedy. The compilation
-#: (about a minute per config on the GPU machine) falls in the warm-up steps; they come last.
+#: (about a minute per config on the GPU machine) falls in the warm-up steps.
 COMPILED = "_compiled"
 #: Configs ending in this run under ``torch.compile(mode="reduce-overhead")``: CUDA graphs replay the
 #: forward and backward, so the host's issue time (what makes a small model's eager step host-bound)

@@ -27,11 +27,13 @@
 #                           of a small model is host-bound) and a cProfile of our fwd+bwd
 #   tiles         45    90  python -m bench.tile_sweep: each Triton kernel's launch configurations against
 #                           its byte floor, the most decisive cases first (a full sweep needs ~3 minutes)
-#   e2e           60   120  python -m bench --e2e-only: 13 configs (3 on a 4-bit base), warm-up, timing, profile each
+#   e2e           60   120  python -m bench --e2e-only: 19 configs in the order of the targets they decide
+#                           (bench.e2e.CONFIGS: eager TL6 / PEFT / DoRA / 4-bit first, ~10 s each; then the
+#                           CUDA-graph family, ~1 min of compilation each: a second call's E2E_CONFIGS)
 #   serving       40   120  python -m bench.serving: many adapters in one batch (a full run needs ~3
 #                           minutes: this share measures its first configs; PHASE_CAPS=serving=200 for more)
-#   suite         15     -  pytest -m "not cuda": the rest of the suite, in whatever is left
-#   pybench       10    40  pytest bench/test_bench_ops.py --benchmark-enable
+#   suite         10     -  pytest -m "not cuda": the rest of the suite, in whatever is left
+#   pybench       20    40  pytest bench/test_bench_ops.py --benchmark-enable (its share must exceed GRACE_S)
 #   reserve       15        SUMMARY.md, the benchmark's claims restamped with the tests' exit code, the tarball
 #
 # The microbenchmark runs before the tests that gate its claims: when the cuda-marked tests fail, the
@@ -63,7 +65,7 @@ E2E_CONFIGS=${E2E_CONFIGS:-}
 read -r -a TESTS <<< "${TEST_PATHS:-tests}"
 
 PHASES=(bench cuda_tests host tiles e2e serving suite pybench)
-SHARE=(110 90 10 45 60 40 15 10)
+SHARE=(110 90 10 45 60 40 10 20)
 CAP=(180 120 25 90 120 120 0 40)  # 0: no cap
 RESERVE_S=15            # not scaled: the final summary step needs its seconds at any budget
 STEP_S=2                # each phase's own summary and tarball refresh, kept out of the later shares
@@ -217,7 +219,7 @@ fi
 
 if allowance tiles; then
   timed tiles "$OUT/tiles.log" "$PY" -m bench.tile_sweep --out "$OUT/tiles" ${TILE_CASES:+--cases "$TILE_CASES"} \
-    --max-seconds $(( PHASE_T - MARGIN_S > 10 ? PHASE_T - MARGIN_S : 10 ))
+    --tests-exit-code "$CUDA_RC" --max-seconds $(( PHASE_T - MARGIN_S > 10 ? PHASE_T - MARGIN_S : 10 ))
 fi
 
 if allowance e2e; then

@@ -50,21 +50,27 @@ def read_phases(out: Path) -> dict[str, dict]:
 
 
 def restamp(out: Path, code: int) -> None:
-    """Record the cuda-marked tests' exit code in the microbenchmark's and the serving benchmark's
-    results (once each): a nonzero one withdraws their speed claims and their target verdicts."""
+    """Record the cuda-marked tests' exit code in the microbenchmark's, the serving benchmark's and
+    the tile sweep's results (once each): a nonzero one withdraws their speed claims, their target
+    verdicts and the sweep's fastest-per-case list."""
     from .claims import withdraw_if_tests_failed
 
-    for path in (out / "bench" / "results.json", out / "serving" / "results.json"):
+    for path in (out / "bench" / "results.json", out / "serving" / "results.json",
+                 out / "tiles" / "tile_sweep.json"):
         data = _load(path)
         if not data or data["meta"].get("tests_exit_code") == code:
             continue
         withdraw_if_tests_failed(data["meta"], code)
         if not data["meta"].get("speed_claims"):
-            data["targets"] = []
+            data["fastest" if path.name == "tile_sweep.json" else "targets"] = []
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
-        if path.parent.name == "bench":
+        if path.name == "tile_sweep.json":
+            from .tile_sweep import markdown as tiles_markdown
+
+            (path.parent / "tile_sweep.md").write_text(tiles_markdown(data["meta"], data["records"]))
+        elif path.parent.name == "bench":
             from .report import markdown
 
             (path.parent / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"],
@@ -175,6 +181,8 @@ def _tiles_phase(out: Path) -> list[str]:
     recs = data["records"]
     lines = [f"- {sum('us' in r for r in recs)} configurations timed, {sum('error' in r for r in recs)} failed, "
              f"{sum('skipped' in r for r in recs)} skipped at the deadline (tiles/tile_sweep.md)"]
+    if not data["meta"].get("speed_claims", True):
+        lines.append(f"- no fastest configuration claimed: {data['meta'].get('no_claims_reason', 'no GPU')}")
     return lines + [f"- {f['case']}: current ({f['current']}) {f['current_us']} us ({f['current_ratio']}x floor), "
                     f"fastest {f['fastest']} {f['fastest_us']} us ({f['fastest_ratio']}x)" for f in data["fastest"]]
 

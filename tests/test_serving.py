@@ -549,6 +549,11 @@ def test_bench_serving_smoke(tmp_path, monkeypatch, capsys):
     configs = {(r["config"], r.get("kind"), r.get("distinct")) for r in data["records"] if "median_ms" in r}
     assert {("base", None, None), ("one", "shared", None), ("bank", "full", 4), ("loop", "shared", 2)} <= configs
     assert data["ratios"]["decode"]["full"]["4"]["loop / bank"] > 0
+    # more adapters than the phase's sequences: as many sequences, and base / one timed on that shape
+    eight = [r for r in data["records"] if r.get("distinct") == 8 and r["config"] == "bank"]
+    assert eight and all(r["sequences"] == 8 and r["in_batch"] == 8 for r in eight)
+    assert any(r["config"] == "one" and r["sequences"] == 8 for r in data["records"])
+    assert data["records"].index(eight[0]) < min(i for i, r in enumerate(data["records"]) if r.get("distinct") == 1)
     assert "No speed claims" in capsys.readouterr().out
 
 
