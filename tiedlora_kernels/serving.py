@@ -209,7 +209,7 @@ class _Route:
             rows.rows_per_id(x)
             return nn.functional.linear(x, weight, bias)
         return bank_linear_unchecked(x, weight, bias, rows, slots.A, slots.B, slots.U, slots.V, slots.C,
-                                     resolve_backend(x, weight, bias, slots.R))
+                                     resolve_backend(x, weight, bias, slots.R, op="bank_linear"))
 
 
 class AdapterBank:

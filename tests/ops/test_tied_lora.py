@@ -558,8 +558,11 @@ def test_clear_errors_on_the_triton_route(monkeypatch):
     """What the GPU path cannot do is refused before any launch, naming the argument and the way out."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
     t = make(7, 33, 40, 3)
-    with pytest.raises(ValueError, match="weight requires grad"):
+    with pytest.raises(ValueError, match=r"tied_lora_linear \(triton\): weight requires grad"):
         public_tied_lora_linear(**{**_public_args(t), "weight": t["weight"].detach().clone().requires_grad_()})
+    base_out = t["x"].detach() @ t["weight"].t()
+    with pytest.raises(ValueError, match=r"tied_lora_add \(triton\): bias requires grad"):  # the op named is the one called
+        tiedlora_kernels.tied_lora_add(t["x"], base_out, t["bias"].detach().clone().requires_grad_(), t["A"], t["B"])
     t64 = make(7, 33, 40, 3, dtype=torch.float64, adapter_dtype=torch.float64)
     with pytest.raises(TypeError, match=r"x must be float32, bfloat16 or float16 on the Triton backend, got dtype "
                                         r"torch.float64; use TIEDLORA_BACKEND=torch"):

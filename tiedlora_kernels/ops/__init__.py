@@ -79,12 +79,12 @@ dispatch_settings._dynamo_marked_constant = True
 
 
 def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                    rank: int = 1, adapter_dtype: Optional[torch.dtype] = None) -> str:
+                    rank: int = 1, adapter_dtype: Optional[torch.dtype] = None, op: str = "tied_lora_linear") -> str:
     """The backend that will run for activations ``x`` (and base ``weight``/``bias``, adapter ``rank``
     and the down factor's ``adapter_dtype``): ``"torch"`` or ``"triton"``.
 
     Raises (before any launch) when ``TIEDLORA_BACKEND`` is unknown, or is ``triton`` and the inputs
-    cannot run there; the message names the argument and what the GPU path needs."""
+    cannot run there; the message names ``op``, the argument and what the GPU path needs."""
     want, installed, interpreting, rank_limits = dispatch_settings()
     rank_limit = rank_limits[x.device.index] if x.is_cuda and x.device.index is not None and \
         x.device.index < len(rank_limits) else None
@@ -100,21 +100,21 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
     if not x.is_cuda and not interpreting:
-        raise RuntimeError(f"tied_lora_linear (triton): x must be a CUDA tensor, got device {x.device}; "
+        raise RuntimeError(f"{op} (triton): x must be a CUDA tensor, got device {x.device}; "
                            "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
                            "interpreter, or use TIEDLORA_BACKEND=torch")
     if x.dtype == torch.float64:
-        raise TypeError("tied_lora_linear (triton): x must be float32, bfloat16 or float16 on the Triton "
+        raise TypeError(f"{op} (triton): x must be float32, bfloat16 or float16 on the Triton "
                         f"backend, got dtype {x.dtype}; use TIEDLORA_BACKEND=torch (or auto) for float64")
     if adapter_dtype == torch.float64:
-        raise TypeError("tied_lora_linear (triton): A must be float32, bfloat16 or float16 on the Triton backend "
+        raise TypeError(f"{op} (triton): A must be float32, bfloat16 or float16 on the Triton backend "
                         "(its kernels compute in fp32 at most), got float64; use TIEDLORA_BACKEND=torch (or auto)")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.requires_grad:
-            raise ValueError(f"tied_lora_linear (triton): {name} requires grad, but the kernels treat the base "
+            raise ValueError(f"{op} (triton): {name} requires grad, but the kernels treat the base "
                              "layer as frozen; freeze it, or use TIEDLORA_BACKEND=torch to train it")
     if rank_limit is not None and rank > rank_limit:
-        raise ValueError(f"tied_lora_linear (triton): rank r = A.shape[0] = {rank} is above {rank_limit}, the largest "
+        raise ValueError(f"{op} (triton): rank r = A.shape[0] = {rank} is above {rank_limit}, the largest "
                          f"the kernels' tiles fit in {x.device}'s shared memory; use TIEDLORA_BACKEND=auto or torch")
     return "triton"
 
@@ -212,7 +212,7 @@ def tied_lora_add(
     """
     x, base_out, bias = autocast_base(x, base_out, bias)
     check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, None, bias, A.shape[0], A.dtype) == "triton":
+    if resolve_backend(x, None, bias, A.shape[0], A.dtype, op="tied_lora_add") == "triton":
         from .tied_lora import tied_lora_add_triton
 
         return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,

@@ -178,7 +178,7 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if rows.capacity != U.shape[0]:
         raise ValueError(f"adapter_ids was validated for {rows.capacity} slots but U has {U.shape[0]}")
     return bank_linear_unchecked(x, weight, bias, rows, A, B, U, V, row_scale,
-                                 resolve_backend(x, weight, bias, U.shape[1]))
+                                 resolve_backend(x, weight, bias, U.shape[1], op="bank_linear"))
 
 
 def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_scale, backend: str) -> torch.Tensor:
