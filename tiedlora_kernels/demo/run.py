@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -145,15 +148,49 @@ def _environment(device: torch.device) -> dict:
     from .. import __version__
     return {"device": str(device), "device_name": name, "backend": backend, "torch": torch.__version__,
             "transformers": transformers.__version__, "tiedlora_kernels": __version__,
+            "tiedlora_kernels_source": _source_fingerprint(), "commit": _git_commit(),
+            "bitsandbytes": _installed_version("bitsandbytes"),
             "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
+
+
+def _source_fingerprint() -> str:
+    """sha256 (16 hex digits) of the package's Python sources: the code the numbers came from, also
+    where no git checkout is (the package version does not move with every change)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _git_commit() -> Optional[str]:
+    """The checkout's commit, with "+dirty" for uncommitted changes; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0 or not sha.stdout.strip():
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _installed_version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 #: Settings and environment entries that change the numbers: a run resumes from ``results.json``
 #: only when all of them are equal (the presets and ranks may differ: rows are kept per preset).
 RESUME_SETTINGS = ("steps", "base_steps", "batch_size", "lr", "base_lr", "gamma", "target_modules", "n_train",
                    "n_test", "eval_every", "seed", "quick", "model", "quantize")
-RESUME_ENVIRONMENT = ("device", "device_name", "backend", "torch", "transformers", "tiedlora_kernels")
+RESUME_ENVIRONMENT = ("device", "device_name", "backend", "torch", "transformers", "tiedlora_kernels",
+                      "tiedlora_kernels_source", "bitsandbytes")
 
 
 def _run_key(settings: dict, environment: dict) -> dict:

@@ -166,7 +166,9 @@ def run_serve(args: argparse.Namespace) -> int:
         save_adapter(model, dirs[task])
         del model
 
-    # The batch: `rows` held-out prompts of every task, interleaved, and one row on the base model.
+    # The batch: `rows` prompts of every task (fresh draws; the tasks' prompt spaces are small, so they
+    # may have been seen in training: what is checked is each row against its adapter alone), interleaved,
+    # and one row on the base model.
     rows: list[tuple[Optional[str], str, str]] = []
     for j in range(args.rows):
         for task in tasks:

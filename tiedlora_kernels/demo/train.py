@@ -105,8 +105,9 @@ class Progress:
 
 
 def _lr_lambda(total: int, warmup_frac: float = 0.05, floor: float = 0.1) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to ``floor`` of the peak."""
-    warm = max(1, int(total * warmup_frac))
+    """Linear warm-up (at least 2 steps: one would start at the peak), then cosine decay to ``floor``
+    of the peak."""
+    warm = max(2, int(total * warmup_frac))
 
     def f(step: int) -> float:
         if step < warm:
