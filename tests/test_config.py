@@ -99,7 +99,20 @@ BAD = [
     (dict(rank=-3), "rank must be a positive int"),
     (dict(rank=2.5), "rank must be a positive int"),
     (dict(preset="tl7"), "unknown preset 'tl7'"),
-    (dict(dropout=1.0), "dropout must be in"),
+    (dict(dropout=1.0), "dropout must be a number in"),
+    (dict(dropout="0.1"), "dropout must be a number in"),
+    (dict(rslora="no"), "rslora must be True or False"),
+    (dict(tied="false"), "tied must be True or False or None"),
+    (dict(train_A="no"), "train_A must be True or False or None"),
+    (dict(seed="abc"), "seed must be an int"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(init_u=float("nan")), "init_u must be a finite number"),
+    (dict(init_v=float("inf")), "init_v must be a finite number"),
+    (dict(target_modules=5), "target_modules must be"),
+    (dict(exclude_modules=None), "exclude_modules must be a regex string or a list"),
+    (dict(exclude_modules=[1]), "exclude_modules must be a regex string or a list"),
+    (dict(exclude_modules="lm_(head"), "exclude_modules: invalid regex"),
+    (dict(preset="partial", banks=5), "banks must be a pair"),
     (dict(gamma=0), "gamma must be"),
     (dict(init_A="xavier"), "init_A must be one of"),
     (dict(preset="lora", train_B=False), "B is initialised to zero and frozen"),
@@ -146,3 +159,17 @@ def test_round_trip_dict():
     assert TiedLoRAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
         TiedLoRAConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_exclude_modules_as_a_string_is_a_regex_not_its_characters():
+    """PEFT's rule: a string is matched (fullmatch) against the module path (iterated, it excluded
+    nothing: "lm_head" was seven one-letter names)."""
+    from helpers import tiny_llama
+    from tiedlora_kernels import adapted_layers, inject
+
+    model = tiny_llama(n_layer=2)
+    cfg = TiedLoRAConfig(rank=2, target_modules="all-linear", exclude_modules=r".*\.layers\.0\..*|lm_head")
+    inject(model, cfg)
+    names = [n for n, _ in adapted_layers(model)]
+    assert names and not any(".layers.0." in n or n == "lm_head" for n in names)
+    assert TiedLoRAConfig.from_dict(cfg.to_dict()).exclude_modules == cfg.exclude_modules

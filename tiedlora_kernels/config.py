@@ -167,7 +167,8 @@ class TiedLoRAConfig:
             factors can be rebuilt from the config instead of being saved.
         adapter_dtype: dtype of adapter parameters: ``"float32"`` (default; gradients of tied
             tensors accumulate in fp32) or ``"auto"`` (the base weight's dtype).
-        exclude_modules: names (as in ``target_modules`` lists) never adapted; the default keeps
+        exclude_modules: names (as in ``target_modules`` lists) never adapted, or a regex string
+            matched (``re.fullmatch``) against the full module name (PEFT's rule); the default keeps
             output heads frozen.
         kind_rule: how a layer's kind (its tying group) is derived from its module path: ``"path"``
             (default) or ``"last"``; see :data:`KIND_RULES` and :func:`tiedlora_kernels.inject`.
@@ -265,8 +266,16 @@ class TiedLoRAConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"TiedLoRAConfig.preset: unknown preset {self.preset!r}; "
                              f"expected one of {sorted(PRESETS)}")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"TiedLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"TiedLoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        # A string "false" is truthy: flags must be real bools (a config read from a file included).
+        for name in ("rslora", "train_A", "train_B", "train_u", "train_v", "tied"):
+            val = getattr(self, name)
+            if not isinstance(val, bool) and not (val is None and name != "rslora"):
+                raise ValueError(f"TiedLoRAConfig.{name} must be True or False{'' if name == 'rslora' else ' or None'}, "
+                                 f"got {val!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
+            raise ValueError(f"TiedLoRAConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
             raise ValueError(f"TiedLoRAConfig.gamma must be a finite number > 0, got {self.gamma!r}")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
@@ -280,8 +289,9 @@ class TiedLoRAConfig:
                 raise ValueError(f"TiedLoRAConfig.{name} must be one of {FACTOR_INITS}, got {val!r}")
         for name in ("init_u", "init_v"):
             val = getattr(self, name)
-            if val is not None and val != "absent" and not isinstance(val, (int, float)):
-                raise ValueError(f"TiedLoRAConfig.{name} must be a number, 'absent' or None, got {val!r}")
+            if val is not None and val != "absent" and (isinstance(val, bool) or not isinstance(val, (int, float))
+                                                        or not math.isfinite(val)):
+                raise ValueError(f"TiedLoRAConfig.{name} must be a finite number, 'absent' or None, got {val!r}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 try:
@@ -289,9 +299,19 @@ class TiedLoRAConfig:
                 except re.error as e:
                     raise ValueError(f"TiedLoRAConfig.target_modules: invalid regex "
                                      f"{self.target_modules!r}: {e}") from None
-        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+        elif not isinstance(self.target_modules, (list, tuple)) or not self.target_modules or \
+                not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError("TiedLoRAConfig.target_modules must be 'all-linear', a regex string or a "
                              f"non-empty list of module names, got {self.target_modules!r}")
+        if isinstance(self.exclude_modules, str):
+            try:
+                re.compile(self.exclude_modules)
+            except re.error as e:
+                raise ValueError(f"TiedLoRAConfig.exclude_modules: invalid regex {self.exclude_modules!r}: {e}") from None
+        elif not isinstance(self.exclude_modules, (list, tuple)) or \
+                not all(isinstance(t, str) and t for t in self.exclude_modules):
+            raise ValueError("TiedLoRAConfig.exclude_modules must be a regex string or a list of module names, "
+                             f"got {self.exclude_modules!r}")
 
         self._validate_patterns()
         if self.core is not None and self.core not in CORES:
@@ -300,7 +320,7 @@ class TiedLoRAConfig:
             raise ValueError(f"TiedLoRAConfig.magnitude must be one of {MAGNITUDES}, got {self.magnitude!r}")
         if isinstance(self.core_bank, bool) or not isinstance(self.core_bank, int) or self.core_bank < 1:
             raise ValueError(f"TiedLoRAConfig.core_bank must be an int >= 1, got {self.core_bank!r}")
-        if self.banks is not None and (len(tuple(self.banks)) != 2 or not all(
+        if self.banks is not None and (not isinstance(self.banks, (list, tuple)) or len(self.banks) != 2 or not all(
                 isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.banks)):
             raise ValueError(f"TiedLoRAConfig.banks must be a pair of ints >= 1 (kA, kB), got {self.banks!r}")
         p = self.resolved()
@@ -354,7 +374,8 @@ class TiedLoRAConfig:
         d = dataclasses.asdict(self)
         d["target_modules"] = (self.target_modules if isinstance(self.target_modules, str)
                                else list(self.target_modules))
-        d["exclude_modules"] = list(self.exclude_modules)
+        d["exclude_modules"] = (self.exclude_modules if isinstance(self.exclude_modules, str)
+                                else list(self.exclude_modules))
         if self.banks is not None:
             d["banks"] = list(self.banks)
         return d
@@ -365,6 +386,6 @@ class TiedLoRAConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"TiedLoRAConfig: unknown fields {sorted(unknown)}")
-        if d.get("banks") is not None:
+        if isinstance(d.get("banks"), list):  # JSON has no tuples
             d = {**d, "banks": tuple(d["banks"])}
         return cls(**d)

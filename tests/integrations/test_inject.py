@@ -572,3 +572,24 @@ def test_merge_unmerge_round_trip_with_alpha_and_gamma(preset):
         m.unmerge()
         assert rel_err(m.weight, w0[n]) < 1e-6, n
     assert rel_err(model(IDS).logits, adapted) < 1e-5
+
+
+def test_a_module_under_two_names_is_adapted_under_both():
+    """``self.b = self.a``: the same layer called from two places gets the same adapter at both."""
+    model = torch.nn.Module()
+    model.a = torch.nn.Linear(8, 8)
+    model.b = model.a
+    inject(model, TiedLoRAConfig(rank=2, preset="tl6", target_modules=["a"]))
+    assert model.b is model.a and isinstance(model.a, TiedLoRALinear)
+    randomize_adapters(model)
+    x = torch.randn(3, 8)
+    want = model.b(x)
+    merge(model)  # one layer, one weight: merging it is no change to another module
+    assert rel_err(model.b(x), want) < 1e-5
+
+
+def test_a_model_holding_peft_layers_is_refused():
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers .*from_peft"):
+        inject(pm, TiedLoRAConfig(rank=2))

@@ -95,7 +95,9 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
     candidates = [(n, m, _layout_of(m)) for n, m in model.named_modules()]
     candidates = [(n, m, lay) for n, m, lay in candidates
                   if lay is not None and not n.startswith(ROOT_ATTR + ".")]
-    excluded = lambda n: any(_name_matches(n, e) for e in config.exclude_modules)  # noqa: E731
+    ex = config.exclude_modules
+    excluded = (re.compile(ex).fullmatch if isinstance(ex, str)  # noqa: E731
+                else lambda n: any(_name_matches(n, e) for e in ex))
     tm = config.target_modules
     if isinstance(tm, str) and tm == "all-linear":
         chosen = [(n, m, lay) for n, m, lay in candidates if not excluded(n)]
@@ -112,7 +114,7 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
                                  f"{type(model).__name__}; available names: {kinds}")
             if not any(_name_matches(n, t) for n, _, _ in chosen):
                 raise ValueError(f"inject: target_modules entry {t!r} matches only layers that exclude_modules="
-                                 f"{list(config.exclude_modules)!r} excludes (the default keeps output heads frozen); "
+                                 f"{config.exclude_modules!r} excludes (the default keeps output heads frozen); "
                                  "pass exclude_modules without them to adapt those layers")
     if not chosen:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
@@ -281,6 +283,10 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     if hasattr(model, ROOT_ATTR):
         raise ValueError(f"inject: the model already has tiedlora adapters (model.{ROOT_ATTR}); "
                          "inject once, or build a fresh model")
+    peft_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.tuners")]
+    if peft_layers:  # adapting them would nest our adapters inside PEFT's and freeze PEFT's
+        raise ValueError(f"inject: the model holds PEFT adapter layers ({peft_layers[:3]}...); convert them with "
+                         "tiedlora_kernels.from_peft(peft_model), or start from the base model")
     targets = find_targets(model, config)
     p = config.resolved()
     r = config.rank
@@ -293,6 +299,10 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
         prm.requires_grad_(False)
 
     modules = dict(model.named_modules())
+    # A module registered under several names (``self.b = self.a``) is replaced under every one of them.
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases[id(m)].append(n)
     groups: dict[str, list[TargetLayer]] = defaultdict(list)
     for t in targets:
         groups[group_name(t, p.tied)].append(t)
@@ -327,9 +337,10 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
             else:
                 layer = TiedLoRALinear(base.weight, base.bias, **common)
             layer.train(base.training)
-            parent_name, _, child = t.name.rpartition(".")
-            parent = modules[parent_name] if parent_name else model
-            setattr(parent, child, layer)
+            for name in aliases[id(base)]:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, layer)
 
     model.add_module(ROOT_ATTR, factors)
     factors.config = config
@@ -457,7 +468,9 @@ def shared_weights(model: nn.Module) -> dict[str, list[str]]:
     for name, layer in adapted_layers(model):
         if layer.layout == "quantized":
             continue
-        others = [n for n in names.get(id(layer.weight), []) if n != f"{name}.weight"]
+        # (names under which this same layer is registered, ``self.b = self.a``, are no other module)
+        others = [n for n in names.get(id(layer.weight), [])
+                  if model.get_submodule(n.rpartition(".")[0]) is not layer]
         if others:
             out[name] = others
     return out
