@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from .integrations import adapted_layers, adapter_config, load_adapter
-from .integrations.inject import ROOT_ATTR, _layout_of
+from .integrations.shell import linear_shell
 from .modules import TiedLoRALinear
 from .ops import resolve_backend
 from .ops.bank_linear import AdapterRows, bank_linear_unchecked, shared_factors
@@ -435,7 +435,7 @@ class AdapterBank:
     def _read_directory(self, directory: Path) -> dict:
         """Effective tensors of a saved adapter: loaded into a shell of this model's linear layers that
         shares their weights (nothing of the model is copied or changed), with load_adapter's checks."""
-        shell = _shell_of(self.model)
+        shell = linear_shell(self.model)
         frozen = {id(p): p.requires_grad for p in self.model.parameters()}
         try:
             load_adapter(shell, directory)
@@ -523,55 +523,6 @@ def _effective_tensors(model: nn.Module) -> dict[str, LayerAdapter]:
             A, B, u, v, c = layer.op_tensors()
             out[name] = LayerAdapter(A, B, u, v, c, layer.scaling)
     return out
-
-
-class _LinearShell(nn.Linear):
-    """An ``nn.Linear`` around an existing weight and bias (shared, not copied)."""
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]):
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
-        self.weight, self.bias = weight, bias
-
-
-class Conv1D(nn.Module):
-    """HF ``Conv1D``'s shape (weight (K, N)) around an existing weight: ``inject`` recognises layers of
-    that name, so a shell of a GPT-2-style model gets the same kinds as the model."""
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]):
-        super().__init__()
-        self.nf = weight.shape[1]
-        self.weight, self.bias = weight, bias
-
-
-def _shell_of(model: nn.Module) -> nn.Module:
-    """A module tree with a linear shell at the path of every linear layer of ``model`` (adapted or
-    not: a layer's kind depends on all of them), sharing the weights, and nothing else."""
-    root = nn.Module()
-    for name, module in model.named_modules():
-        if not name or name == ROOT_ATTR or name.startswith(ROOT_ATTR + "."):
-            continue
-        layout = module.layout if isinstance(module, TiedLoRALinear) else _layout_of(module)
-        if layout == "linear":
-            shell = _LinearShell(module.weight, module.bias)
-        elif layout == "conv1d":
-            shell = Conv1D(module.weight, module.bias)
-        elif layout is not None and hasattr(module, "in_features"):
-            # a quantized layer the model does not adapt (the bank refuses adapted ones): it names kinds
-            # like any other; a weight of its shape on the meta device stands in (never read)
-            weight = nn.Parameter(torch.empty(module.out_features, module.in_features, device="meta"),
-                                  requires_grad=False)
-            shell = _LinearShell(weight, None)
-        else:
-            continue
-        parent = root
-        *path, leaf = name.split(".")
-        for part in path:
-            if part not in parent._modules:
-                parent.add_module(part, nn.Module())
-            parent = parent._modules[part]
-        parent.add_module(leaf, shell)
-    return root
 
 
 __all__ = ["AdapterBank", "LayerAdapter", "ROUTES"]

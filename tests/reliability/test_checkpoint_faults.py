@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiedlora_kernels import adapter_named_parameters, load_adapter, save_adapter
+from tiedlora_kernels import TiedLoRAConfig, adapter_named_parameters, inject, load_adapter, save_adapter
 from tiedlora_kernels.integrations.checkpoint import ADAPTER_FILE, CONFIG_FILE, OPTIMIZER_FILE, read_adapter
 
 LOOP = Path(__file__).with_name("_save_loop.py")
@@ -313,3 +313,116 @@ def test_undamaged_metadata_rewrite_still_loads(tmp_path):
     path, out = _saved(tmp_path)
     _rewrite_metadata(path, lambda m: m)
     assert torch.equal(load_adapter(loop.Net(), tmp_path)(torch.ones(2, 16)), out)
+
+
+def _forge(path: Path, edit_tensors=lambda t: t, edit_config=None) -> None:
+    """Rewrite an adapter file with edited tensors and/or config and a content hash that fits them."""
+    from safetensors.torch import safe_open, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = edit_tensors(tensors)
+    if edit_config is not None:
+        meta = _edit_config(**edit_config)(meta)
+    save_file(tensors, str(path), metadata={**meta, "sha256": _forged_hash(tensors, meta)})
+
+
+FORGERIES = {
+    "extra tensor": (lambda t: {**t, "layers.0.proj.adapter_x": torch.zeros(2)}, None, "has no counterpart"),
+    "missing tensor": (lambda t: dict(list(t.items())[1:]), None, "trained tensors missing"),
+    "wrong shape": (lambda t: {k: v[..., :-1].contiguous() for k, v in t.items()}, None, "has shape"),
+    "NaN": (lambda t: {k: v.fill_(float("nan")) for k, v in t.items()}, None, "non-finite"),
+    # a config asking for a bank far larger than the file's tensor: refused on the meta device, before
+    # anything of that size is allocated
+    "huge core bank": (lambda t: t, dict(core_bank=50_000_000), r"has shape \(2.*in the file, \(50000000"),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_a_refused_file_leaves_a_plain_model_untouched(tmp_path, forgery):
+    """With a valid hash over forged content, a model without adapters is refused before inject:
+    no adapters, no frozen base parameters, nothing allocated for a crafted config."""
+    if forgery == "huge core bank":  # a tensor-embedding adapter (its LM bank is trained, so in the file)
+        source = inject(loop.Net(), TiedLoRAConfig(rank=2, preset="tensor_embed", core_bank=2))
+    else:
+        source = loop.version(0)
+    save_adapter(source, tmp_path)
+    edit_tensors, edit_config, msg = FORGERIES[forgery]
+    _forge(tmp_path / ADAPTER_FILE, edit_tensors, edit_config)
+    model = loop.Net()
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=msg):
+        load_adapter(model, tmp_path)
+    assert not hasattr(model, "tiedlora")
+    after = {n: (p.detach(), p.requires_grad) for n, p in model.named_parameters()}
+    assert after.keys() == before.keys() and all(
+        torch.equal(after[n][0], before[n][0]) and after[n][1] == before[n][1] for n in before)
+
+
+def _adam_saved(tmp_path):
+    model = loop.version(0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(torch.randn(4, 16)).square().mean().backward()
+    opt.step()
+    save_adapter(model, tmp_path, optimizer=opt)
+    fresh = loop.version(1, same_config=True)
+    return fresh, torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+
+
+def _forge_optimizer(path: Path, edit_tensors=lambda t: t, edit_groups=lambda g: g) -> None:
+    from safetensors.torch import safe_open, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = edit_tensors(tensors)
+    groups = json.dumps(edit_groups(json.loads(meta["param_groups"])))
+    meta = {**meta, "param_groups": groups,
+            "sha256": loop.ckpt.content_hash(tensors, groups, meta.get("adapter_sha256", ""))}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _first_state(t, suffix):
+    return next(k for k in sorted(t) if k.endswith(suffix))
+
+
+OPTIMIZER_FORGERIES = {
+    "hash": (lambda t: t, lambda g: g, "sha256 mismatch", False),
+    "moment shape": (lambda t: {**t, _first_state(t, "/exp_avg"): torch.zeros(1)}, lambda g: g, "is \\(1,\\)", True),
+    "moment NaN": (lambda t: {**t, _first_state(t, "/exp_avg_sq"): torch.full_like(t[_first_state(t, "/exp_avg_sq")],
+                                                                                    float("nan"))},
+                   lambda g: g, "non-finite", True),
+    "unknown parameter": (lambda t: {**t, "nowhere.A/exp_avg": torch.zeros(2)}, lambda g: g, "names no parameter", True),
+    "lr a string": (lambda t: t, lambda g: [{**g[0], "lr": "evil"}], "hyperparameter 'lr'", True),
+    "groups not dicts": (lambda t: t, lambda g: [1], "unreadable parameter groups", True),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(OPTIMIZER_FORGERIES))
+def test_a_refused_optimizer_file_changes_neither_the_adapter_nor_the_optimizer(tmp_path, forgery):
+    """The optimizer file is read and checked whole before the adapter is copied: a bad one (a broken
+    hash; a forged state consistent with its hash: wrong shapes, NaN moments, unknown parameters,
+    hyperparameters of the wrong type) leaves the model's adapter and the optimizer as they were."""
+    model, opt = _adam_saved(tmp_path)
+    edit_tensors, edit_groups, msg, rehash = OPTIMIZER_FORGERIES[forgery]
+    path = tmp_path / OPTIMIZER_FILE
+    if rehash:
+        _forge_optimizer(path, edit_tensors, edit_groups)
+    else:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+    before = {n: p.detach().clone() for n, p in adapter_named_parameters(model)}
+    with pytest.raises(ValueError, match=msg):
+        load_adapter(model, tmp_path, optimizer=opt)
+    assert all(torch.equal(p, before[n]) for n, p in adapter_named_parameters(model))
+    assert not opt.state and opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_an_optimizer_needs_a_model_with_adapters(tmp_path):
+    _adam_saved(tmp_path)
+    model = loop.Net()
+    with pytest.raises(ValueError, match="optimizer= needs a model that has its adapters already"):
+        load_adapter(model, tmp_path, optimizer=torch.optim.Adam(model.parameters()))
+    assert not hasattr(model, "tiedlora")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from ..config import TiedLoRAConfig
 from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_dtypes, adapter_named_parameters,
                      build_factors, find_targets, inject, refuse_merged)
+from .shell import linear_shell
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -244,10 +246,20 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     checks pass. With ``optimizer``, also restores its state from ``optimizer.safetensors``.
     """
     config, layers, tensors, sha256 = _read_verified(directory)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"load_adapter: tensor {name!r} holds non-finite values (NaN or inf)")
     if not hasattr(model, ROOT_ATTR):
-        # Check the layers and the tensors' dtypes before injecting, so a refused file leaves the model untouched.
+        if optimizer is not None:
+            raise ValueError("load_adapter: optimizer= needs a model that has its adapters already (inject, build the "
+                             "optimizer over its parameters, then load); this one has none")
+        # Every check before injecting, so a refused file leaves the model untouched: the layers, then the
+        # tensors against what inject would make, worked out on a shell of the model on the meta device
+        # (nothing allocated: a config whose trained banks are larger than the file's tensors is refused
+        # here), then their dtypes.
         targets = _targets_or_refuse(model, config)
         _check_layers([[t.name, t.kind, t.in_features, t.out_features] for t in targets], layers)
+        _check_tensors(tensors, dict(adapter_named_parameters(inject(linear_shell(model, meta=True), config))))
         _check_dtypes(tensors, adapter_dtypes(model, config, targets))
         inject(model, config)
     else:
@@ -262,16 +274,10 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     _check_layers(_layer_table(model), layers)
     params = dict(adapter_named_parameters(model))
     _check_dtypes(tensors, {n: prm.dtype for n, prm in params.items()})
-    for name, t in tensors.items():
-        prm = params.get(name)
-        if prm is None:
-            raise ValueError(f"load_adapter: tensor {name!r} in the file has no counterpart in the model")
-        if tuple(prm.shape) != tuple(t.shape):
-            raise ValueError(f"load_adapter: tensor {name!r} has shape {tuple(t.shape)} in the file, "
-                             f"{tuple(prm.shape)} in the model")
-    missing = [n for n, prm in params.items() if prm.requires_grad and n not in tensors]
-    if missing:
-        raise ValueError(f"load_adapter: trained tensors missing from the file: {missing}")
+    _check_tensors(tensors, params)
+    # The optimizer's file is read and checked whole before anything of the model changes.
+    restore_optimizer = _read_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE, sha256) \
+        if optimizer is not None else None
     # A frozen factor the file leaves out is the one its seed rebuilds (save_adapter's rule): set it
     # from the seed, since a model that already had adapters may hold another adapter's.
     holder = getattr(model, ROOT_ATTR)
@@ -289,9 +295,24 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
 
                 t = distribute_tensor(t.to(prm.device_mesh.device_type), prm.device_mesh, prm.placements)
             prm.copy_(t)
-    if optimizer is not None:
-        _load_optimizer(model, optimizer, Path(directory) / OPTIMIZER_FILE, sha256)
+    if restore_optimizer is not None:
+        restore_optimizer()
     return model
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Refuse a file whose tensors are not the adapter ``params`` would hold: a name the model has
+    no tensor for, another shape, or a trained tensor left out."""
+    for name, t in tensors.items():
+        prm = params.get(name)
+        if prm is None:
+            raise ValueError(f"load_adapter: tensor {name!r} in the file has no counterpart in the model")
+        if tuple(prm.shape) != tuple(t.shape):
+            raise ValueError(f"load_adapter: tensor {name!r} has shape {tuple(t.shape)} in the file, "
+                             f"{tuple(prm.shape)} in the model")
+    missing = [n for n, prm in params.items() if prm.requires_grad and n not in tensors]
+    if missing:
+        raise ValueError(f"load_adapter: trained tensors missing from the file: {missing}")
 
 
 def _check_dtypes(tensors: dict[str, torch.Tensor], want: dict[str, torch.dtype]) -> None:
@@ -328,7 +349,15 @@ def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
+#: Optimizer state entries that have their parameter's shape and dtype (torch's Adam, AdamW, SGD, ...).
+_PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+                       "sum", "ax", "prev")
+
+
+def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str):
+    """Read and check ``optimizer.safetensors`` whole (hash, the adapter it belongs to, its parameter
+    groups, every state tensor's parameter, shape, dtype and values, every hyperparameter's type),
+    changing nothing; returns the function that then restores it."""
     meta, tensors = _read_safetensors(path, "optimizer state")
     if "param_groups" not in meta or content_hash(tensors, meta["param_groups"], meta.get("adapter_sha256", "")) \
             != meta.get("sha256"):
@@ -337,20 +366,52 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
         raise ValueError(f"load_adapter: the optimizer state in {path} belongs to another save of the adapter "
                          "(its adapter_sha256 differs): refusing to resume with mismatched moments")
     names = _param_names(model)
-    saved_groups = json.loads(meta["param_groups"])
+    try:
+        saved_groups = json.loads(meta["param_groups"])
+    except ValueError:
+        saved_groups = None
+    if not isinstance(saved_groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                     for g in saved_groups):
+        raise ValueError(f"load_adapter: {path} has unreadable parameter groups")
     if len(saved_groups) != len(optimizer.param_groups) or any(
-            [names[id(p)] for p in g["params"]] != sg["params"] for g, sg in zip(optimizer.param_groups, saved_groups)):
+            [names.get(id(p)) for p in g["params"]] != sg["params"] for g, sg in zip(optimizer.param_groups, saved_groups)):
         raise ValueError("load_adapter: the optimizer's parameters differ from the saved optimizer's")
     for g, sg in zip(optimizer.param_groups, saved_groups):
-        # Hyperparameters (lr, betas, weight decay, ...) come back too; JSON turned tuples into lists.
         for k, v in sg.items():
-            if k != "params" and k in g:
-                g[k] = tuple(v) if isinstance(g[k], tuple) else v
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            prefix = names[id(p)] + "/"
-            # Adam keeps "step" on the CPU (unless fused/capturable); everything else lives with its parameter.
-            state = {k[len(prefix):]: (t if k.endswith("/step") else t.to(p.device))
-                     for k, t in tensors.items() if k.startswith(prefix)}
-            if state:
-                optimizer.state[p] = state
+            have = g.get(k)
+            if k == "params" or k not in g or have is None or v is None:
+                continue
+            same = (isinstance(v, list) and isinstance(have, (list, tuple))) or \
+                (isinstance(v, bool) == isinstance(have, bool) and isinstance(v, (int, float)) == isinstance(have, (int, float))
+                 and (isinstance(v, (int, float)) or type(v) is type(have)))
+            if not same or (isinstance(v, float) and not math.isfinite(v)):
+                raise ValueError(f"load_adapter: {path}: hyperparameter {k!r} = {v!r} does not fit the optimizer's "
+                                 f"({have!r})")
+    by_name = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+    for key, t in tensors.items():
+        pname, _, skey = key.rpartition("/")
+        p = by_name.get(pname)
+        if p is None:
+            raise ValueError(f"load_adapter: {path}: state {key!r} names no parameter of the optimizer")
+        if skey in _PARAM_SHAPED_STATE and (tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype):
+            raise ValueError(f"load_adapter: {path}: state {key!r} is {tuple(t.shape)} {t.dtype}, its parameter "
+                             f"{tuple(p.shape)} {p.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"load_adapter: {path}: state {key!r} holds non-finite values")
+
+    def restore() -> None:
+        for g, sg in zip(optimizer.param_groups, saved_groups):
+            # Hyperparameters (lr, betas, weight decay, ...) come back too; JSON turned tuples into lists.
+            for k, v in sg.items():
+                if k != "params" and k in g:
+                    g[k] = tuple(v) if isinstance(g[k], tuple) else v
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                prefix = names[id(p)] + "/"
+                # Adam keeps "step" on the CPU (unless fused/capturable); everything else lives with its parameter.
+                state = {k[len(prefix):]: (t if k.endswith("/step") else t.to(p.device))
+                         for k, t in tensors.items() if k.startswith(prefix)}
+                if state:
+                    optimizer.state[p] = state
+
+    return restore
