@@ -426,3 +426,17 @@ def test_an_optimizer_needs_a_model_with_adapters(tmp_path):
     with pytest.raises(ValueError, match="optimizer= needs a model that has its adapters already"):
         load_adapter(model, tmp_path, optimizer=torch.optim.Adam(model.parameters()))
     assert not hasattr(model, "tiedlora")
+
+
+@pytest.mark.parametrize("table", [[[1], []], None, [["a", "b", "1", 2]], [["a"]]], ids=str)
+def test_a_malformed_layer_table_with_a_valid_hash_is_refused_clearly(tmp_path, table):
+    from safetensors.torch import safe_open, save_file
+
+    path, _ = _saved(tmp_path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = {**meta, "layers": json.dumps(table)}
+    save_file(tensors, str(path), metadata={**meta, "sha256": _forged_hash(tensors, meta)})
+    with pytest.raises(ValueError, match=r"unreadable config .*layer table"):
+        load_adapter(loop.Net(), tmp_path)

@@ -208,6 +208,10 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
             raise TypeError(f"the config is a {type(fields).__name__}, not a table")
         config = TiedLoRAConfig.from_dict({**READABLE_VERSIONS[meta["format_version"]], **fields})
         layers = json.loads(meta["layers"])
+        if not isinstance(layers, list) or not all(
+                isinstance(row, list) and len(row) == 4 and all(isinstance(v, str) for v in row[:2])
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in row[2:]) for row in layers):
+            raise TypeError("the layer table is not a list of [name, kind, in_features, out_features]")
     except (ValueError, TypeError) as e:
         raise ValueError(f"load_adapter: {path} has an unreadable config ({e})") from None
     return config, layers, tensors, meta["sha256"]
