@@ -90,6 +90,12 @@ def test_scaling():
     assert TiedLoRAConfig(rank=8, alpha=16).scaling == 2.0
     assert TiedLoRAConfig(rank=16, alpha=16, rslora=True).scaling == 4.0
     assert TiedLoRAConfig(rank=16, rslora=True).scaling == 4.0  # alpha unset is the paper's alpha = r
+
+
+def test_any_int_seed_is_valid():
+    """Seeds enter only a hash of their text: files saved with any int seed load."""
+    for seed in (-1, 0, 2**64):
+        assert TiedLoRAConfig.from_dict(TiedLoRAConfig(seed=seed).to_dict()).seed == seed
     assert TiedLoRAConfig(rank=8, preset="tl6", gamma=10).scaling == 10.0  # A is the trained random factor
     assert TiedLoRAConfig(rank=8, preset="vera", gamma=10).scaling == 1.0  # no trained random factor
 

@@ -274,8 +274,8 @@ class TiedLoRAConfig:
             if not isinstance(val, bool) and not (val is None and name != "rslora"):
                 raise ValueError(f"TiedLoRAConfig.{name} must be True or False{'' if name == 'rslora' else ' or None'}, "
                                  f"got {val!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
-            raise ValueError(f"TiedLoRAConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TiedLoRAConfig.seed must be an int, got {self.seed!r}")
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
             raise ValueError(f"TiedLoRAConfig.gamma must be a finite number > 0, got {self.gamma!r}")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):

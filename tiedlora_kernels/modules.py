@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -64,6 +65,10 @@ class TiedFactors(nn.Module):
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
         self._fp32_views: dict[str, tuple] = {}  # name -> (validity key, fp32 cast, parameter cast)
         self._cast_hooks: dict[str, tuple] = {}  # name -> (parameter, handle of its drop-the-cast hook)
+        self._cast_this_pass: set[str] = set()  # factors cast with grad since the root's last forward began
+        self._watch_trained_factors()
+
+    def _watch_trained_factors(self) -> None:
         for name in ("A", "B", "core_bank"):
             self._drop_cast_after_its_gradient(name)
 
@@ -76,12 +81,18 @@ class TiedFactors(nn.Module):
         hooked = self._cast_hooks.get(name)
         if p is None or not p.requires_grad or (hooked is not None and hooked[0] is p):
             return
-        self._cast_hooks[name] = (p, p.register_post_accumulate_grad_hook(functools.partial(_forget, self._fp32_views,
-                                                                                          name)))
+        # The hook reaches the casts through a weak reference: held strongly, the parameter would keep
+        # them alive through its hook, and they it through their graphs, a cycle no collector breaks.
+        self._cast_hooks[name] = (p, p.register_post_accumulate_grad_hook(
+            functools.partial(_forget, weakref.ref(self), name)))
 
     def new_forward_pass(self) -> None:
-        """Drop the shared fp32 casts: called by the model root's forward pre-hook (see ``inject``)."""
+        """Drop the shared fp32 casts: called by the model root's forward pre-hook (see ``inject``);
+        trained parameters replaced since (``load_state_dict(assign=True)``, ``to_empty``) get their hooks."""
         self._fp32_views.clear()
+        self._cast_this_pass.clear()
+        if not torch.compiler.is_compiling():
+            self._watch_trained_factors()
 
     @property
     def rank(self) -> int:
@@ -114,8 +125,9 @@ class TiedFactors(nn.Module):
             self._drop_cast_after_its_gradient(name)  # a factor trained since __init__, or a replaced parameter
         key = None if compiling else (p._version, p.data_ptr(), _count_optimizer_steps())
         cached = self._fp32_views.get(name)
-        if cached is None and key is not None and torch._C._current_graph_task_id() != -1:
-            # Built inside a backward pass with none from this forward: reentrant activation
+        in_backward = key is not None and torch._C._current_graph_task_id() != -1
+        if cached is None and in_backward and name not in self._cast_this_pass:
+            # Cast inside a backward pass, none cast with grad in this forward pass: reentrant activation
             # checkpointing recomputing a segment whose forward ran without grad. Each segment's
             # backward then adds its part into the bf16 .grad on its own.
             warnings.warn(f"TiedFactors: the trained {p.dtype} tied factor {name!r} under reentrant activation "
@@ -126,12 +138,14 @@ class TiedFactors(nn.Module):
         if cached is None or cached[0] != key or cached[2] is not p:
             cached = (key, p.float(), p)
             self._fp32_views[name] = cached
+            if not in_backward:
+                self._cast_this_pass.add(name)
         return cached[1]
 
     def __getstate__(self):
         # The casts are graph nodes of past forwards: never copied or pickled with the module; a
         # copy's parameters are new objects, which get their own hooks on first use.
-        return {**self.__dict__, "_fp32_views": {}, "_cast_hooks": {}}
+        return {**self.__dict__, "_fp32_views": {}, "_cast_hooks": {}, "_cast_this_pass": set()}
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
@@ -146,9 +160,11 @@ class TiedFactors(nn.Module):
                 f"B={tuple(self.B.shape)}{'' if self.B.requires_grad else ' frozen'}{bank}")
 
 
-def _forget(views: dict, name: str, param: torch.Tensor) -> None:
-    """Post-accumulate-grad hook of a trained factor: drop its fp32 cast from ``views``."""
-    views.pop(name, None)
+def _forget(factors: "weakref.ref[TiedFactors]", name: str, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a trained factor: drop its fp32 cast (if its module still lives)."""
+    owner = factors()
+    if owner is not None:
+        owner._fp32_views.pop(name, None)
 
 
 class AdapterFactors(nn.ModuleDict):

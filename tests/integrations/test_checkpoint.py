@@ -323,3 +323,23 @@ def test_save_refuses_a_layer_that_its_config_would_not_rebuild(tmp_path, attr, 
     with pytest.raises(ValueError, match=f"layer 'model.layers.1.self_attn.v_proj' has {attr} {value}"):
         save_adapter(model, tmp_path)
     assert not (tmp_path / ADAPTER_FILE).exists()
+
+
+def test_tensor_hyperparameters_come_back_as_tensors(tmp_path):
+    """Adam with a tensor lr and betas: saved as numbers, restored in the optimizer's own form, and the
+    next step runs (they came back as strings)."""
+    model = trained("tl6")
+    make = lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=torch.tensor(1e-3),  # noqa: E731
+                                      betas=(torch.tensor(0.8), torch.tensor(0.9)))
+    opt = make(model)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    save_adapter(model, tmp_path, optimizer=opt)
+    fresh = load_adapter(base_of_trained(), tmp_path)
+    opt2 = make(fresh)
+    load_adapter(fresh, tmp_path, optimizer=opt2)
+    g = opt2.param_groups[0]
+    assert isinstance(g["lr"], torch.Tensor) and g["lr"].item() == pytest.approx(1e-3)
+    assert all(isinstance(b, torch.Tensor) for b in g["betas"]) and g["betas"][0].item() == pytest.approx(0.8)
+    fresh(IDS, labels=IDS).loss.backward()
+    opt2.step()

@@ -593,3 +593,40 @@ def test_a_model_holding_peft_layers_is_refused():
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"holds PEFT adapter layers .*from_peft"):
         inject(pm, TiedLoRAConfig(rank=2))
+
+
+def test_a_forward_without_backward_leaks_nothing():
+    """bf16 tied factors with grad and no backward (an evaluation without no_grad): once the model is
+    gone, its factors and their fp32 casts are freed (a hook holding the casts strongly made a cycle
+    through the autograd graph that no collector breaks)."""
+    import gc
+    import weakref
+
+    refs = []
+    for _ in range(3):
+        model = tiny_llama(n_layer=2)
+        inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+        model(IDS)
+        refs.append(weakref.ref(model.tiedlora["q_proj"].A))
+        del model
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+
+
+def test_no_reentrant_warning_for_non_reentrant_checkpointing_with_two_backwards():
+    """retain_graph and a second backward, or two micro-batches, under use_reentrant=False: the cast
+    is dropped after each backward and recomputed inside the next; that is no reentrant recompute."""
+    import warnings
+
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16"))
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = model(IDS, labels=IDS).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        first, second = model(IDS, labels=IDS).loss, model(IDS, labels=IDS).loss
+        first.backward()
+        second.backward()
+    assert not [w for w in caught if "reentrant" in str(w.message)]

@@ -127,3 +127,17 @@ def test_a_rank_the_kernels_do_not_fit_takes_the_torch_path_or_a_clear_error(mon
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
     with pytest.raises(ValueError, match=rf"rank r = A.shape\[0\] = {limit + 1} is above {limit}"):
         ops.resolve_backend(x, W, None, limit + 1)
+
+
+def test_wide_dot_rule():
+    """fp32 (or any other-dtype) factors on 16-bit activations take the fp32 dot; a scaled factor on
+    fp16 too (fp16's range); bf16 factors on bf16 activations stay narrow, scaled or not."""
+    from tiedlora_kernels.ops.common import wide_dot
+
+    t = lambda dt: torch.empty(2, 2, dtype=dt)  # noqa: E731
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    v = torch.empty(2)
+    assert wide_dot(t(bf16), t(fp32)) and wide_dot(t(fp16), t(fp32)) and wide_dot(t(fp16), t(bf16))
+    assert wide_dot(t(fp16), t(fp16), v) and not wide_dot(t(fp16), t(fp16))
+    assert not wide_dot(t(bf16), t(bf16)) and not wide_dot(t(bf16), t(bf16), v)
+    assert not wide_dot(t(fp32), t(fp32), v) and not wide_dot(t(fp32), t(bf16))

@@ -340,15 +340,49 @@ def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
         for p in group["params"]:
             for key, val in optimizer.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}/{key}"] = _full(val) if torch.is_tensor(val) else torch.tensor(val)
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
+    groups = [{k: _plain(v) for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
     return tensors, groups
+
+
+def _plain(value):
+    """A hyperparameter as JSON holds it: tensors (``lr=torch.tensor(...)``) as numbers or lists."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _fits(saved, have) -> bool:
+    """Whether a saved hyperparameter can stand where the optimizer has ``have`` (same kind of value;
+    numbers finite)."""
+    if have is None or saved is None:
+        return True
+    if isinstance(have, torch.Tensor):
+        return _fits(saved, _plain(have))
+    if isinstance(have, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(have) and all(map(_fits, saved, have))
+    if isinstance(have, bool) or isinstance(saved, bool):
+        return isinstance(have, bool) and isinstance(saved, bool)
+    if isinstance(have, (int, float)):
+        return isinstance(saved, (int, float)) and math.isfinite(saved)
+    return type(saved) is type(have)
+
+
+def _like(saved, have):
+    """A saved hyperparameter in the optimizer's form (tuples, tensors on their device)."""
+    if isinstance(have, torch.Tensor):
+        return torch.tensor(saved, dtype=have.dtype, device=have.device)
+    if isinstance(have, (list, tuple)):
+        return type(have)(_like(v, h) for v, h in zip(saved, have))
+    return saved
 
 
 def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
     """Optimizer state as safetensors: tensors keyed ``<param name>/<state key>``, groups in metadata."""
     tensors, groups = _optimizer_tensors(model, optimizer)
-    meta = {"param_groups": json.dumps(groups, default=str), "adapter_sha256": adapter_sha256}
+    meta = {"param_groups": json.dumps(groups, default=str), "adapter_sha256": adapter_sha256}  # str: a last resort
     meta["sha256"] = content_hash(tensors, meta["param_groups"], adapter_sha256)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -382,15 +416,9 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
         raise ValueError("load_adapter: the optimizer's parameters differ from the saved optimizer's")
     for g, sg in zip(optimizer.param_groups, saved_groups):
         for k, v in sg.items():
-            have = g.get(k)
-            if k == "params" or k not in g or have is None or v is None:
-                continue
-            same = (isinstance(v, list) and isinstance(have, (list, tuple))) or \
-                (isinstance(v, bool) == isinstance(have, bool) and isinstance(v, (int, float)) == isinstance(have, (int, float))
-                 and (isinstance(v, (int, float)) or type(v) is type(have)))
-            if not same or (isinstance(v, float) and not math.isfinite(v)):
+            if k != "params" and k in g and not _fits(v, g[k]):
                 raise ValueError(f"load_adapter: {path}: hyperparameter {k!r} = {v!r} does not fit the optimizer's "
-                                 f"({have!r})")
+                                 f"({g[k]!r})")
     by_name = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     for key, t in tensors.items():
         pname, _, skey = key.rpartition("/")
@@ -408,7 +436,7 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
             # Hyperparameters (lr, betas, weight decay, ...) come back too; JSON turned tuples into lists.
             for k, v in sg.items():
                 if k != "params" and k in g:
-                    g[k] = tuple(v) if isinstance(g[k], tuple) else v
+                    g[k] = _like(v, g[k])
         for g in optimizer.param_groups:
             for p in g["params"]:
                 prefix = names[id(p)] + "/"
