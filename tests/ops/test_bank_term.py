@@ -334,3 +334,15 @@ def test_gpu_triton_matches_torch_route(monkeypatch):
         monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
         slow = call(t)
         assert rel_err(fast, slow) < 1e-3, factors
+
+
+def test_row_scale_and_bias_are_rounded_once():
+    """b + y * C[a] in fp32, rounded to y's dtype once, as the single-adapter op's epilogue does."""
+    from tiedlora_kernels.ops.bank_linear import _scale_rows
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(64, 48, generator=g).half()
+    C, bias = 1 + torch.randn(3, 48, generator=g), torch.randn(48, generator=g).half()
+    slots = torch.randint(-1, 3, (64,), generator=g)
+    c = torch.where((slots >= 0)[:, None], C[slots.clamp(min=0)], 1.0)
+    assert torch.equal(_scale_rows(y, bias, C, slots), (y.float() * c + bias.float()).half())

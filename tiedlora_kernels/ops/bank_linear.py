@@ -232,8 +232,8 @@ def _scale_rows(y, bias, C, slots):
     """b + y * C[a] (C[-1] = 1), computed in fp32 and rounded once, as the single-adapter op does."""
     c = torch.where((slots >= 0)[:, None], C[slots.clamp(min=0)], 1.0)
     cs = torch.promote_types(y.dtype, C.dtype)
-    out = (y.to(cs) * c.to(cs)).to(y.dtype)
-    return out + bias if bias is not None else out
+    out = y.to(cs) * c.to(cs)
+    return (out + bias.to(cs) if bias is not None else out).to(y.dtype)
 
 
 def _torch_route(x2, weight, bias, rows, T, A, B, U, V, C):
