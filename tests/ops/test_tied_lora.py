@@ -414,8 +414,11 @@ def test_bf16_activations_keep_fp32_factor_gradients(c):
     G = upstream((37, 40), torch.bfloat16)
     _, grads = run(kernel, t, G)
     _, ref_grads = run(oracle, as_f64(t), G.double())
-    tol = 1e-5 if triton_interpreting() else 2e-3  # the interpreter's dots are IEEE fp32; a GPU's TF32
-    tol = 5e-3 + (0 if triton_interpreting() else 1e-3) if c else tol
+    # the interpreter's dots are IEEE fp32, a GPU's TF32 (~1e-3 more); a row scale adds bf16 rounding of y and G * c
+    if c:
+        tol = 5e-3 if triton_interpreting() else 6e-3
+    else:
+        tol = 1e-5 if triton_interpreting() else 2e-3
     for name in ("A", "B", "u", "v") + (("c",) if c else ()):
         assert rel_err(grads[name], ref_grads[name]) < tol, f"d{name}: {rel_err(grads[name], ref_grads[name]):.2e}"
 

@@ -106,15 +106,21 @@ def _layer_table(model: nn.Module) -> list[list]:
     return [[n, m.kind, m.in_features, m.out_features] for n, m in adapted_layers(model)]
 
 
-def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch.Tensor) -> bool:
-    """True when a frozen factor equals what ``inject`` rebuilds from the config's seed."""
+def _seeded(model: nn.Module, config: TiedLoRAConfig, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The value ``inject`` draws from the config's seed for the tied factor ``tiedlora.<group>.<A|B|
+    core_bank>`` (on the CPU), or None for any other adapter tensor."""
     if not name.startswith(ROOT_ATTR + ".") or name.count(".") != 2:
-        return False
+        return None
     _, group, which = name.split(".")
     K = getattr(model, ROOT_ATTR)[group].A.shape[-1]  # (r, K), or (kA, r, K) with banks
     N = getattr(model, ROOT_ATTR)[group].B.shape[-2]
-    fresh = getattr(build_factors(config, group, K, N, "cpu", prm.dtype), which)
-    return torch.equal(fresh, _full(prm))
+    return getattr(build_factors(config, group, K, N, "cpu", dtype), which).detach()
+
+
+def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch.Tensor) -> bool:
+    """True when a frozen factor equals what ``inject`` rebuilds from the config's seed."""
+    fresh = _seeded(model, config, name, prm.dtype)
+    return fresh is not None and torch.equal(fresh, _full(prm))
 
 
 def _check_layers_follow_config(model: nn.Module, config: TiedLoRAConfig) -> None:
@@ -284,13 +290,8 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         if optimizer is not None else None
     # A frozen factor the file leaves out is the one its seed rebuilds (save_adapter's rule): set it
     # from the seed, since a model that already had adapters may hold another adapter's.
-    holder = getattr(model, ROOT_ATTR)
-    rebuilt = {}
-    for name, prm in params.items():
-        if name not in tensors and name.startswith(ROOT_ATTR + ".") and name.count(".") == 2:
-            _, group, which = name.split(".")
-            K, N = holder[group].A.shape[-1], holder[group].B.shape[-2]
-            rebuilt[name] = getattr(build_factors(config, group, K, N, "cpu", prm.dtype), which).detach()
+    rebuilt = {name: _seeded(model, config, name, prm.dtype) for name, prm in params.items() if name not in tensors}
+    rebuilt = {name: t for name, t in rebuilt.items() if t is not None}
     with torch.no_grad():
         for name, t in {**tensors, **rebuilt}.items():
             prm = params[name]

@@ -316,18 +316,17 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                              f"model.{ROOT_ATTR}; give it another one in config.kinds")
 
     factors = AdapterFactors()
-    dtypes = adapter_dtypes(model, config, targets)
     for g, members in groups.items():
         w = _dense_weight(modules[members[0].name], members[0].layout)
         K = max(t.in_features for t in members)
         N = max(t.out_features for t in members)
-        factors[g] = build_factors(config, g, K, N, w.device, dtypes[f"{ROOT_ATTR}.{g}"])
+        factors[g] = build_factors(config, g, K, N, w.device, _adapter_dtype(config, w))
 
     for g, members in groups.items():
         for t in members:
             base = modules[t.name]
             w_nk = _dense_weight(base, t.layout)
-            per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features, dtypes[t.name])
+            per_layer = build_per_layer(config, t.name, w_nk.detach(), t.out_features, _adapter_dtype(config, w_nk))
             common = dict(layout=t.layout, factors=factors[g], per_layer=per_layer, scaling=config.layer_scaling(t.name),
                           dropout=config.dropout, kind=t.kind, magnitude=p.magnitude)
             if t.layout == "quantized":  # the base layer is kept whole and computes its own output
@@ -358,10 +357,16 @@ def adapter_dtypes(model: nn.Module, config: TiedLoRAConfig, targets: list[Targe
     tied = config.resolved().tied
     out: dict[str, torch.dtype] = {}
     for t in targets:
-        dtype = config.torch_adapter_dtype or _dense_weight(modules[t.name], t.layout).dtype
+        # (with a fixed adapter_dtype no weight is looked at: a quantized one is not dequantized)
+        dtype = config.torch_adapter_dtype or _adapter_dtype(config, _dense_weight(modules[t.name], t.layout))
         out[t.name] = dtype
         out.setdefault(f"{ROOT_ATTR}.{group_name(t, tied)}", dtype)
     return out
+
+
+def _adapter_dtype(config: TiedLoRAConfig, weight_nk: torch.Tensor) -> torch.dtype:
+    """The one rule: ``config.adapter_dtype``, or with "auto" the (dense) base weight's dtype."""
+    return config.torch_adapter_dtype or weight_nk.dtype
 
 
 def _dense_weight(module: nn.Module, layout: str) -> torch.Tensor:
