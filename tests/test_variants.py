@@ -384,3 +384,39 @@ def test_unmerge_inside_cached_adapters_recomputes_the_row_scale(preset):
             unmerge(model)
             got = model(IDS).logits
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["dora", "simple_dora"])
+def test_magnitude_over_a_zero_weight_row_starts_unchanged_and_trains_without_nan(preset):
+    """A zero output row (pruned neuron, padding row) has norm 0: m / norm was 0/0 = NaN in every
+    output of that row from the first call on."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[3].zero_()
+        want = model(IDS).logits
+    inject(model, TiedLoRAConfig(rank=4, preset=preset, target_modules=TARGETS))
+    got = logits_and_loss(model)
+    assert rel_err(got, want) < 1e-6
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("preset", ["dora", "simple_dora"])
+def test_unmerge_restores_rows_whose_row_scale_is_zero(preset):
+    """A row with m = 0 merges to zero; W'/c cannot bring it back, so merge keeps those rows."""
+    from tiedlora_kernels import merge, unmerge
+
+    model = injected(preset)
+    randomize_adapters(model)
+    layer = next(adapted_layers(model))[1]
+    with torch.no_grad():
+        layer.adapter_m[[0, 5]] = 0.0
+        before = layer.weight.clone()
+        want = model(IDS).logits
+        merge(model)
+        assert rel_err(model(IDS).logits, want) < 1e-5
+        unmerge(model)
+        assert torch.isfinite(layer.weight).all()
+        assert rel_err(layer.weight, before) < 1e-6
+        assert rel_err(model(IDS).logits, want) < 1e-5

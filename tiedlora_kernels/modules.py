@@ -302,11 +302,11 @@ class TiedLoRALinear(nn.Module):
         if self.magnitude == "simple_dora":  # v_i = v * ||W||, c = m / ||W||
             n = self.base_row_norm()
             v = n.to(B.dtype) if v is None else v * n.to(B.dtype)
-            c = m / n.to(m.dtype)
+            c = reference.dora_row_scale(m, n)
         elif self.magnitude == "dora":  # c = m / ||W + dW||_row, the norm detached (paper, PEFT)
             with torch.no_grad():
                 n = reference.merged_row_norm(self.weight_nk(), A, B, u, v, self.scaling)
-            c = m / n.to(m.dtype)
+            c = reference.dora_row_scale(m, n)
         return A, B, u, v, c
 
     def base_row_norm(self) -> torch.Tensor:
@@ -377,6 +377,10 @@ class TiedLoRALinear(nn.Module):
         if c is not None:
             self._merged_row_scale = c.detach().to(torch.promote_types(c.dtype, torch.float32)).clone()
             c = self._merged_row_scale
+            # rows with c = 0 merge to zero and cannot be divided back: keep their originals
+            lost = (c == 0).nonzero().flatten()
+            if len(lost):
+                self._merged_lost_rows = (lost, self.weight_nk()[lost].clone())
         w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c)
         self._set_weight_nk(w)
         self.merged = True
@@ -389,7 +393,11 @@ class TiedLoRALinear(nn.Module):
             return
         c = self._merged_row_scale if self.magnitude != "none" else None
         A, B, u, v = self.adapter_tensors()
-        self._set_weight_nk(reference.unmerged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c))
+        w = reference.unmerged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c)
+        lost = self.__dict__.pop("_merged_lost_rows", None)
+        if lost is not None:
+            w[lost[0]] = lost[1].to(w.device, w.dtype)
+        self._set_weight_nk(w)
         if c is not None:
             del self._merged_row_scale
         if self.magnitude == "simple_dora":

@@ -163,6 +163,14 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=1)
 
 
+def dora_row_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's row scale c = m / norm (N,), in m's dtype; where a row's norm is 0 (a pruned output
+    row, a zero padding row), c = m. Such a row has no direction, and m / 0 is 0/0 = NaN at init
+    (m starts at the norm): with c = m it starts at 0, the base row's own output."""
+    norm = norm.to(magnitude.dtype)
+    return magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
 def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
                     v: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
     """||W + s diag(v) B diag(u) A||_2 per row (N,) (DoRA's norm), fp32 (fp64 for fp64 weights).
@@ -179,9 +187,12 @@ def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: O
 
 def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
                     v: Optional[torch.Tensor], scaling: float, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Inverse of :func:`merged_weight`: W'/c minus the same delta, in fp32, rounded once."""
+    """Inverse of :func:`merged_weight`: W'/c minus the same delta, in fp32, rounded once. Rows
+    with c = 0 cannot be inverted (W' is 0 there): they come back as minus the delta, and the caller
+    restores them from a copy kept at merge time."""
     ct = torch.promote_types(weight.dtype, torch.float32)
     wide = weight.to(ct)
     if row_scale is not None:
-        wide = wide / row_scale.to(wide.device, ct)[:, None]
+        c = row_scale.to(wide.device, ct)
+        wide = wide / torch.where(c == 0, torch.ones_like(c), c)[:, None]
     return _merged_wide(wide, A, B, u, v, -scaling).to(weight.dtype)
