@@ -85,6 +85,17 @@ def test_overrides_build_other_combinations():
     assert (p.A.train, p.B.train, p.u.train, p.v.init, p.tied) == (True, True, False, None, False)
 
 
+def test_following_the_matrix_core_advice_builds_a_config():
+    """core="matrix" on tl6 says "set init_u='absent'": doing just that used to raise "u is absent but
+    train_u=True" (a removed tensor kept the preset's train flag)."""
+    with pytest.raises(ValueError, match="set init_u='absent'"):
+        TiedLoRAConfig(preset="tl6", core="matrix")
+    p = TiedLoRAConfig(preset="tl6", core="matrix", init_u="absent").resolved()
+    assert (p.u.init, p.u.train, p.core) == (None, False, "matrix")
+    with pytest.raises(ValueError, match="u is absent"):  # asking to train a removed tensor still fails
+        TiedLoRAConfig(preset="tl6", core="matrix", init_u="absent", train_u=True)
+
+
 def test_scaling():
     assert TiedLoRAConfig(rank=8).scaling == 1.0
     assert TiedLoRAConfig(rank=8, alpha=16).scaling == 2.0

@@ -106,6 +106,12 @@ PRESETS: dict[str, Preset] = {
 #:   GPT-2's ``attn.c_proj`` and ``mlp.c_proj`` together as ``c_proj``).
 KIND_RULES = ("path", "last")
 
+#: The default ``exclude_modules``: transformers' output and task heads (causal-LM and
+#: sequence-classification heads, BERT-style pre-training heads, question answering, BART's
+#: classification head). A rank-r adapter on a 2-label head is meaningless, and a head tied to the
+#: input embedding cannot be merged.
+DEFAULT_EXCLUDED_HEADS = ("lm_head", "score", "classifier", "classification_head", "qa_outputs", "cls")
+
 #: A kind name given in ``kinds``: dotted identifiers (``attn_out``, ``attn.c_proj``).
 _KIND_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -167,9 +173,11 @@ class TiedLoRAConfig:
             factors can be rebuilt from the config instead of being saved.
         adapter_dtype: dtype of adapter parameters: ``"float32"`` (default; gradients of tied
             tensors accumulate in fp32) or ``"auto"`` (the base weight's dtype).
-        exclude_modules: names (as in ``target_modules`` lists) never adapted, or a regex string
-            matched (``re.fullmatch``) against the full module name (PEFT's rule); the default keeps
-            output heads frozen.
+        exclude_modules: names (as in ``target_modules`` lists) never adapted, with every layer
+            inside a module of that name (``"classifier"`` covers ``classifier.out_proj``), or a
+            regex string matched (``re.fullmatch``) against the full module name (PEFT's rule). The
+            default keeps the usual output and task heads frozen; ``"all-linear"`` also leaves out
+            the model's output embedding (``get_output_embeddings()``), as PEFT does.
         kind_rule: how a layer's kind (its tying group) is derived from its module path: ``"path"``
             (default) or ``"last"``; see :data:`KIND_RULES` and :func:`tiedlora_kernels.inject`.
         kinds: explicit kinds, ``{pattern: kind name}``, overriding ``kind_rule`` for the layers a
@@ -199,7 +207,7 @@ class TiedLoRAConfig:
     magnitude: Optional[str] = None
     seed: int = 0
     adapter_dtype: str = "float32"
-    exclude_modules: Sequence[str] = field(default_factory=lambda: ["lm_head", "score", "classifier"])
+    exclude_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_HEADS))
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     kind_rule: str = "path"
     kinds: dict[str, str] = field(default_factory=dict)
@@ -213,8 +221,8 @@ class TiedLoRAConfig:
         p = PRESETS[self.preset]
 
         def spec(base: TensorSpec, train: Optional[bool], init) -> TensorSpec:
-            if isinstance(init, str) and init == "absent":
-                init = None
+            if isinstance(init, str) and init == "absent":  # a removed tensor trains only if asked to
+                return TensorSpec(False if train is None else train, None)
             elif init is None:
                 init = base.init
             return TensorSpec(base.train if train is None else train, init)

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from helpers import randomize_adapters, tiny_gpt2, tiny_llama
 from tiedlora_kernels import PRESETS, TiedLoRAConfig, adapted_layers, inject, load_adapter, save_adapter
 from tiedlora_kernels.integrations.checkpoint import ADAPTER_FILE, CONFIG_FILE
+from tiedlora_kernels.integrations.inject import adapter_named_parameters
 
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -177,6 +178,21 @@ def test_a_file_refused_for_its_dtypes_leaves_a_plain_model_untouched(tmp_path):
         load_adapter(other, tmp_path)
     assert not hasattr(other, "tiedlora") and not list(adapted_layers(other))
     assert [p.requires_grad for p in other.parameters()] == flags
+
+
+@pytest.mark.parametrize("into", ["float32", "bfloat16"])
+@pytest.mark.parametrize("preset", ["tl6", "vera"])
+def test_a_model_cast_to_bf16_after_inject_saves_a_file_a_fresh_model_loads(tmp_path, into, preset):
+    """inject (fp32 adapters), model.to(bf16), train, save: the file holds bf16 tensors, which a fresh
+    model injected from the same config holds as fp32. Widening is exact, so it loads (it used to be
+    refused whatever the fresh model's dtype); VeRA's frozen factors, rounded draws of the seed, are
+    saved, since the fresh model would rebuild them unrounded."""
+    model = trained(preset).to(torch.bfloat16)
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(tiny_llama().to(getattr(torch, into)), tmp_path)
+    got = dict(adapter_named_parameters(fresh))
+    for name, t in adapter_named_parameters(model):
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], t.float()), name
 
 
 def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(tmp_path):

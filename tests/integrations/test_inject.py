@@ -52,6 +52,69 @@ def test_exclude_modules_applies_to_every_form_of_target_modules():
     assert isinstance(model.lm_head, TiedLoRALinear)
 
 
+def _tiny_bert_family(cls_name, **kw):
+    import transformers
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, max_position_embeddings=32, **kw)
+    if cls_name.startswith("Roberta"):
+        config = transformers.RobertaConfig(**config.to_dict())
+    if cls_name.startswith("Electra"):
+        config = transformers.ElectraConfig(**{**config.to_dict(), "embedding_size": 32})
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(config)
+
+
+@pytest.mark.parametrize("cls_name,heads", [
+    ("BertForMaskedLM", ["cls.predictions.transform.dense", "cls.predictions.decoder"]),
+    ("BertForPreTraining", ["cls.predictions.decoder", "cls.seq_relationship"]),
+    ("RobertaForSequenceClassification", ["classifier.dense", "classifier.out_proj"]),
+    ("BertForQuestionAnswering", ["qa_outputs"]),
+    ("ElectraForMaskedLM", ["generator_lm_head"]),  # left out only as get_output_embeddings()
+])
+def test_all_linear_leaves_output_and_task_heads_alone(cls_name, heads, tmp_path):
+    """"all-linear" used to adapt BERT's tied MLM decoder (merge then refused it, DoRA made its zero
+    padding row NaN) and the layers inside a head module (a 2-label classifier.out_proj crashed at
+    rank 4)."""
+    from tiedlora_kernels import load_adapter, save_adapter
+
+    model = _tiny_bert_family(cls_name)
+    inject(model, TiedLoRAConfig(rank=4, preset="dora"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert "bert.encoder.layer.0.attention.self.query" in names or any("layer.0" in n for n in names)
+    assert not names & set(heads), names & set(heads)
+    model.eval()
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(model(ids)[0]).all()
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "a")
+    fresh = load_adapter(_tiny_bert_family(cls_name).eval(), tmp_path / "a")
+    assert {n for n, _ in adapted_layers(fresh)} == names
+    assert torch.equal(fresh(ids)[0], model(ids)[0])
+
+
+def test_an_excluded_name_excludes_the_layers_inside_it_and_explicit_targets_still_work():
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=2, exclude_modules=["layers.0.mlp", "self_attn"]))
+    names = {n for n, _ in adapted_layers(model)}
+    assert names == {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
+    with pytest.raises(ValueError, match=r"target_modules='lm_head' matches only layers that exclude_modules="):
+        inject(tiny_llama(), TiedLoRAConfig(rank=2, target_modules="lm_head"))
+
+
+def test_inject_keeps_its_own_copy_of_the_config():
+    """A config reused in a sweep and changed afterwards must not change an injected model's; a field
+    set after construction is checked by the next inject."""
+    from tiedlora_kernels.integrations.inject import adapter_config
+
+    cfg = TiedLoRAConfig(rank=2, alpha=4.0, target_modules=["q_proj"])
+    model = inject(tiny_llama(), cfg)
+    cfg.alpha = 16.0
+    assert adapter_config(model).alpha == 4.0
+    cfg.dropout = 5.0
+    with pytest.raises(ValueError, match="dropout"):
+        inject(tiny_llama(), cfg)
+
+
 def test_tied_factors_registered_once():
     model = tiny_llama(n_layer=3)
     inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules=["q_proj", "v_proj"]))

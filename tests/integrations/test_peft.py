@@ -168,6 +168,27 @@ def test_a_merged_peft_model_is_refused():
     assert rel_err(from_peft(pm)(IDS).logits, logits) < 1e-6
 
 
+@pytest.mark.parametrize("case", ["target_parameters", "rank_too_large"])
+def test_a_refusal_leaves_the_peft_model_whole(case):
+    """PEFT's target_parameters adds B A to a Conv1D weight as stored, (in, out): converted as a layer's
+    update it gave wrong logits (square) or crashed; and a refusal raised by inject came after
+    peft_model.unload(), which had already stripped the user's adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    if case == "target_parameters":
+        pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=[],
+                                                              target_parameters=["attn.c_proj.weight"]))
+        msg = r"adapts the parameter 'weight' \(LoraConfig.target_parameters\)"
+    else:
+        pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=20, target_modules=["k_proj"]))
+        msg = r"from_peft: rank=20 is larger than layer 'model.layers.0.self_attn.k_proj'"
+    before = sum(isinstance(m, LoraLayer) for m in pm.modules())
+    with pytest.raises(ValueError, match=msg):
+        from_peft(pm)
+    assert before > 0 and sum(isinstance(m, LoraLayer) for m in pm.modules()) == before
+
+
 def test_several_adapters_are_refused():
     """from_peft converts one adapter: unload() would silently drop the others."""
     pm, _ = _peft_model("llama", "lora", lora_alpha=8)

@@ -118,7 +118,11 @@ def _seeded(model: nn.Module, config: TiedLoRAConfig, name: str, dtype: torch.dt
 
 
 def _rebuildable(model: nn.Module, config: TiedLoRAConfig, name: str, prm: torch.Tensor) -> bool:
-    """True when a frozen factor equals what ``inject`` rebuilds from the config's seed."""
+    """True when a frozen factor equals what ``inject`` rebuilds from the config's seed. Only fp32 and
+    wider: the seed draws in fp32, so a 16-bit factor is a rounded draw, which a model loading it
+    into wider adapters (allowed) would rebuild unrounded."""
+    if prm.dtype.itemsize < 4:
+        return False
     fresh = _seeded(model, config, name, prm.dtype)
     return fresh is not None and torch.equal(fresh, _full(prm))
 
@@ -321,12 +325,15 @@ def _check_tensors(tensors: dict[str, torch.Tensor], params: dict[str, torch.Ten
 
 
 def _check_dtypes(tensors: dict[str, torch.Tensor], want: dict[str, torch.dtype]) -> None:
-    """Refuse a file tensor whose dtype differs from the model's ``want`` (by tensor name, or by the
-    name of the layer or factor group that holds it)."""
+    """Refuse a file tensor that the model's dtype ``want`` (by tensor name, or by the name of the
+    layer or factor group that holds it) cannot hold exactly. A wider model dtype is fine (a bf16
+    file into fp32 adapters: a model cast to bf16 after ``inject`` saves bf16 tensors, and a fresh
+    model injected from the same config holds fp32 ones); a narrower one would round, silently."""
     for name, t in tensors.items():
         dtype = want.get(name, want.get(name.rpartition(".")[0]))
-        if dtype is not None and dtype != t.dtype:
-            raise ValueError(f"load_adapter: tensor {name!r} has dtype {t.dtype} in the file, {dtype} in the model")
+        if dtype is not None and torch.promote_types(t.dtype, dtype) != dtype:
+            raise ValueError(f"load_adapter: tensor {name!r} has dtype {t.dtype} in the file, {dtype} in the model, "
+                             "which would round it; load into adapters of the file's dtype or wider")
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

@@ -31,6 +31,7 @@ kind; tie them with ``kinds``.)
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import zlib
@@ -89,6 +90,21 @@ def _name_matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def _self_and_ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``: an excluded name excludes everything inside it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
+    """transformers' output head (``get_output_embeddings()``), whatever its name, or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
     """The layers ``config.target_modules`` selects, in module order. Raises if none, or if a
     listed name matches no ``nn.Linear`` / ``Conv1D``."""
@@ -97,13 +113,19 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
                   if lay is not None and not n.startswith(ROOT_ATTR + ".")]
     ex = config.exclude_modules
     excluded = (re.compile(ex).fullmatch if isinstance(ex, str)  # noqa: E731
-                else lambda n: any(_name_matches(n, e) for e in ex))
+                else lambda n: any(_name_matches(a, e) for e in ex for a in _self_and_ancestors(n)))
     tm = config.target_modules
     if isinstance(tm, str) and tm == "all-linear":
-        chosen = [(n, m, lay) for n, m, lay in candidates if not excluded(n)]
+        head = _output_embedding(model)
+        chosen = [(n, m, lay) for n, m, lay in candidates if not excluded(n) and m is not head]
     elif isinstance(tm, str):
         rx = re.compile(tm)
-        chosen = [(n, m, lay) for n, m, lay in candidates if rx.fullmatch(n) and not excluded(n)]
+        matched = [(n, m, lay) for n, m, lay in candidates if rx.fullmatch(n)]
+        chosen = [(n, m, lay) for n, m, lay in matched if not excluded(n)]
+        if matched and not chosen:
+            raise ValueError(f"inject: target_modules={tm!r} matches only layers that exclude_modules="
+                             f"{config.exclude_modules!r} excludes (the default keeps output heads frozen); "
+                             "pass exclude_modules without them to adapt those layers")
     else:
         listed = [(n, m, lay) for n, m, lay in candidates if any(_name_matches(n, t) for t in tm)]
         chosen = [(n, m, lay) for n, m, lay in listed if not excluded(n)]
@@ -259,6 +281,24 @@ def group_name(target: TargetLayer, tied: bool) -> str:
     return (target.kind if tied else target.name).replace(".", "__")
 
 
+def check_rank_fits(name: str, in_features: int, out_features: int, rank: int, op: str = "inject") -> None:
+    """Raise unless a rank-``rank`` adapter fits layer ``name``."""
+    if rank > min(in_features, out_features):
+        raise ValueError(f"{op}: rank={rank} is larger than layer {name!r} (in_features={in_features}, "
+                         f"out_features={out_features}); a low-rank adapter needs rank <= min(in, out)")
+
+
+def base_in_out(name: str, module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of layer ``name``; raises unless ``inject`` can adapt it."""
+    layout = _layout_of(module)
+    if layout == "unsupported-quantized":
+        raise unsupported_quantized_error(name, module)
+    if layout is None:
+        raise ValueError(f"layer {name!r} is a {type(module).__name__}: not an nn.Linear, Conv1D or supported "
+                         "quantized linear")
+    return _in_out(module, layout)
+
+
 def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """Freeze ``model`` and replace every targeted ``nn.Linear`` / ``Conv1D`` by a :class:`TiedLoRALinear`.
 
@@ -277,6 +317,10 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     """
     if not isinstance(config, TiedLoRAConfig):
         raise TypeError(f"inject: config must be a TiedLoRAConfig, got {type(config).__name__}")
+    # The model keeps its own copy: a caller reusing and changing one config object (a sweep) must
+    # not change an injected model's; and fields set after construction are checked here.
+    config = copy.deepcopy(config)
+    config.validate()
     if isinstance(model, (nn.Sequential, nn.ModuleList)):
         # The factors are attached to the root as a child module, which a Sequential would call.
         raise TypeError(f"inject: the root is an nn.{type(model).__name__}; wrap it in an nn.Module first")
@@ -291,10 +335,7 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     p = config.resolved()
     r = config.rank
     for t in targets:
-        if r > min(t.in_features, t.out_features):
-            raise ValueError(f"inject: rank={r} is larger than layer {t.name!r} "
-                             f"(in_features={t.in_features}, out_features={t.out_features}); "
-                             "a low-rank adapter needs rank <= min(in, out)")
+        check_rank_fits(t.name, t.in_features, t.out_features, r)
     for prm in model.parameters():
         prm.requires_grad_(False)
 

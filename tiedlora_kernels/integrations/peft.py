@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TiedLoRAConfig
-from .inject import ROOT_ATTR, adapted_layers, inject
+from .inject import ROOT_ATTR, adapted_layers, base_in_out, check_rank_fits, inject
 
 
 def from_peft(peft_model) -> nn.Module:
@@ -71,10 +71,17 @@ def from_peft(peft_model) -> nn.Module:
         raise ValueError(f"from_peft: PEFT layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged into "
                          "their base weights; call peft_model.unmerge_adapter() first")
     captured = {}
+    # Everything is checked before peft_model.unload(): after it, a refusal would leave the user
+    # with neither PEFT's adapter nor ours.
     for n, m in layers:
+        if getattr(m, "parameter_name", None) is not None:  # PEFT's target_parameters (ParamWrapper)
+            raise ValueError(f"from_peft: layer {n!r} adapts the parameter {m.parameter_name!r} "
+                             "(LoraConfig.target_parameters): its update is added to the weight as stored, "
+                             "which is not a linear layer's update here; convert a target_modules adapter")
         if not isinstance(m.get_base_layer(), nn.Linear) and type(m.get_base_layer()).__name__ != "Conv1D":
             raise ValueError(f"from_peft: layer {n!r} adapts a {type(m.get_base_layer()).__name__}; only "
                              "nn.Linear and Conv1D are supported")
+        check_rank_fits(n, *base_in_out(n, m.get_base_layer()), pcfg.r, op="from_peft")
         if is_vera:
             captured[n] = dict(u=m.vera_lambda_d[name].detach(), v=m.vera_lambda_b[name].detach(),
                                A=m.vera_A[name].detach(), B=m.vera_B[name].detach())

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..modules import TiedLoRALinear
-from .inject import ROOT_ATTR, _layout_of
+from .inject import ROOT_ATTR, _layout_of, _output_embedding
 
 
 class _LinearShell(nn.Linear):
@@ -34,6 +34,18 @@ class Conv1D(nn.Module):
         self.weight, self.bias = weight, bias
 
 
+class _ShellRoot(nn.Module):
+    """The shell's root; like a transformers model it names its output head, which ``"all-linear"``
+    leaves out (so the shell's targets are the model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.output_head_name: Optional[str] = None
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return None if self.output_head_name is None else self.get_submodule(self.output_head_name)
+
+
 def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
     """A module tree with a linear shell at the path of every linear layer of ``model`` (adapted or
     not: a layer's kind depends on all of them) and nothing else: sharing the weights, or with
@@ -43,7 +55,8 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
             return t
         return nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
 
-    root = nn.Module()
+    root = _ShellRoot()
+    head = _output_embedding(model)
     for name, module in model.named_modules():
         if not name or name == ROOT_ATTR or name.startswith(ROOT_ATTR + "."):
             continue
@@ -67,4 +80,6 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]
         parent.add_module(leaf, shell)
+        if module is head:
+            root.output_head_name = name
     return root
