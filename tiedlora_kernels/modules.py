@@ -48,6 +48,12 @@ def _count_optimizer_steps() -> int:
     return _OPTIMIZER_STEPS[0]
 
 
+def _castable(p: torch.Tensor) -> bool:
+    """A trained 16-bit leaf parameter: the only factor whose fp32 cast is shared and cached."""
+    return (p.dtype not in (torch.float32, torch.float64) and p.is_leaf
+            and not torch._C._functorch.is_functorch_wrapped_tensor(p))
+
+
 class TiedFactors(nn.Module):
     """The factors of one kind (tied) or of one layer (untied).
 
@@ -79,7 +85,7 @@ class TiedFactors(nn.Module):
         nor its storage, and a compiled graph must not read a cast recorded by an earlier one."""
         p = getattr(self, name)
         hooked = self._cast_hooks.get(name)
-        if p is None or not p.requires_grad or (hooked is not None and hooked[0] is p):
+        if p is None or not p.requires_grad or not _castable(p) or (hooked is not None and hooked[0] is p):
             return
         # The hook reaches the casts through a weak reference: held strongly, the parameter would keep
         # them alive through its hook, and they it through their graphs, a cycle no collector breaks.
@@ -121,9 +127,12 @@ class TiedFactors(nn.Module):
         # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes. The
         # storage address catches writes that bypass the version (``p.data = ...``, ``model.to(...)``).
         compiling = torch.compiler.is_compiling()
-        if not compiling:
+        # A computed factor (a parametrization, functional_call's fast weights) or one under torch.func
+        # has no storage to key on and no .grad to hook: its cast is shared while it is the same object.
+        leaf = not compiling and _castable(p)
+        if leaf:
             self._drop_cast_after_its_gradient(name)  # a factor trained since __init__, or a replaced parameter
-        key = None if compiling else (p._version, p.data_ptr(), _count_optimizer_steps())
+        key = (p._version, p.data_ptr(), _count_optimizer_steps()) if leaf else None
         cached = self._fp32_views.get(name)
         in_backward = key is not None and torch._C._current_graph_task_id() != -1
         if cached is None and in_backward and name not in self._cast_this_pass:

@@ -8,6 +8,7 @@ x (..., K), weight (N, K), bias (N,), A (r, K), B (N, r), u (r,), v (N,), row sc
 from __future__ import annotations
 
 import math
+import numbers
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -96,10 +97,20 @@ def _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale) -> No
         _check_tensor("v", v, (N,), dev, op)
     if row_scale is not None:
         _check_tensor("row_scale", row_scale, (N,), dev, op)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        raise ValueError(f"{op}: scaling must be a finite float, got {scaling!r}")
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+    # numbers.Real: Python and numpy scalars alike; a tensor (even 0-dim) is refused, since the op takes
+    # the value as a constant and a tensor's gradient would be silently dropped
+    if not _real(scaling) or not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling must be a finite real number (a Python or numpy scalar, not a tensor "
+                         f"or bool), got {scaling!r}")
+    if not _real(dropout_p):
+        raise ValueError(f"{op}: dropout_p must be a real number (a Python or numpy scalar, not a tensor or "
+                         f"bool) in [0, 1), got {dropout_p!r}")
+    if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def adapter_compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:

@@ -413,6 +413,52 @@ def test_bf16_tied_gradients_are_summed_in_fp32(preset, tied):
     copy.deepcopy(model)  # the shared fp32 casts are not part of the module's state
 
 
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_a_parametrized_tied_factor_trains(adapter_dtype):
+    """A parametrization on a tied factor makes it a computed tensor: the fp32-cast machinery hooked
+    every trained factor and crashed ("post accumulate grad hooks cannot be registered on non-leaf
+    tensors"), even for fp32 factors, which need no cast."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, A):
+            return 2 * A
+
+    models = []
+    for doubled in (True, False):
+        torch.manual_seed(0)
+        model = tiny_llama(n_layer=3)
+        inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype=adapter_dtype, target_modules=["q_proj"]))
+        randomize_adapters(model)
+        if doubled:
+            parametrize.register_parametrization(model.tiedlora["q_proj"], "A", Doubled())
+        else:
+            model.tiedlora["q_proj"].A.data.mul_(2)
+        model(IDS, labels=IDS).loss.backward()
+        models.append(model)
+    grad = models[0].tiedlora["q_proj"].parametrizations.A.original.grad
+    want = 2 * models[1].tiedlora["q_proj"].A.grad
+    assert rel_err(grad.float(), want.float()) < (1e-6 if adapter_dtype == "float32" else 1e-2)
+
+
+def test_torch_func_grad_through_bf16_tied_factors():
+    """torch.func.grad over functional_call: the fp32 cast's cache key read the data pointer of a
+    functorch-wrapped tensor ("Cannot access data pointer of Tensor that doesn't have storage")."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(ps):
+        return torch.func.functional_call(model, ps, (IDS,), {"labels": IDS}).loss
+
+    grads = torch.func.grad(loss)(params)
+    model(IDS, labels=IDS).loss.backward()
+    for n, p in params.items():
+        assert rel_err(grads[n].float(), p.grad.float()) < 2e-2, n
+
+
 @pytest.mark.parametrize("write", ["data.add_", "data.copy_"])
 def test_bf16_tied_factor_written_through_data_is_seen_by_a_submodule_call(write):
     """A submodule called directly (no root pre-hook) after its bf16 tied factor was written through

@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 
 import tiedlora_kernels
-from tiedlora_kernels import ops
+from tiedlora_kernels import ops, reference
 
 
 @pytest.fixture
@@ -79,17 +79,87 @@ def test_auto_picks_the_gpu_path_only_where_it_runs(monkeypatch):
         xc, Wc = x.cuda(), W.cuda()
         assert ops.resolve_backend(xc, Wc) == "triton"
         assert ops.resolve_backend(xc.double(), Wc.double()) == "torch"
-        assert ops.resolve_backend(xc, Wc, None, 4, torch.float64) == "torch"  # fp64 adapters: fp64 math
+        for fp64 in range(3):  # any fp64 adapter tensor (A, B or v): fp64 math
+            operands = [torch.ones(4, 16, device="cuda"), torch.ones(12, 4, device="cuda"), torch.ones(12, device="cuda")]
+            operands[fp64] = operands[fp64].double()
+            assert ops.resolve_backend(xc, Wc, None, 4, tuple(operands)) == "torch"
         assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "torch"  # a base layer that trains
+        with torch.no_grad():  # ... but not under no_grad
+            assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "triton"
+        with torch.autograd.forward_ad.dual_level():  # the kernels have no forward-mode derivative
+            assert ops.resolve_backend(xc, Wc) == "torch"
 
 
-def test_fp64_adapters_are_refused_by_the_kernels_naming_A(monkeypatch):
+@pytest.mark.parametrize("wide", ["A", "B", "v"])
+def test_fp64_adapters_are_refused_by_the_kernels(monkeypatch, wide):
     """The kernels compute in fp32 at most: fp64 factors on fp32 activations would get fp32 gradients
-    in fp64 tensors, silently. auto takes the torch route (above); a forced triton route refuses."""
+    in fp64 tensors, silently. auto takes the torch route (above); a forced triton route refuses,
+    whichever adapter tensor is fp64 (only A's dtype was looked at)."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
     x, W, b, A, B = _layer_inputs()
-    with pytest.raises(TypeError, match="A must be float32, bfloat16 or float16 on the Triton backend"):
-        ops.tied_lora_linear(x, W, b, A.double(), B.double())
+    args = dict(A=A, B=B, v=torch.randn(B.shape[0]))
+    args[wide] = args[wide].double()
+    with pytest.raises(TypeError, match=r"adapter tensors \(A, B, u, v, row_scale\) must be float32, bfloat16"):
+        ops.tied_lora_linear(x, W, b, args["A"], args["B"], None, args["v"])
+
+
+def test_forced_kernels_refuse_forward_mode_ad_and_torch_func(monkeypatch):
+    """Forward-mode AD through the kernels dropped the adapter's tangent silently (only the base
+    GEMM's survived); torch.func transforms failed inside Triton with storage errors."""
+    from torch.autograd import forward_ad
+
+    x, W, b, A, B = _layer_inputs()
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match=r"forward-mode AD .* have no Triton kernels"):
+        ops.tied_lora_linear(forward_ad.make_dual(x, torch.randn_like(x)), W, b, A, B)
+    with pytest.raises(RuntimeError, match=r"torch.func transforms \(grad, vmap, jvp\) have no Triton kernels"):
+        torch.func.grad(lambda a: ops.tied_lora_linear(x, W, b, a, B).sum())(A)
+    monkeypatch.setenv("TIEDLORA_BACKEND", "auto")  # auto: the torch route, right tangents
+    tangent = torch.randn_like(A)
+    with forward_ad.dual_level():
+        out = ops.tied_lora_linear(x, W, b, forward_ad.make_dual(A, tangent), B + 1)
+        got = forward_ad.unpack_dual(out).tangent
+    want = torch.func.jvp(lambda a: reference.tied_lora_linear(x, W, b, a, B + 1), (A,), (tangent,))[1]
+    assert got is not None and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value,interpreting", [("1", True), ("true", True), ("ON", True), ("y", True),
+                                                ("0", False), ("false", False), ("off", False), ("no", False),
+                                                ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, interpreting):
+    """"false"/"off"/"no" were read as interpreting: on a GPU the compiled kernels would then take the
+    interpreter's tiles and precision; on a CPU a forced triton route crashed in Triton."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert ops.triton_interpreting() is interpreting
+
+
+def test_forced_kernels_run_inference_with_an_unfrozen_base_weight(monkeypatch):
+    """No gradient can reach the base weight under no_grad / inference_mode: the refusal of a base
+    layer that trains applies only where one could."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    x, W, b, A, B = _layer_inputs()
+    W = W.clone().requires_grad_()
+    B = B + 1
+    want = reference.tied_lora_linear(x, W.detach(), b, A, B)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert torch.allclose(ops.tied_lora_linear(x, W, b, A, B), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        ops.tied_lora_linear(x, W, b, A, B)
+
+
+def test_numpy_scalars_are_accepted_and_tensors_refused():
+    import numpy as np
+
+    x, W, b, A, B = _layer_inputs()
+    B = B + 1
+    want = reference.tied_lora_linear(x, W, b, A, B, scaling=0.5)
+    got = ops.tied_lora_linear(x, W, b, A, B, scaling=np.float32(0.5), dropout_p=np.float64(0.0))
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="scaling must be a finite real number .* not a tensor"):
+        ops.tied_lora_linear(x, W, b, A, B, scaling=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.tied_lora_linear(x, W, b, A, B, dropout_p=np.float32(1.5))
 
 
 def test_unknown_backend_is_named(monkeypatch):

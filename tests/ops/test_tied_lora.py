@@ -772,3 +772,22 @@ def test_gpu_tensors_on_a_device_that_is_not_current():
         out, grads = run(kernel, moved, G)
     ref, ref_grads = run(oracle, as_f64(moved), G.double())
     assert_matches(out, grads, ref, ref_grads, moved, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("M", [0, 3])
+def test_backward_op_matches_its_fake_kernel_for_transposed_factors(M):
+    """torch.compile checks the real outputs' strides against the fake kernel's: an empty batch
+    returned zeros_like(A) with a transposed factor's strides, and the compiled backward failed."""
+    if not triton_interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    from tiedlora_kernels.ops import tied_lora as T
+
+    g = torch.Generator().manual_seed(0)
+    K, N, r = 8, 6, 3
+    x, G = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    A, B = torch.randn(K, r, generator=g).t(), torch.randn(r, N, generator=g).t()
+    u, v = torch.randn(r, generator=g), torch.randn(N, generator=g)
+    h = torch.randn(M, r, generator=g)
+    args = (G, x, torch.randn(N, K, generator=g), A, B, u, v, None, h, None, None, 0.5, 0.0,
+            [True, True, True, True, True, False, False])
+    torch.library.opcheck(T._backward_op, args, test_utils=("test_faketensor",))

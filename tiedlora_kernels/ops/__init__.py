@@ -25,6 +25,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import reference
 from ..validation import check_tied_lora_add_inputs, check_tied_lora_inputs
@@ -34,7 +35,8 @@ BACKENDS = ("auto", "torch", "triton")
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # Triton's own reading of the variable (getenv_bool): "false", "off", "no" are off
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,23 +81,32 @@ dispatch_settings._dynamo_marked_constant = True
 
 
 def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                    rank: int = 1, adapter_dtype: Optional[torch.dtype] = None, op: str = "tied_lora_linear") -> str:
+                    rank: int = 1, operands: tuple = (), op: str = "tied_lora_linear") -> str:
     """The backend that will run for activations ``x`` (and base ``weight``/``bias``, adapter ``rank``
-    and the down factor's ``adapter_dtype``): ``"torch"`` or ``"triton"``.
+    and the op's other ``operands``: A, B, u, v, row_scale, base_out; None entries allowed):
+    ``"torch"`` or ``"triton"``.
 
     Raises (before any launch) when ``TIEDLORA_BACKEND`` is unknown, or is ``triton`` and the inputs
     cannot run there; the message names ``op``, the argument and what the GPU path needs."""
     want, installed, interpreting, rank_limits = dispatch_settings()
+    tensors = [t for t in (x, weight, bias, *operands) if t is not None]
+    adapter_dtype = torch.float64 if any(t.dtype == torch.float64 for t in operands if t is not None) else None
+    # The kernels have no forward-mode derivative and take no functorch-wrapped tensors: forward_ad
+    # tangents would be dropped silently, torch.func transforms fail inside Triton.
+    # (Under torch.compile neither is traced: dynamo runs its own transforms on the graph it records.)
+    transformed = not torch.compiler.is_compiling() and (
+        forward_ad._current_level >= 0 or any(_functorch_wrapped(t) for t in tensors))
     rank_limit = rank_limits[x.device.index] if x.is_cuda and x.device.index is not None and \
         x.device.index < len(rank_limits) else None
     if want not in BACKENDS:
         raise ValueError(f"TIEDLORA_BACKEND must be one of {BACKENDS}, got {want!r}")
     if want == "torch":
         return "torch"
-    base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
+    base_trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias))
     wide = torch.float64 in (x.dtype, adapter_dtype)  # the kernels compute in fp32 at most
     if want == "auto":
-        fits = x.is_cuda and not wide and not base_trains and (rank_limit is None or rank <= rank_limit)
+        fits = (x.is_cuda and not wide and not base_trains and not transformed
+                and (rank_limit is None or rank <= rank_limit))
         return "triton" if fits and installed else "torch"
     if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
@@ -107,16 +118,24 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
         raise TypeError(f"{op} (triton): x must be float32, bfloat16 or float16 on the Triton "
                         f"backend, got dtype {x.dtype}; use TIEDLORA_BACKEND=torch (or auto) for float64")
     if adapter_dtype == torch.float64:
-        raise TypeError(f"{op} (triton): A must be float32, bfloat16 or float16 on the Triton backend "
-                        "(its kernels compute in fp32 at most), got float64; use TIEDLORA_BACKEND=torch (or auto)")
+        raise TypeError(f"{op} (triton): the adapter tensors (A, B, u, v, row_scale) must be float32, bfloat16 or "
+                        "float16 on the Triton backend (its kernels compute in fp32 at most), got a float64 one; "
+                        "use TIEDLORA_BACKEND=torch (or auto)")
+    if transformed:
+        raise RuntimeError(f"{op} (triton): forward-mode AD (torch.autograd.forward_ad) and torch.func transforms "
+                           "(grad, vmap, jvp) have no Triton kernels; use TIEDLORA_BACKEND=auto or torch")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.requires_grad:
+        if base_trains and t is not None and t.requires_grad:
             raise ValueError(f"{op} (triton): {name} requires grad, but the kernels treat the base "
                              "layer as frozen; freeze it, or use TIEDLORA_BACKEND=torch to train it")
     if rank_limit is not None and rank > rank_limit:
         raise ValueError(f"{op} (triton): rank r = A.shape[0] = {rank} is above {rank_limit}, the largest "
                          f"the kernels' tiles fit in {x.device}'s shared memory; use TIEDLORA_BACKEND=auto or torch")
     return "triton"
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def autocast_base(x, *base):
@@ -174,7 +193,7 @@ def tied_lora_linear(
     """
     x, weight, bias = autocast_base(x, weight, bias)
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, weight, bias, A.shape[0], A.dtype) == "triton":
+    if resolve_backend(x, weight, bias, A.shape[0], (A, B, u, v, row_scale)) == "triton":
         from .tied_lora import tied_lora_linear_triton
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
@@ -212,7 +231,7 @@ def tied_lora_add(
     """
     x, base_out, bias = autocast_base(x, base_out, bias)
     check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
-    if resolve_backend(x, None, bias, A.shape[0], A.dtype, op="tied_lora_add") == "triton":
+    if resolve_backend(x, None, bias, A.shape[0], (A, B, u, v, row_scale, base_out), op="tied_lora_add") == "triton":
         from .tied_lora import tied_lora_add_triton
 
         return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,

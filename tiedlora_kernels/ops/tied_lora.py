@@ -119,7 +119,8 @@ def _backward_on_device(G, x, weight, A, B, u, v, row_scale, h, y, seed, scaling
     need_x, need_a, need_b, need_u, need_v, need_c, need_gs = needs
     M, K = G.shape[0], A.shape[1]
     if M == 0:  # empty batch: zero gradients, no launch
-        zeros = lambda t, need: torch.zeros_like(t) if need else None  # noqa: E731
+        # contiguous, as the fake kernel says (zeros_like would keep a transposed factor's strides)
+        zeros = lambda t, need: torch.zeros(t.shape, dtype=t.dtype, device=t.device) if need else None  # noqa: E731
         return [G.new_zeros((0, K)) if need_x else None, zeros(A, need_a), zeros(B, need_b),
                 zeros(u, need_u), zeros(v, need_v), zeros(row_scale, need_c),
                 G.new_zeros(G.shape) if need_gs else None]
