@@ -6,6 +6,7 @@ run on that row alone; rows with id -1 against the base model without adapters. 
 the torch route and on the Triton kernels (the interpreter without a GPU).
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -68,6 +69,14 @@ def reference_logits(base, dirs, names, ids, monkeypatch):
         for i, n in enumerate(names):
             rows.append(alone(base, dirs[n] if n else None)(ids[i:i + 1]).logits)
     return torch.cat(rows)
+
+
+def make_adapter(base, tmp_path, name, seed=1, **cfg):
+    """A saved adapter of ``base`` (lora unless ``cfg`` says otherwise), randomized with ``seed``."""
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(**{"rank": 4, "preset": "lora", **cfg}))
+    randomize_adapters(model, std=0.3, seed=seed)
+    save_adapter(model, tmp_path / name)
+    return tmp_path / name
 
 
 def snapshot(bank):
@@ -333,6 +342,76 @@ def test_kinds_of_a_partly_adapted_model(monkeypatch, tmp_path):
         assert rel_err(bank.model(ids).logits, model(ids).logits) < TOL
 
 
+def test_opt_flattened_tokens(tmp_path, monkeypatch):
+    """OPT runs fc1 / fc2 on (batch * seq, H) activations: each per-sequence id covers its sequence's
+    seq consecutive rows, in a forward and in generate's decode steps."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=1, bos_token_id=0, eos_token_id=0, dropout=0.0)).eval()
+    targets = dict(target_modules=["q_proj", "v_proj", "fc1", "fc2"])
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base, **targets))
+    slots = {n: bank.add(d) for n, d in dirs.items()}
+    names = ["a", None, "b"]
+    ids = torch.randint(2, 97, (3, 5), generator=torch.Generator().manual_seed(11))
+    adapter_ids = [slots[n] if n else -1 for n in names]
+    with torch.no_grad(), bank.use(adapter_ids):
+        out = bank.model(ids).logits
+    assert rel_err(out, reference_logits(base, dirs, names, ids, monkeypatch)) < TOL
+    kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=None)
+    tokens = bank.generate(ids, adapter_ids=adapter_ids, **kw)
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            assert torch.equal(tokens[i], alone(base, dirs[n] if n else None).generate(ids[i:i + 1], **kw)[0]), n
+
+
+def test_encoder_decoder_beams(tmp_path, monkeypatch):
+    """T5 with num_beams (and num_return_sequences) 2: the encoder sees the batch, the decoder each
+    prompt's beams consecutively; one id per prompt serves both, and each prompt's sequences are its
+    adapter's alone. Ids already repeated for the beams do not fit the encoder: refused."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
+                                               pad_token_id=0, eos_token_id=1, dropout_rate=0.0)).eval()
+    targets = dict(target_modules=["q", "v", "wi", "wo"])
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base, **targets))
+    slots = {n: bank.add(d) for n, d in dirs.items()}
+    names = ["b", None, "a"]
+    src = torch.randint(2, 50, (3, 5), generator=torch.Generator().manual_seed(12))
+    kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    out = bank.generate(src, adapter_ids=[slots[n] if n else -1 for n in names], **kw)
+    with torch.no_grad():
+        expected = torch.cat([alone(base, dirs[n] if n else None).generate(src[i:i + 1], **kw)
+                              for i, n in enumerate(names)])
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match=r"first dim 3, not a multiple of 6\); give one id per sequence, or per "
+                                         "prompt when generate expands the batch"):
+        bank.generate(src, adapter_ids=torch.tensor([slots["b"], -1, slots["a"]]).repeat_interleave(2), **kw)
+
+
+def test_mixture_of_experts_layers_refused(tmp_path):
+    """An expert's rows are the tokens routed to it, from every sequence: adapted expert layers are
+    refused when the bank is made, naming the layer; the attention layers of the same model are served."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+
+    base = SwitchTransformersEncoderModel(SwitchTransformersConfig(
+        vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, num_experts=2, expert_capacity=64,
+        encoder_sparse_step=1, dropout_rate=0.0, router_jitter_noise=0.0)).eval()
+    with pytest.raises(ValueError, match=r"layer 'encoder.block.0.layer.1.mlp.experts.expert_0.wi' sits inside a "
+                                         "mixture-of-experts block"):
+        AdapterBank(host_of(base, target_modules=["q", "wi", "wo"]))
+    bank = AdapterBank(host_of(base, target_modules=["q", "v"]))
+    assert bank.add(make_adapter(base, tmp_path, "attention", target_modules=["q", "v"])) == 0
+
+
 def test_quantized_layers(tmp_path):
     """A quantized layer the model does not adapt still names kinds (GPT-2's attn.c_proj is
     "attn.c_proj" because an mlp.c_proj exists, quantized or not), so files load; a model whose
@@ -374,17 +453,10 @@ def test_bad_adapter_ids_name_the_argument(zoo):
         with pytest.raises(err, match=msg):
             with bank.use(adapter_ids):
                 pass
-    with pytest.raises(ValueError, match=r"adapter_ids has 3 entries.*\(batch 2\)"):
+    with pytest.raises(ValueError, match=r"adapter_ids has 3 entries.*\(first dim 2, not a multiple of 3\)"):
         with torch.no_grad(), bank.use([1, -1, 1]):
             bank.model(ids)
     assert all(layer.bank_route is None for _, layer in adapted_layers(bank.model))  # reset after the error
-
-
-def make_adapter(base, tmp_path, name, **cfg):
-    model = inject(copy.deepcopy(base), TiedLoRAConfig(**{"rank": 4, "preset": "lora", **cfg}))
-    randomize_adapters(model, std=0.3)
-    save_adapter(model, tmp_path / name)
-    return tmp_path / name
 
 
 def test_failure_while_staging_leaves_the_bank_unchanged(zoo, monkeypatch):
@@ -453,6 +525,54 @@ def test_failed_load_leaves_the_bank_unchanged(zoo, tmp_path):
     assert [p.requires_grad for p in bank.model.parameters()] == flags  # the shell's inject froze nothing of it
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_matches_each_adapter_alone_under_autocast(zoo, backend, monkeypatch):
+    """A mixed batch under torch.autocast (fp32 model, bf16): each row equals its adapter's model
+    alone under the same autocast and backend (x and the base layer in bf16, the adapter term in
+    fp32; the backends round differently, each by its own scheme)."""
+    base, dirs = zoo
+    names = ["lora", None, "vera_a", "dora", "simple_dora", "tl6_alpha"]
+    ids = torch.randint(0, 97, (len(names), 6), generator=torch.Generator().manual_seed(13))
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    bank = AdapterBank(host_of(base))
+    slots = {n: bank.add(dirs[n]) for n in names if n}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.cat([alone(base, dirs[n] if n else None)(ids[i:i + 1]).logits for i, n in enumerate(names)])
+        with bank.use([slots[n] if n else -1 for n in names]):
+            out = bank.model(ids).logits
+    assert out.dtype == expected.dtype == torch.bfloat16
+    for i, n in enumerate(names):
+        assert rel_err(out[i], expected[i]) < 5e-3, f"row {i} ({n}): {rel_err(out[i], expected[i]):.2e}"
+    assert rel_err(out[0], out[1]) > 0.1  # the adapters matter more than bf16's rounding
+
+
+@pytest.mark.parametrize("made_in_inference_mode", [True, False], ids=["made-in-inference-mode", "made-outside"])
+def test_changes_in_and_out_of_inference_mode(zoo, made_in_inference_mode, monkeypatch):
+    """A model and bank made and filled under torch.inference_mode, then changed outside it, or the
+    reverse (a request handler loading an adapter on demand): every add and remove completes (the
+    bank's tensors are never inference tensors, which refuse in-place writes outside that mode,
+    half-way through the layers) and the rows are each adapter's alone."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    inside, outside = torch.inference_mode, contextlib.nullcontext
+    first, then = (inside, outside) if made_in_inference_mode else (outside, inside)
+    with first():
+        bank = AdapterBank(host_of(base), capacity=1)
+        lora = bank.add(dirs["lora"])
+    with then():
+        tl6 = bank.add(dirs["tl6_alpha"])  # grows the bank, makes every layer's factors per slot
+        bank.remove(lora)
+    with first():
+        vera = bank.add(dirs["vera_a"])  # into the slot freed, tensors made in the other mode
+    tensors = [t for s in bank._layers.values() for t in (*s.tensors().values(), *s.ref.values()) if t is not None]
+    assert not any(t.is_inference() for t in tensors)
+    assert bank.adapters == {0: "vera_a", 1: "tl6_alpha"}
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(14))
+    with torch.inference_mode(), bank.use([tl6, vera, -1]):
+        out = bank.model(ids).logits
+    assert rel_err(out, reference_logits(base, dirs, ["tl6_alpha", "vera_a", None], ids, monkeypatch)) < TOL
+
+
 def test_inference_only(zoo):
     base, dirs = zoo
     bank = AdapterBank(host_of(base))
@@ -486,6 +606,14 @@ def test_bank_refuses_changes_in_use_nesting_and_merged_models(zoo):
         bank.remove(3)
     with pytest.raises(KeyError, match="no adapter named 'nope'"):
         bank.remove("nope")
+    # names are strings: None names no adapter (it would find a free slot)
+    assert None not in bank and "lora" in bank
+    with pytest.raises(TypeError, match="name must be a string, got NoneType"):
+        bank.slot(None)
+    # a device named without its index is the one the model's tensors report with it ("cuda" is cuda:0)
+    assert bank.to("cpu:0").device == torch.device("cpu")
+    with torch.no_grad(), bank.use([0]):
+        bank.model(torch.randint(0, 97, (1, 4)))
     moved = AdapterBank(host_of(base))
     moved.to("meta")  # as if the model had moved elsewhere after the bank was made
     with pytest.raises(RuntimeError, match=r"now on cpu but the bank is on meta; call bank.to\(device\)"):

@@ -31,6 +31,15 @@ zero-padded), adapting any subset of the model's adapted layers (a layer an adap
 nothing for its rows), all trained on this base model. Not supported: quantized base layers, merged
 models, and training (inference only: the bank's forward refuses inputs that require grad).
 
+Which rows belong to which sequence: a layer's rows are its input's leading dims, the first being
+the batch or a multiple k of it, each id then covering k consecutive entries (``generate``'s beams
+and returned sequences, encoder-decoders' decoders included; OPT's (batch * seq, H) activations).
+Refused when the bank is made: adapted layers inside a mixture-of-experts block (a module path with
+a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
+every sequence). Not supported, and not detectable: models whose adapted layers see time-first
+(seq, batch, H) activations (FSMT, fairseq-style models): where seq is a multiple of the batch,
+rows would silently get other sequences' adapters.
+
 Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
 row scale, plus R (K + N) factor values for a per-slot factor (``factor_dtype``, fp32 by default).
 Slots are allocated up front (``capacity``) and grown by doubling when full; adding or removing an
@@ -40,7 +49,9 @@ adapter writes its slot only, and a request (``use``) allocates nothing in the b
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import re
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Optional, Union
 
@@ -50,11 +61,27 @@ import torch.nn as nn
 from .integrations import adapted_layers, adapter_config, load_adapter
 from .integrations.shell import linear_shell
 from .modules import TiedLoRALinear
-from .ops import resolve_backend
-from .ops.bank_linear import AdapterRows, bank_linear_unchecked, shared_factors
+from .ops import autocast_base, resolve_backend
+from .ops.bank_linear import AdapterRows, bank_linear_unchecked, same_device, shared_factors
 
 #: Routes a layer can take (:meth:`AdapterBank.routes`).
 ROUTES = ("base", "shared", "segmented")
+
+#: A part of a module path naming mixture-of-experts experts (SwitchTransformers' and NLLB-MoE's
+#: ``experts.expert_0``, Mixtral's, Qwen-MoE's and DeepSeek's ``experts.0``), not a shared expert
+#: that every token passes through (``shared_expert``, ``shared_experts``).
+_EXPERTS = re.compile(r"experts|expert_?\d+")
+
+
+def _normal_tensors(method):
+    """Run a bank method outside ``torch.inference_mode`` (and without grad): the bank's tensors are
+    written in place by later adds and removes, which an inference tensor (one allocated under
+    inference_mode) refuses outside that mode, half-way through the layers."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+    return wrapped
 
 
 class LayerAdapter(NamedTuple):
@@ -204,7 +231,7 @@ class _Route:
     def __call__(self, layer: TiedLoRALinear, x: torch.Tensor) -> torch.Tensor:
         rows = self.bank._active
         slots = self.bank._layers[self.name]
-        weight, bias = layer.weight_nk(), layer.bias
+        x, weight, bias = autocast_base(x, layer.weight_nk(), layer.bias)
         if slots.A is None:  # no loaded adapter adapts this layer
             rows.rows_per_id(x)
             return nn.functional.linear(x, weight, bias)
@@ -218,7 +245,8 @@ class AdapterBank:
     Args:
         model: a model prepared by :func:`tiedlora_kernels.inject` (any preset: it fixes which layers
             can be adapted; its own adapter is not used inside :meth:`use`). All its adapted layers on
-            one device, none merged, none over a quantized base.
+            one device, none merged, none over a quantized base, none inside a mixture-of-experts
+            block (see the module docstring; time-first models are not supported either).
         capacity: slots allocated up front (>= 1); :meth:`add` doubles it when full.
         rank: the bank's rank R (default: the model's adapter rank); adapters of lower rank are
             zero-padded to it, higher ranks are refused.
@@ -231,6 +259,7 @@ class AdapterBank:
         >>> out = bank.generate(input_ids, adapter_ids=[a, b], attention_mask=mask, max_new_tokens=16)
     """
 
+    @_normal_tensors
     def __init__(self, model: nn.Module, capacity: int = 8, *, rank: Optional[int] = None,
                  factor_dtype: torch.dtype = torch.float32):
         config = adapter_config(model)  # raises when the model has no adapters
@@ -249,6 +278,12 @@ class AdapterBank:
             if layer.merged:
                 raise ValueError(f"AdapterBank: layer {name!r} is merged; unmerge(model) first (a merged weight "
                                  "carries one adapter into every row)")
+            expert = next((part for part in name.split(".") if _EXPERTS.fullmatch(part)), None)
+            if expert is not None:
+                raise ValueError(f"AdapterBank: layer {name!r} sits inside a mixture-of-experts block ({expert!r}): "
+                                 "an expert sees the tokens routed to it, gathered from every sequence, so its rows "
+                                 "cannot be matched to the batch's sequences; inject the model without the experts' "
+                                 "layers (exclude_modules) to serve it")
         devices = {layer.weight.device for _, layer in layers}
         if len(devices) != 1:
             raise ValueError(f"AdapterBank: the adapted layers are on several devices {sorted(map(str, devices))}; "
@@ -274,7 +309,7 @@ class AdapterBank:
         return sum(n is not None for n in self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names
+        return isinstance(name, str) and name in self._names
 
     @property
     def adapters(self) -> dict[int, str]:
@@ -283,6 +318,8 @@ class AdapterBank:
 
     def slot(self, name: str) -> int:
         """The slot (adapter id) of the adapter called ``name``."""
+        if not isinstance(name, str):  # None would find a free slot
+            raise TypeError(f"AdapterBank.slot: name must be a string, got {type(name).__name__}")
         try:
             return self._names.index(name)
         except ValueError:
@@ -302,6 +339,7 @@ class AdapterBank:
         return (f"AdapterBank({len(self)}/{self.capacity} slots, rank={self.rank}, layers={len(self._layers)} "
                 f"(routes {counts}), {self.nbytes() / 2**20:.1f} MiB on {self.device})")
 
+    @_normal_tensors
     def add(self, source: Union[str, Path, nn.Module, Mapping[str, LayerAdapter]], name: Optional[str] = None) -> int:
         """Load an adapter into a free slot and return the slot (its adapter id).
 
@@ -313,7 +351,8 @@ class AdapterBank:
 
         Everything is read and checked before the bank changes: a file that does not fit (another
         model's layers, a rank above the bank's, a corrupt file) raises ``ValueError`` and leaves the
-        bank as it was. A full bank doubles its capacity.
+        bank as it was. A full bank doubles its capacity. Under ``torch.inference_mode`` or not, the
+        bank's tensors are normal tensors, which later adds and removes can write in either mode.
         """
         self._refuse_in_use("add")
         if name is not None and (not isinstance(name, str) or not name):
@@ -349,6 +388,7 @@ class AdapterBank:
         self._names[slot] = name
         return slot
 
+    @_normal_tensors
     def remove(self, adapter: Union[int, str]) -> None:
         """Free the slot of ``adapter`` (its id or name). Other slots and their ids do not change."""
         self._refuse_in_use("remove")
@@ -360,6 +400,7 @@ class AdapterBank:
             s.clear(slot)
         self._names[slot] = None
 
+    @_normal_tensors
     def reserve(self, capacity: int) -> None:
         """Grow to at least ``capacity`` slots now (one allocation per tensor), not on a later add."""
         self._refuse_in_use("reserve")
@@ -382,9 +423,11 @@ class AdapterBank:
                 slots; each layer then checks only that the batch matches.
 
         Works for ``model(input_ids)`` and ``model.generate(...)`` (the prefill and every decode step
-        keep the batch's order: one id per prompt). Inference only: run it under ``torch.no_grad()``
-        or ``torch.inference_mode()``; inputs that require grad are refused. The bank cannot be changed
-        while in use, and contexts do not nest.
+        keep the batch's order: one id per prompt, also with ``num_beams`` or ``num_return_sequences``,
+        whose copies of a prompt are consecutive, and for an encoder-decoder's encoder and decoder).
+        Under ``torch.autocast`` each row computes what its adapter alone computes under it. Inference
+        only: run it under ``torch.no_grad()`` or ``torch.inference_mode()``; inputs that require grad
+        are refused. The bank cannot be changed while in use, and contexts do not nest.
         """
         if self._active is not None:
             raise RuntimeError("AdapterBank.use: the bank is already in use (contexts do not nest)")
@@ -392,7 +435,7 @@ class AdapterBank:
             if layer.bank_route is not None:
                 raise RuntimeError(f"AdapterBank.use: layer {name!r} is already routed by another bank's use() "
                                    "context; contexts do not nest, across banks either")
-            if layer.weight.device != self.device:
+            if not same_device(layer.weight.device, self.device):
                 raise RuntimeError(f"AdapterBank.use: layer {name!r} is now on {layer.weight.device} but the bank "
                                    f"is on {self.device}; call bank.to(device) after moving the model")
             if layer.merged:
@@ -414,10 +457,12 @@ class AdapterBank:
         with torch.no_grad(), self.use(adapter_ids):
             return self.model.generate(input_ids, **kwargs)
 
+    @_normal_tensors
     def to(self, device) -> "AdapterBank":
         """Move the bank's tensors to ``device`` (after moving the model)."""
         self._refuse_in_use("to")
-        device = torch.device(device)
+        # the device as a tensor reports it ("cuda" given: cuda:0), as the layers' weights report theirs
+        device = torch.empty(0, device=device).device
         for s in self._layers.values():
             ref = {k: (r.to(device) if r is not None else None) for k, r in s.ref.items()}
             for k, t in s.tensors().items():
@@ -443,7 +488,8 @@ class AdapterBank:
             raise type(e)(f"AdapterBank.add: adapter {str(directory)!r} does not fit the bank's model: {e}") from None
         finally:  # inject freezes the shell's parameters, which are the model's own
             for p in self.model.parameters():
-                p.requires_grad_(frozen[id(p)])
+                if p.requires_grad != frozen[id(p)]:  # only those: an inference tensor refuses the call
+                    p.requires_grad_(frozen[id(p)])
         return _effective_tensors(shell)
 
     def _prepare(self, effective: dict) -> dict:

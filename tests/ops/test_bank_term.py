@@ -214,6 +214,32 @@ def test_triton_route_runs_the_kernels(monkeypatch):
     assert calls == ["bank_term", "bank_segment_term"]
 
 
+@pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
+def test_first_dim_a_multiple_of_the_ids(factors, backend):
+    """(n,) ids on x whose first dim is k * n (generate's beams of each prompt, consecutive; OPT's
+    (batch * seq, H) rows): id j covers entries [j k, (j + 1) k) of it, as the ids repeated k times
+    each would; the flattened 2-D x gets the same rows."""
+    ids = torch.tensor([2, -1, 0], device=DEVICE)
+    t = make(6, 3, 33, 40, 3, 4, factors=factors, ids=ids.repeat_interleave(2).tolist())
+    ref = check(t)
+    out = call(t, ids=ids)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    flat = dict(t, x=t["x"].reshape(18, 33))  # (6, 3, K) -> (18, K): 6 rows for each id
+    assert torch.equal(call(flat, ids=ids), out.reshape(18, 40))
+    with pytest.raises(ValueError, match=r"adapter_ids has 4 entries .* \(first dim 6, not a multiple of 4\)"):
+        call(t, ids=torch.tensor([0, 1, 2, 3], device=DEVICE))
+
+
+def test_autocast_casts_x_and_the_base_layer(backend):
+    """Under torch.autocast (fp32 x and base layer, bf16 autocast): x, W and b cast to bf16 as
+    F.linear casts them, the factors kept, as the single-adapter op does; out in bf16."""
+    t = make(5, 3, 33, 40, 3, 4, factors="both_per_slot", c=True)
+    cast = dict(t, **{k: t[k].to(torch.bfloat16) for k in ("x", "weight", "bias")})
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = call(t)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, call(cast))
+
+
 def test_empty_batch(backend):
     t = make(1, 3, 33, 40, 3, 2)
     t["x"], t["ids"] = t["x"][:0], t["ids"][:0]
@@ -254,13 +280,19 @@ def test_ids_checks_name_the_argument():
              ([0, 1.5, 2], TypeError, "adapter_ids: a list must hold ints"),
              (torch.tensor([0, 4, 1]), ValueError, r"adapter_ids\[1\] = 4 is out of range"),
              (torch.tensor([0, -2, 1]), ValueError, r"adapter_ids\[1\] = -2 is out of range"),
-             (torch.tensor([0, 1]), ValueError, "adapter_ids has 2 entries"),
+             (torch.tensor([0, 1]), ValueError, r"adapter_ids has 2 entries .*not a multiple of 2"),
              (torch.tensor([[0, 1, 2]]), ValueError, r"adapter_ids has shape \(1, 3\)"),
              (torch.zeros(3, 2, 1, dtype=torch.long), ValueError, "adapter_ids must be"),
              (torch.tensor([0, 1, 2], device="meta"), ValueError, "adapter_ids is on meta")]
     for ids, err, msg in cases:
         with pytest.raises(err, match=msg):
             call(t, ids=ids)
+
+
+def test_device_named_without_its_index():
+    """"cpu:0" ("cuda") names the device a tensor reports as cpu (cuda:0): ids there are accepted."""
+    named = "cpu:0" if DEVICE == "cpu" else "cuda"
+    assert AdapterRows([0, -1], 2, device=named).device == torch.empty(0, device=DEVICE).device
 
 
 def test_empty_slot_refused():

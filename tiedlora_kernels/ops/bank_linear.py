@@ -22,7 +22,13 @@ Routes (``TIEDLORA_BACKEND``, as for :func:`tiedlora_kernels.tied_lora_linear`):
 
 Which slot each row uses is an :class:`AdapterRows`: the ids validated once (one host sync), the
 row-to-slot maps and segment plans kept for every call made with them (a model's layers, the
-prefill and each decode step of ``generate``), so a call adds no host sync.
+prefill and each decode step of ``generate``), so a call adds no host sync. With one id per
+sequence, x's first dim may be any multiple k of the ids (a batch that ``generate`` expanded by
+``num_beams`` / ``num_return_sequences``, whose copies of a prompt are consecutive; OPT's
+(batch * seq, H) activations): each id covers k consecutive entries of x's first dim.
+
+Under ``torch.autocast`` x, W and b are cast to the autocast dtype and the term keeps the factors'
+dtype, as the single-adapter op (:func:`tiedlora_kernels.ops.tied_lora_linear`) does.
 """
 
 from __future__ import annotations
@@ -33,19 +39,37 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import resolve_backend
+from .. import reference
+from . import autocast_base, resolve_backend
 
 #: ``AdapterRows``' id dtypes: any integer tensor (int64 or int32 usually).
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def same_device(a: Union[str, torch.device], b: Union[str, torch.device]) -> bool:
+    """Whether ``a`` and ``b`` name one device: ``"cuda"`` is the current CUDA device (a tensor's
+    device is ``cuda:0``), ``"cpu:0"`` the CPU (a tensor's is ``cpu``); ``==`` tells them apart."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and _device_index(a) == _device_index(b)
+
+
+def _device_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    backend = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    if backend is not None and hasattr(backend, "current_device") and backend.is_available():
+        return backend.current_device()
+    return 0
 
 
 class AdapterRows:
     """The adapter slot of every sequence (or token) of a batch, validated against a bank.
 
     Args:
-        adapter_ids: (batch,) one slot per sequence, broadcast over its tokens, or the exact leading
-            shape of the activations, e.g. (batch, seq), one per token; integer tensor on ``device``
-            (a list of ints is converted). -1 = the base model alone.
+        adapter_ids: (batch,) one slot per sequence, broadcast over its tokens (activations whose
+            first dim is k * batch: each id covers k consecutive entries, see :meth:`rows_per_id`),
+            or the exact leading shape of the activations, e.g. (batch, seq), one per token; integer
+            tensor on ``device`` (a list of ints is converted). -1 = the base model alone.
         capacity: number of slots S; ids must lie in [-1, S).
         occupied: which slots hold an adapter (None: all); an id naming an empty slot is refused.
         device: the device the layers run on; a tensor elsewhere is refused, not copied.
@@ -71,7 +95,7 @@ class AdapterRows:
         if adapter_ids.dim() not in (1, 2):
             raise ValueError(f"adapter_ids must be (batch,), one slot per sequence, or (batch, seq), one per token; "
                              f"got shape {tuple(adapter_ids.shape)}")
-        if device is not None and adapter_ids.device != device:
+        if device is not None and not same_device(adapter_ids.device, device):
             raise ValueError(f"adapter_ids is on {adapter_ids.device} but the model runs on {device}; "
                              f"pass adapter_ids.to({str(device)!r})")
         # Copies, never views of the caller's tensor: ids changed after this check must not reach the kernels.
@@ -102,20 +126,30 @@ class AdapterRows:
         return self.host.numel()
 
     def rows_per_id(self, x: torch.Tensor) -> int:
-        """Rows of x (..., K) that each id covers; raises (naming ``adapter_ids``) when x's leading
-        dims do not fit the ids."""
+        """Rows of x (..., K), its leading dims flattened, that each id covers (consecutive rows);
+        raises (naming ``adapter_ids``) when x's leading dims do not fit the ids.
+
+        Per token: x's leading shape must be the ids' shape; 1 row each. Per sequence, (n,) ids: x's
+        first dim must be a multiple k * n, id j covering entries [j * k, (j + 1) * k) of it, so
+        prod(x.shape[:-1]) / n rows. k = 1 is the batch; k > 1 covers what expands each sequence in
+        place: ``generate``'s beams and returned sequences (repeat_interleave: a prompt's copies are
+        consecutive) and (batch * seq, H) activations (OPT flattens its tokens). Activations whose
+        first dim is not the batch but happens to be a multiple of it (time-first (seq, batch, H)
+        layouts) cannot be told apart and would get wrong rows: such models are not supported."""
         lead = tuple(x.shape[:-1])
         if self.per_token:
             if lead != self.shape:
                 raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
                                  f"have leading shape {lead}")
             return 1
-        if len(lead) == 0 or lead[0] != self.shape[0]:
-            raise ValueError(f"adapter_ids has {self.shape[0]} entries (one slot per sequence) but the activations "
-                             f"have shape {tuple(x.shape)} (batch {lead[0] if lead else 'none'}); give one id per "
-                             "sequence of the batch (generate with num_beams or num_return_sequences > 1 expands "
-                             "the batch: repeat_interleave the ids to match)")
-        rows = 1
+        n = self.shape[0]
+        first = lead[0] if lead else None
+        if first is None or (first % n if n else first):
+            raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
+                             f"{tuple(x.shape)} (first dim {first}, not a multiple of {n}); give one id per sequence, "
+                             "or per prompt when generate expands the batch (num_beams, num_return_sequences: an id "
+                             "covers its prompt's consecutive copies)")
+        rows = first // n if n else 1
         for d in lead[1:]:
             rows *= d
         return rows
@@ -154,15 +188,18 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Args:
         x: (..., K) activations, fp32/bf16/fp16 (fp64: torch route), any strides.
         weight: (N, K) frozen base weight in x's dtype; bias: (N,) in x's dtype, or None.
-        adapter_ids: (batch,) int slot per sequence (x's first dim), or x.shape[:-1] per token, -1 =
-            base model only; or an :class:`AdapterRows` (validated once, reused across calls).
+        adapter_ids: (batch,) int slot per sequence (x's first dim is k * batch, k >= 1: each id
+            covers k consecutive entries of it), or x.shape[:-1] per token, -1 = base model only; or
+            an :class:`AdapterRows` (validated once, reused across calls).
         A: (R, K) shared or (S, R, K) per slot; B: (N, R) shared or (S, N, R) per slot.
         U: (S, R) per slot s * u (zero rows for slots without an adapter); V: (S, N) per slot v or None.
         row_scale: (S, N) per slot row scale c (DoRA's magnitude over its norm; 1 for slots without
             one) or None.
 
     Returns:
-        (..., N) in x's dtype. Inference only: raises when autograd would need a gradient.
+        (..., N) in x's dtype (the autocast dtype under ``torch.autocast``, which casts x, W and b as
+        ``F.linear`` does; the factors keep theirs). Inference only: raises when autograd would need
+        a gradient.
 
     Example:
         >>> x = torch.randn(3, 5, 32); W = torch.randn(48, 32)
@@ -172,18 +209,22 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         >>> torch.allclose(out[1], x[1] @ W.T)   # row -1: the base layer alone
         True
     """
+    x, weight, bias = autocast_base(x, weight, bias)
     check_bank_inputs(x, weight, bias, A, B, U, V, row_scale)
     rows = adapter_ids if isinstance(adapter_ids, AdapterRows) else AdapterRows(adapter_ids, U.shape[0],
                                                                                 device=x.device)
     if rows.capacity != U.shape[0]:
         raise ValueError(f"adapter_ids was validated for {rows.capacity} slots but U has {U.shape[0]}")
+    if not same_device(rows.device, x.device):
+        raise ValueError(f"adapter_ids is on {rows.device} but x is on {x.device}")
     return bank_linear_unchecked(x, weight, bias, rows, A, B, U, V, row_scale,
                                  resolve_backend(x, weight, bias, U.shape[1], op="bank_linear"))
 
 
 def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_scale, backend: str) -> torch.Tensor:
     """:func:`bank_linear` without the checks of the bank's tensors (the bank checks them once per
-    ``use``) and with the backend resolved: per call, only x against the ids and against K."""
+    ``use``) and with the backend resolved: per call, only x against the ids and against K. Under
+    ``torch.autocast`` the caller has cast x, weight and bias (:func:`~tiedlora_kernels.ops.autocast_base`)."""
     if torch.is_grad_enabled():
         for name, t in (("x", x), ("weight", weight), ("bias", bias), ("A", A), ("B", B), ("U", U), ("V", V),
                         ("row_scale", row_scale)):
@@ -199,7 +240,9 @@ def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_sc
     T = rows.rows_per_id(x)
     M = len(rows) * T
     x2 = x.reshape(M, K)
-    with torch.no_grad():
+    # autocast off: the term is computed in the factors' dtype, the base GEMM in x's (already the
+    # autocast dtype), as the single-adapter op computes them
+    with torch.no_grad(), reference.autocast_off(x.device.type):
         if backend == "triton":
             # Triton launches on the current CUDA device: make it x's (a model on cuda:1, say)
             with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
@@ -302,4 +345,5 @@ def _describe(t) -> str:
     return type(t).__name__
 
 
-__all__ = ["AdapterRows", "bank_linear", "bank_linear_unchecked", "check_bank_inputs", "shared_factors"]
+__all__ = ["AdapterRows", "bank_linear", "bank_linear_unchecked", "check_bank_inputs", "same_device",
+           "shared_factors"]
