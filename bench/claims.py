@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 
 def measured_commit() -> tuple[Optional[str], Optional[bool]]:
@@ -29,13 +29,33 @@ def measured_commit() -> tuple[Optional[str], Optional[bool]]:
     return (sha, bool(dirty)) if sha else (None, None)
 
 
-def withdraw_if_tests_failed(meta: dict, tests_exit_code: Optional[int]) -> None:
-    """Record the GPU tests' exit code in a run's ``meta``; a nonzero one (-1: the tests did not run)
-    withdraws a GPU run's speed claims, saying why."""
+#: ``tests_exit_code`` of a run made before the cuda-marked tests that gate it have ended (the GPU
+#: session's microbenchmark runs first): no claims until the session restamps the tests' exit code.
+TESTS_PENDING = "pending"
+_PENDING_REASON = "the cuda-marked tests had not finished when this was written"
+
+
+def tests_exit_code(text: str) -> Union[int, str]:
+    """``--tests-exit-code``'s argument: the tests' exit code, or ``pending``."""
+    return TESTS_PENDING if text == TESTS_PENDING else int(text)
+
+
+def apply_tests_exit_code(meta: dict, tests_exit_code: Union[int, str, None]) -> None:
+    """Record the GPU tests' exit code in a run's ``meta``. Anything but 0 (``pending``: not finished
+    yet; -1: did not run) withdraws a GPU run's speed claims, saying why; 0 after ``pending`` gives
+    back what ``pending`` withdrew (a withdrawal for any other reason stands)."""
     if tests_exit_code is None:
         return
+    only_pending = meta.get("no_claims_reason") == _PENDING_REASON
     meta["tests_exit_code"] = tests_exit_code
-    if tests_exit_code != 0 and meta.get("mode") == "gpu":
-        meta["speed_claims"] = False
-        meta["no_claims_reason"] = ("the cuda-marked tests did not run" if tests_exit_code == -1 else
-                                    f"the cuda-marked tests failed or were cut short (exit code {tests_exit_code})")
+    if meta.get("mode") != "gpu":
+        return
+    if tests_exit_code == 0:
+        if only_pending:
+            meta["speed_claims"] = True
+            del meta["no_claims_reason"]
+        return
+    meta["speed_claims"] = False
+    meta["no_claims_reason"] = (_PENDING_REASON if tests_exit_code == TESTS_PENDING else
+                                "the cuda-marked tests did not run" if tests_exit_code == -1 else
+                                f"the cuda-marked tests failed or were cut short (exit code {tests_exit_code})")

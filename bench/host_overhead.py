@@ -15,7 +15,7 @@ interpreter (a GPU, or a CPU alone), the parts of one launch's host time that ne
 launcher's Python, and that plus Triton's JIT ``run`` before the launch (meta tensors, the compile
 report's compile-only driver).
 
-Writes ``host_overhead.json`` (device, versions, us per call per pathway) and
+Writes ``host_overhead.json`` (device, versions, commit, us per call per pathway) and
 ``host_overhead_profile.txt``. A host-time probe: kernel speed is in ``python -m bench``.
 """
 
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .claims import measured_commit
 
 
 def _per_call_us(fn, calls: int, sync) -> float:
@@ -111,9 +113,11 @@ def main(argv=None) -> int:
         (out / "host_overhead_profile.txt").write_text(text.getvalue())
     import triton
 
+    commit, dirty = measured_commit()
     rec = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-               triton=triton.__version__, shape=dict(M=M, K=K, N=N, r=r, dtype=str(dtype)), calls=args.calls,
+               triton=triton.__version__, commit=commit, dirty=dirty,
+               shape=dict(M=M, K=K, N=N, r=r, dtype=str(dtype)), calls=args.calls,
                command="python -m bench.host_overhead " + " ".join(sys.argv[1:] if argv is None else argv), us_per_call=us)
     (out / "host_overhead.json").write_text(json.dumps(rec, indent=1))
     return 0

@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .claims import withdraw_if_tests_failed
+from .claims import apply_tests_exit_code, tests_exit_code
 
 IMPL_ORDER = ["limit", "merged", "ours", "reference", "addmm", "peft_lora", "peft_vera"]
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads((out / "results.json").read_text())
     meta = data["meta"]
     if "--tests-exit-code" in args:
-        withdraw_if_tests_failed(meta, int(args[args.index("--tests-exit-code") + 1]))
+        apply_tests_exit_code(meta, tests_exit_code(args[args.index("--tests-exit-code") + 1]))
     add_ratios(data["records"])
     tg = targets(data["records"], data["e2e"], meta.get("device")) if meta["speed_claims"] else []
     if "--readme" in args:

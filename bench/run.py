@@ -40,9 +40,10 @@ import torch
 from tiedlora_kernels import reference
 
 from .cases import GRIDS, IMPLS, KERNEL_IMPLS, Case, Impl, env, flops, make_inputs, min_bytes
-from .claims import measured_commit, withdraw_if_tests_failed
+from .claims import apply_tests_exit_code, measured_commit, tests_exit_code
 from .floors import PRESET_TRAIN, kernel_floors, spec_bandwidth
 from .profiling import host_ms, kernel_floor_rows, profile_steps
+from .targets import targets
 
 #: Tolerance rule (flash-attention's): an impl's relative error against the fp32 oracle
 #: may be at most TOL_FACTOR x the error of eager PyTorch in the same dtype (the reference on the same
@@ -440,78 +441,6 @@ def add_ratios(records: list[dict]) -> None:
                 r["speedup_vs_" + name] = p["median_ms"] / r["median_ms"]
 
 
-#: Issue 12's goals: (name, impl, op, M filter, K, N, rank, field, bound, "<=" or ">=", H100 allowance).
-#: "on an H100 add 0.04 to the first three" (the H100's slower HBM makes the extra passes dearer).
-TARGETS = [
-    ("fwd+bwd <= 1.12x limit, r=16", "ours", "fwd_bwd", (8192,), 4096, 4096, 16, "ratio_to_limit", 1.12, "<=", 0.04),
-    ("fwd+bwd <= 1.25x limit, r=128", "ours", "fwd_bwd", (8192,), 4096, 4096, 128, "ratio_to_limit", 1.25, "<=", 0.04),
-    ("fwd <= 1.10x limit, r=16", "ours", "fwd", (8192,), 4096, 4096, 16, "ratio_to_limit", 1.10, "<=", 0.04),
-    (">= 1.8x faster than PEFT LoRA, fwd+bwd, r=16", "ours", "fwd_bwd", (8192,), 4096, 4096, 16,
-     "speedup_vs_peft_lora", 1.8, ">=", 0.0),
-    ("decode M=1, eager back-to-back <= 1.5x limit, r=16", "ours", "fwd", (1,), 4096, 4096, 16,
-     "b2b_ratio_to_limit", 1.5, "<=", 0.0),
-    ("decode M=1, eager back-to-back <= 1.5x limit, r=128", "ours", "fwd", (1,), 4096, 4096, 128,
-     "b2b_ratio_to_limit", 1.5, "<=", 0.0),
-    ("decode M=1, CUDA graph <= 1.15x limit, r=16", "ours", "fwd", (1,), 4096, 4096, 16,
-     "graph_ratio_to_limit", 1.15, "<=", 0.0),
-    ("decode M=1, CUDA graph <= 1.15x limit, r=128", "ours", "fwd", (1,), 4096, 4096, 128,
-     "graph_ratio_to_limit", 1.15, "<=", 0.0),
-]
-#: Presets a goal judges, where not every one compares like for like: PEFT LoRA trains A and B, as
-#: ours lora (the same work) and tl6 (more) do; our VeRA trains only u and v, so it does less work
-#: than PEFT LoRA and its speed-up would not be a claim (it has PEFT VeRA: speedup_vs_peft_vera).
-TARGET_PRESETS = {">= 1.8x faster than PEFT LoRA, fwd+bwd, r=16": ("lora", "tl6")}
-#: Each Triton kernel's profiled GPU time / its bandwidth floor (bytes at the data-sheet bandwidth).
-KERNEL_FLOOR_TARGET = ("Triton kernel <= 1.3x its bandwidth floor", 1.3, (8192,))
-#: End to end: (name, config, baseline config, field, bound). Memory: at least as far below PEFT as
-#: the first H200 run measured (ours_tl6 / peft_lora 0.73, ours_dora / peft_dora 0.58).
-E2E_TARGETS = [
-    ("e2e step, TL6 <= 1.15x no adapter", "ours_tl6", "no_adapter", "step_ms", 1.15),
-    ("e2e peak memory, TL6 <= 0.73x PEFT LoRA", "ours_tl6", "peft_lora", "peak_mem_bytes", 0.73),
-    ("e2e peak memory, DoRA <= 0.58x PEFT DoRA", "ours_dora", "peft_dora", "peak_mem_bytes", 0.58),
-]
-
-
-def _verdict(val, bound, cmp) -> str:
-    return "no data" if val is None else "met" if (val <= bound if cmp == "<=" else val >= bound) else "missed"
-
-
-def targets(records: list[dict], e2e: list[dict], device: Optional[str] = None) -> list[dict]:
-    """Where the op stands against issue 12's goals: one row per goal and matching record (each
-    preset), status met / missed / no data / wrong result. On an H100 the first three bounds get +0.04."""
-    h100 = bool(device) and "H100" in device
-    rows = []
-    # A run with no per-layer records (e2e only) or no e2e (microbenchmark only) judges only what it measured.
-    for name, impl, op, Ms, K, N, rank, fld, bound, cmp, h100_extra in (TARGETS if records else []):
-        bound = round(bound + (h100_extra if h100 else 0.0), 4)
-        hits = [r for r in records if r["op"] == op and r["M"] in Ms and r["K"] == K and r["N"] == N
-                and r["rank"] == rank and r["impl"] == impl and r["preset"] in TARGET_PRESETS.get(name, (r["preset"],))]
-        for r in sorted(hits, key=lambda r: (r["preset"], r["M"])):
-            val = r.get(fld)
-            status = "wrong result" if r.get("ok") is False else _verdict(val, bound, cmp)
-            rows.append(dict(target=name, impl=r["impl"], preset=r["preset"], M=r["M"], field=fld, value=val,
-                             goal=f"{cmp} {bound}", status=status, binding=True))
-        if not hits:
-            rows.append(dict(target=name, impl=impl, preset=None, M=None, field=fld, value=None,
-                             goal=f"{cmp} {bound}", status="no data", binding=True))
-    name, bound, Ms = KERNEL_FLOOR_TARGET
-    for r in records:
-        if r["M"] not in Ms:  # at decode a kernel is launch bound: its ratio is recorded, not judged
-            continue
-        for k in r.get("kernel_floors") or []:
-            rows.append(dict(target=name, impl=f"{r['impl']} {r['op']} r={r['rank']}: {k['kernel']}",
-                             preset=r["preset"], M=r["M"], field="ratio_spec", value=k.get("ratio_spec"), goal=f"<= {bound}",
-                             status=_verdict(k.get("ratio_spec"), bound, "<="), binding=True))
-    by = {e["config"]: e for e in e2e if "error" not in e}
-    for name, config, base, fld, bound in (E2E_TARGETS if e2e else []):
-        a, b = by.get(config, {}).get(fld), by.get(base, {}).get(fld)
-        val = a / b if a and b else None
-        rows.append(dict(target=name, impl=config, preset=config.removeprefix("ours_"), M=None,
-                         field=f"{fld} / {base}", value=val, goal=f"<= {bound}", status=_verdict(val, bound, "<="),
-                         binding=True))
-    return rows
-
-
 def add_kernel_floors(records: list[dict], meta: dict) -> None:
     """Each profiled record of ours: every modelled Triton kernel's GPU time per call against its
     bandwidth floor, at the data-sheet bandwidth (``ratio_spec``, the target's) and at the measured
@@ -683,9 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serving-minutes", type=float, default=3.0, help="the serving benchmark's budget")
     ap.add_argument("--resume", action="store_true",
                     help="keep the records of OUT/results.json and measure only the missing ones (same grid)")
-    ap.add_argument("--tests-exit-code", type=int, default=None,
-                    help="exit code of the GPU test run; nonzero withdraws every speed claim "
-                         "(or later: python -m bench.report OUT --tests-exit-code N)")
+    ap.add_argument("--tests-exit-code", type=tests_exit_code, default=None,
+                    help="exit code of the GPU test run, or 'pending' (a run made before the tests end): "
+                         "anything but 0 withdraws every speed claim (or later: python -m bench.report OUT "
+                         "--tests-exit-code N)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     grid_name = args.grid or ("targets" if device == "cuda" else "smoke")
@@ -701,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda" else "smoke-cpu")
         args.out = Path(__file__).resolve().parent / "results" / name
     meta["grid"] = grid_name
-    withdraw_if_tests_failed(meta, args.tests_exit_code)
+    apply_tests_exit_code(meta, args.tests_exit_code)
     grid = GRIDS[grid_name]
     jobs = [] if args.e2e_only else plan(grid, device)
     if args.impls:

@@ -53,7 +53,7 @@ import torch
 from tiedlora_kernels import TiedLoRAConfig, adapted_layers, inject
 from tiedlora_kernels.serving import AdapterBank, LayerAdapter
 
-from .claims import measured_commit, withdraw_if_tests_failed
+from .claims import apply_tests_exit_code, measured_commit, tests_exit_code
 from .e2e import GPU_MODEL, SMOKE_MODEL
 from .run import Stopped, stop_on_signal
 
@@ -172,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--phases", default="prefill,decode", help="comma-separated subset of prefill,decode")
     ap.add_argument("--no-loop", action="store_true", help="skip the naive loop (its timing is the slow part)")
-    ap.add_argument("--tests-exit-code", type=int, default=None,
+    ap.add_argument("--tests-exit-code", type=tests_exit_code, default=None,
                     help="exit code of the GPU tests run before (nonzero withdraws the speed claims)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes
     meta = environment(device, mode, argv)
     meta["speed_claims"] = size == "gpu"
-    withdraw_if_tests_failed(meta, args.tests_exit_code)
+    apply_tests_exit_code(meta, args.tests_exit_code)
     if args.out is None:
         tag = "smoke-" + device if size == "smoke" else f"{datetime.date.today()}-{meta['device'].replace(' ', '_')}"
         args.out = Path(__file__).resolve().parent / "results" / f"serving-{tag}"

@@ -4,9 +4,11 @@ it skipped. ``python -m bench.session_summary OUT [--budget S] [--tests-exit-cod
 Reads what the phases left in OUT: ``phases.tsv`` (one line per phase: name, share, cap, allowance,
 start, end, exit code, status), the benchmark's ``bench/results.json`` and ``e2e/results.json``, and
 the pytest phases' ``<phase>.json`` (bench/pytest_phase_report.py). With ``--tests-exit-code`` it
-first records that exit code in ``bench/results.json`` (nonzero, or -1 for "did not run",
-withdraws its speed claims: the microbenchmark runs before the tests that gate it) and rewrites
-its results.md. Imports no torch: it runs in the session's reserve in well under a second.
+first records that exit code in ``bench/results.json`` (and the sweep's and serving's results):
+``pending`` (the microbenchmark runs before the tests that gate it), -1 ("did not run") or a
+nonzero code withdraws the speed claims, 0 after ``pending`` gives them back; results.md is
+rewritten. Imports no torch unless a tile sweep or serving run is restamped: it runs in the
+session's reserve in well under a second.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Union
+
+from .claims import apply_tests_exit_code, tests_exit_code
 
 PHASES = [("bench", "targets microbenchmark (python -m bench --no-e2e)"),
           ("cuda_tests", "cuda-marked tests (pytest -m cuda)"),
@@ -49,20 +54,23 @@ def read_phases(out: Path) -> dict[str, dict]:
     return rows
 
 
-def restamp(out: Path, code: int) -> None:
-    """Record the cuda-marked tests' exit code in the microbenchmark's, the serving benchmark's and
-    the tile sweep's results (once each): a nonzero one withdraws their speed claims, their target
-    verdicts and the sweep's fastest-per-case list."""
-    from .claims import withdraw_if_tests_failed
-
+def restamp(out: Path, code: Union[int, str]) -> None:
+    """Record the cuda-marked tests' exit code (or ``pending``) in the microbenchmark's, the serving
+    benchmark's and the tile sweep's results (once per code): anything but 0 withdraws their speed
+    claims, their target verdicts and the sweep's fastest-per-case list; 0 after ``pending`` gives
+    them back, the verdicts worked out again from the records."""
     for path in (out / "bench" / "results.json", out / "serving" / "results.json",
                  out / "tiles" / "tile_sweep.json"):
         data = _load(path)
         if not data or data["meta"].get("tests_exit_code") == code:
             continue
-        withdraw_if_tests_failed(data["meta"], code)
+        claimed = data["meta"].get("speed_claims")
+        apply_tests_exit_code(data["meta"], code)
+        key = "fastest" if path.name == "tile_sweep.json" else "targets"
         if not data["meta"].get("speed_claims"):
-            data["fastest" if path.name == "tile_sweep.json" else "targets"] = []
+            data[key] = []
+        elif not claimed:
+            data[key] = _verdicts(path, data)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
@@ -75,6 +83,21 @@ def restamp(out: Path, code: int) -> None:
 
             (path.parent / "results.md").write_text(markdown(data["meta"], data["records"], data["e2e"],
                                                              data.get("targets") or [], data.get("probes")))
+
+
+def _verdicts(path: Path, data: dict) -> list[dict]:
+    """A results file's verdicts from its records (its claims given back)."""
+    if path.name == "tile_sweep.json":
+        from .tile_sweep import fastest_per_case
+
+        return fastest_per_case(data["records"])
+    if path.parent.name == "serving":
+        from .serving import verdicts
+
+        return verdicts(data["ratios"])
+    from .targets import targets
+
+    return targets(data["records"], data["e2e"], data["meta"].get("device"))
 
 
 def _names(items: list[str]) -> list[str]:
@@ -183,8 +206,10 @@ def _tiles_phase(out: Path) -> list[str]:
              f"{sum('skipped' in r for r in recs)} skipped at the deadline (tiles/tile_sweep.md)"]
     if not data["meta"].get("speed_claims", True):
         lines.append(f"- no fastest configuration claimed: {data['meta'].get('no_claims_reason', 'no GPU')}")
-    return lines + [f"- {f['case']}: current ({f['current']}) {f['current_us']} us ({f['current_ratio']}x floor), "
-                    f"fastest {f['fastest']} {f['fastest_us']} us ({f['fastest_ratio']}x)" for f in data["fastest"]]
+    spread = lambda f: "-" if f.get("current_spread") is None else f"{100 * f['current_spread']:.1f}%"  # noqa: E731
+    return lines + [f"- {f['case']}: current ({f['current']}) {f['current_us']} us ({f['current_ratio']}x floor, "
+                    f"spread {spread(f)}), fastest {f['fastest']} {f['fastest_us']} us ({f['fastest_ratio']}x)"
+                    for f in data["fastest"]]
 
 
 def _serving_phase(out: Path) -> list[str]:
@@ -266,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args[0])
     budget = int(args[args.index("--budget") + 1]) if "--budget" in args else 480
     if "--tests-exit-code" in args:
-        restamp(out, int(args[args.index("--tests-exit-code") + 1]))
+        restamp(out, tests_exit_code(args[args.index("--tests-exit-code") + 1]))
     text = summary(out, budget, "--final" in args)
     (out / "SUMMARY.md").write_text(text)
     print(text)

@@ -450,14 +450,16 @@ def test_claims_never_outlive_their_conditions(tmp_path, monkeypatch):
     assert cut["meta"]["truncated"].startswith("interrupted") and len(cut["records"]) == 1
 
 
-def test_host_overhead_probe_writes_every_pathway(tmp_path):
+def test_host_overhead_probe_writes_every_pathway(tmp_path, monkeypatch):
     """``python -m bench.host_overhead`` (here on the interpreter, a few calls): every pathway timed,
-    the profile written, the record labelled with device and versions."""
+    the profile written, the record labelled with device, versions and the measured tree (as every
+    other artefact: ``BENCH_COMMIT`` names it)."""
     from bench.host_overhead import main as host_main
 
+    monkeypatch.setenv("BENCH_COMMIT", "0123abcd")
     assert host_main(["--out", str(tmp_path), "--calls", "2"]) == 0
     rec = json.loads((tmp_path / "host_overhead.json").read_text())
-    assert {"device", "torch", "triton", "command", "shape"} <= set(rec)
+    assert {"device", "torch", "triton", "command", "shape", "dirty"} <= set(rec) and rec["commit"] == "0123abcd"
     want = {"torch one-element add_", "F.linear fwd", "F.linear fwd+bwd", "adapter_term launch",
             "ours fwd (no grad)", "ours fwd", "ours fwd+bwd", "custom op fwd+bwd"}
     assert set(rec["us_per_call"]) == want and all(us > 0 for us in rec["us_per_call"].values())
@@ -494,6 +496,10 @@ def test_tile_sweep_checks_every_configuration_against_the_current_one(tmp_path)
     for case in cases:
         mine = [r for r in recs if r["case"] == case]
         assert mine[0]["rel_err_vs_current"] == 0 and len(mine) >= 2 and all("us" not in r for r in mine)
+        # timed again after the others: both timings and their spread recorded, the faster kept
+        timings = mine[0]["timings_us"]
+        assert len(timings) == 2 and mine[0]["cpu_wall_us_not_kernel_speed"] == min(timings)
+        assert mine[0]["spread"] == pytest.approx(max(timings) / min(timings) - 1, abs=1e-4)
         assert all(r["rel_err_vs_current"] < 1e-5 for r in mine if r["variant"] != "limit")
     layer = [r for r in recs if r["case"].startswith("decode layer")]
     assert [r["variant"] for r in layer][:2] == ["general", "fused"] and layer[-1]["variant"] == "limit"
@@ -530,9 +536,10 @@ def test_tile_sweep_records_never_pass_a_broken_configuration_as_a_match():
         r["us"] = us
     recs.append(dict(case="c", config="timefail", current=False, variant="x", rel_err_vs_current=0.0,
                      error="RuntimeError: illegal address"))
+    recs[0]["spread"] = 0.01
     md = markdown(dict(device="d", torch="t", triton="3", commit="x", command="c", cuda=True, bandwidth=1.0), recs)
     assert "| c | timefail | RuntimeError: illegal address |" in md
-    assert "| c | 10.0 | ok | 10.0 | 1.00x |" in md  # neither the NaN nor the wrong one is the fastest
+    assert "| c | 10.0 | 1.0% | ok | 10.0 | 1.00x |" in md  # neither the NaN nor the wrong one is the fastest
 
 
 def test_tile_sweep_runs_the_cases_it_is_asked_for(tmp_path):
@@ -577,10 +584,86 @@ def test_the_fastest_tile_configuration_computes_what_the_current_one_does():
     from bench.tile_sweep import fastest_per_case
 
     case = "fwd r=16 M=8192"
-    recs = [dict(case=case, config="current", us=70.0, current=True),
+    recs = [dict(case=case, config="current", us=70.0, current=True, spread=0.01),
             dict(case=case, config="BLOCK_M 64", us=50.0, rel_err_vs_current=1e-7),
             dict(case=case, config="current, A in x dtype", variant="down in x dtype", us=40.0,
                  rel_err_vs_current=1e-3),
             dict(case=case, config="8 warps", us=30.0, rel_err_vs_current=0.5)]  # disagrees: not an option
     (row,) = fastest_per_case(recs)
     assert row["fastest"] == "BLOCK_M 64" and row["gain"] == pytest.approx(1.4)
+
+
+def test_the_fastest_tile_configuration_beats_the_noise():
+    """Each configuration is one do_bench median: another one is named a case's fastest only when its
+    gain over the current one beats the spread of the current one's two timings (first and last of
+    the case) and is at least 1.03; a current configuration timed once (no spread) stays."""
+    from bench.tile_sweep import MIN_GAIN, fastest_per_case
+
+    def fastest(spread, other_us):
+        current = dict(case="c", config="current", us=70.0, current=True, spread=spread)
+        other = dict(case="c", config="BLOCK_M 64", us=other_us, rel_err_vs_current=1e-7)
+        (row,) = fastest_per_case([current, other])
+        assert row["current_spread"] == spread
+        return row["fastest"], row["gain"]
+
+    assert MIN_GAIN == 1.03
+    assert fastest(0.0, 69.93) == ("current", 1.0)  # gain 1.001: noise
+    assert fastest(0.0, 68.5) == ("current", 1.0)  # 1.022: under 1.03
+    assert fastest(0.05, 67.5) == ("current", 1.0)  # 1.037, but the current one moved 5 % by itself
+    assert fastest(0.05, 60.0) == ("BLOCK_M 64", pytest.approx(1.167))
+    assert fastest(0.0, 67.0) == ("BLOCK_M 64", pytest.approx(1.045))
+    assert fastest(None, 35.0) == ("current", 1.0)  # timed once: no spread to beat
+
+
+def test_the_tile_sweep_times_the_current_configuration_again_after_the_others():
+    """The current configuration's second timing comes after every other configuration of its case
+    (drift over a case shows as its spread), before the next case starts."""
+    from bench.tile_sweep import SweepCase, sweep
+
+    launched = []
+
+    def case(name):
+        def run(cfg, variant):
+            launched.append((name, variant))
+            return (torch.ones(2),)
+        return SweepCase(name, "k", {}, 8.0, run, [(v, None, v) for v in ("cur", "alt1", "alt2")])
+
+    recs = sweep([case("a"), case("b")], False, None, float("inf"), lambda r: None)
+    # per configuration: the outputs checked, then one timing; the current one's last timing ends its case
+    assert launched == [(c, v) for c in "ab" for v in ("cur", "cur", "alt1", "alt1", "alt2", "alt2", "cur")]
+    first = recs[0]
+    assert len(first["timings_us"]) == 2 and first["cpu_wall_us_not_kernel_speed"] == min(first["timings_us"])
+    assert first["spread"] >= 0 and not [r for r in recs if not r["current"] and "spread" in r]
+
+
+def test_a_sigterm_stops_the_e2e_benchmark_where_it_is(monkeypatch):
+    """bench.run's SIGTERM handler raises Stopped: the e2e benchmark must let it through (building a
+    config, timing it or in its diagnostics), so the run writes what it has and stops, instead of
+    recording the signal as one config's error and going on to the next."""
+    import bench.e2e as e2e
+    from bench.run import Stopped
+
+    built, real_build = [], e2e._build
+
+    def build(config, *a, **k):
+        built.append(config)
+        if config == "ours_tl6":
+            raise Stopped("signal 15")
+        return real_build(config, *a, **k)
+
+    monkeypatch.setattr(e2e, "_build", build)
+    sink = []
+    with pytest.raises(Stopped):
+        e2e.run_e2e("cpu", True, configs=["no_adapter", "ours_tl6", "peft_lora"], profile=False, sink=sink)
+    assert built == ["no_adapter", "ours_tl6"] and [e["config"] for e in sink] == ["no_adapter"]
+    assert "step_ms" in sink[0]
+
+    def diagnostics(*a, **k):
+        raise Stopped("signal 15")
+
+    monkeypatch.setattr(e2e, "_build", real_build)
+    monkeypatch.setattr(e2e, "_syncs_in", diagnostics)
+    sink = []
+    with pytest.raises(Stopped):
+        e2e.run_e2e("cpu", True, configs=["no_adapter", "ours_tl6"], profile=True, sink=sink)
+    assert [e["config"] for e in sink] == ["no_adapter"] and "profile_error" not in sink[0]

@@ -20,16 +20,21 @@ KERNELS = {"_adapter_term_kernel", "_grad_factors_kernel", "_grad_finish_kernel"
            "_bank_term_kernel", "_bank_segment_term_kernel", "_decode_linear_kernel"}
 
 
-@pytest.fixture(scope="module")
-def compile_report(tmp_path_factory):
+def _compile_for_hopper(*args: str) -> subprocess.CompletedProcess:
+    """``python -m <args>`` without the interpreter (the compile-only driver compiles the real kernels);
+    skips where this triton cannot compile for sm_90."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its CUDA backend")
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 6):
         pytest.skip("the compile report drives triton's JIT internals as of triton 3.6-3.9")
-    out = tmp_path_factory.mktemp("compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--quick", "--arch", "90", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def compile_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile")
+    proc = _compile_for_hopper("bench.compile_report", "--quick", "--arch", "90", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "compile_report.json").read_text()), (out / "compile_report.md").read_text()
 
@@ -65,3 +70,12 @@ def test_bf16_rank_r_dots_run_on_tensor_cores(compile_report):
     assert term
     for r in term:
         assert r["wgmma"] + r["mma"] > 0, r["config"]
+
+
+def test_every_tile_sweep_configuration_fits_hopper():
+    """Each configuration ``bench.tile_sweep`` times on a GPU compiles for sm_90 within its 227 KiB of
+    shared memory: one that does not costs a session's device time and says nothing (two r = 128
+    configurations once needed 240 KiB)."""
+    proc = _compile_for_hopper("bench.tile_sweep", "--compile-only", "90")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "; 0 do not fit or compile" in proc.stdout and "r=128" in proc.stdout

@@ -2,14 +2,15 @@
 within its allowance (a phase that hangs is stopped there and the later ones still get theirs), and
 SUMMARY.md says what each phase did and what it skipped.
 
-Two short runs of the real script (about 45 s and 20 s on a busy 2-core machine; CI runs them):
-a dry run of the whole flow at BUDGET_S=150 with small selections, and a run in which every phase
+Short runs of the real script (about 45 s, 20 s and 20 s on a busy 2-core machine; CI runs them):
+a dry run of the whole flow at BUDGET_S=150 with small selections, a run in which every phase
 hangs (a stand-in interpreter that sleeps for the phase commands), so every phase must be stopped
-by its own deadline.
+by its own deadline, and the documented GPU plan with phases that end at once (their shares).
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -36,6 +37,18 @@ def _phases(out: Path) -> list[dict]:
         rows.append(dict(name=name, share=int(share), cap=int(cap), allowed=int(allowed), start=int(start),
                          end=int(end), rc=rc, status=status))
     return rows
+
+
+def _stand_in_python(tmp: Path, phase_command: str) -> Path:
+    """An interpreter that runs ``phase_command`` (shell) in place of each phase's own command and is
+    the real one for the rest (the environment capture, the summaries)."""
+    stub = tmp / "python"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    'case " $* " in *" -m pytest "*|*" -m bench --"*|*" -m bench.host_overhead "*|*" -m bench.serving "*|'
+                    f'*" -m bench.tile_sweep "*) {phase_command} ;; esac\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    stub.chmod(0o755)
+    return stub
 
 
 def _run(tmp: Path, budget: int, **env) -> tuple[Path, Path, subprocess.CompletedProcess, float]:
@@ -78,7 +91,8 @@ def test_dry_run_every_phase_gets_its_share_and_the_summary_says_what_ran(tmp_pa
     assert status["bench"] == "ran" and status["e2e"] == "ran", status
     bench = json.loads((out / "bench" / "results.json").read_text())
     assert bench["records"] and bench["probes"] and bench["meta"]["profiled"] > 0
-    assert bench["meta"]["tests_exit_code"] == 5  # restamped: -m cuda on a CPU selects nothing
+    # it ran before the tests, so it claimed nothing until restamped (-m cuda on a CPU selects nothing: 5)
+    assert "--tests-exit-code pending" in bench["meta"]["command"] and bench["meta"]["tests_exit_code"] == 5
     e2e = json.loads((out / "e2e" / "results.json").read_text())
     assert [e["config"] for e in e2e["e2e"]] == ["no_adapter", "ours_tl6"] and not e2e["records"]
     suite = json.loads((out / "suite.json").read_text())
@@ -99,13 +113,7 @@ def test_dry_run_every_phase_gets_its_share_and_the_summary_says_what_ran(tmp_pa
 
 @cpu_only
 def test_every_hanging_phase_is_stopped_at_its_allowance_and_later_phases_keep_their_share(tmp_path):
-    stub = tmp_path / "python"
-    stub.write_text("#!/usr/bin/env bash\n"
-                    'case " $* " in *" -m pytest "*|*" -m bench --"*|*" -m bench.host_overhead "*|*" -m bench.serving "*|'
-                    '*" -m bench.tile_sweep "*)'
-                    ' exec sleep 300 ;; esac\n'
-                    f'exec "{sys.executable}" "$@"\n')
-    stub.chmod(0o755)
+    stub = _stand_in_python(tmp_path, "exec sleep 300")
     out, pack, proc, wall = _run(tmp_path, 70, PYTHON=str(stub),
                                  PHASE_MINS="bench=4,cuda_tests=4,host=4,tiles=4,e2e=4,serving=4,suite=4,pybench=4",
                                  PHASE_CAPS="bench=6,cuda_tests=6,host=6,tiles=6,e2e=6,serving=6,suite=7,pybench=6")
@@ -135,6 +143,93 @@ def test_a_second_call_runs_only_the_phases_it_names(tmp_path):
     bad = subprocess.run(["bash", str(SCRIPT)], env=dict(os.environ, SESSION_PHASES="tiles,e2ee", OUT=str(tmp_path / "x")),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no phase named 'e2ee'" in bad.stderr
+
+
+def test_a_misspelt_phase_in_phase_mins_or_caps_stops_the_script_before_anything_runs(tmp_path):
+    """Ignored, a misspelt override would leave that phase its default share unnoticed."""
+    for knob, value, says in (("PHASE_MINS", "tilse=10", "no phase named 'tilse'"),
+                              ("PHASE_CAPS", "cuda_tests=150,serving=200,e2ee=9", "no phase named 'e2ee'"),
+                              ("PHASE_MINS", "tiles=ten", "'tiles=ten' is not name=seconds")):
+        out = tmp_path / f"{knob}-{len(value)}"
+        proc = subprocess.run(["bash", str(SCRIPT)], env=dict(os.environ, OUT=str(out), **{knob: value}),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"{knob}: {says}" in proc.stderr, proc.stderr
+        assert not list(out.iterdir())  # no environment capture, no phase
+
+
+def _documented_calls() -> tuple[str, str]:
+    """The two calls of bench/NOTES.md's plan for the next GPU session (their environment variables)."""
+    notes = (ROOT / "bench" / "NOTES.md").read_text()
+    calls = re.findall(r"`(PACK_TO=\$OUT OUT=/tmp/gpu-session[^`]*?bash bench/gpu_session\.sh)`", notes)
+    assert len(calls) == 2, calls
+    return calls[0], calls[1]
+
+
+@cpu_only
+def test_the_documented_gpu_plan_fits_and_gives_the_cuda_tests_their_time(tmp_path):
+    """NOTES.md's first call (BUDGET_S=450): the 37 cuda-marked tests (30 of them took 85 s wall on
+    the H200) are guaranteed a share that runs them at least 120 s before the SIGINT, whatever the
+    microbenchmark before them takes (an interrupted run exits 124: no speed claims), and every
+    share fits the budget; its second call's shares fit too. The phases end at once here."""
+    stub = _stand_in_python(tmp_path, "exit 0")
+    var = lambda call, name: re.search(rf"\b{name}=(\S+)", call).group(1)  # noqa: E731
+    first, second = _documented_calls()
+    budget = int(var(first, "BUDGET_S"))
+    out, _, proc, _ = _run(tmp_path / "first", budget, PYTHON=str(stub))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "WARNING" not in (out / "env.txt").read_text()
+    rows = _phases(out)
+    _check_shares(rows, budget)
+    grace = 10  # gpu_session.sh's GRACE_S at budgets of 240 s and more
+    assert {r["name"]: r["share"] for r in rows}["cuda_tests"] - grace >= 120, rows
+
+    budget = int(var(second, "BUDGET_S"))
+    out, _, proc, _ = _run(tmp_path / "second", budget, PYTHON=str(stub), TESTS_EXIT_CODE="0",
+                           **{k: var(second, k) for k in ("SESSION_PHASES", "PHASE_MINS", "PHASE_CAPS")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "WARNING" not in (out / "env.txt").read_text()
+    rows = _phases(out)
+    assert [r["name"] for r in rows] == var(second, "SESSION_PHASES").split(",")
+    assert [r["share"] for r in rows] == [int(kv.split("=")[1]) for kv in var(second, "PHASE_MINS").split(",")]
+
+
+def test_the_microbenchmark_claims_nothing_while_the_tests_are_pending(tmp_path):
+    """The microbenchmark runs before the cuda-marked tests that gate it, as ``--tests-exit-code
+    pending``: while they run (a call that ends there returns this tarball) neither its results nor
+    SUMMARY.md claim a speed or judge a target; their exit code 0 gives the claims and the verdicts
+    back, a failure keeps them withdrawn for good."""
+    from bench.claims import apply_tests_exit_code
+    from bench.run import write_json
+
+    meta = dict(mode="gpu", speed_claims=True, device="NVIDIA H200", grid="targets", planned=1, date="d", commit="c",
+                command="python -m bench --tests-exit-code pending", torch="2.11", triton="3.6", cuda="13.0", wall_s=90)
+    apply_tests_exit_code(meta, "pending")
+    rec = dict(impl="ours", op="fwd", M=8192, K=4096, N=4096, rank=16, preset="tl6", median_ms=0.37,
+               limit_paired_ms=0.345, ok=True, tflops=1.0, gbps=1.0)
+    write_json(tmp_path / "bench", meta, [rec], [], {})
+    (tmp_path / "phases.tsv").write_text("bench\t84\t168\t146\t0\t100\t0\tran\n")  # the tests are running
+    results = lambda: json.loads((tmp_path / "bench" / "results.json").read_text())  # noqa: E731
+    summary = lambda: (tmp_path / "SUMMARY.md").read_text()  # noqa: E731
+    met = "| fwd <= 1.10x limit, r=16 | ours | tl6 | 8192 | 1.072 | <= 1.1 | met |"
+
+    assert summary_main([str(tmp_path), "--budget", "450"]) == 0
+    data = results()
+    assert data["meta"]["speed_claims"] is False and data["meta"]["tests_exit_code"] == "pending"
+    assert data["targets"] == [] and met not in summary()
+    assert "speed claims: no (the cuda-marked tests had not finished when this was written)" in summary()
+
+    assert summary_main([str(tmp_path), "--budget", "450", "--tests-exit-code", "0"]) == 0
+    data = results()
+    assert data["meta"]["speed_claims"] is True and "no_claims_reason" not in data["meta"]
+    assert ("fwd <= 1.10x limit, r=16", "met") in [(t["target"], t["status"]) for t in data["targets"]]
+    assert met in summary() and "speed claims: yes" in summary()
+    assert "| fwd <= 1.10x limit, r=16 | ours | tl6 | 8192 | 1.072 | <= 1.1 | **met** |" in (
+        tmp_path / "bench" / "results.md").read_text()
+
+    assert summary_main([str(tmp_path), "--budget", "450", "--tests-exit-code", "1"]) == 0
+    assert summary_main([str(tmp_path), "--budget", "450", "--tests-exit-code", "0"]) == 0
+    data = results()
+    assert data["meta"]["speed_claims"] is False and data["targets"] == [] and met not in summary()
 
 
 def test_summary_lists_what_each_phase_skipped(tmp_path):
