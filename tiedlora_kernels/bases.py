@@ -37,7 +37,8 @@ class QuantizedBase:
         return module.in_features, module.out_features
 
     def prepare(self, module: nn.Module) -> None:
-        """Called once when an adapter is put over ``module``: any one-time set-up the kind needs."""
+        """Called by ``inject`` for every layer of this kind in the model, adapted or not (a layer
+        below an adapter must pass its input's gradient): any one-time set-up the kind needs."""
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., N) for x, its bias included, in x's dtype, differentiable in x."""
@@ -103,8 +104,12 @@ class Bnb8bit(QuantizedBase):
         weight, state = module.weight, module.state
         CB = weight.CB if getattr(weight, "CB", None) is not None else state.CB
         SCB = weight.SCB if getattr(weight, "SCB", None) is not None else state.SCB
-        if CB is None:  # fp16 weights kept (has_fp16_weights=True): not quantized at all
-            return weight.data
+        if CB is None:
+            # fp16 weights kept (has_fp16_weights=True): the layer quantizes them row-wise on every
+            # call and computes with that, so that is the weight it has (DoRA's norms, merge)
+            import bitsandbytes.functional as bf
+
+            CB, SCB, _ = bf.int8_vectorwise_quant(weight.data.to(torch.float16))
         return CB.float() * (SCB.float()[:, None] / 127.0)
 
     def replace_weight(self, module, weight):
@@ -126,7 +131,8 @@ def keep_standard_cpu_layout(module: nn.Module) -> None:
     drops the base layer's input gradient, with only a warning, so every adapter gradient below it
     is wrong. It also fails unless out_features is a multiple of 32 and in_features of the block
     size. So the repack is switched off, and a weight already repacked (an eval pass before
-    ``inject``) is put back in the standard layout. Other modules are left alone."""
+    ``inject``) is put back in the standard layout. ``inject`` calls it for every 4-bit layer of the
+    model; other modules are left alone."""
     bnb = _bnb()
     if bnb is None or not isinstance(module, bnb.nn.Linear4bit):
         return

@@ -112,13 +112,16 @@ def test_4bit_logits_and_every_adapter_gradient_match_the_dequantized_model(base
         assert rel_err(gq[name], gd[name]) < 1e-4, (name, rel_err(gq[name], gd[name]))
 
 
-@pytest.mark.parametrize("preset", ["tl6", "dora"])
-def test_training_after_eval_passes_on_a_cpu_repacked_model(base_dir, preset):
+@pytest.mark.parametrize("preset,targets", [("tl6", "all-linear"), ("dora", "all-linear"),
+                                            ("tl6", ["q_proj", "v_proj"])])
+def test_training_after_eval_passes_on_a_cpu_repacked_model(base_dir, preset, targets):
     """bitsandbytes repacks a 4-bit weight for its CPU inference kernel, which has no backward, on
     the first no-grad eval call (avx512-bf16 CPUs; packed by hand here, so any CPU runs this). inject
     puts a packed weight back in the standard layout, scales included (transformers' default state
     is not double-quantized, where bitsandbytes' own inverse leaves them transposed), and switches
-    the repack off, so eval passes after inject change nothing: training stays exact."""
+    the repack off, so eval passes after inject change nothing: training stays exact. For every
+    4-bit layer, adapted or not: a repacked layer below an adapter passes no gradient to its input
+    (with q_proj, v_proj targeted, every adapter gradient was None after one eval pass)."""
     import bitsandbytes.functional as bf
 
     quantized = load_quantized(base_dir, 4)
@@ -127,8 +130,9 @@ def test_training_after_eval_passes_on_a_cpu_repacked_model(base_dir, preset):
     for m in layers:
         m.weight.data, m.weight.quant_state = bf._convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
     dense = dense_twin(base_dir, quantized)  # dequantized from the packed layout
-    inject(quantized, config(preset))
-    inject(dense, config(preset))
+    cfg = TiedLoRAConfig(rank=4, preset=preset, target_modules=targets, alpha=8, seed=3)
+    inject(quantized, cfg)
+    inject(dense, cfg)
     assert all(not m.support_avx512bf16_for_cpu and not m.weight.quant_state.packing_format_for_cpu for m in layers)
     randomize_adapters(quantized, std=0.2)
     copy_adapters(quantized, dense)
@@ -319,6 +323,24 @@ def test_4bit_layer_with_bias_matches_the_dense_twin(preset):
         into.extend([out, *torch.autograd.grad(out, [xi, *trained], G)])
     for i, (a, b) in enumerate(zip(got, want)):
         assert rel_err(a, b) < 1e-5, (i, rel_err(a, b))
+
+
+@pytest.mark.parametrize("fp16_weights", [False, True])
+def test_8bit_dora_starts_as_the_base_layer(fp16_weights):
+    """With has_fp16_weights=True the layer computes with a row-wise int8 quantization of its fp16
+    weight: the dequantized weight (DoRA's m = ||W||_row) must be that one, not the fp16 weight (the
+    layer started 5.5e-4 away from its base output)."""
+    torch.manual_seed(0)
+    dense_layer = nn.Linear(48, 40)
+    q = bnb.nn.Linear8bitLt(48, 40, bias=True, has_fp16_weights=fp16_weights, threshold=0.0)
+    q.weight = bnb.nn.Int8Params(dense_layer.weight.data.half(), requires_grad=False, has_fp16_weights=fp16_weights)
+    q.bias = nn.Parameter(dense_layer.bias.data.clone(), requires_grad=False)
+    model = nn.Module()
+    model.proj = q.to("cpu")
+    inject(model, TiedLoRAConfig(rank=4, preset="dora", target_modules=["proj"], seed=1))
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        assert rel_err(model.proj.train()(x), model.proj.base_layer(x)) < 1e-6
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

@@ -356,6 +356,14 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
             raise ValueError(f"inject: kind {members[0].kind!r} (layer {members[0].name!r}) is a reserved name in "
                              f"model.{ROOT_ATTR}; give it another one in config.kinds")
 
+    # Every quantized layer of the model, adapted or not, gets its kind's set-up: a 4-bit layer that
+    # bitsandbytes repacks for CPU inference passes no gradient to its input, so an adapter anywhere
+    # below it would get none.
+    for module in model.modules():
+        kind = quantized_base_of(module)
+        if kind is not None:
+            kind.prepare(module)
+
     factors = AdapterFactors()
     for g, members in groups.items():
         w = _dense_weight(modules[members[0].name], members[0].layout)
@@ -371,9 +379,7 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
             common = dict(layout=t.layout, factors=factors[g], per_layer=per_layer, scaling=config.layer_scaling(t.name),
                           dropout=config.dropout, kind=t.kind, magnitude=p.magnitude)
             if t.layout == "quantized":  # the base layer is kept whole and computes its own output
-                kind = quantized_base_of(base)
-                kind.prepare(base)
-                layer = TiedLoRALinear(None, None, base_layer=base, base_kind=kind, **common)
+                layer = TiedLoRALinear(None, None, base_layer=base, base_kind=quantized_base_of(base), **common)
             else:
                 layer = TiedLoRALinear(base.weight, base.bias, **common)
             layer.train(base.training)
