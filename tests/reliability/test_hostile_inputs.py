@@ -365,8 +365,8 @@ def test_bad_arguments_raise_errors_naming_the_argument(monkeypatch, fn, backend
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(scaling=float("nan")), r"\bscaling must be a finite float"),
-    (dict(scaling=True), r"\bscaling must be a finite float"),
+    (dict(scaling=float("nan")), r"\bscaling must be a finite real number"),
+    (dict(scaling=True), r"\bscaling must be a finite real number"),
     (dict(dropout_p=1.0), r"\bdropout_p must be in \[0, 1\)"),
     (dict(dropout_p=-0.1), r"\bdropout_p must be in \[0, 1\)"),
 ], ids=["scaling-nan", "scaling-bool", "dropout-1", "dropout-negative"])
