@@ -420,3 +420,28 @@ def test_unmerge_restores_rows_whose_row_scale_is_zero(preset):
         assert torch.isfinite(layer.weight).all()
         assert rel_err(layer.weight, before) < 1e-6
         assert rel_err(model(IDS).logits, want) < 1e-5
+
+
+def test_simple_dora_over_a_zero_weight_row_keeps_its_adapter_term():
+    """MATH.md: out = m (x W0^T + s x dW^T) + b, W0 = W / ||W||_row (0 on a zero row). v_i = v ||W||
+    removed the adapter term from a zero row for good (its m and B rows got no gradient)."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(12, 6)
+    with torch.no_grad():
+        model.proj.weight[2].zero_()
+    W, b = model.proj.weight.detach().clone(), model.proj.bias.detach().clone()
+    inject(model, TiedLoRAConfig(rank=3, preset="simple_dora", target_modules=["proj"], alpha=6))
+    randomize_adapters(model, std=0.3)
+    layer = model.proj
+    with torch.no_grad():
+        layer.adapter_m[2] = 1.0
+    A, B = (t.detach() for t in layer.factors.slices(12, 6))
+    x = torch.randn(4, 12)
+    norm = W.norm(dim=1)
+    W0 = W / torch.where(norm == 0, torch.ones_like(norm), norm)[:, None]
+    want = layer.adapter_m.detach() * (x @ W0.T + layer.scaling * (x @ A.T) @ B.T) + b
+    out = layer(x)
+    assert rel_err(out.detach(), want) < 1e-6
+    out.sum().backward()
+    assert layer.adapter_m.grad[2] != 0

@@ -308,8 +308,8 @@ class TiedLoRALinear(nn.Module):
         if M is not None:
             B = B @ M.to(B.dtype)
         u, v, c, m = self.adapter_u, self.adapter_v, None, self.adapter_m
-        if self.magnitude == "simple_dora":  # v_i = v * ||W||, c = m / ||W||
-            n = self.base_row_norm()
+        if self.magnitude == "simple_dora":  # v_i = v * ||W||, c = m / ||W|| (a zero row: 1 for ||W||)
+            n = reference.direction_norm(self.base_row_norm())
             v = n.to(B.dtype) if v is None else v * n.to(B.dtype)
             c = reference.dora_row_scale(m, n)
         elif self.magnitude == "dora":  # c = m / ||W + dW||_row, the norm detached (paper, PEFT)

@@ -163,12 +163,16 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=1)
 
 
+def direction_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A row norm (N,) to divide by, with 0 replaced by 1: a zero row (a pruned output row, a zero
+    padding row) has no direction, and W0 = W / 1 keeps it zero where W / 0 is 0/0 = NaN."""
+    return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
 def dora_row_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """DoRA's row scale c = m / norm (N,), in m's dtype; where a row's norm is 0 (a pruned output
-    row, a zero padding row), c = m. Such a row has no direction, and m / 0 is 0/0 = NaN at init
-    (m starts at the norm): with c = m it starts at 0, the base row's own output."""
-    norm = norm.to(magnitude.dtype)
-    return magnitude / torch.where(norm == 0, torch.ones_like(norm), norm)
+    """DoRA's row scale c = m / norm (N,), in m's dtype, the norm through :func:`direction_norm`
+    (c = m on a zero row: m starts at the norm, 0, so the row starts at its base output)."""
+    return magnitude / direction_norm(norm.to(magnitude.dtype))
 
 
 def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],
