@@ -106,6 +106,13 @@ PRESETS: dict[str, Preset] = {
 #:   GPT-2's ``attn.c_proj`` and ``mlp.c_proj`` together as ``c_proj``).
 KIND_RULES = ("path", "last")
 
+#: ``exclude_rule`` values: what an ``exclude_modules`` list entry and ``"all-linear"`` leave out.
+#: - ``module``: a list entry excludes the layer of that name and every layer inside a module of that
+#:   name, and ``"all-linear"`` also leaves out the model's ``get_output_embeddings()``;
+#: - ``name``: a list entry excludes the layer of that name only, and nothing else is left out (the
+#:   rule of format-1 and format-2 adapter files, saved before the ``module`` rule existed).
+EXCLUDE_RULES = ("module", "name")
+
 #: The default ``exclude_modules``: transformers' output and task heads (causal-LM and
 #: sequence-classification heads, BERT-style pre-training heads, question answering, BART's
 #: classification head). A rank-r adapter on a 2-label head is meaningless, and a head tied to the
@@ -178,6 +185,8 @@ class TiedLoRAConfig:
             regex string matched (``re.fullmatch``) against the full module name (PEFT's rule). The
             default keeps the usual output and task heads frozen; ``"all-linear"`` also leaves out
             the model's output embedding (``get_output_embeddings()``), as PEFT does.
+        exclude_rule: ``"module"`` (default) or ``"name"``, see :data:`EXCLUDE_RULES`: older adapter
+            files load with the rule they were saved under.
         kind_rule: how a layer's kind (its tying group) is derived from its module path: ``"path"``
             (default) or ``"last"``; see :data:`KIND_RULES` and :func:`tiedlora_kernels.inject`.
         kinds: explicit kinds, ``{pattern: kind name}``, overriding ``kind_rule`` for the layers a
@@ -209,6 +218,7 @@ class TiedLoRAConfig:
     adapter_dtype: str = "float32"
     exclude_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_HEADS))
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    exclude_rule: str = "module"
     kind_rule: str = "path"
     kinds: dict[str, str] = field(default_factory=dict)
 
@@ -375,6 +385,8 @@ class TiedLoRAConfig:
                 if fname == "kinds" and not (isinstance(value, str) and _KIND_NAME.fullmatch(value)):
                     raise ValueError(f"TiedLoRAConfig.kinds[{key!r}] must be a kind name (dotted identifiers, "
                                      f"e.g. 'attn_out' or 'attn.c_proj'), got {value!r}")
+        if self.exclude_rule not in EXCLUDE_RULES:
+            raise ValueError(f"TiedLoRAConfig.exclude_rule must be one of {EXCLUDE_RULES}, got {self.exclude_rule!r}")
         if self.kind_rule not in KIND_RULES:
             raise ValueError(f"TiedLoRAConfig.kind_rule must be one of {KIND_RULES}, got {self.kind_rule!r}")
 

@@ -208,7 +208,7 @@ def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     save_file(load_file(str(path)), str(path), metadata={**meta, "format_version": "99"})
-    with pytest.raises(ValueError, match="format_version '99'; this version of tiedlora-kernels reads \\[.1., .2.\\]"):
+    with pytest.raises(ValueError, match="format_version '99'; this version of tiedlora-kernels reads \\[.1., .2., .3.\\]"):
         load_adapter(tiny_llama(), tmp_path)
 
 
@@ -232,10 +232,15 @@ def _base_state(model):
     return {k: v for k, v in model.state_dict().items() if not k.startswith("tiedlora.") and ".adapter_" not in k}
 
 
-def _rewrite_as_format_1(directory):
-    """Turn a file saved with ``kind_rule="last"`` into the file the format-1 writer wrote for the same
-    model: no alpha_pattern / kind_rule / kinds in the config, format_version "1", its hash. (Checked
-    once against a file written by the format-1 code: same metadata, same tensors.)"""
+#: The config fields each older format's writer did not write, with the value a file saved today
+#: needs to be that file (checked once against files written by the format-1 and format-2 code).
+_FIELDS_LATER_THAN = {"1": {"alpha_pattern": {}, "kind_rule": "last", "kinds": {}, "exclude_rule": "name"},
+                      "2": {"exclude_rule": "name"}}
+
+
+def _rewrite_as_format(directory, version):
+    """Turn a file saved today into the file the format-``version`` writer wrote for the same model:
+    the fields it lacked removed from the config, its format_version, its hash."""
     from safetensors.torch import load_file, save_file
 
     from tiedlora_kernels.integrations.checkpoint import content_hash
@@ -245,19 +250,45 @@ def _rewrite_as_format_1(directory):
         meta = f.metadata()
     tensors = load_file(str(path))
     config = json.loads(meta["config"])
-    assert config.pop("alpha_pattern") == {} and config.pop("kind_rule") == "last" and config.pop("kinds") == {}
-    meta = {**meta, "format_version": "1", "config": json.dumps(config)}
+    for field, value in _FIELDS_LATER_THAN[version].items():
+        assert config.pop(field) == value, field
+    meta = {**meta, "format_version": version, "config": json.dumps(config)}
     meta["sha256"] = content_hash(tensors, meta["format_version"], meta["config"], meta["layers"])
     save_file(tensors, str(path), metadata=meta)
+
+
+def test_format_2_files_select_the_layers_they_were_saved_with(tmp_path):
+    """Format 2 predates exclude_rule="module": "all-linear" adapted BERT's MLM head then (its
+    cls.predictions layers). Such a file loads into a fresh model with those layers, the same
+    function; today's default leaves the head alone."""
+    import transformers
+
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+            max_position_embeddings=32)).eval()
+
+    model = inject(bert(), TiedLoRAConfig(rank=4, preset="tl6", seed=5, exclude_rule="name"))
+    randomize_adapters(model)
+    names = {n for n, _ in adapted_layers(model)}
+    assert "cls.predictions.decoder" in names
+    save_adapter(model, tmp_path)
+    _rewrite_as_format(tmp_path, "2")
+    fresh = load_adapter(bert(), tmp_path)
+    assert {n for n, _ in adapted_layers(fresh)} == names
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    today = inject(bert(), TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    assert not any(n.startswith("cls.") for n, _ in adapted_layers(today))
 
 
 def test_format_1_files_load_with_the_kinds_they_were_written_with(tmp_path):
     """Format-1 files tied GPT-2's attn.c_proj and mlp.c_proj as one kind "c_proj": they load into a
     fresh model with that grouping (the same function), and into a model injected under today's
     rule they are refused, naming the kind."""
-    model = trained("tl6", family="gpt2", kind_rule="last")
+    model = trained("tl6", family="gpt2", kind_rule="last", exclude_rule="name")
     save_adapter(model, tmp_path)
-    _rewrite_as_format_1(tmp_path)
+    _rewrite_as_format(tmp_path, "1")
     fresh = tiny_gpt2()
     fresh.load_state_dict(_base_state(model), strict=False)
     load_adapter(fresh, tmp_path)
@@ -272,9 +303,9 @@ def test_format_1_files_load_with_the_kinds_they_were_written_with(tmp_path):
 
 def test_format_1_llama_files_load_into_a_model_injected_today(tmp_path):
     """LLaMA's kinds are the same under both rules, so an old file also loads into an injected model."""
-    model = trained("tl6", kind_rule="last")
+    model = trained("tl6", kind_rule="last", exclude_rule="name")
     save_adapter(model, tmp_path)
-    _rewrite_as_format_1(tmp_path)
+    _rewrite_as_format(tmp_path, "1")
     today = tiny_llama()
     today.load_state_dict(_base_state(model), strict=False)
     inject(today, TiedLoRAConfig(rank=4, preset="tl6", seed=5))

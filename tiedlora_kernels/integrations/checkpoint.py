@@ -36,9 +36,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = "tiedlora-adapter"
-FORMAT_VERSION = "2"
-#: Versions ``load_adapter`` reads; the config fields each one lacks take these values.
-READABLE_VERSIONS = {"1": {"kind_rule": "last"}, "2": {}}
+FORMAT_VERSION = "3"
+#: Versions ``load_adapter`` reads; the config fields each one lacks take these values (format 3 added
+#: exclude_rule: files saved before select their layers by the older rule).
+READABLE_VERSIONS = {"1": {"kind_rule": "last", "exclude_rule": "name"}, "2": {"exclude_rule": "name"}, "3": {}}
 
 
 def content_hash(tensors: dict[str, torch.Tensor], *texts: str) -> str:
@@ -278,10 +279,11 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         inject(model, config)
     else:
         refuse_merged(model, "load_adapter")
-        # How kinds were named does not matter, only which they are: _check_layers compares them per layer.
+        # How layers were selected and kinds named does not matter, only which they are: _check_layers
+        # compares them per layer.
         have = adapter_config(model).to_dict()
         diff = {k: (have[k], v) for k, v in config.to_dict().items()
-                if have.get(k) != v and k not in ("kind_rule", "kinds")}
+                if have.get(k) != v and k not in ("kind_rule", "kinds", "exclude_rule")}
         if diff:
             raise ValueError(f"load_adapter: the model's adapter config differs from the saved one "
                              f"(field: (model, file)): {diff}")

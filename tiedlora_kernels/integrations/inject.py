@@ -112,11 +112,13 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
     candidates = [(n, m, lay) for n, m, lay in candidates
                   if lay is not None and not n.startswith(ROOT_ATTR + ".")]
     ex = config.exclude_modules
+    by_module = config.exclude_rule == "module"
     excluded = (re.compile(ex).fullmatch if isinstance(ex, str)  # noqa: E731
-                else lambda n: any(_name_matches(a, e) for e in ex for a in _self_and_ancestors(n)))
+                else lambda n: any(_name_matches(a, e) for e in ex
+                                   for a in (_self_and_ancestors(n) if by_module else [n])))
     tm = config.target_modules
     if isinstance(tm, str) and tm == "all-linear":
-        head = _output_embedding(model)
+        head = _output_embedding(model) if by_module else None
         chosen = [(n, m, lay) for n, m, lay in candidates if not excluded(n) and m is not head]
     elif isinstance(tm, str):
         rx = re.compile(tm)
