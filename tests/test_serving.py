@@ -371,8 +371,10 @@ def test_opt_flattened_tokens(tmp_path, monkeypatch):
 
 def test_encoder_decoder_beams(tmp_path, monkeypatch):
     """T5 with num_beams (and num_return_sequences) 2: the encoder sees the batch, the decoder each
-    prompt's beams consecutively; one id per prompt serves both, and each prompt's sequences are its
-    adapter's alone. Ids already repeated for the beams do not fit the encoder: refused."""
+    prompt's beams consecutively. bank.generate repeats one id per prompt for the copies; under use(),
+    ids repeated by the caller serve the decoder and, every 4th, the encoder; each prompt's sequences
+    are its adapter's alone. Per-prompt ids under use() do not fit the expanded batch: refused, not
+    guessed."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
@@ -392,9 +394,25 @@ def test_encoder_decoder_beams(tmp_path, monkeypatch):
         expected = torch.cat([alone(base, dirs[n] if n else None).generate(src[i:i + 1], **kw)
                               for i, n in enumerate(names)])
     assert torch.equal(out, expected)
-    with pytest.raises(ValueError, match=r"first dim 3, not a multiple of 6\); give one id per sequence, or per "
-                                         "prompt when generate expands the batch"):
-        bank.generate(src, adapter_ids=torch.tensor([slots["b"], -1, slots["a"]]).repeat_interleave(2), **kw)
+    per_prompt = torch.tensor([slots[n] if n else -1 for n in names])
+    with torch.no_grad(), bank.use(per_prompt.repeat_interleave(4)):
+        assert torch.equal(bank.model.generate(src, **kw), expected)
+    with torch.no_grad(), bank.use(per_prompt), pytest.raises(ValueError, match=r"repeat_interleave the ids"):
+        bank.model.generate(src, **kw)
+
+
+def test_ids_short_of_the_batch_are_refused_not_broadcast(tmp_path, monkeypatch):
+    """Two ids for four prompts used to be read as each id covering two prompts: prompt 1 silently got
+    adapter a."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = tiny_llama()
+    bank = AdapterBank(host_of(base))
+    a, b = (bank.add(make_adapter(base, tmp_path, n, seed=seed)) for n, seed in (("a", 1), ("b", 2)))
+    ids = torch.randint(2, 97, (4, 5), generator=torch.Generator().manual_seed(3))
+    for short in ([a, b], [a]):
+        with torch.no_grad(), bank.use(short), pytest.raises(ValueError, match=r"give one id per sequence"):
+            bank.model(ids)
 
 
 def test_mixture_of_experts_layers_refused(tmp_path):
@@ -453,7 +471,7 @@ def test_bad_adapter_ids_name_the_argument(zoo):
         with pytest.raises(err, match=msg):
             with bank.use(adapter_ids):
                 pass
-    with pytest.raises(ValueError, match=r"adapter_ids has 3 entries.*\(first dim 2, not a multiple of 3\)"):
+    with pytest.raises(ValueError, match=r"adapter_ids has 3 entries.*\(first dim 2\); give one id per sequence"):
         with torch.no_grad(), bank.use([1, -1, 1]):
             bank.model(ids)
     assert all(layer.bank_route is None for _, layer in adapted_layers(bank.model))  # reset after the error

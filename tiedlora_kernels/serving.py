@@ -32,12 +32,12 @@ nothing for its rows), all trained on this base model. Not supported: quantized 
 models, and training (inference only: the bank's forward refuses inputs that require grad).
 
 Which rows belong to which sequence: a layer's rows are its input's leading dims, the first being
-the batch or a multiple k of it, each id then covering k consecutive entries (``generate``'s beams
-and returned sequences, encoder-decoders' decoders included; OPT's (batch * seq, H) activations).
+the batch (see :meth:`AdapterRows.fit <tiedlora_kernels.ops.bank_linear.AdapterRows.fit>`: OPT's
+(batch * seq, H) activations and an encoder-decoder's encoder under beams are recognised too).
 Refused when the bank is made: adapted layers inside a mixture-of-experts block (a module path with
 a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
 every sequence). Not supported, and not detectable: models whose adapted layers see time-first
-(seq, batch, H) activations (FSMT, fairseq-style models): where seq is a multiple of the batch,
+(seq, batch, H) activations (FSMT, fairseq-style models): where seq equals the batch,
 rows would silently get other sequences' adapters.
 
 Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
@@ -222,6 +222,17 @@ def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
     return out
 
 
+def _call_frame(args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
+    """(batch, seq) of a transformers model call, from its token ids or embeddings, or None."""
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        t = kwargs.get(key)
+        if t is not None:
+            break
+    else:
+        t = args[0] if args else None
+    return tuple(t.shape[:2]) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+
+
 class _Route:
     """``TiedLoRALinear.bank_route`` while a bank is in use: the layer's output, each row with its slot."""
 
@@ -233,10 +244,11 @@ class _Route:
         slots = self.bank._layers[self.name]
         x, weight, bias = autocast_base(x, layer.weight_nk(), layer.bias)
         if slots.A is None:  # no loaded adapter adapts this layer
-            rows.rows_per_id(x)
+            rows.fit(x)
             return nn.functional.linear(x, weight, bias)
         return bank_linear_unchecked(x, weight, bias, rows, slots.A, slots.B, slots.U, slots.V, slots.C,
-                                     resolve_backend(x, weight, bias, slots.R, op="bank_linear"))
+                                     resolve_backend(x, weight, bias, slots.R, (slots.A, slots.B, slots.U, slots.V, slots.C),
+                                                     op="bank_linear"))
 
 
 class AdapterBank:
@@ -423,8 +435,9 @@ class AdapterBank:
                 slots; each layer then checks only that the batch matches.
 
         Works for ``model(input_ids)`` and ``model.generate(...)`` (the prefill and every decode step
-        keep the batch's order: one id per prompt, also with ``num_beams`` or ``num_return_sequences``,
-        whose copies of a prompt are consecutive, and for an encoder-decoder's encoder and decoder).
+        keep the batch's order: one id per sequence; with ``num_beams`` or ``num_return_sequences`` > 1
+        generate expands the batch, so repeat_interleave the ids to match, or call :meth:`generate`,
+        which does; an encoder-decoder's encoder, run before the expansion, takes every e-th id).
         Under ``torch.autocast`` each row computes what its adapter alone computes under it. Inference
         only: run it under ``torch.no_grad()`` or ``torch.inference_mode()``; inputs that require grad
         are refused. The bank cannot be changed while in use, and contexts do not nest.
@@ -443,6 +456,16 @@ class AdapterBank:
         rows = AdapterRows(adapter_ids, self._capacity, occupied=[n is not None for n in self._names],
                            device=self.device, names=self.adapters)
         self._active = rows
+
+        # The shape of each model call, for layers that see its tokens flattened (AdapterRows.fit)
+        def enter(module, args, kwargs):
+            rows.frame = _call_frame(args, kwargs)
+
+        def leave(module, args, output):
+            rows.frame = None
+
+        hooks = [self.model.register_forward_pre_hook(enter, with_kwargs=True),
+                 self.model.register_forward_hook(leave, always_call=True)]
         for name, layer in self._modules.items():
             layer.bank_route = self._routes[name]
         try:
@@ -450,10 +473,24 @@ class AdapterBank:
         finally:
             for layer in self._modules.values():
                 layer.bank_route = None
+            for hook in hooks:
+                hook.remove()
             self._active = None
 
     def generate(self, input_ids: torch.Tensor, adapter_ids, **kwargs) -> torch.Tensor:
-        """``model.generate(input_ids, **kwargs)`` with prompt i answered by adapter ``adapter_ids[i]``."""
+        """``model.generate(input_ids, **kwargs)`` with prompt i answered by adapter ``adapter_ids[i]``
+        (one id per prompt; with ``num_beams`` or ``num_return_sequences`` > 1, repeated here for the
+        prompt's copies as ``generate`` expands the batch)."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        copies = 1
+        for key in ("num_beams", "num_return_sequences"):
+            copies *= int(kwargs.get(key) or getattr(config, key, None) or 1)
+        if isinstance(adapter_ids, (list, tuple)):
+            adapter_ids = torch.tensor(adapter_ids, dtype=torch.int64, device=self.device) \
+                if all(isinstance(i, int) and not isinstance(i, bool) for i in adapter_ids) else adapter_ids
+        if copies > 1 and isinstance(adapter_ids, torch.Tensor) and adapter_ids.dim() == 1 \
+                and len(adapter_ids) == input_ids.shape[0]:
+            adapter_ids = adapter_ids.repeat_interleave(copies)
         with torch.no_grad(), self.use(adapter_ids):
             return self.model.generate(input_ids, **kwargs)
 

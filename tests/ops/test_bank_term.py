@@ -215,19 +215,28 @@ def test_triton_route_runs_the_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
-def test_first_dim_a_multiple_of_the_ids(factors, backend):
-    """(n,) ids on x whose first dim is k * n (generate's beams of each prompt, consecutive; OPT's
-    (batch * seq, H) rows): id j covers entries [j k, (j + 1) k) of it, as the ids repeated k times
-    each would; the flattened 2-D x gets the same rows."""
+def test_which_rows_an_id_covers(factors, backend):
+    """(n,) ids: x's first dim is the batch; (n * seq, K) when the model call's frame says n sequences
+    of seq tokens (OPT flattens them); n / e when every e consecutive ids are equal (ids repeated for
+    generate's beams, on an encoder that runs before the expansion). A first dim that is a multiple
+    of the ids is refused: ids short of the batch, a vision tower's patches, nothing is guessed."""
+    from tiedlora_kernels.ops.bank_linear import AdapterRows
+
     ids = torch.tensor([2, -1, 0], device=DEVICE)
-    t = make(6, 3, 33, 40, 3, 4, factors=factors, ids=ids.repeat_interleave(2).tolist())
-    ref = check(t)
-    out = call(t, ids=ids)
-    assert rel_err(out, ref) < TOL[torch.float32]
-    flat = dict(t, x=t["x"].reshape(18, 33))  # (6, 3, K) -> (18, K): 6 rows for each id
-    assert torch.equal(call(flat, ids=ids), out.reshape(18, 40))
-    with pytest.raises(ValueError, match=r"adapter_ids has 4 entries .* \(first dim 6, not a multiple of 4\)"):
-        call(t, ids=torch.tensor([0, 1, 2, 3], device=DEVICE))
+    t = make(3, 4, 33, 40, 3, 4, factors=factors, ids=ids.tolist())
+    out = check(t)
+    rows = AdapterRows(ids, 4, device=DEVICE)
+    rows.frame = (3, 4)
+    flat = dict(t, x=t["x"].reshape(12, 33))
+    assert torch.equal(call(flat, ids=rows), out.reshape(12, 40))
+    assert torch.equal(call(t, ids=ids.repeat_interleave(2)), out)  # the encoder under 2 beams
+    with pytest.raises(ValueError, match=r"adapter_ids has 3 entries .* \(first dim 12\); give one id per "
+                                         "sequence of the batch"):
+        call(flat, ids=ids)  # no frame: 12 rows are not guessed to be 3 x 4
+    with pytest.raises(ValueError, match=r"adapter_ids has 2 entries .* \(first dim 3\)"):
+        call(t, ids=ids[:2])
+    with pytest.raises(ValueError, match=r"adapter_ids has 6 entries .* \(first dim 3\)"):
+        call(t, ids=torch.tensor([2, -1, -1, 0, 0, 2], device=DEVICE))  # pairs not equal: not repeated ids
 
 
 def test_autocast_casts_x_and_the_base_layer(backend):
@@ -280,7 +289,7 @@ def test_ids_checks_name_the_argument():
              ([0, 1.5, 2], TypeError, "adapter_ids: a list must hold ints"),
              (torch.tensor([0, 4, 1]), ValueError, r"adapter_ids\[1\] = 4 is out of range"),
              (torch.tensor([0, -2, 1]), ValueError, r"adapter_ids\[1\] = -2 is out of range"),
-             (torch.tensor([0, 1]), ValueError, r"adapter_ids has 2 entries .*not a multiple of 2"),
+             (torch.tensor([0, 1]), ValueError, r"adapter_ids has 2 entries .*\(first dim 3\); give one id per sequence"),
              (torch.tensor([[0, 1, 2]]), ValueError, r"adapter_ids has shape \(1, 3\)"),
              (torch.zeros(3, 2, 1, dtype=torch.long), ValueError, "adapter_ids must be"),
              (torch.tensor([0, 1, 2], device="meta"), ValueError, "adapter_ids is on meta")]

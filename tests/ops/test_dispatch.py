@@ -84,8 +84,8 @@ def test_auto_picks_the_gpu_path_only_where_it_runs(monkeypatch):
             operands[fp64] = operands[fp64].double()
             assert ops.resolve_backend(xc, Wc, None, 4, tuple(operands)) == "torch"
         assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "torch"  # a base layer that trains
-        with torch.no_grad():  # ... but not under no_grad
-            assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "triton"
+        with torch.no_grad():  # also under no_grad: a reentrant checkpoint's recompute must draw the same mask
+            assert ops.resolve_backend(xc, Wc.clone().requires_grad_()) == "torch"
         with torch.autograd.forward_ad.dual_level():  # the kernels have no forward-mode derivative
             assert ops.resolve_backend(xc, Wc) == "torch"
 
@@ -134,8 +134,9 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, interpr
 
 
 def test_forced_kernels_run_inference_with_an_unfrozen_base_weight(monkeypatch):
-    """No gradient can reach the base weight under no_grad / inference_mode: the refusal of a base
-    layer that trains applies only where one could."""
+    """No gradient can reach the base weight under no_grad / inference_mode: a forced triton route
+    refuses a base layer that trains only where one could (auto keeps such a layer on the torch route
+    either way)."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
     x, W, b, A, B = _layer_inputs()
     W = W.clone().requires_grad_()

@@ -102,7 +102,9 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
         raise ValueError(f"TIEDLORA_BACKEND must be one of {BACKENDS}, got {want!r}")
     if want == "torch":
         return "torch"
-    base_trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias))
+    # auto: a base that requires grad takes the torch route under no_grad too, so that reentrant
+    # checkpointing's no-grad forward and its recompute draw the same dropout mask
+    base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
     wide = torch.float64 in (x.dtype, adapter_dtype)  # the kernels compute in fp32 at most
     if want == "auto":
         fits = (x.is_cuda and not wide and not base_trains and not transformed
@@ -125,7 +127,7 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
         raise RuntimeError(f"{op} (triton): forward-mode AD (torch.autograd.forward_ad) and torch.func transforms "
                            "(grad, vmap, jvp) have no Triton kernels; use TIEDLORA_BACKEND=auto or torch")
     for name, t in (("weight", weight), ("bias", bias)):
-        if base_trains and t is not None and t.requires_grad:
+        if torch.is_grad_enabled() and t is not None and t.requires_grad:
             raise ValueError(f"{op} (triton): {name} requires grad, but the kernels treat the base "
                              "layer as frozen; freeze it, or use TIEDLORA_BACKEND=torch to train it")
     if rank_limit is not None and rank > rank_limit:

@@ -22,10 +22,9 @@ Routes (``TIEDLORA_BACKEND``, as for :func:`tiedlora_kernels.tied_lora_linear`):
 
 Which slot each row uses is an :class:`AdapterRows`: the ids validated once (one host sync), the
 row-to-slot maps and segment plans kept for every call made with them (a model's layers, the
-prefill and each decode step of ``generate``), so a call adds no host sync. With one id per
-sequence, x's first dim may be any multiple k of the ids (a batch that ``generate`` expanded by
-``num_beams`` / ``num_return_sequences``, whose copies of a prompt are consecutive; OPT's
-(batch * seq, H) activations): each id covers k consecutive entries of x's first dim.
+prefill and each decode step of ``generate``), so a call adds no host sync. Which rows of x an
+id covers: :meth:`AdapterRows.fit` (the batch, OPT's flattened tokens, an encoder run before
+``generate`` expands the batch).
 
 Under ``torch.autocast`` x, W and b are cast to the autocast dtype and the term keeps the factors'
 dtype, as the single-adapter op (:func:`tiedlora_kernels.ops.tied_lora_linear`) does.
@@ -66,8 +65,7 @@ class AdapterRows:
     """The adapter slot of every sequence (or token) of a batch, validated against a bank.
 
     Args:
-        adapter_ids: (batch,) one slot per sequence, broadcast over its tokens (activations whose
-            first dim is k * batch: each id covers k consecutive entries, see :meth:`rows_per_id`),
+        adapter_ids: (batch,) one slot per sequence, broadcast over its tokens (see :meth:`fit`),
             or the exact leading shape of the activations, e.g. (batch, seq), one per token; integer
             tensor on ``device`` (a list of ints is converted). -1 = the base model alone.
         capacity: number of slots S; ids must lie in [-1, S).
@@ -121,38 +119,71 @@ class AdapterRows:
         self.ids = adapter_ids.detach().reshape(-1).to(torch.int32, copy=True)  # what the kernels read
         self._plans: dict = {}
         self._rows: dict = {}
+        self._collapsed: dict = {}
+        #: (batch, seq) of the model call in progress (set by the bank's hooks on the model), or None
+        self.frame: Optional[tuple[int, Optional[int]]] = None
 
     def __len__(self) -> int:
         return self.host.numel()
 
-    def rows_per_id(self, x: torch.Tensor) -> int:
-        """Rows of x (..., K), its leading dims flattened, that each id covers (consecutive rows);
-        raises (naming ``adapter_ids``) when x's leading dims do not fit the ids.
+    def fit(self, x: torch.Tensor) -> tuple["AdapterRows", int]:
+        """(the ids x's rows follow, rows of x (..., K), leading dims flattened, each id covers as
+        consecutive rows); raises (naming ``adapter_ids``) when x's leading dims do not fit the ids.
 
-        Per token: x's leading shape must be the ids' shape; 1 row each. Per sequence, (n,) ids: x's
-        first dim must be a multiple k * n, id j covering entries [j * k, (j + 1) * k) of it, so
-        prod(x.shape[:-1]) / n rows. k = 1 is the batch; k > 1 covers what expands each sequence in
-        place: ``generate``'s beams and returned sequences (repeat_interleave: a prompt's copies are
-        consecutive) and (batch * seq, H) activations (OPT flattens its tokens). Activations whose
-        first dim is not the batch but happens to be a multiple of it (time-first (seq, batch, H)
-        layouts) cannot be told apart and would get wrong rows: such models are not supported."""
+        Per token: x's leading shape must be the ids' shape; 1 row each. Per sequence, (n,) ids:
+        - x's first dim is n (the batch): id j covers x[j];
+        - x is (n * seq, K) where the model was called on a batch of n sequences of length seq (OPT
+          flattens its tokens; :attr:`frame`, set by the bank around each model call): seq rows each;
+        - x's first dim is n / e with every e consecutive ids equal: the ids were repeated for
+          ``generate``'s beams and returned sequences (repeat_interleave), and an encoder-decoder's
+          encoder runs before the batch is expanded: ids[::e], one per x[j].
+        Nothing else is guessed: a batch that is a multiple of the ids is refused (ids short of the
+        batch, or a layer that sees another layout, such as a vision tower's flattened patches).
+        Activations whose first dim is not the batch but equals it (time-first (seq, batch, H)
+        layouts with seq = batch) cannot be told apart: such models are not supported."""
         lead = tuple(x.shape[:-1])
         if self.per_token:
             if lead != self.shape:
                 raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
                                  f"have leading shape {lead}")
-            return 1
+            return self, 1
         n = self.shape[0]
         first = lead[0] if lead else None
-        if first is None or (first % n if n else first):
-            raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
-                             f"{tuple(x.shape)} (first dim {first}, not a multiple of {n}); give one id per sequence, "
-                             "or per prompt when generate expands the batch (num_beams, num_return_sequences: an id "
-                             "covers its prompt's consecutive copies)")
-        rows = first // n if n else 1
+        rest = 1
         for d in lead[1:]:
-            rows *= d
-        return rows
+            rest *= d
+        if first == n:
+            return self, rest
+        seq = self.frame[1] if self.frame is not None and self.frame[0] == n else None
+        if seq is not None and len(lead) == 1 and first == n * seq:
+            return self, seq
+        collapsed = self._collapsed_to(first) if first else None
+        if collapsed is not None:
+            return collapsed, rest
+        raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
+                         f"{tuple(x.shape)} (first dim {first}); give one id per sequence of the batch (with "
+                         "num_beams or num_return_sequences > 1, generate expands the batch: repeat_interleave the "
+                         "ids to match, or call AdapterBank.generate, which does)")
+
+    def _collapsed_to(self, first: int) -> Optional["AdapterRows"]:
+        """These ids with every e = n / ``first`` consecutive (equal) ones merged, or None."""
+        n = len(self)
+        if first >= n or n % first:
+            return None
+        if first not in self._collapsed:
+            groups = self.host.reshape(first, n // first)
+            same = bool((groups == groups[:, :1]).all())
+            self._collapsed[first] = self._subset(n // first) if same else None
+        return self._collapsed[first]
+
+    def _subset(self, step: int) -> "AdapterRows":
+        """Every ``step``-th id, already validated."""
+        sub = object.__new__(AdapterRows)
+        sub.shape, sub.per_token, sub.device, sub.capacity = (len(self) // step,), False, self.device, self.capacity
+        sub.host = self.host[::step].clone()
+        sub.ids = self.ids[::step].contiguous()
+        sub.frame, sub._plans, sub._rows, sub._collapsed = None, {}, {}, {}
+        return sub
 
     def row_slots(self, rows_per_id: int) -> torch.Tensor:
         """(M,) int64 slot of every row, on the device (kept per ``rows_per_id``)."""
@@ -188,9 +219,9 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Args:
         x: (..., K) activations, fp32/bf16/fp16 (fp64: torch route), any strides.
         weight: (N, K) frozen base weight in x's dtype; bias: (N,) in x's dtype, or None.
-        adapter_ids: (batch,) int slot per sequence (x's first dim is k * batch, k >= 1: each id
-            covers k consecutive entries of it), or x.shape[:-1] per token, -1 = base model only; or
-            an :class:`AdapterRows` (validated once, reused across calls).
+        adapter_ids: (batch,) int slot per sequence (x's first dim, see :meth:`AdapterRows.fit`), or
+            x.shape[:-1] per token, -1 = base model only; or an :class:`AdapterRows` (validated once,
+            reused across calls).
         A: (R, K) shared or (S, R, K) per slot; B: (N, R) shared or (S, N, R) per slot.
         U: (S, R) per slot s * u (zero rows for slots without an adapter); V: (S, N) per slot v or None.
         row_scale: (S, N) per slot row scale c (DoRA's magnitude over its norm; 1 for slots without
@@ -218,7 +249,7 @@ def bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not same_device(rows.device, x.device):
         raise ValueError(f"adapter_ids is on {rows.device} but x is on {x.device}")
     return bank_linear_unchecked(x, weight, bias, rows, A, B, U, V, row_scale,
-                                 resolve_backend(x, weight, bias, U.shape[1], op="bank_linear"))
+                                 resolve_backend(x, weight, bias, U.shape[1], (A, B, U, V, row_scale), op="bank_linear"))
 
 
 def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_scale, backend: str) -> torch.Tensor:
@@ -237,7 +268,7 @@ def bank_linear_unchecked(x, weight, bias, rows: AdapterRows, A, B, U, V, row_sc
         raise ValueError(f"bank_linear: x must have last dimension K={K}, got shape {tuple(x.shape)}")
     if x.dtype != weight.dtype:
         raise TypeError(f"bank_linear: x dtype {x.dtype} must equal the weight's {weight.dtype}")
-    T = rows.rows_per_id(x)
+    rows, T = rows.fit(x)
     M = len(rows) * T
     x2 = x.reshape(M, K)
     # autocast off: the term is computed in the factors' dtype, the base GEMM in x's (already the
