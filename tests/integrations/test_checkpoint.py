@@ -238,9 +238,10 @@ _FIELDS_LATER_THAN = {"1": {"alpha_pattern": {}, "kind_rule": "last", "kinds": {
                       "2": {"exclude_rule": "name"}}
 
 
-def _rewrite_as_format(directory, version):
+def _rewrite_as_format(directory, version, **written_with):
     """Turn a file saved today into the file the format-``version`` writer wrote for the same model:
-    the fields it lacked removed from the config, its format_version, its hash."""
+    the fields it lacked removed from the config, its format_version, its hash. ``written_with``:
+    values those fields had for the writer instead (its code selected layers that way)."""
     from safetensors.torch import load_file, save_file
 
     from tiedlora_kernels.integrations.checkpoint import content_hash
@@ -250,7 +251,7 @@ def _rewrite_as_format(directory, version):
         meta = f.metadata()
     tensors = load_file(str(path))
     config = json.loads(meta["config"])
-    for field, value in _FIELDS_LATER_THAN[version].items():
+    for field, value in {**_FIELDS_LATER_THAN[version], **written_with}.items():
         assert config.pop(field) == value, field
     meta = {**meta, "format_version": version, "config": json.dumps(config)}
     meta["sha256"] = content_hash(tensors, meta["format_version"], meta["config"], meta["layers"])
@@ -280,6 +281,13 @@ def test_format_2_files_select_the_layers_they_were_saved_with(tmp_path):
     assert torch.equal(fresh(IDS).logits, model(IDS).logits)
     today = inject(bert(), TiedLoRAConfig(rank=4, preset="tl6", seed=5))
     assert not any(n.startswith("cls.") for n, _ in adapted_layers(today))
+    # A few commits wrote format 2 under the module rule already: the saved layer table tells
+    randomize_adapters(today)
+    save_adapter(today, tmp_path / "module")
+    _rewrite_as_format(tmp_path / "module", "2", exclude_rule="module")
+    fresh = load_adapter(bert(), tmp_path / "module")
+    assert {n for n, _ in adapted_layers(fresh)} == {n for n, _ in adapted_layers(today)}
+    assert torch.equal(fresh(IDS).logits, today(IDS).logits)
 
 
 def test_format_1_files_load_with_the_kinds_they_were_written_with(tmp_path):

@@ -14,6 +14,7 @@ time (``kind_rule="last"``: the last module path component), and they hold no pe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -228,6 +229,11 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
     return config, layers, tensors, meta["sha256"]
 
 
+def _table(targets) -> list:
+    """The layer table (name, kind, K, N per layer) of ``find_targets``' targets."""
+    return [[t.name, t.kind, t.in_features, t.out_features] for t in targets]
+
+
 def _targets_or_refuse(model: nn.Module, config: TiedLoRAConfig):
     try:
         return find_targets(model, config)
@@ -273,7 +279,17 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         # (nothing allocated: a config whose trained banks are larger than the file's tensors is refused
         # here), then their dtypes.
         targets = _targets_or_refuse(model, config)
-        _check_layers([[t.name, t.kind, t.in_features, t.out_features] for t in targets], layers)
+        if config.exclude_rule == "name" and _table(targets) != layers:
+            # format-2 files were also written, for a few commits, under the module rule: the layer
+            # table says which rule selected the saved layers
+            other = dataclasses.replace(config, exclude_rule="module")
+            try:
+                other_targets = find_targets(model, other)
+            except ValueError:
+                other_targets = None
+            if other_targets is not None and _table(other_targets) == layers:
+                config, targets = other, other_targets
+        _check_layers(_table(targets), layers)
         _check_tensors(tensors, dict(adapter_named_parameters(inject(linear_shell(model, meta=True), config))))
         _check_dtypes(tensors, adapter_dtypes(model, config, targets))
         inject(model, config)
