@@ -369,6 +369,84 @@ def test_opt_flattened_tokens(tmp_path, monkeypatch):
             assert torch.equal(tokens[i], alone(base, dirs[n] if n else None).generate(ids[i:i + 1], **kw)[0]), n
 
 
+def _tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=1, bos_token_id=0, eos_token_id=0, dropout=0.0)).eval()
+
+
+def test_generate_repeats_each_prompts_id_as_generate_expands_the_batch(tmp_path, monkeypatch):
+    """generate makes max(num_beams, num_return_sequences) copies of each prompt (the product was
+    used: OPT's flattened rows were refused), with the settings read as generate reads them (a passed
+    GenerationConfig's unset num_beams is the model's)."""
+    from transformers import GenerationConfig
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    base = _tiny_opt()
+    targets = dict(target_modules=["q_proj", "fc1", "fc2"])
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base, **targets))
+    slots = {n: bank.add(d) for n, d in dirs.items()}
+    src = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=3, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        expected = torch.cat([alone(base, dirs[n]).generate(src[i:i + 1], **kw) for i, n in enumerate("ab")])
+    assert torch.equal(bank.generate(src, adapter_ids=[slots["a"], slots["b"]], **kw), expected)
+    bank.model.generation_config.num_beams = 2
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=None)
+    kw.pop("num_beams")
+    kw.pop("num_return_sequences")
+    with torch.no_grad():
+        expected = torch.cat([alone(base, dirs[n]).generate(src[i:i + 1], num_beams=2, **kw)
+                              for i, n in enumerate("ab")])
+    got = bank.generate(src, adapter_ids=[slots["a"], slots["b"]], generation_config=config)
+    assert torch.equal(got, expected)
+
+
+def test_a_model_called_inside_the_root_gets_its_own_frame(tmp_path, monkeypatch):
+    """The frame (batch, seq) that OPT's flattened rows are matched with came from the root's call only:
+    a root that calls its transformers model inside (a VLM's language model) got none, and was refused."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, *, features):  # a call whose shape the root's arguments do not give
+            return self.lm(inputs_embeds=features).logits
+
+    base = Wrapper(_tiny_opt())
+    targets = dict(target_modules=["fc1", "fc2"])
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base, **targets))
+    slots = [bank.add(d) for d in dirs.values()]
+    embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), bank.use(slots):
+        got = bank.model(features=embeds)
+    with torch.no_grad():
+        want = torch.cat([alone(base, d)(features=embeds[i:i + 1]) for i, d in enumerate(dirs.values())])
+    assert rel_err(got, want) < TOL
+
+
+def test_vision_encoder_layers_refused():
+    """A vision encoder's rows are images' patches, any number per prompt: a guess of which prompt they
+    belong to silently gave images other prompts' adapters."""
+    class VisionLanguage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_tower = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            self.lm = torch.nn.Linear(8, 8)
+
+    with pytest.raises(ValueError, match=r"layer 'vision_tower.0' sits inside a vision encoder \('vision_tower'\).*"
+                                         r"exclude_modules=\['vision_tower'\]"):
+        AdapterBank(inject(VisionLanguage(), TiedLoRAConfig(rank=2, preset="lora")))
+    AdapterBank(inject(VisionLanguage(), TiedLoRAConfig(rank=2, preset="lora", exclude_modules=["vision_tower"])))
+
+
 def test_encoder_decoder_beams(tmp_path, monkeypatch):
     """T5 with num_beams (and num_return_sequences) 2: the encoder sees the batch, the decoder each
     prompt's beams consecutively. bank.generate repeats one id per prompt for the copies; under use(),

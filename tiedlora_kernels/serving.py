@@ -36,7 +36,8 @@ the batch (see :meth:`AdapterRows.fit <tiedlora_kernels.ops.bank_linear.AdapterR
 (batch * seq, H) activations and an encoder-decoder's encoder under beams are recognised too).
 Refused when the bank is made: adapted layers inside a mixture-of-experts block (a module path with
 a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
-every sequence). Not supported, and not detectable: models whose adapted layers see time-first
+every sequence) or a vision encoder (``vision_tower``, ``vision_model``, ``visual``...: its rows are
+images' patches, any number per prompt). Not supported, and not detectable: models whose adapted layers see time-first
 (seq, batch, H) activations (FSMT, fairseq-style models): where seq equals the batch,
 rows would silently get other sequences' adapters.
 
@@ -52,6 +53,7 @@ import contextlib
 import functools
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Optional, Union
 
@@ -71,6 +73,10 @@ ROUTES = ("base", "shared", "segmented")
 #: ``experts.expert_0``, Mixtral's, Qwen-MoE's and DeepSeek's ``experts.0``), not a shared expert
 #: that every token passes through (``shared_expert``, ``shared_experts``).
 _EXPERTS = re.compile(r"experts|expert_?\d+")
+
+#: A part of a module path naming a vision encoder (LLaVA's and Gemma 3's ``vision_tower``, BLIP-2's
+#: and Idefics' ``vision_model``, Qwen2-VL's ``visual``): its rows are images' patches, not prompts.
+_VISION = re.compile(r"vision_tower|vision_model|vision_encoder|image_encoder|visual")
 
 
 def _normal_tensors(method):
@@ -222,15 +228,40 @@ def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
     return out
 
 
-def _call_frame(args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
-    """(batch, seq) of a transformers model call, from its token ids or embeddings, or None."""
+def _call_frame(args: tuple, kwargs: dict) -> Optional[tuple[int, Optional[int]]]:
+    """(batch, seq) of a transformers model call, from its token ids or embeddings ((batch, None)
+    from an audio encoder's ``input_features``: one per prompt), or None: images (``pixel_values``)
+    are not one per prompt."""
     for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         t = kwargs.get(key)
         if t is not None:
-            break
-    else:
-        t = args[0] if args else None
-    return tuple(t.shape[:2]) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+            return tuple(t.shape[:2]) if t.dim() >= 2 else None
+    if kwargs.get("input_features") is not None and kwargs["input_features"].dim() >= 2:
+        return (kwargs["input_features"].shape[0], None)
+    t = args[0] if args else None  # positional token ids
+    if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point():
+        return tuple(t.shape[:2])
+    return None
+
+
+def _generate_copies(model: nn.Module, kwargs: dict) -> int:
+    """How many consecutive copies of each prompt ``model.generate(**kwargs)`` makes: max(num_beams,
+    num_return_sequences), each read as generate reads it (kwargs, then a passed generation_config's
+    set fields, then the model's)."""
+    configs = [kwargs, vars(kwargs["generation_config"]) if kwargs.get("generation_config") is not None else {},
+               vars(getattr(model, "generation_config", None) or object())]
+
+    def setting(key: str) -> int:
+        return int(next((c[key] for c in configs if c.get(key) is not None), 1))
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+def _model_calls(model: nn.Module) -> list[nn.Module]:
+    """The root and every transformers model inside it: the calls whose shape the bank records."""
+    transformers = sys.modules.get("transformers")
+    inner = [m for m in model.modules() if transformers is not None and isinstance(m, transformers.PreTrainedModel)]
+    return [model, *[m for m in inner if m is not model]]
 
 
 class _Route:
@@ -296,6 +327,12 @@ class AdapterBank:
                                  "an expert sees the tokens routed to it, gathered from every sequence, so its rows "
                                  "cannot be matched to the batch's sequences; inject the model without the experts' "
                                  "layers (exclude_modules) to serve it")
+            vision = next((part for part in name.split(".") if _VISION.fullmatch(part)), None)
+            if vision is not None:
+                raise ValueError(f"AdapterBank: layer {name!r} sits inside a vision encoder ({vision!r}): its rows are "
+                                 "images' patches, as many per prompt as it has images, so they cannot be matched to "
+                                 "the batch's sequences; inject the model without the vision encoder's layers "
+                                 f"(exclude_modules=[{vision!r}]) to serve it")
         devices = {layer.weight.device for _, layer in layers}
         if len(devices) != 1:
             raise ValueError(f"AdapterBank: the adapted layers are on several devices {sorted(map(str, devices))}; "
@@ -457,15 +494,20 @@ class AdapterBank:
                            device=self.device, names=self.adapters)
         self._active = rows
 
-        # The shape of each model call, for layers that see its tokens flattened (AdapterRows.fit)
+        # The shape of each model call, for layers that see its tokens flattened and for an encoder run
+        # before generate expands the batch (AdapterRows.fit): the root and every transformers model
+        # inside it (a VLM's language model, an encoder-decoder's encoder) push their call's frame
+        # and pop it when the call ends, so an inner call neither clears nor inherits the outer one.
         def enter(module, args, kwargs):
-            rows.frame = _call_frame(args, kwargs)
+            rows.frames.append(_call_frame(args, kwargs))
 
         def leave(module, args, output):
-            rows.frame = None
+            rows.frames.pop()
 
-        hooks = [self.model.register_forward_pre_hook(enter, with_kwargs=True),
-                 self.model.register_forward_hook(leave, always_call=True)]
+        hooks = []
+        for module in _model_calls(self.model):
+            hooks += [module.register_forward_pre_hook(enter, with_kwargs=True),
+                      module.register_forward_hook(leave, always_call=True)]
         for name, layer in self._modules.items():
             layer.bank_route = self._routes[name]
         try:
@@ -481,15 +523,14 @@ class AdapterBank:
         """``model.generate(input_ids, **kwargs)`` with prompt i answered by adapter ``adapter_ids[i]``
         (one id per prompt; with ``num_beams`` or ``num_return_sequences`` > 1, repeated here for the
         prompt's copies as ``generate`` expands the batch)."""
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        copies = 1
-        for key in ("num_beams", "num_return_sequences"):
-            copies *= int(kwargs.get(key) or getattr(config, key, None) or 1)
+        copies = _generate_copies(self.model, kwargs)
+        prompts = next((t.shape[0] for t in (input_ids, kwargs.get("inputs_embeds"), kwargs.get("input_features"))
+                        if isinstance(t, torch.Tensor)), None)
         if isinstance(adapter_ids, (list, tuple)):
             adapter_ids = torch.tensor(adapter_ids, dtype=torch.int64, device=self.device) \
                 if all(isinstance(i, int) and not isinstance(i, bool) for i in adapter_ids) else adapter_ids
         if copies > 1 and isinstance(adapter_ids, torch.Tensor) and adapter_ids.dim() == 1 \
-                and len(adapter_ids) == input_ids.shape[0]:
+                and len(adapter_ids) == prompts:
             adapter_ids = adapter_ids.repeat_interleave(copies)
         with torch.no_grad(), self.use(adapter_ids):
             return self.model.generate(input_ids, **kwargs)

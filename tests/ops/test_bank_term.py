@@ -217,22 +217,26 @@ def test_triton_route_runs_the_kernels(monkeypatch):
 @pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
 def test_which_rows_an_id_covers(factors, backend):
     """(n,) ids: x's first dim is the batch; (n * seq, K) when the model call's frame says n sequences
-    of seq tokens (OPT flattens them); n / e when every e consecutive ids are equal (ids repeated for
-    generate's beams, on an encoder that runs before the expansion). A first dim that is a multiple
-    of the ids is refused: ids short of the batch, a vision tower's patches, nothing is guessed."""
+    of seq tokens (OPT flattens them); the call's batch n / e when every e consecutive ids are equal
+    (ids repeated for generate's beams, on an encoder that runs before the expansion). Nothing the
+    call does not account for is guessed: ids short of the batch, a vision tower's patches."""
     from tiedlora_kernels.ops.bank_linear import AdapterRows
 
     ids = torch.tensor([2, -1, 0], device=DEVICE)
     t = make(3, 4, 33, 40, 3, 4, factors=factors, ids=ids.tolist())
     out = check(t)
     rows = AdapterRows(ids, 4, device=DEVICE)
-    rows.frame = (3, 4)
+    rows.frames.append((3, 4))
     flat = dict(t, x=t["x"].reshape(12, 33))
     assert torch.equal(call(flat, ids=rows), out.reshape(12, 40))
-    assert torch.equal(call(t, ids=ids.repeat_interleave(2)), out)  # the encoder under 2 beams
     with pytest.raises(ValueError, match=r"adapter_ids has 3 entries .* \(first dim 12\); give one id per "
                                          "sequence of the batch"):
         call(flat, ids=ids)  # no frame: 12 rows are not guessed to be 3 x 4
+    repeated = AdapterRows(ids.repeat_interleave(2), 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"adapter_ids has 6 entries .* \(first dim 3\)"):
+        call(t, ids=repeated)  # 3 rows for 6 ids, and no call says its batch is 3: a vision tower's images
+    repeated.frames.append((3, None))  # an encoder called on the 3 prompts before 2 beams each
+    assert torch.equal(call(t, ids=repeated), out)
     with pytest.raises(ValueError, match=r"adapter_ids has 2 entries .* \(first dim 3\)"):
         call(t, ids=ids[:2])
     with pytest.raises(ValueError, match=r"adapter_ids has 6 entries .* \(first dim 3\)"):

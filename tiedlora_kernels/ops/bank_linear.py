@@ -120,8 +120,9 @@ class AdapterRows:
         self._plans: dict = {}
         self._rows: dict = {}
         self._collapsed: dict = {}
-        #: (batch, seq) of the model call in progress (set by the bank's hooks on the model), or None
-        self.frame: Optional[tuple[int, Optional[int]]] = None
+        #: (batch, seq or None) of each model call in progress, innermost last, None where the call
+        #: does not say (pushed and popped by the bank's hooks on the model)
+        self.frames: list = []
 
     def __len__(self) -> int:
         return self.host.numel()
@@ -130,17 +131,17 @@ class AdapterRows:
         """(the ids x's rows follow, rows of x (..., K), leading dims flattened, each id covers as
         consecutive rows); raises (naming ``adapter_ids``) when x's leading dims do not fit the ids.
 
-        Per token: x's leading shape must be the ids' shape; 1 row each. Per sequence, (n,) ids:
+        Per token: x's leading shape must be the ids' shape; 1 row each. Per sequence, (n,) ids, and
+        the innermost model call in progress (:attr:`frames`, recorded by the bank):
         - x's first dim is n (the batch): id j covers x[j];
-        - x is (n * seq, K) where the model was called on a batch of n sequences of length seq (OPT
-          flattens its tokens; :attr:`frame`, set by the bank around each model call): seq rows each;
-        - x's first dim is n / e with every e consecutive ids equal: the ids were repeated for
-          ``generate``'s beams and returned sequences (repeat_interleave), and an encoder-decoder's
-          encoder runs before the batch is expanded: ids[::e], one per x[j].
-        Nothing else is guessed: a batch that is a multiple of the ids is refused (ids short of the
-        batch, or a layer that sees another layout, such as a vision tower's flattened patches).
-        Activations whose first dim is not the batch but equals it (time-first (seq, batch, H)
-        layouts with seq = batch) cannot be told apart: such models are not supported."""
+        - x is (n * seq, K) and the call is n sequences of seq tokens (OPT flattens its tokens): seq
+          rows each;
+        - x's first dim is the call's batch n / e and every e consecutive ids are equal: the ids were
+          repeated for ``generate``'s beams (repeat_interleave), and this is an encoder-decoder's
+          encoder, run before the batch is expanded: ids[::e], one per x[j].
+        Nothing else is guessed: ids short of the batch, or rows the call does not account for, are
+        refused. Activations whose first dim is not the batch but equals it (time-first (seq, batch,
+        H) layouts with seq = batch) cannot be told apart: such models are not supported."""
         lead = tuple(x.shape[:-1])
         if self.per_token:
             if lead != self.shape:
@@ -154,10 +155,10 @@ class AdapterRows:
             rest *= d
         if first == n:
             return self, rest
-        seq = self.frame[1] if self.frame is not None and self.frame[0] == n else None
-        if seq is not None and len(lead) == 1 and first == n * seq:
-            return self, seq
-        collapsed = self._collapsed_to(first) if first else None
+        frame = self.frames[-1] if self.frames else None
+        if frame is not None and frame[0] == n and frame[1] is not None and len(lead) == 1 and first == n * frame[1]:
+            return self, frame[1]
+        collapsed = self._collapsed_to(first) if frame is not None and frame[0] == first else None
         if collapsed is not None:
             return collapsed, rest
         raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
@@ -168,7 +169,7 @@ class AdapterRows:
     def _collapsed_to(self, first: int) -> Optional["AdapterRows"]:
         """These ids with every e = n / ``first`` consecutive (equal) ones merged, or None."""
         n = len(self)
-        if first >= n or n % first:
+        if not first or first >= n or n % first:
             return None
         if first not in self._collapsed:
             groups = self.host.reshape(first, n // first)
@@ -182,7 +183,7 @@ class AdapterRows:
         sub.shape, sub.per_token, sub.device, sub.capacity = (len(self) // step,), False, self.device, self.capacity
         sub.host = self.host[::step].clone()
         sub.ids = self.ids[::step].contiguous()
-        sub.frame, sub._plans, sub._rows, sub._collapsed = None, {}, {}, {}
+        sub.frames, sub._plans, sub._rows, sub._collapsed = [], {}, {}, {}
         return sub
 
     def row_slots(self, rows_per_id: int) -> torch.Tensor:
