@@ -79,6 +79,13 @@ def make_adapter(base, tmp_path, name, seed=1, **cfg):
     return tmp_path / name
 
 
+def bank_of_two(base, tmp_path, **targets):
+    """(bank over ``base``, {"a", "b": adapter directory}, {"a", "b": slot}): two lora adapters loaded."""
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base, **targets))
+    return bank, dirs, {n: bank.add(d) for n, d in dirs.items()}
+
+
 def snapshot(bank):
     return (bank.capacity, dict(bank.adapters), {
         ln: ({k: (t.clone() if t is not None else None) for k, t in s.tensors().items()}, list(s.present))
@@ -345,17 +352,9 @@ def test_kinds_of_a_partly_adapted_model(monkeypatch, tmp_path):
 def test_opt_flattened_tokens(tmp_path, monkeypatch):
     """OPT runs fc1 / fc2 on (batch * seq, H) activations: each per-sequence id covers its sequence's
     seq consecutive rows, in a forward and in generate's decode steps."""
-    from transformers import OPTConfig, OPTForCausalLM
-
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
-    torch.manual_seed(0)
-    base = OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                                    pad_token_id=1, bos_token_id=0, eos_token_id=0, dropout=0.0)).eval()
-    targets = dict(target_modules=["q_proj", "v_proj", "fc1", "fc2"])
-    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
-    bank = AdapterBank(host_of(base, **targets))
-    slots = {n: bank.add(d) for n, d in dirs.items()}
+    base = _tiny_opt()
+    bank, dirs, slots = bank_of_two(base, tmp_path, target_modules=["q_proj", "v_proj", "fc1", "fc2"])
     names = ["a", None, "b"]
     ids = torch.randint(2, 97, (3, 5), generator=torch.Generator().manual_seed(11))
     adapter_ids = [slots[n] if n else -1 for n in names]
@@ -386,10 +385,7 @@ def test_generate_repeats_each_prompts_id_as_generate_expands_the_batch(tmp_path
 
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
     base = _tiny_opt()
-    targets = dict(target_modules=["q_proj", "fc1", "fc2"])
-    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
-    bank = AdapterBank(host_of(base, **targets))
-    slots = {n: bank.add(d) for n, d in dirs.items()}
+    bank, dirs, slots = bank_of_two(base, tmp_path, target_modules=["q_proj", "fc1", "fc2"])
     src = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(4))
     kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=3, do_sample=False, eos_token_id=None)
     with torch.no_grad():
@@ -420,10 +416,8 @@ def test_a_model_called_inside_the_root_gets_its_own_frame(tmp_path, monkeypatch
             return self.lm(inputs_embeds=features).logits
 
     base = Wrapper(_tiny_opt())
-    targets = dict(target_modules=["fc1", "fc2"])
-    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
-    bank = AdapterBank(host_of(base, **targets))
-    slots = [bank.add(d) for d in dirs.values()]
+    bank, dirs, slots = bank_of_two(base, tmp_path, target_modules=["fc1", "fc2"])
+    slots = list(slots.values())
     embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), bank.use(slots):
         got = bank.model(features=embeds)
@@ -460,10 +454,7 @@ def test_encoder_decoder_beams(tmp_path, monkeypatch):
     base = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                                num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
                                                pad_token_id=0, eos_token_id=1, dropout_rate=0.0)).eval()
-    targets = dict(target_modules=["q", "v", "wi", "wo"])
-    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **targets) for n, seed in (("a", 1), ("b", 2))}
-    bank = AdapterBank(host_of(base, **targets))
-    slots = {n: bank.add(d) for n, d in dirs.items()}
+    bank, dirs, slots = bank_of_two(base, tmp_path, target_modules=["q", "v", "wi", "wo"])
     names = ["b", None, "a"]
     src = torch.randint(2, 50, (3, 5), generator=torch.Generator().manual_seed(12))
     kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=4, do_sample=False, eos_token_id=None)

@@ -69,14 +69,17 @@ from .ops.bank_linear import AdapterRows, bank_linear_unchecked, same_device, sh
 #: Routes a layer can take (:meth:`AdapterBank.routes`).
 ROUTES = ("base", "shared", "segmented")
 
-#: A part of a module path naming mixture-of-experts experts (SwitchTransformers' and NLLB-MoE's
-#: ``experts.expert_0``, Mixtral's, Qwen-MoE's and DeepSeek's ``experts.0``), not a shared expert
-#: that every token passes through (``shared_expert``, ``shared_experts``).
-_EXPERTS = re.compile(r"experts|expert_?\d+")
-
-#: A part of a module path naming a vision encoder (LLaVA's and Gemma 3's ``vision_tower``, BLIP-2's
-#: and Idefics' ``vision_model``, Qwen2-VL's ``visual``): its rows are images' patches, not prompts.
-_VISION = re.compile(r"vision_tower|vision_model|vision_encoder|image_encoder|visual")
+#: Blocks whose layers' rows cannot be matched to the batch's sequences, by a part of the module path
+#: naming them, with why: mixture-of-experts experts (SwitchTransformers' and NLLB-MoE's
+#: ``experts.expert_0``, Mixtral's, Qwen-MoE's and DeepSeek's ``experts.0``; not a shared expert that
+#: every token passes through, ``shared_expert(s)``) and vision encoders (LLaVA's and Gemma 3's
+#: ``vision_tower``, BLIP-2's and Idefics' ``vision_model``, Qwen2-VL's ``visual``).
+_UNSERVABLE_BLOCKS = (
+    (re.compile(r"experts|expert_?\d+"), "a mixture-of-experts block",
+     "an expert sees the tokens routed to it, gathered from every sequence"),
+    (re.compile(r"vision_tower|vision_model|vision_encoder|image_encoder|visual"), "a vision encoder",
+     "its rows are images' patches, as many per prompt as it has images"),
+)
 
 
 def _normal_tensors(method):
@@ -321,18 +324,12 @@ class AdapterBank:
             if layer.merged:
                 raise ValueError(f"AdapterBank: layer {name!r} is merged; unmerge(model) first (a merged weight "
                                  "carries one adapter into every row)")
-            expert = next((part for part in name.split(".") if _EXPERTS.fullmatch(part)), None)
-            if expert is not None:
-                raise ValueError(f"AdapterBank: layer {name!r} sits inside a mixture-of-experts block ({expert!r}): "
-                                 "an expert sees the tokens routed to it, gathered from every sequence, so its rows "
-                                 "cannot be matched to the batch's sequences; inject the model without the experts' "
-                                 "layers (exclude_modules) to serve it")
-            vision = next((part for part in name.split(".") if _VISION.fullmatch(part)), None)
-            if vision is not None:
-                raise ValueError(f"AdapterBank: layer {name!r} sits inside a vision encoder ({vision!r}): its rows are "
-                                 "images' patches, as many per prompt as it has images, so they cannot be matched to "
-                                 "the batch's sequences; inject the model without the vision encoder's layers "
-                                 f"(exclude_modules=[{vision!r}]) to serve it")
+            for pattern, block, why in _UNSERVABLE_BLOCKS:
+                part = next((p for p in name.split(".") if pattern.fullmatch(p)), None)
+                if part is not None:
+                    raise ValueError(f"AdapterBank: layer {name!r} sits inside {block} ({part!r}): {why}, so its rows "
+                                     "cannot be matched to the batch's sequences; inject the model without its layers "
+                                     f"(exclude_modules=[{part!r}]) to serve it")
         devices = {layer.weight.device for _, layer in layers}
         if len(devices) != 1:
             raise ValueError(f"AdapterBank: the adapted layers are on several devices {sorted(map(str, devices))}; "
