@@ -426,19 +426,20 @@ def test_a_model_called_inside_the_root_gets_its_own_frame(tmp_path, monkeypatch
     assert rel_err(got, want) < TOL
 
 
-def test_vision_encoder_layers_refused():
-    """A vision encoder's rows are images' patches, any number per prompt: a guess of which prompt they
-    belong to silently gave images other prompts' adapters."""
-    class VisionLanguage(torch.nn.Module):
+@pytest.mark.parametrize("block", ["vision_tower", "multi_modal_projector", "audio_tower"])
+def test_image_and_audio_layers_refused(block):
+    """An image or audio encoder's (or projector's) rows are images' patches or clips' frames, any
+    number per prompt: a prompt with two images had its second one run with the next prompt's adapter."""
+    class Multimodal(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.vision_tower = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            self.add_module(block, torch.nn.Sequential(torch.nn.Linear(8, 8)))
             self.lm = torch.nn.Linear(8, 8)
 
-    with pytest.raises(ValueError, match=r"layer 'vision_tower.0' sits inside a vision encoder \('vision_tower'\).*"
-                                         r"exclude_modules=\['vision_tower'\]"):
-        AdapterBank(inject(VisionLanguage(), TiedLoRAConfig(rank=2, preset="lora")))
-    AdapterBank(inject(VisionLanguage(), TiedLoRAConfig(rank=2, preset="lora", exclude_modules=["vision_tower"])))
+    with pytest.raises(ValueError, match=rf"layer '{block}.0' sits inside an image or audio encoder or projector "
+                                         rf"\('{block}'\).*exclude_modules=\['{block}'\]"):
+        AdapterBank(inject(Multimodal(), TiedLoRAConfig(rank=2, preset="lora")))
+    AdapterBank(inject(Multimodal(), TiedLoRAConfig(rank=2, preset="lora", exclude_modules=[block])))
 
 
 def test_encoder_decoder_beams(tmp_path, monkeypatch):

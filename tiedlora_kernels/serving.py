@@ -36,8 +36,9 @@ the batch (see :meth:`AdapterRows.fit <tiedlora_kernels.ops.bank_linear.AdapterR
 (batch * seq, H) activations and an encoder-decoder's encoder under beams are recognised too).
 Refused when the bank is made: adapted layers inside a mixture-of-experts block (a module path with
 a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
-every sequence) or a vision encoder (``vision_tower``, ``vision_model``, ``visual``...: its rows are
-images' patches, any number per prompt). Not supported, and not detectable: models whose adapted layers see time-first
+every sequence) or a multimodal model's image or audio encoder or projector (``vision_tower``,
+``visual``, ``multi_modal_projector``, ``audio_tower``...: its rows are images' patches or audio
+clips' frames, any number per prompt). Not supported, and not detectable: models whose adapted layers see time-first
 (seq, batch, H) activations (FSMT, fairseq-style models): where seq equals the batch,
 rows would silently get other sequences' adapters.
 
@@ -72,13 +73,17 @@ ROUTES = ("base", "shared", "segmented")
 #: Blocks whose layers' rows cannot be matched to the batch's sequences, by a part of the module path
 #: naming them, with why: mixture-of-experts experts (SwitchTransformers' and NLLB-MoE's
 #: ``experts.expert_0``, Mixtral's, Qwen-MoE's and DeepSeek's ``experts.0``; not a shared expert that
-#: every token passes through, ``shared_expert(s)``) and vision encoders (LLaVA's and Gemma 3's
-#: ``vision_tower``, BLIP-2's and Idefics' ``vision_model``, Qwen2-VL's ``visual``).
+#: every token passes through, ``shared_expert(s)``), and a multimodal model's image and audio
+#: encoders and projectors (LLaVA's and Gemma 3's ``vision_tower`` and ``multi_modal_projector``,
+#: BLIP-2's and Idefics' ``vision_model``, Idefics2's ``connector``, Qwen2-VL's ``visual``,
+#: Qwen2-Audio's and Voxtral's ``audio_tower``, Fuyu's ``vision_embed_tokens``).
 _UNSERVABLE_BLOCKS = (
     (re.compile(r"experts|expert_?\d+"), "a mixture-of-experts block",
      "an expert sees the tokens routed to it, gathered from every sequence"),
-    (re.compile(r"vision_tower|vision_model|vision_encoder|image_encoder|visual"), "a vision encoder",
-     "its rows are images' patches, as many per prompt as it has images"),
+    (re.compile(r"vision_tower|vision_model|vision_encoder|image_encoder|visual|vision_embed_tokens|"
+                r"audio_tower|audio_model|audio_encoder|speech_encoder|multi_modal_projector|mm_projector|"
+                r"connector|perceiver_resampler"), "an image or audio encoder or projector",
+     "its rows are images' patches or audio clips' frames, as many per prompt as it has images or clips"),
 )
 
 
@@ -327,8 +332,8 @@ class AdapterBank:
             for pattern, block, why in _UNSERVABLE_BLOCKS:
                 part = next((p for p in name.split(".") if pattern.fullmatch(p)), None)
                 if part is not None:
-                    raise ValueError(f"AdapterBank: layer {name!r} sits inside {block} ({part!r}): {why}, so its rows "
-                                     "cannot be matched to the batch's sequences; inject the model without its layers "
+                    raise ValueError(f"AdapterBank: layer {name!r} sits inside {block} ({part!r}): {why}, "
+                                     "which cannot be matched to the batch's sequences; inject the model without its layers "
                                      f"(exclude_modules=[{part!r}]) to serve it")
         devices = {layer.weight.device for _, layer in layers}
         if len(devices) != 1:
