@@ -164,8 +164,8 @@ def row_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def direction_norm(norm: torch.Tensor) -> torch.Tensor:
-    """A row norm (N,) to divide by, with 0 replaced by 1: a zero row (a pruned output row, a zero
-    padding row) has no direction, and W0 = W / 1 keeps it zero where W / 0 is 0/0 = NaN."""
+    """A row norm or row scale (N,) to divide by, with 0 replaced by 1: a zero row (a pruned output
+    row, a zero padding row) has no direction, and W0 = W / 1 keeps it zero where W / 0 is 0/0 = NaN."""
     return torch.where(norm == 0, torch.ones_like(norm), norm)
 
 
@@ -197,6 +197,5 @@ def unmerged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: O
     ct = torch.promote_types(weight.dtype, torch.float32)
     wide = weight.to(ct)
     if row_scale is not None:
-        c = row_scale.to(wide.device, ct)
-        wide = wide / torch.where(c == 0, torch.ones_like(c), c)[:, None]
+        wide = wide / direction_norm(row_scale.to(wide.device, ct))[:, None]
     return _merged_wide(wide, A, B, u, v, -scaling).to(weight.dtype)

@@ -38,9 +38,9 @@ Refused when the bank is made: adapted layers inside a mixture-of-experts block 
 a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
 every sequence) or a multimodal model's image or audio encoder or projector (``vision_tower``,
 ``visual``, ``multi_modal_projector``, ``audio_tower``...: its rows are images' patches or audio
-clips' frames, any number per prompt). Not supported, and not detectable: models whose adapted layers see time-first
-(seq, batch, H) activations (FSMT, fairseq-style models): where seq equals the batch,
-rows would silently get other sequences' adapters.
+clips' frames, any number per prompt). Not supported, and not detectable: models whose adapted
+layers see time-first (seq, batch, H) activations (FSMT, fairseq-style models): where seq equals
+the batch, rows would silently get other sequences' adapters.
 
 Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
 row scale, plus R (K + N) factor values for a per-slot factor (``factor_dtype``, fp32 by default).
@@ -286,8 +286,8 @@ class _Route:
             rows.fit(x)
             return nn.functional.linear(x, weight, bias)
         return bank_linear_unchecked(x, weight, bias, rows, slots.A, slots.B, slots.U, slots.V, slots.C,
-                                     resolve_backend(x, weight, bias, slots.R, (slots.A, slots.B, slots.U, slots.V, slots.C),
-                                                     op="bank_linear"))
+                                     resolve_backend(x, weight, bias, slots.R,
+                                                     (slots.A, slots.B, slots.U, slots.V, slots.C), op="bank_linear"))
 
 
 class AdapterBank:
@@ -296,8 +296,9 @@ class AdapterBank:
     Args:
         model: a model prepared by :func:`tiedlora_kernels.inject` (any preset: it fixes which layers
             can be adapted; its own adapter is not used inside :meth:`use`). All its adapted layers on
-            one device, none merged, none over a quantized base, none inside a mixture-of-experts
-            block (see the module docstring; time-first models are not supported either).
+            one device, none merged, none over a quantized base, none inside a block whose rows are
+            not the batch's sequences (a mixture-of-experts block, an image or audio encoder or
+            projector: see the module docstring; time-first models are not supported either).
         capacity: slots allocated up front (>= 1); :meth:`add` doubles it when full.
         rank: the bank's rank R (default: the model's adapter rank); adapters of lower rank are
             zero-padded to it, higher ranks are refused.

@@ -80,7 +80,7 @@ def test_all_linear_leaves_output_and_task_heads_alone(cls_name, heads, tmp_path
     model = _tiny_bert_family(cls_name)
     inject(model, TiedLoRAConfig(rank=4, preset="dora"))
     names = {n for n, _ in adapted_layers(model)}
-    assert "bert.encoder.layer.0.attention.self.query" in names or any("layer.0" in n for n in names)
+    assert any(".layer.0." in n for n in names)  # the encoder is adapted
     assert not names & set(heads), names & set(heads)
     model.eval()
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))

@@ -290,14 +290,14 @@ def check_rank_fits(name: str, in_features: int, out_features: int, rank: int, o
                          f"out_features={out_features}); a low-rank adapter needs rank <= min(in, out)")
 
 
-def base_in_out(name: str, module: nn.Module) -> tuple[int, int]:
+def base_in_out(name: str, module: nn.Module, op: str = "inject") -> tuple[int, int]:
     """(in_features, out_features) of layer ``name``; raises unless ``inject`` can adapt it."""
     layout = _layout_of(module)
     if layout == "unsupported-quantized":
         raise unsupported_quantized_error(name, module)
     if layout is None:
-        raise ValueError(f"layer {name!r} is a {type(module).__name__}: not an nn.Linear, Conv1D or supported "
-                         "quantized linear")
+        raise ValueError(f"{op}: layer {name!r} adapts a {type(module).__name__}; only nn.Linear, Conv1D and the "
+                         "supported quantized linears can be adapted")
     return _in_out(module, layout)
 
 

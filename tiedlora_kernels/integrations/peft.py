@@ -78,10 +78,7 @@ def from_peft(peft_model) -> nn.Module:
             raise ValueError(f"from_peft: layer {n!r} adapts the parameter {m.parameter_name!r} "
                              "(LoraConfig.target_parameters): its update is added to the weight as stored, "
                              "which is not a linear layer's update here; convert a target_modules adapter")
-        if not isinstance(m.get_base_layer(), nn.Linear) and type(m.get_base_layer()).__name__ != "Conv1D":
-            raise ValueError(f"from_peft: layer {n!r} adapts a {type(m.get_base_layer()).__name__}; only "
-                             "nn.Linear and Conv1D are supported")
-        check_rank_fits(n, *base_in_out(n, m.get_base_layer()), pcfg.r, op="from_peft")
+        check_rank_fits(n, *base_in_out(n, m.get_base_layer(), op="from_peft"), pcfg.r, op="from_peft")
         if is_vera:
             captured[n] = dict(u=m.vera_lambda_d[name].detach(), v=m.vera_lambda_b[name].detach(),
                                A=m.vera_A[name].detach(), B=m.vera_B[name].detach())

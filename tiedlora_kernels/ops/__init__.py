@@ -89,13 +89,6 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     Raises (before any launch) when ``TIEDLORA_BACKEND`` is unknown, or is ``triton`` and the inputs
     cannot run there; the message names ``op``, the argument and what the GPU path needs."""
     want, installed, interpreting, rank_limits = dispatch_settings()
-    tensors = [t for t in (x, weight, bias, *operands) if t is not None]
-    adapter_dtype = torch.float64 if any(t.dtype == torch.float64 for t in operands if t is not None) else None
-    # The kernels have no forward-mode derivative and take no functorch-wrapped tensors: forward_ad
-    # tangents would be dropped silently, torch.func transforms fail inside Triton.
-    # (Under torch.compile neither is traced: dynamo runs its own transforms on the graph it records.)
-    transformed = not torch.compiler.is_compiling() and (
-        forward_ad._current_level >= 0 or any(_functorch_wrapped(t) for t in tensors))
     rank_limit = rank_limits[x.device.index] if x.is_cuda and x.device.index is not None and \
         x.device.index < len(rank_limits) else None
     if want not in BACKENDS:
@@ -105,11 +98,12 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     # auto: a base that requires grad takes the torch route under no_grad too, so that reentrant
     # checkpointing's no-grad forward and its recompute draw the same dropout mask
     base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
-    wide = torch.float64 in (x.dtype, adapter_dtype)  # the kernels compute in fp32 at most
+    present = [t for t in operands if t is not None]
+    wide_operand = any(t.dtype == torch.float64 for t in present)  # the kernels compute in fp32 at most
     if want == "auto":
-        fits = (x.is_cuda and not wide and not base_trains and not transformed
-                and (rank_limit is None or rank <= rank_limit))
-        return "triton" if fits and installed else "torch"
+        fits = (x.is_cuda and installed and x.dtype != torch.float64 and not wide_operand and not base_trains
+                and (rank_limit is None or rank <= rank_limit) and not _transformed(x, weight, bias, *present))
+        return "triton" if fits else "torch"
     if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
     if not x.is_cuda and not interpreting:
@@ -119,11 +113,11 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     if x.dtype == torch.float64:
         raise TypeError(f"{op} (triton): x must be float32, bfloat16 or float16 on the Triton "
                         f"backend, got dtype {x.dtype}; use TIEDLORA_BACKEND=torch (or auto) for float64")
-    if adapter_dtype == torch.float64:
+    if wide_operand:
         raise TypeError(f"{op} (triton): the adapter tensors (A, B, u, v, row_scale) must be float32, bfloat16 or "
                         "float16 on the Triton backend (its kernels compute in fp32 at most), got a float64 one; "
                         "use TIEDLORA_BACKEND=torch (or auto)")
-    if transformed:
+    if _transformed(x, weight, bias, *present):
         raise RuntimeError(f"{op} (triton): forward-mode AD (torch.autograd.forward_ad) and torch.func transforms "
                            "(grad, vmap, jvp) have no Triton kernels; use TIEDLORA_BACKEND=auto or torch")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -136,8 +130,14 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     return "triton"
 
 
-def _functorch_wrapped(t: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+def _transformed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether forward-mode AD or a torch.func transform is at work on the call: the kernels have no
+    forward-mode derivative (forward_ad tangents would be dropped silently) and take no functorch-wrapped
+    tensors. Under torch.compile neither is traced: dynamo runs its own transforms on the graph it records."""
+    if torch.compiler.is_compiling():
+        return False
+    return forward_ad._current_level >= 0 or any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def autocast_base(x, *base):
