@@ -320,7 +320,8 @@ def test_empty_slot_refused():
     ("C", lambda t: t["V"][:, :5], r"row_scale must have shape \(4, 40\)"),
     ("weight", lambda t: t["weight"].double(), "weight dtype torch.float64 must equal x dtype"),
     ("A", lambda t: t["A"].to("meta"), "A must be on"),
-], ids=["A-shape", "B-shape", "V-shape", "row_scale-shape", "weight-dtype", "A-device"])
+    ("U", lambda t: t["U"][:0], r"U must hold at least one slot"),  # the kernels read a slot's u
+], ids=["A-shape", "B-shape", "V-shape", "row_scale-shape", "weight-dtype", "A-device", "no-slots"])
 def test_tensor_checks_name_the_argument(key, bad, msg):
     t = make(3, 2, 33, 40, 3, 4)
     t[key] = bad(t)

@@ -351,6 +351,8 @@ def check_bank_inputs(x, weight, bias, A, B, U, V=None, row_scale=None) -> None:
     if not isinstance(U, torch.Tensor) or U.dim() != 2:
         raise ValueError(f"{op}: U must be (S, R), got {_describe(U)}")
     S, R = U.shape
+    if S == 0:
+        raise ValueError(f"{op}: U must hold at least one slot, (S >= 1, R), got {_describe(U)}")
     want = {"weight": (N, K), "bias": (N,), "A": [(R, K), (S, R, K)], "B": [(N, R), (S, N, R)], "U": (S, R),
             "V": (S, N), "row_scale": (S, N)}
     for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B), ("U", U), ("V", V),

@@ -108,11 +108,14 @@ def wide_dot(x: torch.Tensor, down: torch.Tensor, down_scale: Optional[torch.Ten
     or, on fp16 x, a scaled one (formed in fp32; fp16's range would flush it). Casting D to x's
     dtype instead rounds every factor to 8 (bf16) or 11 (fp16) bits, and with it h and g, which all
     four factor gradients are made of: ~4e-3 relative error on bf16 where the fp32 dot (TF32 on a
-    GPU) keeps them near fp32's; and fp16's range flushes small fp32 or bf16 factor values."""
+    GPU) keeps them near fp32's; and fp16's range flushes small fp32 or bf16 factor values. A
+    down projection of x's dtype with a wider scale (bf16 B, fp32 v) counts as wider."""
     if x.dtype == torch.float16:
         return down.dtype != torch.float16 or down_scale is not None
-    # bf16 has fp32's range: a bf16 D scaled by v (bf16 adapters) stays narrow, as the bf16 reference
-    return x.dtype == torch.bfloat16 and down.dtype != torch.bfloat16
+    # bf16 has fp32's range: a bf16 D scaled by a bf16 v (bf16 adapters) stays narrow, as the bf16
+    # reference; a wider scale (bf16 B, fp32 v) widens D v, which the reference forms in fp32
+    return x.dtype == torch.bfloat16 and (down.dtype != torch.bfloat16 or
+                                          (down_scale is not None and down_scale.dtype != torch.bfloat16))
 
 
 # The launchers' arithmetic is plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are jit
