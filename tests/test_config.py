@@ -131,6 +131,10 @@ BAD = [
     (dict(exclude_modules="lm_(head"), "exclude_modules: invalid regex"),
     (dict(preset="partial", banks=5), "banks must be a pair"),
     (dict(gamma=0), "gamma must be"),
+    (dict(gamma=True), "gamma must be"),  # a bool would read as 1
+    (dict(alpha=True), "alpha must be a finite nonzero number"),
+    (dict(alpha=0.0), "alpha must be a finite nonzero number"),  # s = 0: no output, no gradient, for good
+    (dict(alpha_pattern={"q_proj": 0}), r"alpha_pattern\['q_proj'\] must be a finite nonzero number"),
     (dict(init_A="xavier"), "init_A must be one of"),
     (dict(preset="lora", train_B=False), "B is initialised to zero and frozen"),
     (dict(preset="tl6", init_A="zeros"), "A and B are all initialised to zero"),
@@ -139,9 +143,9 @@ BAD = [
     (dict(target_modules="(unclosed"), "invalid regex"),
     (dict(target_modules=[]), "target_modules must be"),
     (dict(adapter_dtype="int8"), "adapter_dtype must be one of"),
-    (dict(alpha_pattern={"q_proj": "16"}), r"alpha_pattern\['q_proj'\] must be a finite number"),
-    (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be a finite number"),
-    (dict(alpha_pattern={"q_proj": True}), r"alpha_pattern\['q_proj'\] must be a finite number"),
+    (dict(alpha_pattern={"q_proj": "16"}), r"alpha_pattern\['q_proj'\] must be a finite nonzero number"),
+    (dict(alpha_pattern={"q_proj": float("inf")}), r"alpha_pattern\['q_proj'\] must be a finite nonzero number"),
+    (dict(alpha_pattern={"q_proj": True}), r"alpha_pattern\['q_proj'\] must be a finite nonzero number"),
     (dict(alpha_pattern={"q_(proj": 16}), "alpha_pattern: invalid regex"),
     (dict(alpha_pattern=[("q_proj", 16)]), "alpha_pattern must be a dict"),
 ]

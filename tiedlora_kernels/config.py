@@ -25,6 +25,11 @@ import torch
 FACTOR_INITS = ("kaiming_uniform", "lora_kaiming", "normal", "zeros")
 
 
+def _finite_number(val) -> bool:
+    """A finite int or float, not a bool (``True`` would read as 1)."""
+    return isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """How one adapter tensor is set up: trained or frozen, and its initialiser.
@@ -294,10 +299,11 @@ class TiedLoRAConfig:
                                  f"got {val!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TiedLoRAConfig.seed must be an int, got {self.seed!r}")
-        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
+        if not (_finite_number(self.gamma) and self.gamma > 0):
             raise ValueError(f"TiedLoRAConfig.gamma must be a finite number > 0, got {self.gamma!r}")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
-            raise ValueError(f"TiedLoRAConfig.alpha must be a finite number or None, got {self.alpha!r}")
+        # alpha = 0 makes s = 0: the adapter adds nothing and every factor's gradient is 0, for good
+        if self.alpha is not None and not (_finite_number(self.alpha) and self.alpha != 0):
+            raise ValueError(f"TiedLoRAConfig.alpha must be a finite nonzero number or None, got {self.alpha!r}")
         if self.adapter_dtype not in (*_DTYPES, "auto"):
             raise ValueError(f"TiedLoRAConfig.adapter_dtype must be one of {[*_DTYPES, 'auto']}, "
                              f"got {self.adapter_dtype!r}")
@@ -307,8 +313,7 @@ class TiedLoRAConfig:
                 raise ValueError(f"TiedLoRAConfig.{name} must be one of {FACTOR_INITS}, got {val!r}")
         for name in ("init_u", "init_v"):
             val = getattr(self, name)
-            if val is not None and val != "absent" and (isinstance(val, bool) or not isinstance(val, (int, float))
-                                                        or not math.isfinite(val)):
+            if val is not None and val != "absent" and not _finite_number(val):
                 raise ValueError(f"TiedLoRAConfig.{name} must be a finite number, 'absent' or None, got {val!r}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
@@ -379,9 +384,9 @@ class TiedLoRAConfig:
                     re.compile(rf"(.*\.)?({key})$")
                 except re.error as e:
                     raise ValueError(f"TiedLoRAConfig.{fname}: invalid regex {key!r}: {e}") from None
-                if fname == "alpha_pattern" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                                 or not math.isfinite(value)):
-                    raise ValueError(f"TiedLoRAConfig.alpha_pattern[{key!r}] must be a finite number, got {value!r}")
+                if fname == "alpha_pattern" and not (_finite_number(value) and value != 0):
+                    raise ValueError(f"TiedLoRAConfig.alpha_pattern[{key!r}] must be a finite nonzero number, "
+                                     f"got {value!r}")
                 if fname == "kinds" and not (isinstance(value, str) and _KIND_NAME.fullmatch(value)):
                     raise ValueError(f"TiedLoRAConfig.kinds[{key!r}] must be a kind name (dotted identifiers, "
                                      f"e.g. 'attn_out' or 'attn.c_proj'), got {value!r}")
