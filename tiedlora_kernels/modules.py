@@ -71,8 +71,10 @@ class TiedFactors(nn.Module):
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
         self._fp32_views: dict[str, tuple] = {}  # name -> (validity key, fp32 cast, parameter cast)
         self._cast_hooks: dict[str, tuple] = {}  # name -> (parameter, handle of its drop-the-cast hook)
-        self._cast_this_pass: set[str] = set()  # factors cast with grad since the root's last forward began
         self._watch_trained_factors()
+        # load_state_dict(assign=True) replaces parameters: hook the new ones before a compiled
+        # submodule (which cannot register hooks) uses them
+        self.register_load_state_dict_post_hook(_watch_after_load)
 
     def _watch_trained_factors(self) -> None:
         for name in ("A", "B", "core_bank"):
@@ -92,13 +94,28 @@ class TiedFactors(nn.Module):
         self._cast_hooks[name] = (p, p.register_post_accumulate_grad_hook(
             functools.partial(_forget, weakref.ref(self), name)))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) or .half() after inject makes trained factors castable: hook them now,
+        # before a compiled submodule (which cannot register hooks) uses them
+        out = super()._apply(fn, recurse)
+        self._watch_trained_factors()
+        return out
+
     def new_forward_pass(self) -> None:
-        """Drop the shared fp32 casts: called by the model root's forward pre-hook (see ``inject``);
-        trained parameters replaced since (``load_state_dict(assign=True)``, ``to_empty``) get their hooks."""
+        """Fresh shared fp32 casts for this forward pass: called by the model root's forward pre-hook
+        (see ``inject``). Trained parameters replaced since (``to_empty``) get their hooks. The casts
+        are made here, outside any activation-checkpointed region (a compiled checkpoint region may
+        not write the cache). Inside a backward (a checkpoint around the whole model recomputing
+        it) it does nothing: the backward still adds into the forward's casts."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling and torch._C._current_graph_task_id() != -1:
+            return
         self._fp32_views.clear()
-        self._cast_this_pass.clear()
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._watch_trained_factors()
+        for name in ("A", "B", "core_bank"):
+            if getattr(self, name) is not None:
+                self.accumulating(name)
 
     @property
     def rank(self) -> int:
@@ -114,8 +131,9 @@ class TiedFactors(nn.Module):
         and the sum is rounded to the parameter's dtype once (used directly, autograd would add the
         per-layer gradients in bf16).
 
-        The cast is made once per forward pass of the model: the root's forward pre-hook drops it
-        (activation checkpointing's recompute, inside the same step, reuses it), and so does the
+        The cast is made once per forward pass of the model, by the root's forward pre-hook
+        (activation checkpointing's recompute, inside the same step, reuses it). It is dropped by the
+        next pass's pre-hook, and by the
         parameter's post-accumulate-grad hook once the backward has used it
         (:meth:`_drop_cast_after_its_gradient`: a submodule called without the root, a ``.data``
         write in between). As a last guard it is also redone when the parameter object, its
@@ -132,13 +150,17 @@ class TiedFactors(nn.Module):
         leaf = not compiling and _castable(p)
         if leaf:
             self._drop_cast_after_its_gradient(name)  # a factor trained since __init__, or a replaced parameter
+        elif compiling and (self._cast_hooks.get(name) or (None,))[0] is not p:
+            # A compiled graph may share a cast only while a hook drops it after its backward (a
+            # factor trained after inject, under torch.compile: each layer casts, summed in p's dtype).
+            return p.float()
         key = (p._version, p.data_ptr(), _count_optimizer_steps()) if leaf else None
         cached = self._fp32_views.get(name)
         in_backward = key is not None and torch._C._current_graph_task_id() != -1
-        if cached is None and in_backward and name not in self._cast_this_pass:
-            # Cast inside a backward pass, none cast with grad in this forward pass: reentrant activation
-            # checkpointing recomputing a segment whose forward ran without grad. Each segment's
-            # backward then adds its part into the bf16 .grad on its own.
+        if in_backward and _in_reentrant_checkpoint():
+            # Reentrant activation checkpointing recomputes a segment and runs its backward on its
+            # own: each segment adds its part into the bf16 .grad (a non-reentrant recompute feeds
+            # the forward's graph, whose shared cast sums every layer in fp32).
             warnings.warn(f"TiedFactors: the trained {p.dtype} tied factor {name!r} under reentrant activation "
                           "checkpointing: each checkpointed segment's gradient is rounded to "
                           f"{p.dtype} before the segments are summed, not summed in fp32. Use "
@@ -147,14 +169,12 @@ class TiedFactors(nn.Module):
         if cached is None or cached[0] != key or cached[2] is not p:
             cached = (key, p.float(), p)
             self._fp32_views[name] = cached
-            if not in_backward:
-                self._cast_this_pass.add(name)
         return cached[1]
 
     def __getstate__(self):
         # The casts are graph nodes of past forwards: never copied or pickled with the module; a
         # copy's parameters are new objects, which get their own hooks on first use.
-        return {**self.__dict__, "_fp32_views": {}, "_cast_hooks": {}, "_cast_this_pass": set()}
+        return {**self.__dict__, "_fp32_views": {}, "_cast_hooks": {}}
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
@@ -174,6 +194,18 @@ def _forget(factors: "weakref.ref[TiedFactors]", name: str, param: torch.Tensor)
     owner = factors()
     if owner is not None:
         owner._fp32_views.pop(name, None)
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the running backward node is ``torch.utils.checkpoint``'s reentrant recompute."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    return isinstance(torch._C._current_autograd_node(), CheckpointFunction._backward_cls)
+
+
+def _watch_after_load(factors: "TiedFactors", incompatible_keys) -> None:
+    """Load-state-dict post-hook of :class:`TiedFactors`: hook the trained factors it may have replaced."""
+    factors._watch_trained_factors()
 
 
 class AdapterFactors(nn.ModuleDict):

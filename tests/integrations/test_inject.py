@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama
 from tiedlora_kernels import (PRESETS, TiedLoRAConfig, TiedLoRALinear, adapted_layers, inject, merge,
@@ -309,10 +310,13 @@ def test_generate_and_gradient_checkpointing():
             assert rel_err(p.grad, ref[n]) < 1e-6, n
 
 
-@pytest.mark.parametrize("adapter_dtype,reentrant", [("bfloat16", True), ("bfloat16", False), ("float32", True)])
-def test_reentrant_checkpointing_of_bf16_tied_factors_warns(adapter_dtype, reentrant):
+@pytest.mark.parametrize("adapter_dtype,reentrant,layers", [
+    ("bfloat16", True, "all"), ("bfloat16", True, "some"), ("bfloat16", False, "all"), ("bfloat16", False, "some"),
+    ("float32", True, "all")])
+def test_reentrant_checkpointing_of_bf16_tied_factors_warns(adapter_dtype, reentrant, layers):
     """Reentrant checkpointing runs each segment's backward on its own, so a bf16 tied factor's
-    gradient is summed in bf16 over segments: warned. Non-reentrant keeps the fp32 sum, bit for bit."""
+    gradient is summed in bf16 over segments: warned, also when only some blocks are checkpointed
+    (the others' forward casts the factor with grad). Non-reentrant keeps the fp32 sum, bit for bit."""
     import warnings
 
     model = tiny_llama(n_layer=3)
@@ -323,6 +327,8 @@ def test_reentrant_checkpointing_of_bf16_tied_factors_warns(adapter_dtype, reent
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if layers == "some":
+        model.model.layers[1].gradient_checkpointing = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model(IDS, labels=IDS).loss.backward()
@@ -332,6 +338,24 @@ def test_reentrant_checkpointing_of_bf16_tied_factors_warns(adapter_dtype, reent
         for n, p in model.named_parameters():
             if p.requires_grad:
                 assert rel_err(p.grad, ref[n]) < (1e-6 if adapter_dtype == "float32" else 1e-9), n
+
+
+def test_checkpoint_around_the_whole_model_keeps_the_fp32_sum_without_warning():
+    """A non-reentrant checkpoint around the whole injected model recomputes it, root pre-hook
+    included, inside the backward: the forward's shared casts stay (the backward still adds into
+    them), so the bf16 factor's gradient is the un-checkpointed fp32 sum and nothing warns."""
+    model = tiny_llama(n_layer=3)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    want = model.tiedlora["q_proj"].A.grad.clone()
+    model.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.utils.checkpoint.checkpoint(lambda ids: model(ids, labels=ids).loss, IDS, use_reentrant=False).backward()
+    assert not [w for w in caught if "reentrant" in str(w.message)]
+    assert torch.equal(model.tiedlora["q_proj"].A.grad, want)
 
 
 def test_meta_device_inject_then_materialize():
@@ -476,16 +500,27 @@ def test_bf16_tied_factor_written_through_data_is_seen_by_a_submodule_call(write
     assert torch.equal(model.model(IDS).last_hidden_state, fresh.model(IDS).last_hidden_state)
 
 
-def test_compiled_submodule_with_bf16_tied_factors_trains_like_eager():
+@pytest.mark.parametrize("after_inject", ["nothing", "to_bf16", "load_state_dict_assign", "unfreeze_A"])
+def test_compiled_submodule_with_bf16_tied_factors_trains_like_eager(after_inject):
     """torch.compile of a submodule (the root's pre-hook never runs): each step's graph casts the bf16
-    factors afresh (a cast recorded by the previous graph made the second backward fail)."""
+    factors afresh (a cast recorded by the previous graph made the second backward fail), also for a
+    trained bf16 factor that appeared after inject (a cast of the model, parameters assigned by a
+    load, a frozen factor unfrozen)."""
     losses = {}
     for mode in ("eager", "compiled"):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = tiny_llama(n_layer=2)
-        inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+        inject(model, TiedLoRAConfig(rank=4, preset="tl3" if after_inject == "unfreeze_A" else "tl5",
+                                     adapter_dtype="float32" if after_inject == "to_bf16" else "bfloat16",
+                                     target_modules=["q_proj"]))
         randomize_adapters(model)
+        if after_inject == "to_bf16":
+            model.to(torch.bfloat16)
+        elif after_inject == "load_state_dict_assign":
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        elif after_inject == "unfreeze_A":
+            model.tiedlora["q_proj"].A.requires_grad_(True)
         inner = torch.compile(model.model, backend="aot_eager") if mode == "compiled" else model.model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
         losses[mode] = []
@@ -563,6 +598,38 @@ def test_bf16_tied_factors_under_torch_compile_follow_eager(monkeypatch):
             losses[mode].append(loss.item())
     assert losses["eager"][-1] < losses["eager"][0]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_torch_compile_fullgraph_of_checkpointed_blocks_matches_eager(adapter_dtype, monkeypatch):
+    """torch.compile(fullgraph=True) of a model whose blocks are activation-checkpointed: the shared
+    fp32 casts of bf16 factors are made by the root's pre-hook, outside the checkpointed regions
+    (written inside one, the cache was a side effect the checkpoint's higher-order op refused)."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.utils.checkpoint.checkpoint(lambda t, f=layer: torch.tanh(f(t)), x, use_reentrant=False)
+            return x.square().mean()
+
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Blocks()
+        inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype=adapter_dtype, kinds={r"layers\.\d+": "lin"}))
+        randomize_adapters(model)
+        (torch.compile(model, fullgraph=True, backend="aot_eager") if mode == "compiled" else model)(x).backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch._dynamo.reset()
+    for n, g in grads["eager"].items():
+        assert rel_err(grads["compiled"][n], g) < 1e-6, n
 
 
 # ---------------------------------------------------------------------------------------------
