@@ -8,6 +8,7 @@ the torch route and on the Triton kernels (the interpreter without a GPU).
 
 import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
@@ -235,6 +236,44 @@ def test_routes_follow_adds_and_removes(zoo, monkeypatch):
     with pytest.raises(ValueError, match="empty slot"):
         with bank.use([lora2, -1]):
             pass
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["lora", "vera_a", "vera_b"])), ids="-".join)
+def test_route_depends_on_the_loaded_adapters_not_their_order(zoo, order, monkeypatch):
+    """Whatever order a LoRA and two VeRA adapters of one seed came in, removing the LoRA leaves the
+    bank a bank of the two VeRAs alone: every layer shared, the same bytes, each row its adapter's
+    (equal factors that came after the LoRA are found equal on the remove)."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    only_vera = AdapterBank(host_of(base), capacity=4)
+    only_vera.add(dirs["vera_a"])
+    only_vera.add(dirs["vera_b"])
+    bank = AdapterBank(host_of(base), capacity=4)
+    slot = {n: bank.add(dirs[n]) for n in order}
+    bank.remove("lora")
+    assert set(bank.routes().values()) == {"shared"} and bank.nbytes() == only_vera.nbytes()
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad(), bank.use([slot["vera_b"], slot["vera_a"]]):
+        out = bank.model(ids).logits
+    assert rel_err(out, reference_logits(base, dirs, ["vera_b", "vera_a"], ids, monkeypatch)) < TOL
+
+
+def test_equal_factors_are_shared_once_the_differing_ones_are_removed(zoo, monkeypatch):
+    """Two factors besides the reference: with a LoRA and a TL6 loaded before the second VeRA, the
+    layers stay per slot while the TL6 is left, and are shared once only the VeRAs are."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    bank = AdapterBank(host_of(base), capacity=4)
+    for name in ("lora", "vera_a", "tl6_alpha", "vera_b"):
+        bank.add(dirs[name])
+    bank.remove("lora")
+    assert set(bank.routes().values()) == {"segmented"}  # the VeRAs' factors and TL6's differ
+    bank.remove("tl6_alpha")
+    assert set(bank.routes().values()) == {"shared"}
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad(), bank.use([bank.slot("vera_a"), bank.slot("vera_b")]):
+        out = bank.model(ids).logits
+    assert rel_err(out, reference_logits(base, dirs, ["vera_a", "vera_b"], ids, monkeypatch)) < TOL
 
 
 def test_slots_are_stable_reused_and_grown(zoo, monkeypatch):
@@ -547,6 +586,35 @@ def test_bad_adapter_ids_name_the_argument(zoo):
     assert all(layer.bank_route is None for _, layer in adapted_layers(bank.model))  # reset after the error
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, "float16"], ids=str)
+def test_factor_dtype_outside_the_kernels_dtypes_is_refused(zoo, factor_dtype):
+    """float8 factors (or a non-dtype) are refused when the bank is made, naming the dtypes it takes,
+    not by an add's checks or a forward later."""
+    base, _ = zoo
+    with pytest.raises(ValueError, match=r"factor_dtype must be one of torch.float16, torch.bfloat16, "
+                                         r"torch.float32, torch.float64, got"):
+        AdapterBank(host_of(base), factor_dtype=factor_dtype)
+
+
+def test_remove_takes_any_integer_id(zoo):
+    """An adapter id as the integer tensor or numpy integer it came in (a row of a request's ids) removes
+    that adapter; a bool or a float is refused as not an id, not reported as an empty slot."""
+    import numpy as np
+
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base))
+    ids = torch.tensor([bank.add(dirs["lora"]), bank.add(dirs["vera_a"]), bank.add(dirs["tl6_alpha"])])
+    bank.remove(ids[0])
+    bank.remove(np.int64(ids[1]))
+    assert bank.adapters == {2: "tl6_alpha"}
+    for bad in (True, torch.tensor(True), 2.0, torch.tensor(2.0), ids[1:]):
+        with pytest.raises(TypeError, match="adapter must be an adapter id \\(an integer\\) or a name"):
+            bank.remove(bad)
+    with pytest.raises(KeyError, match="no adapter in slot 1"):
+        bank.remove(torch.tensor(1))
+    assert bank.adapters == {2: "tl6_alpha"}
+
+
 def test_failure_while_staging_leaves_the_bank_unchanged(zoo, monkeypatch):
     """An allocation failing half-way through an add (out of memory, simulated on the 5th layer):
     nothing is installed, so the bank is as it was and keeps working."""
@@ -731,6 +799,23 @@ def test_serve_command_tiny(kernels, tmp_path, capsys):
     assert "every row matches its adapter run alone" in out
     assert "routes ['segmented']" in out and "routes ['shared']" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opposite", "plural", "pronoun", "sum"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "sum,nope"], r"unknown tasks \['nope'\]"),
+    (["--tasks", "sum,plural,sum"], r"--tasks names \['sum'\] more than once"),
+    (["--rows", "0"], "--rows must be >= 1, got 0"),
+    (["--rows", "-2"], "--rows must be >= 1, got -2"),
+    (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
+], ids=["unknown-task", "repeated-task", "no-rows", "negative-rows", "no-new-tokens"])
+def test_serve_command_refuses_bad_arguments_before_training(argv, message, tmp_path, monkeypatch):
+    """A usage error, before the base model is trained (training would take the run's minutes)."""
+    from tiedlora_kernels.__main__ import main
+    from tiedlora_kernels.demo import train
+
+    monkeypatch.setattr(train, "pretrain", lambda *a, **k: pytest.fail("trained before refusing the arguments"))
+    with pytest.raises(SystemExit, match=message):
+        main(["serve", "--tiny", "--no-progress", "--out", str(tmp_path), *argv])
 
 
 def test_serve_command_reports_a_mismatch(tmp_path, monkeypatch, capsys):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import re
 import sys
 from pathlib import Path
@@ -69,6 +70,10 @@ from .ops.bank_linear import AdapterRows, bank_linear_unchecked, same_device, sh
 
 #: Routes a layer can take (:meth:`AdapterBank.routes`).
 ROUTES = ("base", "shared", "segmented")
+
+#: dtypes the bank can store A and B in (``factor_dtype``): those the bank's kernels and the torch route
+#: compute with (float8 has neither the arithmetic nor the finiteness checks an add runs).
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Blocks whose layers' rows cannot be matched to the batch's sequences, by a part of the module path
 #: naming them, with why: mixture-of-experts experts (SwitchTransformers' and NLLB-MoE's
@@ -115,11 +120,12 @@ class _Slots:
     slot (S, R, K) / (S, N, R). U (S, R) fp32 s * u (0 for slots without this layer); V, C (S, N)
     fp32 or None (all 1). ``present[s]``: slot s adapts this layer.
 
-    Which slots agree on a factor is known without comparing slots to one another: ``ref[k]`` is the
-    layer's reference A or B (the shared one, or the one the first adapters had before another made
-    the factor per slot) and ``fid[k][s]`` is 0 where slot s holds exactly ``ref[k]`` (an add compares
-    the new factor with it, one comparison per layer and factor), else an id of its own. A remove
-    makes a per-slot factor shared again when the remaining slots agree."""
+    An add does not compare slots to one another: ``ref[k]`` is the layer's reference A or B (the
+    shared one, or the one the first adapters had before another made the factor per slot) and
+    ``fid[k][s]`` is 0 where slot s holds exactly ``ref[k]`` (an add compares the new factor with it,
+    one comparison per layer and factor), else an id of its own. A remove makes a per-slot factor
+    shared again when the remaining slots hold one factor: one id, or several whose factors are equal
+    (equal factors added after a differing one; compared then, two slots first)."""
 
     def __init__(self, K: int, N: int, R: int, capacity: int, device, factor_dtype):
         self.K, self.N, self.R = K, N, R
@@ -198,6 +204,13 @@ class _Slots:
                 self.C[slot].copy_(c) if c is not None else self.C[slot].fill_(1.0)
         self.present[slot] = True
 
+    def _all_equal(self, k: str, live: list[int]) -> bool:
+        """Whether the live slots hold one factor ``k`` under several ids: two slots of different ids
+        are compared first (one small host sync), all of them only when those two agree."""
+        t, fid, first = getattr(self, k), self.fid[k], live[0]
+        other = next(s for s in live if fid[s] != fid[first])
+        return torch.equal(t[first], t[other]) and bool((t[live] == t[first]).all())
+
     def clear(self, slot: int) -> None:
         """Empty ``slot``; where the remaining adapters agree again, a per-slot factor becomes shared."""
         if not self.present[slot]:
@@ -222,11 +235,23 @@ class _Slots:
             ids = {self.fid[k][s] for s in live}
             if ids == {0}:
                 setattr(self, k, self.ref[k])
-            elif len(ids) == 1:  # the remaining slots share another factor: it becomes the reference
+            elif len(ids) == 1 or self._all_equal(k, live):  # the remaining slots share another factor:
+                # it becomes the reference (equal factors added after a differing one got ids of their own)
                 self.ref[k] = t[live[0]].clone()
                 setattr(self, k, self.ref[k])
                 for s in live:
                     self.fid[k][s] = 0
+
+
+def _slot_id(adapter, where: str) -> int:
+    """``adapter`` as a slot id: any integer (an int, a numpy integer, a one-element integer tensor),
+    not a bool (True would name slot 1)."""
+    if isinstance(adapter, bool) or (isinstance(adapter, torch.Tensor) and adapter.dtype == torch.bool):
+        raise TypeError(f"{where}: adapter must be an adapter id (an integer) or a name, got the bool {adapter!r}")
+    try:
+        return operator.index(adapter)
+    except TypeError:
+        raise TypeError(f"{where}: adapter must be an adapter id (an integer) or a name, got {adapter!r}") from None
 
 
 def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
@@ -320,8 +345,9 @@ class AdapterBank:
         rank = config.rank if rank is None else rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"AdapterBank: rank must be an int >= 1, got {rank!r}")
-        if not (isinstance(factor_dtype, torch.dtype) and factor_dtype.is_floating_point):
-            raise ValueError(f"AdapterBank: factor_dtype must be a floating torch.dtype, got {factor_dtype!r}")
+        if factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"AdapterBank: factor_dtype must be one of {', '.join(map(str, FACTOR_DTYPES))}, "
+                             f"got {factor_dtype!r}")
         layers = list(adapted_layers(model))
         for name, layer in layers:
             if layer.layout == "quantized":
@@ -442,12 +468,11 @@ class AdapterBank:
 
     @_normal_tensors
     def remove(self, adapter: Union[int, str]) -> None:
-        """Free the slot of ``adapter`` (its id or name). Other slots and their ids do not change."""
+        """Free the slot of ``adapter`` (its id, any integer, or its name). Other slots and their ids do not change."""
         self._refuse_in_use("remove")
-        slot = self.slot(adapter) if isinstance(adapter, str) else adapter
-        if isinstance(slot, bool) or not isinstance(slot, int) or not (0 <= slot < self._capacity) \
-                or self._names[slot] is None:
-            raise KeyError(f"AdapterBank.remove: no adapter in slot {adapter!r}; loaded: {self.adapters}")
+        slot = self.slot(adapter) if isinstance(adapter, str) else _slot_id(adapter, "AdapterBank.remove")
+        if not (0 <= slot < self._capacity) or self._names[slot] is None:
+            raise KeyError(f"AdapterBank.remove: no adapter in slot {slot}; loaded: {self.adapters}")
         for s in self._layers.values():
             s.clear(slot)
         self._names[slot] = None

@@ -137,6 +137,12 @@ def run_serve(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise SystemExit(f"tiedlora serve: unknown tasks {unknown}; expected some of {list(TASKS)}")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:  # one adapter per task, each in the bank under the task's name
+        raise SystemExit(f"tiedlora serve: --tasks names {repeated} more than once; name each task once")
+    for flag, value in (("--rows", args.rows), ("--new-tokens", args.new_tokens)):
+        if value < 1:  # refused now, not by the batch or generate after the training
+            raise SystemExit(f"tiedlora serve: {flag} must be >= 1, got {value}")
     device = torch.device(args.device)
     progress = not args.no_progress
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)  # noqa: E731
