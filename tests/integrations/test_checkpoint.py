@@ -398,3 +398,154 @@ def test_tensor_hyperparameters_come_back_as_tensors(tmp_path):
     assert all(isinstance(b, torch.Tensor) for b in g["betas"]) and g["betas"][0].item() == pytest.approx(0.8)
     fresh(IDS, labels=IDS).loss.backward()
     opt2.step()
+
+
+def _step(model, opt):
+    opt.zero_grad()
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+
+
+def _keys(path):
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group, enough to build a real DistributedDataParallel on the CPU."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "ddp"])
+def test_a_compiled_or_ddp_wrapped_model_saves_and_loads_as_the_plain_model(tmp_path, request, wrapper):
+    """torch.compile and DDP hold the model as a submodule (_orig_mod, module): names read through them
+    carried that prefix, so the file fitted no plain model. Saved and loaded through either, the files
+    are the plain model's and a plain model resumes from them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if wrapper == "ddp":
+        request.getfixturevalue("process_group")
+    wrap = {"compile": lambda m: torch.compile(m, backend="eager"), "ddp": DistributedDataParallel}[wrapper]
+    model = trained("tl6")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _step(model, opt)
+    save_adapter(model, tmp_path / "plain", optimizer=opt)
+    save_adapter(wrap(model), tmp_path / "wrapped", optimizer=opt)
+    for name in (ADAPTER_FILE, "optimizer.safetensors"):
+        assert _keys(tmp_path / "wrapped" / name) == _keys(tmp_path / "plain" / name), name
+    fresh = base_of_trained()
+    load_adapter(fresh, tmp_path / "wrapped")
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    into = load_adapter(base_of_trained(), tmp_path / "plain")  # has adapters: DDP may wrap it
+    opt2 = torch.optim.AdamW([p for p in into.parameters() if p.requires_grad], lr=1.0)
+    wrapped = wrap(into)
+    assert load_adapter(wrapped, tmp_path / "wrapped", optimizer=opt2) is wrapped
+    _step(model, opt)
+    _step(into, opt2)
+    for (n, a), (_, b) in zip(model.named_parameters(), into.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_ddp_wrapped_model_without_adapters_is_refused(tmp_path, process_group):
+    """inject under DDP adds parameters its reducer does not know: their gradients would never be
+    averaged across ranks, so each rank would train its own adapter."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    save_adapter(trained("tl6"), tmp_path)
+    plain = base_of_trained()
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel and has no adapters"):
+        load_adapter(DistributedDataParallel(plain), tmp_path)
+    assert not hasattr(plain, "tiedlora")
+
+
+def test_a_bitsandbytes_8bit_optimizer_saves_and_resumes_bit_for_bit(tmp_path):
+    """bitsandbytes' 8-bit AdamW gives every parameter the same qmap1 / qmap2 tensors, which
+    safetensors refused to write ("Some tensors share memory"): they are written as copies."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def with_optimizer(model):
+        # min_8bit_size=1: the tiny model's factors get 8-bit state too (the default needs 4096 elements)
+        return model, bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                          min_8bit_size=1)
+
+    model, opt = with_optimizer(trained("tl6"))
+    for _ in range(2):
+        _step(model, opt)
+    states = list(opt.state.values())
+    assert states[0]["qmap1"].data_ptr() == states[1]["qmap1"].data_ptr()  # shared: the case at hand
+    save_adapter(model, tmp_path, optimizer=opt)
+    resumed, opt2 = with_optimizer(load_adapter(base_of_trained(), tmp_path))
+    load_adapter(resumed, tmp_path, optimizer=opt2)
+    _step(model, opt)
+    _step(resumed, opt2)
+    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_restored_optimizer_holds_exactly_the_files_state(tmp_path):
+    """Rolling back to a checkpoint saved before the first step: the moments gathered since are dropped
+    (they were kept, and the next step differed from a fresh resume's)."""
+    model = trained("tl6")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    save_adapter(model, tmp_path, optimizer=opt)
+    for _ in range(3):
+        _step(model, opt)
+    load_adapter(model, tmp_path, optimizer=opt)
+    assert not opt.state
+    fresh = load_adapter(base_of_trained(), tmp_path)
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    load_adapter(fresh, tmp_path, optimizer=opt2)
+    _step(model, opt)
+    _step(fresh, opt2)
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("injected", [True, False])
+def test_loading_into_tensors_on_the_meta_device_is_refused(tmp_path, injected):
+    """Copying into a meta tensor does nothing: the load succeeded and loaded nothing. Refused, the
+    model untouched; materialised (to_empty, base weights loaded), the same model loads the file."""
+    source = trained("tl6")
+    save_adapter(source, tmp_path)
+    with torch.device("meta"):
+        model = base_of_trained()
+    if injected:
+        inject(model, TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    with pytest.raises(ValueError, match=r"load_adapter: model\.layers\.0\.self_attn\.q_proj\.weight is on the meta "
+                                         r"device; materialise the model first \(model\.to_empty"):
+        load_adapter(model, tmp_path)
+    assert hasattr(model, "tiedlora") == injected
+    model.to_empty(device="cpu")  # (rotary buffers too, left uninitialised: adapter tensors are compared)
+    model.load_state_dict(_base_state(source), strict=False)
+    load_adapter(model, tmp_path)
+    loaded = dict(adapter_named_parameters(model))
+    for name, t in adapter_named_parameters(source):
+        assert torch.equal(loaded[name], t), name
+
+
+def test_saving_warns_of_trained_parameters_outside_the_adapter(tmp_path):
+    """A classifier head trained with the adapter is not in the file (the reloaded model computed
+    another function, silently): a warning names it. Nothing trained outside the adapter: no warning."""
+    import warnings
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=32, num_labels=3))
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, tmp_path / "adapter_only")
+    model.classifier.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"save_adapter: trained parameters outside the adapter are not saved: "
+                                         r"\['classifier\.weight', 'classifier\.bias'\];"):
+        save_adapter(model, tmp_path / "head")
+    model.bert.embeddings.requires_grad_(True)  # 5 more tensors
+    with pytest.warns(UserWarning, match=r"'bert\.embeddings\.token_type_embeddings\.weight'\] and 4 more;"):
+        save_adapter(model, tmp_path / "more")

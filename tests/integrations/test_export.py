@@ -250,3 +250,26 @@ def test_exported_files_get_the_usual_mode(tmp_path):
     os.umask(mask)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert stat.S_IMODE(os.stat(tmp_path / "exp" / name).st_mode) == 0o666 & ~mask, name
+
+
+def test_a_compiled_model_exports_the_plain_models_keys(tmp_path):
+    """torch.compile holds the model as ``_orig_mod``: its keys carried that prefix, PEFT matched none
+    of them and served the bare base model (with only a warning)."""
+    model, logits, base_state = _prepared("llama", "tl6")
+    export_peft(model, tmp_path / "plain")
+    export_peft(torch.compile(model, backend="eager"), tmp_path / "compiled")
+    assert load_file(tmp_path / "compiled" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "plain" / "adapter_model.safetensors").keys()
+    assert_exact(_load_peft("llama", tmp_path / "compiled", base_state)(IDS).logits, logits)
+
+
+def test_a_directory_holding_a_saved_adapter_is_refused(tmp_path):
+    """save_adapter and PEFT use the same file names: an export replaced the checkpoint, silently."""
+    model, _, _ = _prepared("llama", "tl6")
+    save_adapter(model, tmp_path / "out")
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
+    with pytest.raises(ValueError, match=r"export_peft: .*out holds a tiedlora checkpoint \(save_adapter writes "
+                                         r"adapter_model\.safetensors too\)"):
+        export_peft(model, tmp_path / "out")
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -19,7 +19,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -98,6 +100,24 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers of ``torch.compile`` (``OptimizedModule``) and of
+    ``DistributedDataParallel`` / ``DataParallel``. They hold the model as a submodule (``_orig_mod``,
+    ``module``), so every name read through them carries that prefix: a file written from one fits no
+    plain model (PEFT matches none of its keys and serves the bare base model)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        # torch.compile imported torch._dynamo to make its wrapper, so without it there is none (and
+        # importing it here would cost every caller a second)
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+            continue
+        return model
+
+
 def _is_writer() -> bool:
     """Rank 0 writes; every rank takes part in gathering sharded tensors."""
     dist = torch.distributed
@@ -149,9 +169,13 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     half-written checkpoint behind. Under ``torch.distributed`` every rank must call it (FSDP2
     shards are gathered); rank 0 writes.
 
+    A model wrapped by ``torch.compile`` or DDP is saved as the plain model inside. Trained parameters
+    outside the adapters (an unfrozen task head) are not saved: a warning names them.
+
     Returns:
         The path of the adapter file.
     """
+    model = unwrapped(model)
     config = adapter_config(model)
     _check_layers_follow_config(model, config)
     directory = Path(directory)
@@ -164,6 +188,7 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         if optimizer is not None:
             _optimizer_tensors(model, optimizer)  # the same collectives as rank 0
         return directory / ADAPTER_FILE
+    _warn_trained_outside_adapter(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -181,6 +206,19 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     human = {**config.to_dict(), "layers": _layer_table(model), "sha256": meta["sha256"]}
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2)))
     return path
+
+
+def _warn_trained_outside_adapter(model: nn.Module) -> None:
+    """Warn about trained parameters that are no adapter tensor: the file does not hold them, so a
+    reloaded adapter computes with whatever values the model it is loaded into has (not an error: a
+    head trained on purpose may be saved separately)."""
+    adapter = {id(prm) for _, prm in adapter_named_parameters(model)}
+    others = [n for n, prm in model.named_parameters() if prm.requires_grad and id(prm) not in adapter]
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        warnings.warn(f"save_adapter: trained parameters outside the adapter are not saved: {others[:3]}{more}; "
+                      "a model loading this adapter keeps its own values of them (save them separately, or "
+                      "freeze them)", UserWarning, stacklevel=3)
 
 
 def _read_safetensors(path: Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -264,8 +302,17 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
 
     Verifies the config, the adapted layers (names and shapes), and each tensor's name, shape and
     dtype, raising a ``ValueError`` that names the first mismatch; nothing is copied until all
-    checks pass. With ``optimizer``, also restores its state from ``optimizer.safetensors``.
+    checks pass. With ``optimizer``, also restores its state from ``optimizer.safetensors``: afterwards
+    the optimizer holds exactly the file's state. A model wrapped by ``torch.compile`` or DDP loads into
+    the plain model inside (DDP: only one that has its adapters already); tensors on the meta device
+    are refused.
     """
+    wrapped, model = model, unwrapped(model)
+    if not hasattr(model, ROOT_ATTR) and any(isinstance(m, nn.parallel.DistributedDataParallel)
+                                             for m in wrapped.modules()):
+        raise ValueError("load_adapter: the model is wrapped in DistributedDataParallel and has no adapters: DDP "
+                         "would not synchronise the parameters inject adds; load the adapter into the plain model, "
+                         "then wrap it")
     config, layers, tensors, sha256 = _read_verified(directory)
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -292,9 +339,11 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         _check_layers(_table(targets), layers)
         _check_tensors(tensors, dict(adapter_named_parameters(inject(linear_shell(model, meta=True), config))))
         _check_dtypes(tensors, adapter_dtypes(model, config, targets))
+        _refuse_meta(model, [t.name for t in targets])
         inject(model, config)
     else:
         refuse_merged(model, "load_adapter")
+        _refuse_meta(model, [name for name, _ in adapted_layers(model)])
         # How layers were selected and kinds named does not matter, only which they are: _check_layers
         # compares them per layer.
         have = adapter_config(model).to_dict()
@@ -324,7 +373,20 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
             prm.copy_(t)
     if restore_optimizer is not None:
         restore_optimizer()
-    return model
+    return wrapped
+
+
+def _refuse_meta(model: nn.Module, layer_names: list[str]) -> None:
+    """Refuse a model whose adapted (or to be adapted) layers or shared factors are on the meta device:
+    copying into a meta tensor does nothing, so the load would succeed and load nothing."""
+    modules = [(name, model.get_submodule(name)) for name in layer_names]
+    if hasattr(model, ROOT_ATTR):
+        modules.append((ROOT_ATTR, getattr(model, ROOT_ATTR)))
+    for name, module in modules:
+        for pname, t in module.named_parameters():
+            if t.is_meta:
+                raise ValueError(f"load_adapter: {name}.{pname} is on the meta device; materialise the model first "
+                                 "(model.to_empty(device=...)), load its base weights, then load the adapter")
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
@@ -368,7 +430,19 @@ def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
                 tensors[f"{names[id(p)]}/{key}"] = _full(val) if torch.is_tensor(val) else torch.tensor(val)
     groups = [{k: _plain(v) for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
               for g in optimizer.param_groups]
-    return tensors, groups
+    return _unshared(tensors), groups
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors``, each one whose memory an earlier one already uses cloned: safetensors refuses to
+    write shared memory, and optimizers share state between parameters (bitsandbytes' 8-bit ones give
+    every parameter the same quantization maps, ``qmap1`` and ``qmap2``)."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def _plain(value):
@@ -471,5 +545,7 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                          for k, t in tensors.items() if k.startswith(prefix)}
                 if state:
                     optimizer.state[p] = state
+                else:  # no state at save time: moments the optimizer gathered since would be stale
+                    optimizer.state.pop(p, None)
 
     return restore

@@ -35,10 +35,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 
 from ..modules import TiedLoRALinear
-from .checkpoint import _is_writer, fsync_dir, usual_mode
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import _is_writer, fsync_dir, unwrapped, usual_mode
 from .inject import ROOT_ATTR, adapted_layers, adapter_config
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
@@ -73,7 +75,8 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
     The directory is written atomically: both files go into a temporary sibling directory that is
     fsynced and renamed into place (an existing ``directory`` may be empty or hold a previous
     export, and is replaced as a whole), so a crash never leaves a config of one export beside
-    the weights of another.
+    the weights of another. A directory holding a :func:`save_adapter` checkpoint (the same file
+    names) is refused, not replaced.
 
     Size: one (lora_A, lora_B) pair per layer, as large as a LoRA of that rank and targets, so a tied
     adapter grows up to L times its own tensors (L = layers per kind; our saved file keeps frozen
@@ -82,7 +85,8 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
 
     Args:
         model: a model prepared by :func:`inject` (or :func:`from_peft` / :func:`load_adapter`),
-            on any device, merged or not, not sharded (FSDP2: gather the full model first).
+            on any device, merged or not, not sharded (FSDP2: gather the full model first). A model
+            wrapped by ``torch.compile`` or DDP exports the plain model inside.
             Under ``torch.distributed`` (DDP), rank 0 writes and the other ranks return at once.
         directory: the output directory (created, parents included).
         base_model_name_or_path: recorded in the config for ``AutoPeftModel`` and engines; default
@@ -94,8 +98,9 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
     Raises:
         ValueError: for adapters with no exact PEFT LoRA form (Simple DoRA; layers that mix DoRA
             and plain LoRA, or differ in dropout), naming why and pointing to :func:`merge`; for a
-            sharded model; or for an existing ``directory`` holding other files.
+            sharded model; or for an existing ``directory`` holding other files or a tiedlora checkpoint.
     """
+    model = unwrapped(model)
     adapter_config(model)  # raises if the model has no adapters
     layers = list(adapted_layers(model))
     _refuse_inexact(layers)
@@ -225,6 +230,15 @@ def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
     return _full(t).float().contiguous()
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a :func:`save_adapter` file (by its metadata); an unreadable file is none."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == CHECKPOINT_FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
 def _write_directory(directory: Path, writers: dict) -> None:
     """Write ``{file name: write(path)}`` as one directory, all or nothing.
 
@@ -241,6 +255,9 @@ def _write_directory(directory: Path, writers: dict) -> None:
         if foreign:
             raise ValueError(f"export_peft: {directory} holds other files {foreign}; export into a new or empty "
                              "directory (or one holding only a previous export, which is replaced)")
+        if _is_checkpoint(directory / ADAPTER_FILE):
+            raise ValueError(f"export_peft: {directory} holds a tiedlora checkpoint (save_adapter writes "
+                             f"{ADAPTER_FILE} too), which the export would replace; export into another directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
     old = None
     try:
