@@ -215,17 +215,17 @@ def run_e2e(device: str, smoke: bool, rank: int = 16, steps: int = 10, deadline:
     quantized_dir = None
     tmp = None
     for config in configs or CONFIGS:
-        if config.endswith(QUANTIZED) and quantized_dir is None:
-            import tempfile
-
-            tmp = tempfile.TemporaryDirectory()
-            quantized_dir = Path(tmp.name)
-            base.save_pretrained(quantized_dir)
         if deadline is not None and time.monotonic() > deadline:
             out.append(dict(config=config, error="skipped: out of time (--max-minutes)"))
             if on_record:
                 on_record()
             continue
+        if config.endswith(QUANTIZED) and quantized_dir is None:  # after the deadline check: GBs to write
+            import tempfile
+
+            tmp = tempfile.TemporaryDirectory()
+            quantized_dir = Path(tmp.name)
+            base.save_pretrained(quantized_dir)
         model = opt = None
         try:
             model = _build(config, base, rank, device, dtype, quantized_dir)

@@ -255,6 +255,14 @@ def cases(device, smoke: bool) -> list[SweepCase]:
             _term_case("decode", 16, K, N, 16, device, dtype, False)]
 
 
+def select_cases(chosen: list[SweepCase], wanted: str) -> list[SweepCase]:
+    """The cases ``--cases`` names: comma-separated, each a full case name (that case alone: "decode
+    r=16 M=1" is also part of "decode r=16 M=16") or a part of the names it selects."""
+    names = {c.name for c in chosen}
+    parts = [w.strip() for w in wanted.split(",") if w.strip()]
+    return [c for c in chosen if any(w == c.name if w in names else w in c.name for w in parts)]
+
+
 def compile_check(arch: int) -> list[dict]:
     """Every GPU configuration of the sweep compiled for sm_``arch`` without a GPU (meta tensors under
     ``bench.compile_report``'s compile-only driver; ``TRITON_INTERPRET`` unset): per launched kernel
@@ -438,8 +446,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/tile-sweep")
     ap.add_argument("--max-seconds", type=float, default=240.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU interpreter's harness check)")
-    ap.add_argument("--cases", default="", help="comma-separated substrings: only the cases whose name holds one "
-                    "(e.g. 'r=128,decode layer': a second call for the cases a first one did not reach)")
+    ap.add_argument("--cases", default="", help="comma-separated substrings: only the cases whose name holds one, "
+                    "or is one (e.g. 'r=128,decode layer': a second call for the cases a first one did not reach)")
     ap.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
                     help="compile every GPU configuration for sm_ARCH (e.g. 90) without a GPU and list each "
                          "kernel's shared memory; exit 1 if one does not fit or compile (TRITON_INTERPRET unset)")
@@ -482,9 +490,8 @@ def main(argv=None) -> int:
 
     deadline = time.monotonic() + args.max_seconds
     chosen = cases(device, args.smoke or not cuda)
-    wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
-    if wanted:
-        chosen = [c for c in chosen if any(w in c.name for w in wanted)]
+    if args.cases.strip():
+        chosen = select_cases(chosen, args.cases)
         if not chosen:
             raise SystemExit(f"bench.tile_sweep: --cases {args.cases!r} matches none of the cases")
     records = sweep(chosen, cuda, meta["bandwidth"], deadline, write)

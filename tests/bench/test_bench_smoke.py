@@ -552,6 +552,18 @@ def test_tile_sweep_runs_the_cases_it_is_asked_for(tmp_path):
         sweep_main(["--out", str(tmp_path), "--cases", "nothing"])
 
 
+def test_tile_sweep_case_names_select_exactly():
+    """A full case name selects that case alone, though it is part of another's name; a part selects all."""
+    from bench.tile_sweep import cases, select_cases
+
+    gpu_cases = cases(torch.device("meta"), False)
+    pick = lambda wanted: [c.name for c in select_cases(gpu_cases, wanted)]  # noqa: E731
+    assert pick("decode r=16 M=1") == ["decode r=16 M=1"]
+    assert pick("decode r=16 M=1, r=128") == ["decode r=16 M=1", "fwd r=128 M=8192", "grad_factors r=128 M=8192",
+                                              "dx r=128 M=8192"]
+    assert pick("decode layer") == ["decode layer r=16 M=1", "decode layer r=16 M=16"]
+
+
 def test_tile_sweep_stops_at_its_deadline_with_what_it_has(tmp_path):
     from bench.tile_sweep import main as sweep_main
 
