@@ -94,7 +94,7 @@ def _verdicts(path: Path, data: dict) -> list[dict]:
     if path.parent.name == "serving":
         from .serving import verdicts
 
-        return verdicts(data["ratios"])
+        return verdicts(data["ratios"], max(data["meta"]["distinct"]))
     from .targets import targets
 
     return targets(data["records"], data["e2e"], data["meta"].get("device"))
@@ -224,7 +224,8 @@ def _serving_phase(out: Path) -> list[str]:
         lines.append(f"- **cut short**: {meta['truncated']}")
     for t in data.get("targets") or []:
         value = "-" if t["value"] is None else f"{t['value']:.3f}"
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "**not met**")
+        verdict = ("not measured" if t["value"] is None else "not judged (cut short of the targets' count)") \
+            if t["met"] is None else ("met" if t["met"] else "**not met**")
         lines.append(f"- {t['phase']}, {t['kind']} adapters, {t['figure']} at {t['distinct']} distinct: {value} "
                      f"(target {t['target']}): {verdict}")
     if not meta.get("speed_claims"):

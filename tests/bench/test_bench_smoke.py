@@ -395,6 +395,32 @@ def test_serving_benchmark_runs_from_the_main_command(tmp_path):
     assert "bench.serving" in data["meta"]["command"]
 
 
+def test_serving_smoke_run_checks_every_config_against_the_loop(tmp_path):
+    """The smoke run measures every (phase, kind, distinct) config, fewest distinct first with the bank
+    filled as far as each needs, and the bank matches the naive loop in each (with one adapter
+    loaded, the bank's factor is the shared one, which the loop must load too)."""
+    from bench import serving
+
+    assert serving.main(["--out", str(tmp_path), "--no-loop"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(c["phase"], c["kind"], c["distinct"]) for c in data["checks"]] == [
+        (p, k, n) for k in serving.KINDS for n in serving.DISTINCT["smoke"] for p in serving.PHASES["smoke"]]
+    assert all(c["ok"] for c in data["checks"]), data["checks"]
+
+
+def test_serving_targets_are_judged_only_at_their_distinct_count():
+    """A serving run cut short before 1024 distinct adapters reports its largest figure unjudged."""
+    from bench.serving import verdicts
+
+    rat = {"prefill": {"shared": {"1": {"bank / one": 1.0}, "256": {"bank / one": 1.05}}}}
+    cut = [v for v in verdicts(rat, 1024) if v["kind"] == "shared" and v["figure"] == "bank / one"]
+    assert cut == [dict(phase="prefill", kind="shared", figure="bank / one", distinct=256, value=1.05,
+                        target="<= 1.1", met=None)]
+    rat["prefill"]["shared"]["1024"] = {"bank / one": 1.2}
+    full = [v for v in verdicts(rat, 1024) if v["kind"] == "shared" and v["figure"] == "bank / one"]
+    assert full[0]["distinct"] == 1024 and full[0]["met"] is False
+
+
 def test_claims_never_outlive_their_conditions(tmp_path, monkeypatch):
     """What a GPU run may claim (review findings): the README snippet judges no target once the
     claims are withdrawn and says when a run was cut short; failed GPU tests withdraw the serving
