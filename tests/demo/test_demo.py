@@ -164,6 +164,41 @@ def test_cli_entry_point(tmp_path, capsys):
         cli_main(["demo", "--presets", "nope", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("flag", ["--n-test", "--n-train"])
+def test_empty_train_or_test_sets_are_refused_before_training(flag, tmp_path, monkeypatch):
+    """--n-test 0 reported a perfect 0.000 bits/token for every row (an empty mean)."""
+    monkeypatch.setattr(demo_run, "pretrain", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit, match="--n-train and --n-test must be >= 1"):
+        demo_main(["--quick", flag, "0", "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+
+
+def test_one_target_module_name_and_repeated_presets_and_ranks(tmp_path):
+    """A single name in --target-modules is a name (as in a comma-separated list), not a regex over
+    full paths that matches nothing; a preset or rank given twice is trained once."""
+    results = demo_main(["--quick", "--presets", "lora,lora", "--ranks", "2,2", "--target-modules", "q_proj",
+                         "--steps", "2", "--base-steps", "2", "--out", str(tmp_path), "--no-plot", "--no-progress",
+                         "--device", "cpu"])
+    assert results["settings"]["target_modules"] == ["q_proj"] and results["settings"]["ranks"] == [2]
+    assert [(r["preset"], r["rank"]) for r in results["rows"]] == [("lora", 2)]
+    model = build_tiny_llama(data.CharTokenizer().vocab_size, hidden=64, layers=2, intermediate=172)
+    inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules=["q_proj"]))
+    assert results["rows"][0]["trainable"] == trainable_parameters(model)["total"]
+
+
+def test_commit_is_not_taken_from_a_repository_around_an_installed_copy(tmp_path, monkeypatch):
+    """An installed copy inside someone's git repository records no commit, not that repository's."""
+    import subprocess
+
+    repo = tmp_path / "project"
+    module = repo / "venv" / "site-packages" / "tiedlora_kernels" / "demo" / "run.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("")
+    for cmd in (["init", "-q"], ["-c", "user.name=a", "-c", "user.email=a@b", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+    monkeypatch.setattr(demo_run, "__file__", str(module))
+    assert demo_run._git_commit() is None
+
+
 def _save_pretrained_char_model(path):
     """A tiny LLaMA and a character-level fast tokenizer, saved the way from_pretrained reads them."""
     from tokenizers import Tokenizer, decoders, models

@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -85,11 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=1.0,
                    help="gamma of the 'multiply and divide' initialisation (docs/MATH.md; default 1)")
     p.add_argument("--target-modules", default="all-linear",
-                   help="'all-linear' (default), a regex, or comma-separated module names")
+                   help="'all-linear' (default), module names (one, or comma-separated: q_proj,v_proj), "
+                        "or a regex over full module paths")
     p.add_argument("--n-train", type=int, default=None, help="train problems (default 4000; --quick: 200)")
     p.add_argument("--n-test", type=int, default=None, help="test problems (default 192; --quick: 32)")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate test loss every N steps for the curves (default: steps / 5)")
+                   help="evaluate test loss every N steps, recorded in results.json as eval_steps / "
+                        "eval_test_bits (default: steps / 5)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, model init and batch order (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
@@ -165,8 +168,11 @@ def _source_fingerprint() -> str:
 
 
 def _git_commit() -> Optional[str]:
-    """The checkout's commit, with "+dirty" for uncommitted changes; None outside a git checkout."""
+    """The checkout's commit, with "+dirty" for uncommitted changes; None outside a git checkout of
+    this package (an installed copy inside some other repository gets None, not that one's commit)."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -312,17 +318,18 @@ def run_demo(args: argparse.Namespace) -> dict:
     n_train = args.n_train if args.n_train is not None else size["n_train"]
     n_test = args.n_test if args.n_test is not None else size["n_test"]
     batch_size = args.batch_size if args.batch_size is not None else size["batch_size"]
-    presets = args.presets if args.presets is not None else list(PRESETS)
+    presets = list(dict.fromkeys(args.presets)) if args.presets is not None else list(PRESETS)  # each once
+    ranks = list(dict.fromkeys(args.ranks or []))
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"tiedlora demo: unknown presets {unknown}; expected some of {list(PRESETS)}")
-    if not args.ranks or any(r < 1 for r in args.ranks):
+    if not ranks or any(r < 1 for r in ranks):
         raise SystemExit(f"tiedlora demo: --ranks must be positive integers, got {args.ranks}")
-    if steps < 1 or batch_size < 1:
-        raise SystemExit("tiedlora demo: --steps and --batch-size must be >= 1")
+    if steps < 1 or batch_size < 1 or n_train < 1 or n_test < 1:
+        raise SystemExit("tiedlora demo: --steps, --batch-size, --n-train and --n-test must be >= 1")
     eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 5)
     target = args.target_modules
-    if target != "all-linear" and "," in target:
+    if target != "all-linear" and ("," in target or re.fullmatch(r"\w+", target)):  # names, not a regex
         target = [t for t in target.split(",") if t]
     device = _device(args.device)
     progress = not args.no_progress
@@ -330,7 +337,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     lr_of = {p: args.lr if args.lr is not None else PRESET_LR.get(p, DEFAULT_LR) for p in presets}
 
-    settings = {"presets": presets, "ranks": args.ranks, "steps": steps, "base_steps": 0 if args.model else base_steps,
+    settings = {"presets": presets, "ranks": ranks, "steps": steps, "base_steps": 0 if args.model else base_steps,
                 "batch_size": batch_size, "lr": args.lr, "preset_lr": lr_of, "base_lr": args.base_lr,
                 "gamma": args.gamma, "target_modules": target, "n_train": n_train, "n_test": n_test,
                 "acc_examples": n_test, "eval_train_examples": min(n_train, n_test), "eval_every": eval_every,
@@ -345,7 +352,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     # for this time are kept too; a row whose preset now gets another learning rate is redone.
     done = {(r["preset"], r["rank"]): r for r in prev.get("rows", [])
             if r["preset"] in PRESETS and (r["preset"] not in lr_of or r.get("lr") == lr_of[r["preset"]])}
-    wanted = [(preset, rank) for rank in args.ranks for preset in presets]
+    wanted = [(preset, rank) for rank in ranks for preset in presets]
     todo = [k for k in wanted if k not in done]
     if previous is not None:
         log(f"tiedlora demo: resuming from {out / 'results.json'}: {len(wanted) - len(todo)} of {len(wanted)} "
