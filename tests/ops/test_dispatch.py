@@ -202,7 +202,8 @@ def test_a_rank_the_kernels_do_not_fit_takes_the_torch_path_or_a_clear_error(mon
 
 def test_wide_dot_rule():
     """fp32 (or any other-dtype) factors on 16-bit activations take the fp32 dot; a scaled factor on
-    fp16 too (fp16's range); bf16 factors on bf16 activations stay narrow, scaled or not."""
+    fp16 too (fp16's range); bf16 factors on bf16 activations stay narrow, scaled by a bf16 v or not,
+    and go wide under an fp32 v (B v is formed in fp32, as the reference forms it)."""
     from tiedlora_kernels.ops.common import wide_dot
 
     t = lambda dt: torch.empty(2, 2, dtype=dt)  # noqa: E731
@@ -210,5 +211,6 @@ def test_wide_dot_rule():
     v = torch.empty(2)
     assert wide_dot(t(bf16), t(fp32)) and wide_dot(t(fp16), t(fp32)) and wide_dot(t(fp16), t(bf16))
     assert wide_dot(t(fp16), t(fp16), v) and not wide_dot(t(fp16), t(fp16))
-    assert not wide_dot(t(bf16), t(bf16)) and not wide_dot(t(bf16), t(bf16), v)
+    assert not wide_dot(t(bf16), t(bf16)) and not wide_dot(t(bf16), t(bf16), v.bfloat16())
+    assert wide_dot(t(bf16), t(bf16), v)
     assert not wide_dot(t(fp32), t(fp32), v) and not wide_dot(t(fp32), t(bf16))
