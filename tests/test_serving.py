@@ -238,6 +238,14 @@ def test_routes_follow_adds_and_removes(zoo, monkeypatch):
             pass
 
 
+def test_a_compiled_model_is_refused_clearly(zoo):
+    """A torch.compile wrapper prefixes every layer name (_orig_mod.): refused, naming the fix, not
+    left to fail at the first add with a layer table that fits no file."""
+    base, _ = zoo
+    with pytest.raises(ValueError, match="the model is wrapped .OptimizedModule.; pass the plain model"):
+        AdapterBank(torch.compile(host_of(base)))
+
+
 @pytest.mark.parametrize("order", list(itertools.permutations(["lora", "vera_a", "vera_b"])), ids="-".join)
 def test_route_depends_on_the_loaded_adapters_not_their_order(zoo, order, monkeypatch):
     """Whatever order a LoRA and two VeRA adapters of one seed came in, removing the LoRA leaves the

@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 
 from .integrations import adapted_layers, adapter_config, load_adapter
+from .integrations.checkpoint import unwrapped
 from .integrations.shell import linear_shell
 from .modules import TiedLoRALinear
 from .ops import autocast_base, resolve_backend
@@ -339,6 +340,9 @@ class AdapterBank:
     @_normal_tensors
     def __init__(self, model: nn.Module, capacity: int = 8, *, rank: Optional[int] = None,
                  factor_dtype: torch.dtype = torch.float32):
+        if unwrapped(model) is not model:  # names read through a wrapper fit no adapter file
+            raise ValueError(f"AdapterBank: the model is wrapped ({type(model).__name__}); pass the plain model inside "
+                             "(torch.compile of the bank's forward is not supported: its routing is host-side)")
         config = adapter_config(model)  # raises when the model has no adapters
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"AdapterBank: capacity must be an int >= 1, got {capacity!r}")
