@@ -13,14 +13,11 @@ Untied adapters (plain LoRA) are the same mechanism with one :class:`TiedFactors
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import reference
 from .bases import QuantizedBase, warn_requantized
@@ -30,28 +27,10 @@ from .ops import tied_lora_add, tied_lora_linear
 #: ``quantized``: a base layer that computes its own output (``base_layer``, see ``bases.py``).
 LAYOUTS = ("linear", "conv1d", "quantized")
 
-#: Optimizer steps taken in this process since the first trained bf16/fp16 tied factor was cast
-#: (any torch optimizer, fused ones included): part of the validity key of the shared fp32 casts,
-#: since fused optimizer kernels do not move ``_version``. The hook that counts them is registered
-#: then (``_count_optimizer_steps``), not at import: importing the package changes nothing global.
-_OPTIMIZER_STEPS = [0]
-_OPTIMIZER_HOOK: list = []
-
-
-def _count_optimizer_steps() -> int:
-    """The optimizer steps counted so far; the first call registers the counting hook."""
-    if not _OPTIMIZER_HOOK:
-        def count(optimizer, args, kwargs) -> None:
-            _OPTIMIZER_STEPS[0] += 1
-
-        _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(count))
-    return _OPTIMIZER_STEPS[0]
-
-
 def _castable(p: torch.Tensor) -> bool:
-    """A trained 16-bit leaf parameter: the only factor whose fp32 cast is shared and cached."""
+    """A 16-bit leaf tensor: the only kind of factor whose fp32 cast the root's pre-hook shares."""
     return (p.dtype not in (torch.float32, torch.float64) and p.is_leaf
-            and not torch._C._functorch.is_functorch_wrapped_tensor(p))
+            and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(p)))
 
 
 class TiedFactors(nn.Module):
@@ -69,53 +48,31 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
-        self._fp32_views: dict[str, tuple] = {}  # name -> (validity key, fp32 cast, parameter cast)
-        self._cast_hooks: dict[str, tuple] = {}  # name -> (parameter, handle of its drop-the-cast hook)
-        self._watch_trained_factors()
-        # load_state_dict(assign=True) replaces parameters: hook the new ones before a compiled
-        # submodule (which cannot register hooks) uses them
-        self.register_load_state_dict_post_hook(_watch_after_load)
-
-    def _watch_trained_factors(self) -> None:
-        for name in ("A", "B", "core_bank"):
-            self._drop_cast_after_its_gradient(name)
-
-    def _drop_cast_after_its_gradient(self, name: str) -> None:
-        """Once per trained parameter object: a hook that forgets the factor's fp32 cast as soon as the
-        parameter's gradient has been accumulated (the cast has served its backward). The next use
-        casts again, whatever wrote the parameter since: ``p.data`` writes move neither its version
-        nor its storage, and a compiled graph must not read a cast recorded by an earlier one."""
-        p = getattr(self, name)
-        hooked = self._cast_hooks.get(name)
-        if p is None or not p.requires_grad or not _castable(p) or (hooked is not None and hooked[0] is p):
-            return
-        # The hook reaches the casts through a weak reference: held strongly, the parameter would keep
-        # them alive through its hook, and they it through their graphs, a cycle no collector breaks.
-        self._cast_hooks[name] = (p, p.register_post_accumulate_grad_hook(
-            functools.partial(_forget, weakref.ref(self), name)))
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) or .half() after inject makes trained factors castable: hook them now,
-        # before a compiled submodule (which cannot register hooks) uses them
-        out = super()._apply(fn, recurse)
-        self._watch_trained_factors()
-        return out
+        self._fp32_views: dict[str, torch.Tensor] = {}  # name -> the fp32 cast this root forward shares
+        self._used_with_grad: set[str] = set()  # factors the forward of this pass used with grad
 
     def new_forward_pass(self) -> None:
-        """Fresh shared fp32 casts for this forward pass: called by the model root's forward pre-hook
-        (see ``inject``). Trained parameters replaced since (``to_empty``) get their hooks. The casts
-        are made here, outside any activation-checkpointed region (a compiled checkpoint region may
-        not write the cache). Inside a backward (a checkpoint around the whole model recomputing
-        it) it does nothing: the backward still adds into the forward's casts."""
+        """The model root's forward pre-hook (see ``inject``): one fp32 cast of each trained 16-bit
+        factor, shared by every layer of this forward pass (:meth:`accumulating`). Made here, outside
+        any activation-checkpointed region (a compiled checkpoint region may not write the cache).
+        Inside a backward (a checkpoint around the whole model recomputing it) it does nothing."""
         compiling = torch.compiler.is_compiling()
         if not compiling and torch._C._current_graph_task_id() != -1:
             return
         self._fp32_views.clear()
         if not compiling:
-            self._watch_trained_factors()
-        for name in ("A", "B", "core_bank"):
-            if getattr(self, name) is not None:
-                self.accumulating(name)
+            self._used_with_grad.clear()
+        if torch.is_grad_enabled():
+            for name in ("A", "B", "core_bank"):
+                p = getattr(self, name)
+                if p is not None and p.requires_grad and _castable(p):
+                    self._fp32_views[name] = p.float()
+
+    def end_forward_pass(self) -> None:
+        """The model root's forward post-hook: the casts have served the forward (its graph keeps them
+        for the backward). Dropped here, so no later call, of the root or of a submodule alone, after
+        an optimizer step or any other write, can read a stale one."""
+        self._fp32_views.clear()
 
     @property
     def rank(self) -> int:
@@ -126,55 +83,38 @@ class TiedFactors(nn.Module):
         return self.A.dim() == 3
 
     def accumulating(self, name: str) -> torch.Tensor:
-        """The factor as the layers should use it. A trained bf16/fp16 factor is replaced by one fp32
-        cast shared by every layer of the kind: each layer's gradient is added into that fp32 tensor
-        and the sum is rounded to the parameter's dtype once (used directly, autograd would add the
-        per-layer gradients in bf16).
+        """The factor as the layers should use it. A trained bf16/fp16 factor is replaced by the one
+        fp32 cast the root's pre-hook made for this forward pass, shared by every layer of the kind:
+        each layer's gradient is added into that fp32 tensor and the sum is rounded to the
+        parameter's dtype once (used directly, autograd would add the per-layer gradients in bf16).
 
-        The cast is made once per forward pass of the model, by the root's forward pre-hook
-        (activation checkpointing's recompute, inside the same step, reuses it). It is dropped by the
-        next pass's pre-hook, and by the
-        parameter's post-accumulate-grad hook once the backward has used it
-        (:meth:`_drop_cast_after_its_gradient`: a submodule called without the root, a ``.data``
-        write in between). As a last guard it is also redone when the parameter object, its
-        in-place version, its storage or the count of optimizer steps changes (fused optimizers
-        write without moving the version; ``.data`` assignment and ``model.to`` replace the storage)."""
+        Without a cast from the root (a submodule called on its own, a computed or functorch factor,
+        activation checkpointing recomputing in the backward) each call casts by itself: always
+        current, and a recompute's gradient still reaches the forward's shared cast through the
+        forward's graph (non-reentrant checkpointing). A submodule trained on its own sums its
+        layers' gradients in the factor's dtype."""
         p = getattr(self, name)
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
-        # Under torch.compile the version is not traceable: the root's pre-hook alone refreshes. The
-        # storage address catches writes that bypass the version (``p.data = ...``, ``model.to(...)``).
-        compiling = torch.compiler.is_compiling()
-        # A computed factor (a parametrization, functional_call's fast weights) or one under torch.func
-        # has no storage to key on and no .grad to hook: its cast is shared while it is the same object.
-        leaf = not compiling and _castable(p)
-        if leaf:
-            self._drop_cast_after_its_gradient(name)  # a factor trained since __init__, or a replaced parameter
-        elif compiling and (self._cast_hooks.get(name) or (None,))[0] is not p:
-            # A compiled graph may share a cast only while a hook drops it after its backward (a
-            # factor trained after inject, under torch.compile: each layer casts, summed in p's dtype).
-            return p.float()
-        key = (p._version, p.data_ptr(), _count_optimizer_steps()) if leaf else None
-        cached = self._fp32_views.get(name)
-        in_backward = key is not None and torch._C._current_graph_task_id() != -1
-        if in_backward and _in_reentrant_checkpoint():
-            # Reentrant activation checkpointing recomputes a segment and runs its backward on its
-            # own: each segment adds its part into the bf16 .grad (a non-reentrant recompute feeds
-            # the forward's graph, whose shared cast sums every layer in fp32).
-            warnings.warn(f"TiedFactors: the trained {p.dtype} tied factor {name!r} under reentrant activation "
-                          "checkpointing: each checkpointed segment's gradient is rounded to "
-                          f"{p.dtype} before the segments are summed, not summed in fp32. Use "
-                          "use_reentrant=False (transformers: gradient_checkpointing_enable("
-                          "gradient_checkpointing_kwargs={'use_reentrant': False})) or fp32 adapters.", stacklevel=4)
-        if cached is None or cached[0] != key or cached[2] is not p:
-            cached = (key, p.float(), p)
-            self._fp32_views[name] = cached
-        return cached[1]
+        cast = self._fp32_views.get(name)
+        if not torch.compiler.is_compiling():
+            if torch._C._current_graph_task_id() == -1:
+                self._used_with_grad.add(name)
+            elif _in_reentrant_checkpoint() or name not in self._used_with_grad:
+                # A recompute inside the backward of a segment that is then run on its own (reentrant
+                # checkpointing: torch's, detected from the running node, or any other whose forward
+                # ran without grad): each segment adds its part into the 16-bit .grad by itself.
+                warnings.warn(f"TiedFactors: the trained {p.dtype} tied factor {name!r} under reentrant activation "
+                              "checkpointing: each checkpointed segment's gradient is rounded to "
+                              f"{p.dtype} before the segments are summed, not summed in fp32. Use "
+                              "use_reentrant=False (transformers: gradient_checkpointing_enable("
+                              "gradient_checkpointing_kwargs={'use_reentrant': False})) or fp32 adapters.",
+                              stacklevel=4)
+        return cast if cast is not None else p.float()
 
     def __getstate__(self):
-        # The casts are graph nodes of past forwards: never copied or pickled with the module; a
-        # copy's parameters are new objects, which get their own hooks on first use.
-        return {**self.__dict__, "_fp32_views": {}, "_cast_hooks": {}}
+        # The casts are graph nodes of a running forward: never copied or pickled with the module.
+        return {**self.__dict__, "_fp32_views": {}, "_used_with_grad": set()}
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
@@ -189,13 +129,6 @@ class TiedFactors(nn.Module):
                 f"B={tuple(self.B.shape)}{'' if self.B.requires_grad else ' frozen'}{bank}")
 
 
-def _forget(factors: "weakref.ref[TiedFactors]", name: str, param: torch.Tensor) -> None:
-    """Post-accumulate-grad hook of a trained factor: drop its fp32 cast (if its module still lives)."""
-    owner = factors()
-    if owner is not None:
-        owner._fp32_views.pop(name, None)
-
-
 def _in_reentrant_checkpoint() -> bool:
     """Whether the running backward node is ``torch.utils.checkpoint``'s reentrant recompute."""
     from torch.utils.checkpoint import CheckpointFunction
@@ -203,19 +136,23 @@ def _in_reentrant_checkpoint() -> bool:
     return isinstance(torch._C._current_autograd_node(), CheckpointFunction._backward_cls)
 
 
-def _watch_after_load(factors: "TiedFactors", incompatible_keys) -> None:
-    """Load-state-dict post-hook of :class:`TiedFactors`: hook the trained factors it may have replaced."""
-    factors._watch_trained_factors()
-
-
 class AdapterFactors(nn.ModuleDict):
     """All :class:`TiedFactors` of a model, keyed by group name (the kind, or the layer path for
     untied adapters, with ``.`` written as ``__``). Attached to the model root as ``model.tiedlora``."""
 
+    def watch(self, model: nn.Module) -> None:
+        """Hook ``model``'s root forward: fresh shared fp32 casts of 16-bit trained factors for each
+        pass, dropped when it ends (bound methods: the hooks survive deepcopy and pickling)."""
+        model.register_forward_pre_hook(self.new_forward_pass)
+        model.register_forward_hook(self.end_forward_pass, always_call=True)
+
     def new_forward_pass(self, module=None, args=None) -> None:
-        """Forward pre-hook of the model root: each forward pass makes fresh fp32 casts."""
         for factors in self.values():
             factors.new_forward_pass()
+
+    def end_forward_pass(self, module=None, args=None, output=None) -> None:
+        for factors in self.values():
+            factors.end_forward_pass()
 
 
 class TiedLoRALinear(nn.Module):

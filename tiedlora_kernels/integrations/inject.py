@@ -392,9 +392,7 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
 
     model.add_module(ROOT_ATTR, factors)
     factors.config = config
-    # Fresh fp32 casts of bf16/fp16 tied factors at every forward pass of the model (a bound method:
-    # the hook survives deepcopy and pickling).
-    model.register_forward_pre_hook(factors.new_forward_pass)
+    factors.watch(model)  # shared fp32 casts of bf16/fp16 tied factors, fresh for each forward pass
     return model
 
 
