@@ -123,7 +123,16 @@ class Bnb8bit(QuantizedBase):
         module.state.CB = module.state.SCB = None
 
 
-_QUANTIZED_TYPE_NAME = re.compile(r"(?i)quant|int[2-8]|nf4|float[48]|fp[48]|[48]bit|mx(fp|int|tensor)|hqq|gptq|awq")
+#: Class names of quantized layers and tensors: generic words (``quant``, ``Int8``, ``nf4``, ``fp8``,
+#: ``4bit``) and libraries (HQQ, GPTQ, AWQ / AutoAWQ's ``WQLinear_*``, EETQ, HIGGS, BitNet's
+#: ``BitLinear``, optimum-quanto's ``WeightQBytesTensor`` / ``WeightQBitsTensor``). ``int<bits>`` counts
+#: only as a word of its own (``Int8Tensor``, ``int4_linear``), not inside one (``Joint3D``).
+_QUANTIZED_TYPE_NAME = re.compile(r"(?:Int|INT|(?<![A-Za-z])int)[2-8]|(?i:quant|nf4|float[48]|fp[48]|[48]bit|"
+                                  r"mx(?:fp|int|tensor)|hqq|gptq|awq|wqlinear|eetq|higgs|bitlinear|qbytes|qbits)")
+
+#: ``nn.Linear`` subclasses with a forward of their own that still computes exactly x W^T + b:
+#: adapted as dense layers (Falcon's adds the bias after the product, for its bf16 rounding).
+DENSE_LINEAR_SUBCLASSES = ("FalconLinear",)
 
 def keep_standard_cpu_layout(module: nn.Module) -> None:
     """bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its CPU bf16 inference kernel on the first
@@ -181,20 +190,38 @@ def looks_quantized(module: nn.Module) -> bool:
     return _QUANTIZED_TYPE_NAME.search(type(weight).__name__) is not None
 
 
+def has_own_forward(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` subclass whose class overrides ``forward`` (BitNet's ``AutoBitLinear``
+    scales and quantizes around the product), unless it is one of :data:`DENSE_LINEAR_SUBCLASSES`:
+    an adapted layer computes x W^T + b itself, so it would drop whatever that forward adds."""
+    return (isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+            and type(module).__name__ not in DENSE_LINEAR_SUBCLASSES)
+
+
 def looks_like_quantized_linear(module: nn.Module) -> bool:
     """True for a module of another library that is a quantized linear layer without being an
-    ``nn.Linear`` (HQQ, GPTQ, AWQ layers): a quantizing class name and linear sizes."""
+    ``nn.Linear``: a quantizing class name and linear sizes (HQQ, GPTQ, AWQ, HIGGS, BitNet layers), or a
+    linear or quantizing class name and a weight that is not floating point (EETQ's ``EetqLinear``,
+    which has no sizes). Embeddings are no linear layers, quantized or not."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "num_embeddings"):
+        return False
+    cls = type(module).__name__
     sized = any(hasattr(module, a) and hasattr(module, b) for a, b in (("in_features", "out_features"),
                                                                      ("infeatures", "outfeatures")))
-    return sized and not isinstance(module, nn.Linear) and _QUANTIZED_TYPE_NAME.search(type(module).__name__) is not None
+    quantizing_name = _QUANTIZED_TYPE_NAME.search(cls) is not None
+    return (sized and quantizing_name) or ((quantizing_name or "linear" in cls.lower()) and looks_quantized(module))
 
 
 def unsupported_quantized_error(name: str, module: nn.Module) -> ValueError:
     supported = ", ".join(k.name for k in QUANTIZED_BASES)
     weight = getattr(module, "weight", None)
     what = f"{type(module).__module__}.{type(module).__name__}"
+    if has_own_forward(module) and not looks_quantized(module):
+        what = f"{what}, an nn.Linear subclass with a forward of its own"
+    else:
+        what = f"quantized {what}"
     detail = f" (weight {type(weight).__name__}, dtype {weight.dtype})" if isinstance(weight, torch.Tensor) else ""
-    return ValueError(f"inject: layer {name!r} is a quantized {what}{detail}, which tiedlora-kernels does not "
+    return ValueError(f"inject: layer {name!r} is a {what}{detail}, which tiedlora-kernels does not "
                       f"support; supported quantized base layers: {supported} (and dense nn.Linear / HF Conv1D)")
 
 

@@ -112,17 +112,29 @@ PRESETS: dict[str, Preset] = {
 KIND_RULES = ("path", "last")
 
 #: ``exclude_rule`` values: what an ``exclude_modules`` list entry and ``"all-linear"`` leave out.
+#: - ``heads``: as ``module``, and ``"all-linear"`` also leaves out every layer inside the output
+#:   embedding (MusicGen's is a ``ModuleList`` of per-codebook heads) and every linear whose parent
+#:   reads its weight without calling it (torch ``nn.MultiheadAttention``'s ``out_proj``, in SigLIP's
+#:   pooling head: an adapter there would change nothing until ``merge`` folded it in), which a regex
+#:   or list of ``target_modules`` that selects it is refused for;
 #: - ``module``: a list entry excludes the layer of that name and every layer inside a module of that
-#:   name, and ``"all-linear"`` also leaves out the model's ``get_output_embeddings()``;
+#:   name, and ``"all-linear"`` also leaves out the model's ``get_output_embeddings()`` (the rule of
+#:   format-3 adapter files saved before the ``heads`` rule existed);
 #: - ``name``: a list entry excludes the layer of that name only, and nothing else is left out (the
 #:   rule of format-1 and format-2 adapter files, saved before the ``module`` rule existed).
-EXCLUDE_RULES = ("module", "name")
+EXCLUDE_RULES = ("heads", "module", "name")
 
 #: The default ``exclude_modules``: transformers' output and task heads (causal-LM and
 #: sequence-classification heads, BERT-style pre-training heads, question answering, BART's
-#: classification head). A rank-r adapter on a 2-label head is meaningless, and a head tied to the
-#: input embedding cannot be merged.
-DEFAULT_EXCLUDED_HEADS = ("lm_head", "score", "classifier", "classification_head", "qa_outputs", "cls")
+#: classification head, ELECTRA / Funnel discriminator heads, GPT-2's multiple-choice head, XLNet /
+#: XLM sequence summaries and classification projections) and mixture-of-experts routers (PhiMoE,
+#: JetMoE, Llama 4; Qwen2-MoE's one-output shared-expert gate). A rank-r adapter on a 2-label head
+#: is meaningless, a head tied to the input embedding cannot be merged, and an adapted router would
+#: change which experts see a token. (Not ``gate``: other models name ordinary projections so.)
+#: Saved configs list the names, so a file saved under a shorter default loads with its own list.
+DEFAULT_EXCLUDED_HEADS = ("lm_head", "score", "classifier", "classification_head", "qa_outputs", "cls",
+                          "discriminator_predictions", "multiple_choice_head", "sequence_summary", "logits_proj",
+                          "router", "shared_expert_gate")
 
 #: A kind name given in ``kinds``: dotted identifiers (``attn_out``, ``attn.c_proj``).
 _KIND_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -184,14 +196,18 @@ class TiedLoRAConfig:
         seed: seeds every initialiser (a CPU ``torch.Generator`` per tensor), so frozen random
             factors can be rebuilt from the config instead of being saved.
         adapter_dtype: dtype of adapter parameters: ``"float32"`` (default; gradients of tied
-            tensors accumulate in fp32) or ``"auto"`` (the base weight's dtype).
+            tensors accumulate in fp32) or ``"auto"`` (the base weight's dtype; over a bitsandbytes
+            4-bit layer the dtype its weight was quantized from; over an 8-bit layer, which keeps
+            no floating dtype (int8 weight, fp32 row scales, computing in its input's dtype),
+            float32: give the dtype explicitly, e.g. ``"bfloat16"``, to match a bf16 model).
         exclude_modules: names (as in ``target_modules`` lists) never adapted, with every layer
             inside a module of that name (``"classifier"`` covers ``classifier.out_proj``), or a
             regex string matched (``re.fullmatch``) against the full module name (PEFT's rule). The
-            default keeps the usual output and task heads frozen; ``"all-linear"`` also leaves out
-            the model's output embedding (``get_output_embeddings()``), as PEFT does.
-        exclude_rule: ``"module"`` (default) or ``"name"``, see :data:`EXCLUDE_RULES`: older adapter
-            files load with the rule they were saved under.
+            default (:data:`DEFAULT_EXCLUDED_HEADS`) keeps the usual output and task heads and MoE
+            routers frozen; ``"all-linear"`` also leaves out the model's output embedding
+            (``get_output_embeddings()``, every layer inside it), as PEFT does.
+        exclude_rule: ``"heads"`` (default), ``"module"`` or ``"name"``, see :data:`EXCLUDE_RULES`:
+            older adapter files load with the rule they were saved under.
         kind_rule: how a layer's kind (its tying group) is derived from its module path: ``"path"``
             (default) or ``"last"``; see :data:`KIND_RULES` and :func:`tiedlora_kernels.inject`.
         kinds: explicit kinds, ``{pattern: kind name}``, overriding ``kind_rule`` for the layers a
@@ -223,7 +239,7 @@ class TiedLoRAConfig:
     adapter_dtype: str = "float32"
     exclude_modules: Sequence[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDED_HEADS))
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    exclude_rule: str = "module"
+    exclude_rule: str = "heads"
     kind_rule: str = "path"
     kinds: dict[str, str] = field(default_factory=dict)
 

@@ -208,7 +208,7 @@ def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     save_file(load_file(str(path)), str(path), metadata={**meta, "format_version": "99"})
-    with pytest.raises(ValueError, match="format_version '99'; this version of tiedlora-kernels reads \\[.1., .2., .3.\\]"):
+    with pytest.raises(ValueError, match="format_version '99'; this version of tiedlora-kernels reads \\[.1., .2., .3., .4.\\]"):
         load_adapter(tiny_llama(), tmp_path)
 
 
@@ -279,15 +279,43 @@ def test_format_2_files_select_the_layers_they_were_saved_with(tmp_path):
     fresh = load_adapter(bert(), tmp_path)
     assert {n for n, _ in adapted_layers(fresh)} == names
     assert torch.equal(fresh(IDS).logits, model(IDS).logits)
-    today = inject(bert(), TiedLoRAConfig(rank=4, preset="tl6", seed=5))
-    assert not any(n.startswith("cls.") for n, _ in adapted_layers(today))
+    assert not any(n.startswith("cls.") for n, _ in adapted_layers(inject(bert(), TiedLoRAConfig(rank=4))))
     # A few commits wrote format 2 under the module rule already: the saved layer table tells
+    today = inject(bert(), TiedLoRAConfig(rank=4, preset="tl6", seed=5, exclude_rule="module"))
     randomize_adapters(today)
     save_adapter(today, tmp_path / "module")
     _rewrite_as_format(tmp_path / "module", "2", exclude_rule="module")
     fresh = load_adapter(bert(), tmp_path / "module")
     assert {n for n, _ in adapted_layers(fresh)} == {n for n, _ in adapted_layers(today)}
     assert torch.equal(fresh(IDS).logits, today(IDS).logits)
+
+
+@pytest.mark.parametrize("family", ["siglip", "musicgen"])
+@pytest.mark.parametrize("exclude_rule", ["heads", "module"])
+def test_models_with_layers_read_by_their_parent_or_a_head_container_load_what_they_saved(family, exclude_rule,
+                                                                                          tmp_path):
+    """SigLIP's pooling head holds an nn.MultiheadAttention (its out_proj's weight is read, never
+    called) and MusicGen's output head is a ModuleList: a fresh model, seen through its shell, selects
+    the layers the file was saved with, under today's rule and the one before it."""
+    import transformers
+
+    def build():
+        torch.manual_seed(0)
+        if family == "siglip":
+            return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=16,
+                patch_size=8)).eval()
+        return transformers.MusicgenForCausalLM(transformers.MusicgenDecoderConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=48,
+            num_codebooks=4)).eval()
+
+    model = inject(build(), TiedLoRAConfig(rank=4, preset="tl6", exclude_rule=exclude_rule))
+    randomize_adapters(model)
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(build(), tmp_path)
+    assert {n for n, _ in adapted_layers(fresh)} == {n for n, _ in adapted_layers(model)}
+    for (name, a), (_, b) in zip(adapter_named_parameters(fresh), adapter_named_parameters(model)):
+        assert torch.equal(a, b), name
 
 
 def test_format_1_files_load_with_the_kinds_they_were_written_with(tmp_path):

@@ -93,6 +93,131 @@ def test_all_linear_leaves_output_and_task_heads_alone(cls_name, heads, tmp_path
     assert torch.equal(fresh(ids)[0], model(ids)[0])
 
 
+def _tiny(config_cls, model_cls, **kw):
+    import transformers
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+
+
+_MOE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("make,left_out", [
+    (lambda: _tiny_bert_family("ElectraForPreTraining"), ["discriminator_predictions.dense_prediction"]),
+    (lambda: _tiny("GPT2Config", "GPT2DoubleHeadsModel", vocab_size=97, n_embd=32, n_layer=1, n_head=4),
+     ["multiple_choice_head.summary"]),
+    (lambda: _tiny("XLNetConfig", "XLNetForSequenceClassification", vocab_size=97, d_model=32, n_layer=1, n_head=4,
+                   d_inner=48, num_labels=2), ["sequence_summary.summary", "logits_proj"]),
+    (lambda: _tiny("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_MOE, moe_intermediate_size=16,
+                   shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+     ["model.layers.0.mlp.shared_expert_gate"]),
+    (lambda: _tiny("PhimoeConfig", "PhimoeForCausalLM", **_MOE, num_local_experts=16), ["model.layers.0.mlp.router"]),
+    (lambda: _tiny("JetMoeConfig", "JetMoeForCausalLM", **_MOE, num_local_experts=8, kv_channels=8),
+     ["model.layers.0.mlp.router.layer", "model.layers.0.self_attention.experts.router.layer"]),
+], ids=["electra-discriminator", "gpt2-multiple-choice", "xlnet-summary", "qwen2moe-shared-gate", "phimoe-router",
+        "jetmoe-routers"])
+def test_all_linear_leaves_task_heads_and_routers_alone(make, left_out):
+    """These heads and routers used to be adapted: a 1- or 2-output head crashed at rank 8, a router was
+    silently adapted (changing which experts see a token)."""
+    model = make()
+    inject(model, TiedLoRAConfig(rank=8, preset="tl6"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert names  # the body is adapted
+    assert not names & set(left_out), names & set(left_out)
+
+
+def test_all_linear_keeps_the_gate_projection_and_expert_layers_of_a_moe_model():
+    """The routers' names do not catch ordinary layers: LLaMA-style gate_proj and the experts stay adapted."""
+    model = _tiny("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_MOE, moe_intermediate_size=16,
+                  shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert {"model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.down_proj"} <= names
+
+
+def test_a_file_saved_under_the_older_default_heads_loads_with_the_layers_it_was_saved_with(tmp_path):
+    """Files saved before the routers joined the default exclude_modules (format 3, rule "module")
+    list the older names in their config, so they load into the layers they adapted: the routers."""
+    from tiedlora_kernels import load_adapter, save_adapter
+
+    older = ["lm_head", "score", "classifier", "classification_head", "qa_outputs", "cls"]
+    make = lambda: _tiny("JetMoeConfig", "JetMoeForCausalLM", **_MOE, num_local_experts=8, kv_channels=8)  # noqa: E731
+    model = inject(make(), TiedLoRAConfig(rank=4, preset="tl6", exclude_modules=older, exclude_rule="module"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert "model.layers.0.mlp.router.layer" in names
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "a")
+    fresh = load_adapter(make(), tmp_path / "a")
+    assert {n for n, _ in adapted_layers(fresh)} == names
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
+def _tiny_musicgen():
+    return _tiny("MusicgenDecoderConfig", "MusicgenForCausalLM", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                 num_attention_heads=4, ffn_dim=48, num_codebooks=4)
+
+
+def test_all_linear_leaves_out_every_layer_of_an_output_head_container():
+    """MusicGen's get_output_embeddings() is a ModuleList of per-codebook heads: none of them is adapted
+    (under the "module" rule of older files each was)."""
+    model = inject(_tiny_musicgen(), TiedLoRAConfig(rank=4, preset="tl6"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert any(n.endswith("self_attn.q_proj") for n in names)
+    assert not [n for n in names if n.startswith("lm_heads.")]
+    older = inject(_tiny_musicgen(), TiedLoRAConfig(rank=4, preset="tl6", exclude_rule="module"))
+    assert {f"lm_heads.{i}" for i in range(4)} <= {n for n, _ in adapted_layers(older)}
+
+
+def _tiny_siglip():
+    return _tiny("SiglipVisionConfig", "SiglipVisionModel", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 intermediate_size=48, image_size=16, patch_size=8)
+
+
+def test_the_out_proj_of_a_torch_multihead_attention_is_left_out_or_refused():
+    """nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj: an adapter there got
+    no gradient and changed nothing, and merge() then changed the output. "all-linear" leaves it out; a
+    list or regex that selects it is refused, naming it."""
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    model = inject(_tiny_siglip(), TiedLoRAConfig(rank=4, preset="lora"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert "encoder.layers.0.self_attn.out_proj" in names and "head.attention.out_proj" not in names
+    randomize_adapters(model)
+    adapted = model(pixel_values=pixels).pooler_output
+    merge(model)
+    assert rel_err(model(pixel_values=pixels).pooler_output, adapted) < 1e-5
+    for target in (["out_proj"], r".*out_proj"):
+        with pytest.raises(ValueError, match=r"selects layer 'head\.attention\.out_proj', whose parent "
+                                             r"MultiheadAttention reads its weight and bias directly"):
+            inject(_tiny_siglip(), TiedLoRAConfig(rank=4, target_modules=target))
+    model = inject(_tiny_siglip(), TiedLoRAConfig(rank=4, target_modules=["out_proj"], exclude_modules=["head"]))
+    assert {n for n, _ in adapted_layers(model)} == {"encoder.layers.0.self_attn.out_proj"}
+
+
+def _three_linears():
+    model = torch.nn.Module()
+    model.a, model.b, model.proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+    model.proj.bias.requires_grad_(False)  # the flags must come back as they were, not all True
+    return model
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(kinds={"proj": "config"}), "is a reserved name"),
+    (dict(kinds={"a": "x.y", "b": "x__y"}), "would share the factors"),
+    (dict(rank=4), "rank=4 is larger than layer 'proj'"),
+    (dict(target_modules=["a", "missing"]), "matches no nn.Linear"),
+], ids=["reserved-kind", "shared-group", "rank", "no-match"])
+def test_a_refused_inject_leaves_the_model_as_it_was(kw, msg):
+    """inject used to freeze every parameter before its kind checks: a refused inject left the model frozen."""
+    model = _three_linears()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=msg):
+        inject(model, TiedLoRAConfig(**{"rank": 2, "preset": "tl6", **kw}))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: type(m) for n, m in model.named_modules()} == types and not hasattr(model, "tiedlora")
+
+
 def test_an_excluded_name_excludes_the_layers_inside_it_and_explicit_targets_still_work():
     model = tiny_llama(n_layer=2)
     inject(model, TiedLoRAConfig(rank=2, exclude_modules=["layers.0.mlp", "self_attn"]))

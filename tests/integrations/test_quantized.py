@@ -284,13 +284,49 @@ def _mx_linear():
     return layer
 
 
-@pytest.mark.parametrize("make,what", [(_int8_conv1d, "Conv1D"), (_mx_linear, "MXTensor"), (HQQLinear, "HQQLinear")],
-                         ids=["int8-conv1d", "tensor-subclass", "not-an-nn-linear"])
+class WQLinear_GEMM(nn.Module):
+    """A stand-in for AutoAWQ's layer (awq/modules/linear/gemm.py): linear sizes, int32 packed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 8, 8
+        self.register_buffer("qweight", torch.zeros(8, 1, dtype=torch.int32))
+
+
+def _linear_with_weight_of(class_name):
+    """An nn.Linear whose weight is a tensor subclass named like optimum-quanto's (float dtype, quantized)."""
+    layer = nn.Linear(8, 8)
+    sub = type(class_name, (torch.Tensor,), {})
+    layer.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.bfloat16).as_subclass(sub), requires_grad=False)
+    return layer
+
+
+def _transformers_layer(module, name, *args, **kw):
+    import importlib
+
+    return getattr(importlib.import_module(f"transformers.integrations.{module}"), name)(*args, **kw)
+
+
+@pytest.mark.parametrize("make,what", [
+    (_int8_conv1d, "quantized .*Conv1D"), (_mx_linear, "quantized .*MXTensor"), (HQQLinear, "quantized .*HQQLinear"),
+    (lambda: _transformers_layer("eetq", "EetqLinear", 8, 8), "quantized .*EetqLinear"),
+    (lambda: _transformers_layer("higgs", "HiggsLinear", 256, 8, num_bits=4, dtype=torch.float16), "quantized .*HiggsLinear"),
+    (lambda: _transformers_layer("bitnet", "BitLinear", 8, 8, bias=False, dtype=torch.float32), "quantized .*BitLinear"),
+    (lambda: _transformers_layer("bitnet", "AutoBitLinear", 8, 8, bias=False, online_quant=False),
+     "AutoBitLinear, an nn.Linear subclass with a forward of its own"),
+    (WQLinear_GEMM, "quantized .*WQLinear_GEMM"),
+    (lambda: _linear_with_weight_of("WeightQBytesTensor"), "quantized .*WeightQBytesTensor"),
+    (lambda: _linear_with_weight_of("WeightQBitsTensor"), "quantized .*WeightQBitsTensor"),
+], ids=["int8-conv1d", "tensor-subclass", "not-an-nn-linear", "eetq-no-sizes", "higgs", "bitnet", "bitnet-auto",
+        "autoawq", "quanto-qbytes", "quanto-qbits"])
 def test_other_quantized_layers_are_refused_not_treated_as_dense_or_skipped(make, what):
+    """EETQ, HIGGS, BitNet and AutoAWQ layers were skipped by "all-linear" (and unknown to a list),
+    BitNet's AutoBitLinear (an nn.Linear scaling around its product) and quanto-quantized weights were
+    adapted as dense layers, changing the output with a zero adapter."""
     model = nn.Module()
     model.dense = nn.Linear(8, 8)
     model.proj = make()
-    with pytest.raises(ValueError, match=rf"layer 'proj' is a quantized .*{what}.*supported quantized base layers"):
+    with pytest.raises(ValueError, match=rf"layer 'proj' is a .*{what}.*supported quantized base layers"):
         inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules="all-linear"))
 
 
@@ -398,3 +434,29 @@ def test_gpu_4bit_bf16_matches_the_dequantized_model(base_dir, preset, monkeypat
     assert rel_err(lq, ld) < 2e-2
     for name in gq:
         assert rel_err(gq[name], gd[name]) < 5e-2, name
+
+
+class Joint3DProjection(nn.Module):
+    """A dense layer of a model of its own whose name holds ``int`` and a digit (``Joint3D``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 8, 8
+        self.weight = nn.Parameter(torch.zeros(8, 8))
+
+
+def test_ordinary_layers_are_not_taken_for_quantized_ones():
+    """Falcon's nn.Linear subclass (its own forward, the same product), torch's MultiheadAttention output
+    projection (a class name with "Quantizable"), a layer named like Joint3D and an int8 embedding."""
+    from tiedlora_kernels.bases import looks_like_quantized_linear
+    from tiedlora_kernels.integrations.inject import _layout_of
+
+    torch.manual_seed(0)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, new_decoder_architecture=False))
+    inject(falcon, TiedLoRAConfig(rank=4, preset="tl6"))
+    assert isinstance(falcon.transformer.h[0].self_attention.query_key_value, TiedLoRALinear)
+    assert _layout_of(nn.MultiheadAttention(8, 2).out_proj) == "linear"
+    embedding = nn.Embedding(8, 8)
+    embedding.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    assert not looks_like_quantized_linear(Joint3DProjection()) and not looks_like_quantized_linear(embedding)

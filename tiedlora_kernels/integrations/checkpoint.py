@@ -39,10 +39,11 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = "tiedlora-adapter"
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 #: Versions ``load_adapter`` reads; the config fields each one lacks take these values (format 3 added
 #: exclude_rule: files saved before select their layers by the older rule).
-READABLE_VERSIONS = {"1": {"kind_rule": "last", "exclude_rule": "name"}, "2": {"exclude_rule": "name"}, "3": {}}
+READABLE_VERSIONS = {"1": {"kind_rule": "last", "exclude_rule": "name"}, "2": {"exclude_rule": "name"}, "3": {},
+                     "4": {}}
 
 
 def content_hash(tensors: dict[str, torch.Tensor], *texts: str) -> str:

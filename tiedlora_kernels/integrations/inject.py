@@ -41,9 +41,11 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import reference
-from ..bases import looks_like_quantized_linear, looks_quantized, quantized_base_of, unsupported_quantized_error
+from ..bases import (has_own_forward, looks_like_quantized_linear, looks_quantized, quantized_base_of,
+                     unsupported_quantized_error)
 from ..config import TiedLoRAConfig, match_pattern
 from ..modules import AdapterFactors, TiedFactors, TiedLoRALinear
 
@@ -64,16 +66,17 @@ class TargetLayer:
 
 def _layout_of(module: nn.Module) -> Optional[str]:
     """``linear``, ``conv1d``, ``quantized`` (a supported quantized kind, see ``bases.py``),
-    ``unsupported-quantized`` (a linear whose weight is quantized by a library we do not support:
-    never treated as dense) or None (not a layer we adapt)."""
+    ``unsupported-quantized`` (a linear whose weight is quantized by a library we do not support, or an
+    ``nn.Linear`` subclass whose own forward does more than x W^T + b: never treated as dense) or None
+    (not a layer we adapt)."""
     if quantized_base_of(module) is not None:
         return "quantized"
     if isinstance(module, nn.Linear):
-        return "unsupported-quantized" if looks_quantized(module) else "linear"
+        return "unsupported-quantized" if looks_quantized(module) or has_own_forward(module) else "linear"
     # transformers' Conv1D (GPT-2): weight stored (in, out). Matched by name so transformers stays optional.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return "unsupported-quantized" if looks_quantized(module) else "conv1d"
-    # another library's quantized linear that is no nn.Linear (HQQ, GPTQ, AWQ layers): refused, not skipped
+    # another library's quantized linear that is no nn.Linear (HQQ, GPTQ, AWQ, EETQ layers): refused, not skipped
     if looks_like_quantized_linear(module):
         return "unsupported-quantized"
     return None
@@ -105,21 +108,43 @@ def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
+def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
+    """Layer name -> its parent's class, for the linears whose parent reads their weight and bias
+    without calling them: torch's ``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional
+    form, so an adapter on ``out_proj`` would get no gradient and change nothing until ``merge``."""
+    return {f"{pn}.{cn}" if pn else cn: type(parent).__name__
+            for pn, parent in model.named_modules() for cn, child in parent.named_children()
+            if isinstance(child, NonDynamicallyQuantizableLinear)
+            or (isinstance(parent, nn.MultiheadAttention) and isinstance(child, nn.Linear))}
+
+
+def _output_head_layers(model: nn.Module, rule: str) -> set[int]:
+    """ids of the modules ``"all-linear"`` leaves out as the output head under exclude rule ``rule``:
+    every module inside ``get_output_embeddings()`` (a ``ModuleList`` of heads included), only that
+    module itself (the ``module`` rule of older files), or none (``name``)."""
+    head = _output_embedding(model) if rule != "name" else None
+    if head is None:
+        return set()
+    return {id(m) for m in head.modules()} if rule == "heads" else {id(head)}
+
+
 def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
-    """The layers ``config.target_modules`` selects, in module order. Raises if none, or if a
-    listed name matches no ``nn.Linear`` / ``Conv1D``."""
+    """The layers ``config.target_modules`` selects, in module order. Raises if none, if a listed
+    name matches no ``nn.Linear`` / ``Conv1D``, or if one selected is a layer no adapter can change."""
     candidates = [(n, m, _layout_of(m)) for n, m in model.named_modules()]
     candidates = [(n, m, lay) for n, m, lay in candidates
                   if lay is not None and not n.startswith(ROOT_ATTR + ".")]
     ex = config.exclude_modules
-    by_module = config.exclude_rule == "module"
+    by_module = config.exclude_rule != "name"
     excluded = (re.compile(ex).fullmatch if isinstance(ex, str)  # noqa: E731
                 else lambda n: any(_name_matches(a, e) for e in ex
                                    for a in (_self_and_ancestors(n) if by_module else [n])))
+    read_by_parent = _weights_read_by_parent(model) if config.exclude_rule == "heads" else {}
     tm = config.target_modules
     if isinstance(tm, str) and tm == "all-linear":
-        head = _output_embedding(model) if by_module else None
-        chosen = [(n, m, lay) for n, m, lay in candidates if not excluded(n) and m is not head]
+        head = _output_head_layers(model, config.exclude_rule)
+        chosen = [(n, m, lay) for n, m, lay in candidates
+                  if not excluded(n) and id(m) not in head and n not in read_by_parent]
     elif isinstance(tm, str):
         rx = re.compile(tm)
         matched = [(n, m, lay) for n, m, lay in candidates if rx.fullmatch(n)]
@@ -144,6 +169,12 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
         raise ValueError(f"inject: target_modules={tm!r} matches no nn.Linear / Conv1D in "
                          f"{type(model).__name__}; available names: {kinds}")
+    for n, _, _ in chosen:
+        if n in read_by_parent:
+            raise ValueError(f"inject: target_modules={tm!r} selects layer {n!r}, whose parent "
+                             f"{read_by_parent[n]} reads its weight and bias directly and never calls it, so an "
+                             f"adapter there would change nothing until merge; leave it out (add {n!r} to "
+                             "exclude_modules, or narrow target_modules)")
     for n, m, lay in chosen:
         if lay == "unsupported-quantized":
             raise unsupported_quantized_error(n, m)
@@ -333,19 +364,12 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     if peft_layers:  # adapting them would nest our adapters inside PEFT's and freeze PEFT's
         raise ValueError(f"inject: the model holds PEFT adapter layers ({peft_layers[:3]}...); convert them with "
                          "tiedlora_kernels.from_peft(peft_model), or start from the base model")
+    # Every check that can refuse comes before the first change: a refused inject leaves the model as it was.
     targets = find_targets(model, config)
     p = config.resolved()
     r = config.rank
     for t in targets:
         check_rank_fits(t.name, t.in_features, t.out_features, r)
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-
-    modules = dict(model.named_modules())
-    # A module registered under several names (``self.b = self.a``) is replaced under every one of them.
-    aliases: dict[int, list[str]] = defaultdict(list)
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases[id(m)].append(n)
     groups: dict[str, list[TargetLayer]] = defaultdict(list)
     for t in targets:
         groups[group_name(t, p.tied)].append(t)
@@ -357,6 +381,14 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
         if g in reserved:
             raise ValueError(f"inject: kind {members[0].kind!r} (layer {members[0].name!r}) is a reserved name in "
                              f"model.{ROOT_ATTR}; give it another one in config.kinds")
+
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    modules = dict(model.named_modules())
+    # A module registered under several names (``self.b = self.a``) is replaced under every one of them.
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases[id(m)].append(n)
 
     # Every quantized layer of the model, adapted or not, gets its kind's set-up: a 4-bit layer that
     # bitsandbytes repacks for CPU inference passes no gradient to its input, so an adapter anywhere

@@ -10,9 +10,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..modules import TiedLoRALinear
-from .inject import ROOT_ATTR, _layout_of, _output_embedding
+from .inject import ROOT_ATTR, _layout_of, _output_embedding, _weights_read_by_parent
 
 
 class _LinearShell(nn.Linear):
@@ -22,6 +23,11 @@ class _LinearShell(nn.Linear):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight, self.bias = weight, bias
+
+
+class _ReadByParentShell(_LinearShell, NonDynamicallyQuantizableLinear):
+    """The shell of a linear whose parent reads its weight without calling it (``nn.MultiheadAttention``'s
+    ``out_proj``): of the class ``inject`` recognises such layers by, so the shell's targets are the model's."""
 
 
 class Conv1D(nn.Module):
@@ -57,12 +63,16 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
 
     root = _ShellRoot()
     head = _output_embedding(model)
+    read_by_parent = _weights_read_by_parent(model)
     for name, module in model.named_modules():
         if not name or name == ROOT_ATTR or name.startswith(ROOT_ATTR + "."):
             continue
+        if module is head:  # (a container of heads too: MusicGen's ModuleList gets its path below)
+            root.output_head_name = name
         layout = module.layout if isinstance(module, TiedLoRALinear) else _layout_of(module)
         if layout == "linear":
-            shell = _LinearShell(stand_in(module.weight), stand_in(module.bias))
+            cls = _ReadByParentShell if name in read_by_parent else _LinearShell
+            shell = cls(stand_in(module.weight), stand_in(module.bias))
         elif layout == "conv1d":
             shell = Conv1D(stand_in(module.weight), stand_in(module.bias))
         elif layout is not None and hasattr(module, "in_features"):
@@ -80,6 +90,4 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]
         parent.add_module(leaf, shell)
-        if module is head:
-            root.output_head_name = name
     return root
