@@ -661,10 +661,10 @@ def test_compiled_submodule_with_bf16_tied_factors_trains_like_eager(after_injec
 
 @pytest.mark.parametrize("call", ["root", "submodule"])
 def test_bf16_tied_factors_train_with_fused_optimizers(call):
-    """Fused optimizer kernels write parameters without moving their version counter: the shared
-    fp32 casts of bf16 tied factors must still be refreshed every step (by the root's forward
-    pre-hook, and by the optimizer-step count when a submodule is called directly), so fused AdamW
-    follows foreach AdamW's trajectory instead of training on the first step's factors forever."""
+    """Fused optimizer kernels write parameters without moving their version counter: a bf16 tied
+    factor's fp32 cast must never outlive the forward that made it (the root's pre- and post-hooks;
+    a submodule called directly casts per call), so fused AdamW follows foreach AdamW's trajectory
+    instead of training on the first step's factors forever."""
     losses = {}
     for impl in ("fused", "foreach"):
         torch.manual_seed(0)
@@ -755,6 +755,113 @@ def test_torch_compile_fullgraph_of_checkpointed_blocks_matches_eager(adapter_dt
     torch._dynamo.reset()
     for n, g in grads["eager"].items():
         assert rel_err(grads["compiled"][n], g) < 1e-6, n
+
+
+class _TiedBlocks(torch.nn.Module):
+    """Three tanh(Linear) blocks tied into one kind, the loss their output's mean square."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x.square().mean()
+
+
+def _tied_blocks(seed=0):
+    torch.manual_seed(seed)
+    model = _TiedBlocks()
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16", kinds={r"layers\.\d+": "lin"}))
+    randomize_adapters(model)
+    return model.train()
+
+
+def test_compiled_submodule_with_a_metric_forward_between_steps_trains_like_eager(monkeypatch):
+    """A compiled submodule trained without the root, with a forward under grad and no backward (a
+    logged metric) between steps: no cast outlives the forward that made it, so the next step never
+    reads the factors as they were before the optimizer's write (losses drifted; SGD crashed)."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    losses = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        root = torch.nn.Module()
+        root.inner = _TiedBlocks()
+        inject(root, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16",
+                                    kinds={r"inner\.layers\.\d+": "lin"}))
+        randomize_adapters(root)
+        run = torch.compile(root.inner, backend="aot_eager") if mode == "compiled" else root.inner
+        opt = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=5e-2, fused=True)
+        losses[mode] = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = run(x)
+            loss.backward()
+            run(x)  # the metric
+            opt.step()
+            losses[mode].append(loss.item())
+    torch._dynamo.reset()
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5) and losses["eager"][0] != losses["eager"][-1]
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "torch.load"])
+def test_a_copied_model_under_torch_compile_sums_bf16_tied_gradients_in_fp32(copy_by, tmp_path, monkeypatch):
+    """A deepcopied or unpickled injected model, compiled whole: its tied bf16 factor's gradient is the
+    fp32 sum over layers rounded once (what the original gives), not a sum of bf16 roundings."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    model = _tied_blocks()
+    model(x).backward()
+    want = model.tiedlora["lin"].A.grad.clone()
+    if copy_by == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        twin = torch.load(tmp_path / "model.pt", weights_only=False)
+    twin.zero_grad()
+    torch._dynamo.reset()
+    torch.compile(twin, backend="aot_eager")(x).backward()
+    torch._dynamo.reset()
+    assert torch.equal(twin.tiedlora["lin"].A.grad, want)
+
+
+def test_another_librarys_reentrant_checkpoint_warns():
+    """A reentrant checkpoint that is not torch's (DeepSpeed / Megatron style: forward without grad,
+    recompute and a backward of its own inside the Function's backward) rounds each segment's part
+    of a bf16 tied factor's gradient: warned, as torch's is."""
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, run, x):
+            ctx.run = run
+            ctx.save_for_backward(x)
+            with torch.no_grad():
+                return run(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.backward(ctx.run(x), g)
+            return None, x.grad
+
+    class Checkpointed(_TiedBlocks):
+        def forward(self, x):
+            for layer in self.layers:
+                x = Recompute.apply(lambda t, f=layer: torch.tanh(f(t)), x)
+            return x.square().mean()
+
+    model = _tied_blocks()
+    model.__class__ = Checkpointed
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x).backward()
+    assert [w for w in caught if "reentrant activation checkpointing" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------------------------
