@@ -273,3 +273,16 @@ def test_a_directory_holding_a_saved_adapter_is_refused(tmp_path):
         export_peft(model, tmp_path / "out")
     assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_directory_holding_an_export_is_refused_by_save_adapter(tmp_path):
+    """The other way round: save_adapter into a PEFT export's directory replaced its files."""
+    model, _, _ = _prepared("llama", "tl6")
+    export_peft(model, tmp_path / "out")
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
+    with pytest.raises(ValueError, match=r"save_adapter: .*out holds an adapter_model\.safetensors that is no "
+                                         r"tiedlora checkpoint"):
+        save_adapter(model, tmp_path / "out")
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
+    save_adapter(model, tmp_path / "mine")
+    save_adapter(model, tmp_path / "mine")  # a checkpoint of ours is replaced, as before

@@ -199,6 +199,9 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     # The hash covers the metadata too: a flipped bit in the config (a scale, a dropout) is refused.
     meta["sha256"] = content_hash(tensors, meta["format_version"], meta["config"], meta["layers"])
     path = directory / ADAPTER_FILE
+    if file_format(path) not in (None, FORMAT):  # PEFT's export has the same file names
+        raise ValueError(f"save_adapter: {directory} holds an {ADAPTER_FILE} that is no tiedlora checkpoint (a PEFT "
+                         "export?), which the save would replace; save into another directory")
     if optimizer is not None:
         # Written first and stamped with the adapter's hash: a crash between the two renames leaves a
         # pair that load_adapter refuses instead of silently resuming with another save's moments.
@@ -207,6 +210,16 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     human = {**config.to_dict(), "layers": _layer_table(model), "sha256": meta["sha256"]}
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2)))
     return path
+
+
+def file_format(path: Path) -> Optional[str]:
+    """The ``format`` a safetensors file's metadata names ("" for none: PEFT's files), or None when
+    there is no readable file at ``path`` (a half-written one may be replaced)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _warn_trained_outside_adapter(model: nn.Module) -> None:

@@ -35,12 +35,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import save_file
 
 from ..modules import TiedLoRALinear
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import _is_writer, fsync_dir, unwrapped, usual_mode
+from .checkpoint import _is_writer, file_format, fsync_dir, unwrapped, usual_mode
 from .inject import ROOT_ATTR, adapted_layers, adapter_config
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
@@ -230,15 +229,6 @@ def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
     return _full(t).float().contiguous()
 
 
-def _is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a :func:`save_adapter` file (by its metadata); an unreadable file is none."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == CHECKPOINT_FORMAT
-    except (SafetensorError, OSError):
-        return False
-
-
 def _write_directory(directory: Path, writers: dict) -> None:
     """Write ``{file name: write(path)}`` as one directory, all or nothing.
 
@@ -255,7 +245,7 @@ def _write_directory(directory: Path, writers: dict) -> None:
         if foreign:
             raise ValueError(f"export_peft: {directory} holds other files {foreign}; export into a new or empty "
                              "directory (or one holding only a previous export, which is replaced)")
-        if _is_checkpoint(directory / ADAPTER_FILE):
+        if file_format(directory / ADAPTER_FILE) == CHECKPOINT_FORMAT:
             raise ValueError(f"export_peft: {directory} holds a tiedlora checkpoint (save_adapter writes "
                              f"{ADAPTER_FILE} too), which the export would replace; export into another directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
