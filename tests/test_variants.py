@@ -118,6 +118,60 @@ def test_tensor_embedding_with_one_hot_weights_equals_tl_extra():
     assert rel_err(logits_and_loss(tensor), logits_and_loss(extra)) < 1e-6
 
 
+@pytest.mark.parametrize("preset,kw", [("partial", dict(banks=(2, 3))), ("tl_extra", {}),
+                                       ("tensor_embed", dict(core_bank=2))], ids=["partial", "tl_extra", "tensor_embed"])
+def test_mixed_and_core_variants_match_their_formula_and_every_gradient(preset, kw):
+    """Partial tying with its own mixing weights for A and B (kA != kB), and Tied-LoRA Extra / tensor
+    embedding with a random, non-symmetric r x r core, against the formula written out here in
+    float64 (docs/MATH.md): A_i = sum_k wA_i[k] LA[k], B_i = sum_k wB_i[k] LB[k], M_i = adapter_M_i
+    or sum_k wM_i[k] LM[k]; out_i = x W_i^T + b_i + s ((x A_i^T) M_i^T B_i^T), two tied layers of
+    different shapes (leading slices). The tests above compare with wA = wB and a diagonal M only,
+    where a swap of the weights or a transposed core cannot show."""
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(12, 10), torch.nn.Linear(10, 7)
+
+        def forward(self, x):
+            return self.second(torch.tanh(self.first(x)))
+
+    torch.manual_seed(0)
+    model = TwoLayers().double()
+    inject(model, TiedLoRAConfig(rank=3, preset=preset, kinds={"first|second": "lin"}, adapter_dtype="float64", **kw))
+    randomize_adapters(model, std=0.3)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    G = torch.randn(5, 7, dtype=torch.float64)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model(x).backward(G)
+
+    leaf = {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+
+    def layer(name, h):
+        N, K = leaf[f"{name}.weight"].shape
+        LA, LB = leaf["tiedlora.lin.A"], leaf["tiedlora.lin.B"]
+        if preset == "partial":
+            A = sum(w * LA[k, :, :K] for k, w in enumerate(leaf[f"{name}.adapter_wA"]))
+            B = sum(w * LB[k, :N, :] for k, w in enumerate(leaf[f"{name}.adapter_wB"]))
+            M = torch.eye(3, dtype=torch.float64)
+        else:
+            A, B = LA[:, :K], LB[:N, :]
+            M = (leaf[f"{name}.adapter_M"] if preset == "tl_extra" else
+                 sum(w * leaf["tiedlora.lin.core_bank"][k] for k, w in enumerate(leaf[f"{name}.adapter_wM"])))
+        s = dict(adapted_layers(model))[name].scaling
+        return h @ leaf[f"{name}.weight"].t() + leaf[f"{name}.bias"] + s * (h @ A.t()) @ M.t() @ B.t()
+
+    out = layer("second", torch.tanh(layer("first", x)))
+    assert rel_err(model(x), out) < 1e-12
+    if preset != "partial":  # the core is what this test is about: random, not symmetric
+        M0 = model.first.adapter_M if preset == "tl_extra" else model.tiedlora["lin"].core_bank[0]
+        assert rel_err(M0.t(), M0) > 0.1
+    else:
+        assert model.first.adapter_wA.shape != model.first.adapter_wB.shape
+    grads = torch.autograd.grad(out, [leaf[n] for n in trained], G)
+    for (n, p), g in zip(trained.items(), grads):
+        assert rel_err(p.grad, g) < 1e-10, n
+
+
 def test_simple_dora_matches_its_formula():
     torch.manual_seed(0)
     lin = torch.nn.Linear(12, 10)

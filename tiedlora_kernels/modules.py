@@ -27,12 +27,6 @@ from .ops import tied_lora_add, tied_lora_linear
 #: ``quantized``: a base layer that computes its own output (``base_layer``, see ``bases.py``).
 LAYOUTS = ("linear", "conv1d", "quantized")
 
-def _castable(p: torch.Tensor) -> bool:
-    """A 16-bit leaf tensor: the only kind of factor whose fp32 cast the root's pre-hook shares."""
-    return (p.dtype not in (torch.float32, torch.float64) and p.is_leaf
-            and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(p)))
-
-
 class TiedFactors(nn.Module):
     """The factors of one kind (tied) or of one layer (untied).
 
@@ -48,30 +42,28 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
-        self._fp32_views: dict[str, torch.Tensor] = {}  # name -> the fp32 cast this root forward shares
+        self._fp32_views: dict[str, tuple] = {}  # name -> (factor, its fp32 cast) this forward pass shares
         self._used_with_grad: set[str] = set()  # factors the forward of this pass used with grad
 
     def new_forward_pass(self) -> None:
-        """The model root's forward pre-hook (see ``inject``): one fp32 cast of each trained 16-bit
-        factor, shared by every layer of this forward pass (:meth:`accumulating`). Made here, outside
-        any activation-checkpointed region (a compiled checkpoint region may not write the cache).
-        Inside a backward (a checkpoint around the whole model recomputing it) it does nothing."""
-        compiling = torch.compiler.is_compiling()
-        if not compiling and torch._C._current_graph_task_id() != -1:
-            return
+        """Start of a forward pass of the model (:class:`AdapterFactors`' hooks): one fp32 cast of each
+        trained 16-bit factor, shared by every layer of this pass (:meth:`accumulating`). Made here,
+        outside any activation-checkpointed region (a compiled checkpoint region may not write the
+        cache); a factor that is not a parameter (``functional_call``'s fast weights, ``torch.func``)
+        is cast too and used while it is the one the layers see."""
         self._fp32_views.clear()
-        if not compiling:
+        if not torch.is_grad_enabled():  # (a no-grad forward, e.g. DPO's reference logits, is no pass of
+            return                       # the graph the next backward runs: it keeps what that one used)
+        if not torch.compiler.is_compiling():
             self._used_with_grad.clear()
-        if torch.is_grad_enabled():
-            for name in ("A", "B", "core_bank"):
-                p = getattr(self, name)
-                if p is not None and p.requires_grad and _castable(p):
-                    self._fp32_views[name] = p.float()
+        for name in ("A", "B", "core_bank"):
+            p = getattr(self, name)
+            if p is not None and p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                self._fp32_views[name] = (p, p.float())
 
     def end_forward_pass(self) -> None:
-        """The model root's forward post-hook: the casts have served the forward (its graph keeps them
-        for the backward). Dropped here, so no later call, of the root or of a submodule alone, after
-        an optimizer step or any other write, can read a stale one."""
+        """End of the forward pass: the casts have served it (its graph keeps them for the backward).
+        Dropped here, so no later call, after an optimizer step or any other write, reads a stale one."""
         self._fp32_views.clear()
 
     @property
@@ -84,19 +76,19 @@ class TiedFactors(nn.Module):
 
     def accumulating(self, name: str) -> torch.Tensor:
         """The factor as the layers should use it. A trained bf16/fp16 factor is replaced by the one
-        fp32 cast the root's pre-hook made for this forward pass, shared by every layer of the kind:
-        each layer's gradient is added into that fp32 tensor and the sum is rounded to the
-        parameter's dtype once (used directly, autograd would add the per-layer gradients in bf16).
+        fp32 cast made at the start of this forward pass (:meth:`new_forward_pass`), shared by every
+        layer of the kind: each layer's gradient is added into that fp32 tensor and the sum is
+        rounded to the parameter's dtype once (used directly, autograd would add the per-layer
+        gradients in bf16).
 
-        Without a cast from the root (a submodule called on its own, a computed or functorch factor,
-        activation checkpointing recomputing in the backward) each call casts by itself: always
-        current, and a recompute's gradient still reaches the forward's shared cast through the
-        forward's graph (non-reentrant checkpointing). A submodule trained on its own sums its
-        layers' gradients in the factor's dtype."""
+        Outside a forward pass (a layer called on its own, activation checkpointing recomputing in
+        the backward) and for a factor computed anew at each access (a parametrization) each call
+        casts by itself: always current, and a recompute's gradient still reaches the forward's
+        shared cast through the forward's graph (non-reentrant checkpointing)."""
         p = getattr(self, name)
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
-        cast = self._fp32_views.get(name)
+        shared = self._fp32_views.get(name)
         if not torch.compiler.is_compiling():
             if torch._C._current_graph_task_id() == -1:
                 self._used_with_grad.add(name)
@@ -110,7 +102,7 @@ class TiedFactors(nn.Module):
                               "use_reentrant=False (transformers: gradient_checkpointing_enable("
                               "gradient_checkpointing_kwargs={'use_reentrant': False})) or fp32 adapters.",
                               stacklevel=4)
-        return cast if cast is not None else p.float()
+        return shared[1] if shared is not None and shared[0] is p else p.float()
 
     def __getstate__(self):
         # The casts are graph nodes of a running forward: never copied or pickled with the module.
@@ -141,18 +133,50 @@ class AdapterFactors(nn.ModuleDict):
     untied adapters, with ``.`` written as ``__``). Attached to the model root as ``model.tiedlora``."""
 
     def watch(self, model: nn.Module) -> None:
-        """Hook ``model``'s root forward: fresh shared fp32 casts of 16-bit trained factors for each
-        pass, dropped when it ends (bound methods: the hooks survive deepcopy and pickling)."""
-        model.register_forward_pre_hook(self.new_forward_pass)
-        model.register_forward_hook(self.end_forward_pass, always_call=True)
+        """Hook the forward of ``model`` and of every module a caller may run on its own that holds
+        adapted layers (:func:`_entry_points`: ``model.model``, an encoder, CLIP's text model): the
+        outermost one running is a forward pass, which makes fresh shared fp32 casts of 16-bit
+        trained factors and drops them when it ends (bound methods: the hooks survive deepcopy and
+        pickling; blocks inside a ModuleList are not hooked, so a checkpointed block writes nothing)."""
+        self._running = 0  # entry points running: the outermost starts and ends the pass
+        for module in _entry_points(model):
+            module.register_forward_pre_hook(self.new_forward_pass)
+            module.register_forward_hook(self.end_forward_pass, always_call=True)
 
     def new_forward_pass(self, module=None, args=None) -> None:
-        for factors in self.values():
-            factors.new_forward_pass()
+        # A checkpoint around the whole model recomputing it inside the backward starts no pass: that
+        # backward still adds into the forward's casts.
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return
+        self._running += 1
+        if self._running == 1:
+            for factors in self.values():
+                factors.new_forward_pass()
 
     def end_forward_pass(self, module=None, args=None, output=None) -> None:
-        for factors in self.values():
-            factors.end_forward_pass()
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return
+        self._running = max(self._running - 1, 0)  # (never below 0: a pre-hook before ours may have raised)
+        if self._running == 0:
+            for factors in self.values():
+                factors.end_forward_pass()
+
+
+def _entry_points(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module inside it that holds adapted layers and that a caller may run on its
+    own: not a container of blocks (ModuleList, ModuleDict, Sequential) nor inside one, not an adapted
+    layer. A few modules per model (LLaMA: the root and ``model``), not one per block."""
+    containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential, TiedLoRALinear, AdapterFactors)
+    out = [model]
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if not isinstance(child, containers) and any(isinstance(m, TiedLoRALinear) for m in child.modules()):
+                out.append(child)
+                visit(child)
+
+    visit(model)
+    return out
 
 
 class TiedLoRALinear(nn.Module):

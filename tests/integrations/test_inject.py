@@ -194,6 +194,27 @@ def test_the_out_proj_of_a_torch_multihead_attention_is_left_out_or_refused():
     assert {n for n, _ in adapted_layers(model)} == {"encoder.layers.0.self_attn.out_proj"}
 
 
+def test_the_feed_forward_of_a_torch_transformer_encoder_layer_is_left_out():
+    """nn.TransformerEncoderLayer's inference fast path (eval, batch_first) reads linear1 / linear2's
+    weights without calling them: an adapter there trained, then changed nothing in eval. "all-linear"
+    leaves them out (and its attention's out_proj), naming them is refused."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 16)
+            self.layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            return self.layer(self.proj(x))
+
+    torch.manual_seed(0)
+    model = inject(Encoder(), TiedLoRAConfig(rank=2, preset="lora"))
+    assert {n for n, _ in adapted_layers(model)} == {"proj"}
+    with pytest.raises(ValueError, match=r"selects layer 'layer\.linear1', whose parent TransformerEncoderLayer"):
+        inject(Encoder(), TiedLoRAConfig(rank=2, target_modules=["linear1"]))
+
+
 def _three_linears():
     model = torch.nn.Module()
     model.a, model.b, model.proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
@@ -560,6 +581,55 @@ def test_bf16_tied_gradients_are_summed_in_fp32(preset, tied):
     exact = getattr(ref.tiedlora["q_proj"], tied).grad
     assert (grad == exact.to(torch.bfloat16)).float().mean() > 0.95
     copy.deepcopy(model)  # the shared fp32 casts are not part of the module's state
+
+
+def _flow_gradient(model, flow):
+    """The gradient of the trained tied factor A of kind q_proj, from one training flow."""
+    from torch.func import functional_call
+
+    key = "tiedlora.q_proj.A"
+    if flow == "root":
+        model(IDS, labels=IDS).loss.backward()
+    elif flow == "model.forward":  # a wrapper calling forward, not the module (PEFT's BaseTuner)
+        model.forward(IDS, labels=IDS).loss.backward()
+    elif flow == "submodule":  # model.model and a head of one's own (CLIP's get_text_features, likewise)
+        logits = model.lm_head(model.model(IDS).last_hidden_state)
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                          IDS[:, 1:].reshape(-1)).backward()
+    elif flow == "fast_weights":  # MAML-style non-leaf weights through functional_call
+        fast = {k: (v * 1 if v.requires_grad else v) for k, v in model.named_parameters()}
+        return torch.autograd.grad(functional_call(model, fast, (IDS,), {"labels": IDS}).loss, fast[key])[0]
+    elif flow == "torch.func.grad":
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        return torch.func.grad(lambda p: functional_call(model, {**params, **p}, (IDS,), {"labels": IDS}).loss)(
+            {key: params[key]})[key]
+    elif flow == "dpo":  # the policy's checkpointed forward, a reference forward under no_grad, then backward
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(IDS, labels=IDS).loss
+        with torch.no_grad():
+            model(IDS)
+        loss.backward()
+    return model.tiedlora["q_proj"].A.grad
+
+
+@pytest.mark.parametrize("flow", ["root", "model.forward", "submodule", "fast_weights", "torch.func.grad", "dpo"])
+def test_bf16_tied_gradients_are_summed_in_fp32_in_every_training_flow(flow):
+    """The shared fp32 cast is made by the outermost of the model's entry points running (the root, and
+    any module holding adapted layers outside its blocks: model.model, an encoder), so the fp32 sum
+    holds when a wrapper calls forward() or a submodule directly, with functional_call's fast weights
+    and under torch.func; a no-grad reference forward between (DPO) neither breaks it nor warns."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=8, hidden=64)
+    inject(model, TiedLoRAConfig(rank=8, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    ref = copy.deepcopy(model).double()
+    ref(IDS, labels=IDS).loss.backward()
+    exact = ref.tiedlora["q_proj"].A.grad.to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grad = _flow_gradient(model, flow)
+    assert (grad == exact).float().mean() > 0.95
+    assert not [w for w in caught if "TiedFactors" in str(w.message)]
 
 
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])

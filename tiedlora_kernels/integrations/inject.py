@@ -111,11 +111,14 @@ def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
 def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
     """Layer name -> its parent's class, for the linears whose parent reads their weight and bias
     without calling them: torch's ``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional
-    form, so an adapter on ``out_proj`` would get no gradient and change nothing until ``merge``."""
+    form, so an adapter on ``out_proj`` would get no gradient and change nothing until ``merge``; and
+    ``nn.TransformerEncoderLayer``'s inference fast path reads ``linear1`` / ``linear2``'s weights (an
+    adapter there would train, then be ignored in eval)."""
     return {f"{pn}.{cn}" if pn else cn: type(parent).__name__
             for pn, parent in model.named_modules() for cn, child in parent.named_children()
             if isinstance(child, NonDynamicallyQuantizableLinear)
-            or (isinstance(parent, nn.MultiheadAttention) and isinstance(child, nn.Linear))}
+            or (isinstance(parent, nn.MultiheadAttention) and isinstance(child, nn.Linear))
+            or (isinstance(parent, nn.TransformerEncoderLayer) and cn in ("linear1", "linear2"))}
 
 
 def _output_head_layers(model: nn.Module, rule: str) -> set[int]:
