@@ -134,11 +134,14 @@ class AdapterFactors(nn.ModuleDict):
 
     def watch(self, model: nn.Module) -> None:
         """Hook the forward of ``model`` and of every module a caller may run on its own that holds
-        adapted layers (:func:`_entry_points`: ``model.model``, an encoder, CLIP's text model): the
-        outermost one running is a forward pass, which makes fresh shared fp32 casts of 16-bit
-        trained factors and drops them when it ends (bound methods: the hooks survive deepcopy and
-        pickling; blocks inside a ModuleList are not hooked, so a checkpointed block writes nothing)."""
-        self._running = 0  # entry points running: the outermost starts and ends the pass
+        adapted layers (:func:`_entry_points`: ``model.model``, an encoder, CLIP's text model): each
+        call of one is a forward pass, which makes fresh shared fp32 casts of 16-bit trained factors
+        and drops them when it ends. No state survives a pass but the casts, and the next pass's start
+        replaces them: an interrupted forward (KeyboardInterrupt skips the post-hooks) or another
+        thread's forward leaves nothing that a later pass reads. A nested entry point (``model.model``
+        inside the root) starts its own pass: its layers share its casts. Bound methods: the hooks
+        survive deepcopy and pickling; blocks inside a ModuleList are not hooked, so a checkpointed
+        block writes nothing."""
         for module in _entry_points(model):
             module.register_forward_pre_hook(self.new_forward_pass)
             module.register_forward_hook(self.end_forward_pass, always_call=True)
@@ -146,18 +149,12 @@ class AdapterFactors(nn.ModuleDict):
     def new_forward_pass(self, module=None, args=None) -> None:
         # A checkpoint around the whole model recomputing it inside the backward starts no pass: that
         # backward still adds into the forward's casts.
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            return
-        self._running += 1
-        if self._running == 1:
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             for factors in self.values():
                 factors.new_forward_pass()
 
     def end_forward_pass(self, module=None, args=None, output=None) -> None:
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            return
-        self._running = max(self._running - 1, 0)  # (never below 0: a pre-hook before ours may have raised)
-        if self._running == 0:
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             for factors in self.values():
                 factors.end_forward_pass()
 

@@ -632,6 +632,36 @@ def test_bf16_tied_gradients_are_summed_in_fp32_in_every_training_flow(flow):
     assert not [w for w in caught if "TiedFactors" in str(w.message)]
 
 
+def test_a_forward_interrupted_by_ctrl_c_leaves_no_stale_cast():
+    """KeyboardInterrupt skips the forward post-hooks (nn.Module runs always_call hooks only on an
+    Exception): the next pass must still cast the factors as the optimizer left them, so training
+    goes on exactly as in a model never interrupted (a pass counter left stuck froze the factors)."""
+
+    def build():
+        torch.manual_seed(0)
+        model = tiny_llama(n_layer=2)
+        inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+        randomize_adapters(model)
+        return model
+
+    interrupted, reference = build(), build()
+    handle = interrupted.model.layers[1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted(IDS, labels=IDS)
+    handle.remove()
+    losses = {}
+    for name, model in (("interrupted", interrupted), ("reference", reference)):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(IDS, labels=IDS).loss
+            losses[name].append(loss.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert losses["interrupted"] == losses["reference"] and losses["reference"][0] != losses["reference"][-1]
+
+
 @pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
 def test_a_parametrized_tied_factor_trains(adapter_dtype):
     """A parametrization on a tied factor makes it a computed tensor: the fp32-cast machinery hooked
