@@ -263,26 +263,19 @@ def test_a_compiled_model_exports_the_plain_models_keys(tmp_path):
     assert_exact(_load_peft("llama", tmp_path / "compiled", base_state)(IDS).logits, logits)
 
 
-def test_a_directory_holding_a_saved_adapter_is_refused(tmp_path):
-    """save_adapter and PEFT use the same file names: an export replaced the checkpoint, silently."""
+@pytest.mark.parametrize("first,then,msg", [
+    (save_adapter, export_peft, r"export_peft: .*out holds a tiedlora checkpoint \(save_adapter writes "
+                                r"adapter_model\.safetensors too\)"),
+    (export_peft, save_adapter, r"save_adapter: .*out holds an adapter_model\.safetensors that is no tiedlora "
+                                r"checkpoint")], ids=["export-over-checkpoint", "checkpoint-over-export"])
+def test_a_directory_holding_the_other_format_is_refused(first, then, msg, tmp_path):
+    """save_adapter and PEFT use the same file names: each silently replaced the other's files."""
     model, _, _ = _prepared("llama", "tl6")
-    save_adapter(model, tmp_path / "out")
+    first(model, tmp_path / "out")
     before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
-    with pytest.raises(ValueError, match=r"export_peft: .*out holds a tiedlora checkpoint \(save_adapter writes "
-                                         r"adapter_model\.safetensors too\)"):
-        export_peft(model, tmp_path / "out")
+    with pytest.raises(ValueError, match=msg):
+        then(model, tmp_path / "out")
     assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
-
-
-def test_a_directory_holding_an_export_is_refused_by_save_adapter(tmp_path):
-    """The other way round: save_adapter into a PEFT export's directory replaced its files."""
-    model, _, _ = _prepared("llama", "tl6")
-    export_peft(model, tmp_path / "out")
-    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
-    with pytest.raises(ValueError, match=r"save_adapter: .*out holds an adapter_model\.safetensors that is no "
-                                         r"tiedlora checkpoint"):
-        save_adapter(model, tmp_path / "out")
-    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
-    save_adapter(model, tmp_path / "mine")
-    save_adapter(model, tmp_path / "mine")  # a checkpoint of ours is replaced, as before
+    then(model, tmp_path / "again")
+    then(model, tmp_path / "again")  # its own format is replaced, as before

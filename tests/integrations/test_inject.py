@@ -825,38 +825,6 @@ def test_bf16_tied_factors_under_torch_compile_follow_eager(monkeypatch):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
 
 
-@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
-def test_torch_compile_fullgraph_of_checkpointed_blocks_matches_eager(adapter_dtype, monkeypatch):
-    """torch.compile(fullgraph=True) of a model whose blocks are activation-checkpointed: the shared
-    fp32 casts of bf16 factors are made by the root's pre-hook, outside the checkpointed regions
-    (written inside one, the cache was a side effect the checkpoint's higher-order op refused)."""
-    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
-
-    class Blocks(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(3))
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = torch.utils.checkpoint.checkpoint(lambda t, f=layer: torch.tanh(f(t)), x, use_reentrant=False)
-            return x.square().mean()
-
-    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
-    grads = {}
-    for mode in ("eager", "compiled"):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = Blocks()
-        inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype=adapter_dtype, kinds={r"layers\.\d+": "lin"}))
-        randomize_adapters(model)
-        (torch.compile(model, fullgraph=True, backend="aot_eager") if mode == "compiled" else model)(x).backward()
-        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    torch._dynamo.reset()
-    for n, g in grads["eager"].items():
-        assert rel_err(grads["compiled"][n], g) < 1e-6, n
-
-
 class _TiedBlocks(torch.nn.Module):
     """Three tanh(Linear) blocks tied into one kind, the loss their output's mean square."""
 
@@ -876,6 +844,34 @@ def _tied_blocks(seed=0):
     inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype="bfloat16", kinds={r"layers\.\d+": "lin"}))
     randomize_adapters(model)
     return model.train()
+
+
+@pytest.mark.parametrize("adapter_dtype", ["float32", "bfloat16"])
+def test_torch_compile_fullgraph_of_checkpointed_blocks_matches_eager(adapter_dtype, monkeypatch):
+    """torch.compile(fullgraph=True) of a model whose blocks are activation-checkpointed: the shared
+    fp32 casts of bf16 factors are made by the root's pre-hook, outside the checkpointed regions
+    (written inside one, the cache was a side effect the checkpoint's higher-order op refused)."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+
+    class Blocks(_TiedBlocks):
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.utils.checkpoint.checkpoint(lambda t, f=layer: torch.tanh(f(t)), x, use_reentrant=False)
+            return x.square().mean()
+
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Blocks()
+        inject(model, TiedLoRAConfig(rank=4, preset="tl6", adapter_dtype=adapter_dtype, kinds={r"layers\.\d+": "lin"}))
+        randomize_adapters(model)
+        (torch.compile(model, fullgraph=True, backend="aot_eager") if mode == "compiled" else model)(x).backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch._dynamo.reset()
+    for n, g in grads["eager"].items():
+        assert rel_err(grads["compiled"][n], g) < 1e-6, n
 
 
 def test_compiled_submodule_with_a_metric_forward_between_steps_trains_like_eager(monkeypatch):
