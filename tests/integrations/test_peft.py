@@ -168,7 +168,7 @@ def test_a_merged_peft_model_is_refused():
     assert rel_err(from_peft(pm)(IDS).logits, logits) < 1e-6
 
 
-@pytest.mark.parametrize("case", ["target_parameters", "rank_too_large"])
+@pytest.mark.parametrize("case", ["target_parameters", "rank_too_large", "read_by_parent"])
 def test_a_refusal_leaves_the_peft_model_whole(case):
     """PEFT's target_parameters adds B A to a Conv1D weight as stored, (in, out): converted as a layer's
     update it gave wrong logits (square) or crashed; and a refusal raised by inject came after
@@ -180,9 +180,17 @@ def test_a_refusal_leaves_the_peft_model_whole(case):
         pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=[],
                                                               target_parameters=["attn.c_proj.weight"]))
         msg = r"adapts the parameter 'weight' \(LoraConfig.target_parameters\)"
-    else:
+    elif case == "rank_too_large":
         pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=20, target_modules=["k_proj"]))
         msg = r"from_peft: rank=20 is larger than layer 'model.layers.0.self_attn.k_proj'"
+    else:  # SigLIP's pooling head: nn.MultiheadAttention reads out_proj.weight, never calls out_proj
+        import transformers
+
+        siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=16,
+            patch_size=8))
+        pm = peft.get_peft_model(siglip, peft.LoraConfig(r=4, target_modules=["out_proj"]))
+        msg = r"from_peft: layer '.*head\.attention\.out_proj' is read by its parent MultiheadAttention"
     before = sum(isinstance(m, LoraLayer) for m in pm.modules())
     with pytest.raises(ValueError, match=msg):
         from_peft(pm)

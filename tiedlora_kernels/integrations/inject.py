@@ -116,9 +116,14 @@ def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
     adapter there would train, then be ignored in eval)."""
     return {f"{pn}.{cn}" if pn else cn: type(parent).__name__
             for pn, parent in model.named_modules() for cn, child in parent.named_children()
-            if isinstance(child, NonDynamicallyQuantizableLinear)
-            or (isinstance(parent, nn.MultiheadAttention) and isinstance(child, nn.Linear))
-            or (isinstance(parent, nn.TransformerEncoderLayer) and cn in ("linear1", "linear2"))}
+            if read_by_parent(parent, cn, child)}
+
+
+def read_by_parent(parent: nn.Module, name: str, child: nn.Module) -> bool:
+    """Whether ``parent`` reads its child ``name``'s weight without calling it (see
+    :func:`_weights_read_by_parent`; ``child`` may be a PEFT layer wrapping the linear)."""
+    return (isinstance(child, NonDynamicallyQuantizableLinear) or isinstance(parent, nn.MultiheadAttention)
+            or (isinstance(parent, nn.TransformerEncoderLayer) and name in ("linear1", "linear2")))
 
 
 def _output_head_layers(model: nn.Module, rule: str) -> set[int]:

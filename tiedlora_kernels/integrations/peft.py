@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TiedLoRAConfig
-from .inject import ROOT_ATTR, adapted_layers, base_in_out, check_rank_fits, inject
+from .inject import ROOT_ATTR, adapted_layers, base_in_out, check_rank_fits, inject, read_by_parent
 
 
 def from_peft(peft_model) -> nn.Module:
@@ -74,6 +74,11 @@ def from_peft(peft_model) -> nn.Module:
     # Everything is checked before peft_model.unload(): after it, a refusal would leave the user
     # with neither PEFT's adapter nor ours.
     for n, m in layers:
+        parent_name, _, child_name = n.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        if read_by_parent(parent, child_name, m):
+            raise ValueError(f"from_peft: layer {n!r} is read by its parent {type(parent).__name__} without being "
+                             "called, so its adapter changes nothing (in PEFT too); convert an adapter without it")
         if getattr(m, "parameter_name", None) is not None:  # PEFT's target_parameters (ParamWrapper)
             raise ValueError(f"from_peft: layer {n!r} adapts the parameter {m.parameter_name!r} "
                              "(LoraConfig.target_parameters): its update is added to the weight as stored, "
