@@ -13,6 +13,7 @@ Untied adapters (plain LoRA) are the same mechanism with one :class:`TiedFactors
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from typing import Optional
 
@@ -42,7 +43,7 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
-        self._fp32_views: dict[str, tuple] = {}  # name -> (factor, its fp32 cast) this forward pass shares
+        self._fp32_views: dict[str, tuple] = {}  # name -> (factor, its version, its fp32 cast) of this pass
         self._used_with_grad: set[str] = set()  # factors the forward of this pass used with grad
 
     def new_forward_pass(self) -> None:
@@ -59,7 +60,7 @@ class TiedFactors(nn.Module):
         for name in ("A", "B", "core_bank"):
             p = getattr(self, name)
             if p is not None and p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-                self._fp32_views[name] = (p, p.float())
+                self._fp32_views[name] = (p, _version(p), p.float())
 
     def end_forward_pass(self) -> None:
         """End of the forward pass: the casts have served it (its graph keeps them for the backward).
@@ -102,7 +103,10 @@ class TiedFactors(nn.Module):
                               "use_reentrant=False (transformers: gradient_checkpointing_enable("
                               "gradient_checkpointing_kwargs={'use_reentrant': False})) or fp32 adapters.",
                               stacklevel=4)
-        return shared[1] if shared is not None and shared[0] is p else p.float()
+        # The pass's cast while it is the factor the layer sees, unwritten since (an in-place write
+        # within the pass, a step of an inner training loop, moves the version)
+        current = shared is not None and shared[0] is p and shared[1] == _version(p)
+        return shared[2] if current else p.float()
 
     def __getstate__(self):
         # The casts are graph nodes of a running forward: never copied or pickled with the module.
@@ -134,29 +138,63 @@ class AdapterFactors(nn.ModuleDict):
 
     def watch(self, model: nn.Module) -> None:
         """Hook the forward of ``model`` and of every module a caller may run on its own that holds
-        adapted layers (:func:`_entry_points`: ``model.model``, an encoder, CLIP's text model): each
-        call of one is a forward pass, which makes fresh shared fp32 casts of 16-bit trained factors
-        and drops them when it ends. No state survives a pass but the casts, and the next pass's start
-        replaces them: an interrupted forward (KeyboardInterrupt skips the post-hooks) or another
-        thread's forward leaves nothing that a later pass reads. A nested entry point (``model.model``
-        inside the root) starts its own pass: its layers share its casts. Bound methods: the hooks
+        adapted layers (:func:`_entry_points`: ``model.model``, an encoder, CLIP's text model). A call
+        of one that runs inside no other is a forward pass: it makes fresh shared fp32 casts of 16-bit
+        trained factors and drops them when it ends; a call nested inside it (``model.model`` inside
+        the root, a T5 encoder and decoder) shares them. The pass belongs to its call's frame: a pass
+        whose call is no longer on the stack (a forward interrupted by Ctrl-C, which skips the
+        post-hooks; another thread's) is over, and the next call starts afresh. Under torch.compile
+        (no frames to look at) each entry point's call is a pass of its own. Bound methods: the hooks
         survive deepcopy and pickling; blocks inside a ModuleList are not hooked, so a checkpointed
         block writes nothing."""
+        self._pass_frame = None
         for module in _entry_points(model):
             module.register_forward_pre_hook(self.new_forward_pass)
             module.register_forward_hook(self.end_forward_pass, always_call=True)
 
     def new_forward_pass(self, module=None, args=None) -> None:
-        # A checkpoint around the whole model recomputing it inside the backward starts no pass: that
-        # backward still adds into the forward's casts.
-        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        if torch.compiler.is_compiling():
             for factors in self.values():
                 factors.new_forward_pass()
+            return
+        # A checkpoint around the whole model recomputing it inside the backward starts no pass: that
+        # backward still adds into the forward's casts.
+        if torch._C._current_graph_task_id() != -1:
+            return
+        running = getattr(self, "_pass_frame", None)
+        if running is not None and _on_stack(running, sys._getframe(2)):
+            return  # nested in the running pass
+        self._pass_frame = sys._getframe(1)  # the call's own frame (nn.Module._call_impl)
+        for factors in self.values():
+            factors.new_forward_pass()
 
     def end_forward_pass(self, module=None, args=None, output=None) -> None:
-        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        if torch.compiler.is_compiling():
             for factors in self.values():
                 factors.end_forward_pass()
+            return
+        if torch._C._current_graph_task_id() == -1 and getattr(self, "_pass_frame", None) is sys._getframe(1):
+            self._pass_frame = None
+            for factors in self.values():
+                factors.end_forward_pass()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pass_frame": None}  # (a frame is no state, and cannot be pickled)
+
+
+def _on_stack(frame, start) -> bool:
+    """Whether ``frame`` is ``start`` or one of its callers (a nested call finds it a few frames up)."""
+    while start is not None:
+        if start is frame:
+            return True
+        start = start.f_back
+    return False
+
+
+def _version(p: torch.Tensor) -> int:
+    """The in-place version of ``p`` (0 under torch.compile, which cannot trace it: there the pass
+    boundaries alone keep the casts current)."""
+    return 0 if torch.compiler.is_compiling() else p._version
 
 
 def _entry_points(model: nn.Module) -> list[nn.Module]:

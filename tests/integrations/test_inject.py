@@ -632,6 +632,52 @@ def test_bf16_tied_gradients_are_summed_in_fp32_in_every_training_flow(flow):
     assert not [w for w in caught if "TiedFactors" in str(w.message)]
 
 
+@pytest.mark.parametrize("kind_rule", ["path", "last"])
+def test_encoder_decoder_bf16_tied_gradients_under_checkpointing(kind_rule):
+    """T5: the decoder's call runs inside the model's and shares its pass (a nested entry point that
+    started a pass of its own split one call's sum into parts rounded apart, with the encoder and
+    decoder tied as one kind, kind_rule="last"); non-reentrant checkpointing warns of nothing (the
+    decoder's start used to forget that the encoder's layers ran with grad)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=97, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_decoder_layers=4, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0))
+    inject(model, TiedLoRAConfig(rank=8, preset="tl5", adapter_dtype="bfloat16", target_modules=["wi"],
+                                 kind_rule=kind_rule))
+    randomize_adapters(model)
+    ref = copy.deepcopy(model).double()
+    ref(input_ids=IDS, labels=IDS).loss.backward()
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    assert not [w for w in caught if "TiedFactors" in str(w.message)]
+    for name, factors in model.tiedlora.items():
+        exact = ref.tiedlora[name].A.grad.to(torch.bfloat16)
+        assert (factors.A.grad == exact).float().mean() > 0.95, name
+
+
+def test_an_in_place_write_during_the_pass_is_seen_by_the_layers():
+    """A write into a tied factor after the pass made its cast (a forward pre-hook of the user's
+    registered after inject, an inner training loop): the layers use the factor as it is now."""
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    want = copy.deepcopy(model)
+    with torch.no_grad():
+        want.tiedlora["q_proj"].A.mul_(3)
+
+    def triple(module, args):  # runs after inject's pre-hooks, which have made the pass's cast
+        with torch.no_grad():
+            model.tiedlora["q_proj"].A.mul_(3)
+
+    model.model.register_forward_pre_hook(triple)
+    assert torch.equal(model(IDS).logits, want(IDS).logits)
+
+
 def test_a_forward_interrupted_by_ctrl_c_leaves_no_stale_cast():
     """KeyboardInterrupt skips the forward post-hooks (nn.Module runs always_call hooks only on an
     Exception): the next pass must still cast the factors as the optimizer left them, so training
