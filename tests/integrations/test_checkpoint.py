@@ -577,3 +577,52 @@ def test_saving_warns_of_trained_parameters_outside_the_adapter(tmp_path):
     model.bert.embeddings.requires_grad_(True)  # 5 more tensors
     with pytest.warns(UserWarning, match=r"'bert\.embeddings\.token_type_embeddings\.weight'\] and 4 more;"):
         save_adapter(model, tmp_path / "more")
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_non_finite_adapter_or_optimizer_state_is_refused_before_anything_is_written(tmp_path):
+    """A diverged adapter (NaN, inf) was written over a good checkpoint, which load_adapter then refused:
+    save_adapter refuses it with load's own check, naming the tensor, and writes nothing, not even a directory."""
+    model = trained("tl6")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    save_adapter(model, tmp_path / "good", optimizer=opt)
+    before = _files(tmp_path / "good")
+    with torch.no_grad():
+        model.tiedlora["q_proj"].A[0, 0] = float("nan")
+    for directory in (tmp_path / "good", tmp_path / "new"):
+        with pytest.raises(ValueError, match=r"save_adapter: tensor 'tiedlora\.q_proj\.A' holds non-finite values"):
+            save_adapter(model, directory, optimizer=opt)
+    with torch.no_grad():
+        model.tiedlora["q_proj"].A[0, 0] = 0.0
+    opt.state[model.tiedlora["q_proj"].A]["exp_avg"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"save_adapter: optimizer state 'tiedlora\.q_proj\.A/exp_avg' holds "
+                                         r"non-finite values"):
+        save_adapter(model, tmp_path / "good", optimizer=opt)
+    assert _files(tmp_path / "good") == before and not (tmp_path / "new").exists()
+    load_adapter(base_of_trained(), tmp_path / "good")  # the good checkpoint is still there
+
+
+def test_an_optimizer_holding_parameters_outside_the_model_is_refused(tmp_path):
+    """An optimizer over parameters the model does not have raised a bare KeyError of an id."""
+    model = trained("tl6")
+    adapter = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD([*adapter, torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 5))],
+                          lr=0.1)
+    with pytest.raises(ValueError, match=r"save_adapter: 2 of the optimizer's parameters are not parameters of the "
+                                         r"model \(shapes \[\(3,\), \(2, 5\)\]\)"):
+        save_adapter(model, tmp_path / "out", optimizer=opt)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("directory", [None, 5], ids=["None", "int"])
+def test_a_directory_that_is_no_path_is_refused_naming_it(directory):
+    for op, call in (("save_adapter", lambda: save_adapter(trained("tl6"), directory)),
+                     ("load_adapter", lambda: load_adapter(tiny_llama(), directory))):
+        with pytest.raises(TypeError, match=rf"{op}: directory must be a path \(str or os.PathLike\), got "
+                                            rf"{type(directory).__name__}"):
+            call()

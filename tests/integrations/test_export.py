@@ -279,3 +279,23 @@ def test_a_directory_holding_the_other_format_is_refused(first, then, msg, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["out"]
     then(model, tmp_path / "again")
     then(model, tmp_path / "again")  # its own format is replaced, as before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_adapter_is_refused_naming_the_tensor(value, tmp_path):
+    """A diverged adapter was exported without complaint: PEFT and serving engines would serve NaN."""
+    model, _, _ = _prepared("llama", "tl6")
+    with torch.no_grad():
+        model.tiedlora["q_proj"].B[0, 0] = value
+    with pytest.raises(ValueError, match=r"export_peft: tensor 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj"
+                                         r"\.lora_B\.weight' holds non-finite values"):
+        export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("directory", [None, 5], ids=["None", "int"])
+def test_a_directory_that_is_no_path_is_refused_naming_it(directory):
+    model, _, _ = _prepared("llama", "tl6")
+    with pytest.raises(TypeError, match=rf"export_peft: directory must be a path \(str or os.PathLike\), got "
+                                        rf"{type(directory).__name__}"):
+        export_peft(model, directory)

@@ -214,3 +214,16 @@ def test_dora_with_dropout_warns_that_training_steps_differ():
     with pytest.warns(UserWarning, match=r"DoRA with lora_dropout=0.1: in training mode PEFT applies"):
         ours = from_peft(pm)
     assert rel_err(ours.eval()(IDS).logits, logits) < 1e-6  # eval mode: identical
+
+
+@pytest.mark.parametrize("given", ["plain model", "None", "LoraModel"])
+def test_anything_but_a_peft_model_is_refused_naming_what_was_given(given):
+    """A plain model or None gave AttributeError 'active_adapter'; a PeftModel's base_model (a LoraModel)
+    gave a misleading "exactly one adapter is supported, the model has ['default']"."""
+    pm, _ = _peft_model("llama", "lora", lora_alpha=8)
+    arg, msg = {"plain model": (tiny_llama(), r"got LlamaForCausalLM$"), "None": (None, r"got NoneType$"),
+                "LoraModel": (pm.base_model, r"got LoraModel; a LoraModel is the tuner inside a PeftModel: pass the "
+                                             r"PeftModel that holds it")}[given]
+    with pytest.raises(TypeError, match=r"from_peft: peft_model must be a peft\.PeftModel holding one LoRA or VeRA "
+                                        r"adapter \(from get_peft_model or PeftModel\.from_pretrained\), " + msg):
+        from_peft(arg)

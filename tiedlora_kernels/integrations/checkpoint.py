@@ -119,6 +119,21 @@ def unwrapped(model: nn.Module) -> nn.Module:
         return model
 
 
+def as_directory(directory, op: str) -> Path:
+    """``directory`` as a ``Path``; anything but a path (None, a number) is a TypeError naming it."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{op}: directory must be a path (str or os.PathLike), got {type(directory).__name__}")
+    return Path(directory)
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], op: str, what: str = "tensor") -> None:
+    """Refuse a floating tensor holding NaN or inf, naming it: a diverged adapter is no checkpoint (load_adapter
+    refuses such a file, so saving one would replace a good checkpoint with one that never loads)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{op}: {what} {name!r} holds non-finite values (NaN or inf)")
+
+
 def _is_writer() -> bool:
     """Rank 0 writes; every rank takes part in gathering sharded tensors."""
     dist = torch.distributed
@@ -177,17 +192,20 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         The path of the adapter file.
     """
     model = unwrapped(model)
+    directory = as_directory(directory, "save_adapter")
     config = adapter_config(model)
     _check_layers_follow_config(model, config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, prm in adapter_named_parameters(model):
         if prm.requires_grad or not _rebuildable(model, config, name, prm):
             tensors[name] = _full(prm)
+    refuse_nonfinite(tensors, "save_adapter")
+    # Gathered on every rank (the same collectives as rank 0) and checked before anything is written.
+    optimizer_state = _optimizer_tensors(model, optimizer) if optimizer is not None else None
+    if optimizer_state is not None:
+        refuse_nonfinite(optimizer_state[0], "save_adapter", "optimizer state")
+    directory.mkdir(parents=True, exist_ok=True)
     if not _is_writer():
-        if optimizer is not None:
-            _optimizer_tensors(model, optimizer)  # the same collectives as rank 0
         return directory / ADAPTER_FILE
     _warn_trained_outside_adapter(model)
     meta = {
@@ -202,10 +220,10 @@ def save_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     if file_format(path) not in (None, FORMAT):  # PEFT's export has the same file names
         raise ValueError(f"save_adapter: {directory} holds an {ADAPTER_FILE} that is no tiedlora checkpoint (a PEFT "
                          "export?), which the save would replace; save into another directory")
-    if optimizer is not None:
+    if optimizer_state is not None:
         # Written first and stamped with the adapter's hash: a crash between the two renames leaves a
         # pair that load_adapter refuses instead of silently resuming with another save's moments.
-        _save_optimizer(model, optimizer, directory / OPTIMIZER_FILE, meta["sha256"])
+        _save_optimizer(*optimizer_state, directory / OPTIMIZER_FILE, meta["sha256"])
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     human = {**config.to_dict(), "layers": _layer_table(model), "sha256": meta["sha256"]}
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(human, indent=2)))
@@ -252,7 +270,7 @@ def read_adapter(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tenso
 
 
 def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tensor], str]:
-    path = Path(directory) / ADAPTER_FILE
+    path = as_directory(directory, "load_adapter") / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}")
     meta, tensors = _read_safetensors(path, "adapter")
@@ -328,9 +346,7 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
                          "would not synchronise the parameters inject adds; load the adapter into the plain model, "
                          "then wrap it")
     config, layers, tensors, sha256 = _read_verified(directory)
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"load_adapter: tensor {name!r} holds non-finite values (NaN or inf)")
+    refuse_nonfinite(tensors, "load_adapter")
     if not hasattr(model, ROOT_ATTR):
         if optimizer is not None:
             raise ValueError("load_adapter: optimizer= needs a model that has its adapters already (inject, build the "
@@ -437,6 +453,12 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
     """(state tensors keyed ``<param name>/<state key>``, param groups with parameters by name)."""
     names = _param_names(model)
+    foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in names]
+    if foreign:
+        shapes = [tuple(p.shape) for p in foreign[:3]]
+        raise ValueError(f"save_adapter: {len(foreign)} of the optimizer's parameters are not parameters of the model "
+                         f"(shapes {shapes}{' ...' if len(foreign) > 3 else ''}); pass the optimizer built over this "
+                         "model's parameters")
     tensors = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -493,9 +515,9 @@ def _like(saved, have):
     return saved
 
 
-def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str) -> None:
-    """Optimizer state as safetensors: tensors keyed ``<param name>/<state key>``, groups in metadata."""
-    tensors, groups = _optimizer_tensors(model, optimizer)
+def _save_optimizer(tensors: dict[str, torch.Tensor], groups: list, path: Path, adapter_sha256: str) -> None:
+    """Optimizer state (:func:`_optimizer_tensors`) as safetensors: tensors keyed ``<param name>/<state key>``,
+    groups in metadata."""
     meta = {"param_groups": json.dumps(groups, default=str), "adapter_sha256": adapter_sha256}  # str: a last resort
     meta["sha256"] = content_hash(tensors, meta["param_groups"], adapter_sha256)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -542,8 +564,7 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
         if skey in _PARAM_SHAPED_STATE and (tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype):
             raise ValueError(f"load_adapter: {path}: state {key!r} is {tuple(t.shape)} {t.dtype}, its parameter "
                              f"{tuple(p.shape)} {p.dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"load_adapter: {path}: state {key!r} holds non-finite values")
+    refuse_nonfinite(tensors, f"load_adapter: {path}", "state")
 
     def restore() -> None:
         for g, sg in zip(optimizer.param_groups, saved_groups):

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from ..modules import TiedLoRALinear
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import _is_writer, file_format, fsync_dir, unwrapped, usual_mode
+from .checkpoint import _is_writer, as_directory, file_format, fsync_dir, refuse_nonfinite, unwrapped, usual_mode
 from .inject import ROOT_ATTR, adapted_layers, adapter_config
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
@@ -95,11 +95,12 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
         The directory's path.
 
     Raises:
-        ValueError: for adapters with no exact PEFT LoRA form (Simple DoRA; layers that mix DoRA
+        ValueError: for an adapter tensor holding NaN or inf (naming it); for adapters with no exact PEFT LoRA form (Simple DoRA; layers that mix DoRA
             and plain LoRA, or differ in dropout), naming why and pointing to :func:`merge`; for a
             sharded model; or for an existing ``directory`` holding other files or a tiedlora checkpoint.
     """
     model = unwrapped(model)
+    directory = as_directory(directory, "export_peft")
     adapter_config(model)  # raises if the model has no adapters
     layers = list(adapted_layers(model))
     _refuse_inexact(layers)
@@ -113,6 +114,7 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
             if dora:
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _cpu_fp32(layer.adapter_m)
+    refuse_nonfinite(tensors, "export_peft")  # a diverged adapter: PEFT and engines would serve NaN
     all_modules = [n for n, _ in model.named_modules() if n and n != ROOT_ATTR and not n.startswith(ROOT_ATTR + ".")]
     adapted = [n for n, _ in layers]
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -146,7 +148,6 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
         "inference_mode": True,
         "revision": None,
     }
-    directory = Path(directory)
     if not _is_writer():
         return directory
     _write_directory(directory, {

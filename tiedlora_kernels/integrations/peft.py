@@ -32,14 +32,24 @@ def from_peft(peft_model) -> nn.Module:
     ours c (W x + s B A x_d), dropout on the adapter's input only; a warning says so.
 
     Raises:
+        TypeError: for anything but a ``peft.PeftModel`` (a plain model; its ``base_model``, a ``LoraModel``).
         ValueError: for adapters or settings without an exact equivalent (per-layer ranks,
             several adapters, non-linear layers, ``lora_bias``, LoRA variants other than DoRA,
             a layer scaling no alpha reproduces), naming the PEFT field.
     """
+    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.variants import DoraLinearVariant
+    from peft.tuners.tuners_utils import BaseTuner
     from peft.tuners.vera import VeraLayer
 
+    if not isinstance(peft_model, PeftModel):
+        hint = ""
+        if isinstance(peft_model, BaseTuner):  # peft_model.base_model: it holds no record of the active adapter
+            hint = (f"; a {type(peft_model).__name__} is the tuner inside a PeftModel: pass the PeftModel that "
+                    "holds it")
+        raise TypeError(f"from_peft: peft_model must be a peft.PeftModel holding one LoRA or VeRA adapter (from "
+                        f"get_peft_model or PeftModel.from_pretrained), got {type(peft_model).__name__}{hint}")
     name = peft_model.active_adapter
     if not isinstance(name, str) or len(peft_model.peft_config) != 1:
         raise ValueError(f"from_peft: exactly one adapter is supported, the model has {sorted(peft_model.peft_config)} "
