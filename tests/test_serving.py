@@ -594,6 +594,80 @@ def test_bad_adapter_ids_name_the_argument(zoo):
     assert all(layer.bank_route is None for _, layer in adapted_layers(bank.model))  # reset after the error
 
 
+def test_to_a_device_the_model_is_not_on_is_refused(zoo, monkeypatch):
+    """bank.to(device) follows the model: a device its adapted layers are not on (meta, while the model
+    is on cpu) is refused before anything moves, and the bank keeps its adapters and keeps serving."""
+    base, dirs = zoo
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    bank = AdapterBank(host_of(base), capacity=2)
+    slot = bank.add(dirs["lora"])
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad(), bank.use([slot]):
+        expected = bank.model(ids).logits
+    before = snapshot(bank)
+    with pytest.raises(ValueError, match=r"AdapterBank.to: device must be the device the model's adapted layers are "
+                                         r"on now \(cpu\), got meta; move the model first"):
+        bank.to("meta")
+    assert bank.device == torch.device("cpu") and same_snapshot(snapshot(bank), before)
+    with torch.no_grad(), bank.use([slot]):
+        assert torch.equal(bank.model(ids).logits, expected)
+
+
+def _q_proj_adapter(bank, **fields):
+    """(layer name, a {layer: LayerAdapter} mapping for the bank's first q_proj with ``fields`` replaced)."""
+    name = "model.layers.0.self_attn.q_proj"
+    layer = bank.model.get_submodule(name)
+    K, N = layer.in_features, layer.out_features
+    gen = torch.Generator().manual_seed(16)
+    adapter = LayerAdapter(torch.randn(4, K, generator=gen), torch.randn(N, 4, generator=gen),
+                           torch.randn(4, generator=gen), torch.randn(N, generator=gen), None, 0.5)
+    return name, {name: adapter._replace(**fields)}
+
+
+@pytest.mark.parametrize("field, bad, err, msg", [
+    ("A", lambda a: a.to(torch.complex64), TypeError, r"A must be a floating tensor \(fp16/bf16/fp32/fp64\)"),
+    ("B", lambda b: b.to(torch.int64), TypeError, r"B must be a floating tensor"),
+    ("u", lambda u: u > 0, TypeError, r"u must be a floating tensor"),
+    ("A", lambda a: a.to("meta"), ValueError, r"A must hold values, got a tensor on the meta device"),
+    ("A", lambda a: None, ValueError, r"A must be a 2-D tensor \(r, K=32\), got NoneType"),
+    ("scaling", lambda s: True, ValueError, r"scaling must be a finite real number .*got True"),
+    ("scaling", lambda s: torch.tensor(s), ValueError, r"scaling must be a finite real number"),
+], ids=["complex-A", "int-B", "bool-u", "meta-A", "no-A", "bool-scaling", "tensor-scaling"])
+def test_mapping_source_takes_the_ops_tensor_and_scalar_checks(zoo, field, bad, err, msg):
+    """A {layer: LayerAdapter} mapping is checked field by field as tied_lora_linear checks its
+    arguments (not cast: a complex A would lose its imaginary part, scaling=True would read as 1), the
+    error naming the layer and the field, and a refused add leaves the bank unchanged."""
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base), capacity=1)
+    bank.add(dirs["lora"])
+    name, good = _q_proj_adapter(bank)
+    _, mapping = _q_proj_adapter(bank, **{field: bad(getattr(good[name], field))})
+    before = snapshot(bank)
+    with pytest.raises(err, match=rf"AdapterBank.add: layer '{name}': {msg}"):
+        bank.add(mapping)
+    assert same_snapshot(snapshot(bank), before)
+
+
+def test_mapping_source_takes_a_numpy_scaling(zoo):
+    """A numpy float scaling (as tied_lora_linear takes it) is the number it holds."""
+    import numpy as np
+
+    base, _ = zoo
+    bank = AdapterBank(host_of(base))
+    name, given = _q_proj_adapter(bank, scaling=np.float32(0.5))
+    slot = bank.add(given)
+    assert torch.equal(bank._layers[name].U[slot], 0.5 * given[name].u)
+
+
+def test_reserve_refuses_a_capacity_that_is_not_an_int(zoo):
+    base, _ = zoo
+    bank = AdapterBank(host_of(base), capacity=2)
+    for bad in (10.5, "16", True, 0):
+        with pytest.raises(ValueError, match=rf"AdapterBank.reserve: capacity must be an int >= 1, got {bad!r}"):
+            bank.reserve(bad)
+    assert bank.capacity == 2
+
+
 @pytest.mark.parametrize("factor_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, "float16"], ids=str)
 def test_factor_dtype_outside_the_kernels_dtypes_is_refused(zoo, factor_dtype):
     """float8 factors (or a non-dtype) are refused when the bank is made, naming the dtypes it takes,
@@ -779,8 +853,8 @@ def test_bank_refuses_changes_in_use_nesting_and_merged_models(zoo):
     with torch.no_grad(), bank.use([0]):
         bank.model(torch.randint(0, 97, (1, 4)))
     moved = AdapterBank(host_of(base))
-    moved.to("meta")  # as if the model had moved elsewhere after the bank was made
-    with pytest.raises(RuntimeError, match=r"now on cpu but the bank is on meta; call bank.to\(device\)"):
+    moved.model.to("meta")  # the model moved elsewhere after the bank was made
+    with pytest.raises(RuntimeError, match=r"now on meta but the bank is on cpu; call bank.to\(device\)"):
         with moved.use([-1]):
             pass
     merged = merge(host_of(base))

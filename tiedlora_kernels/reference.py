@@ -47,7 +47,7 @@ def tied_lora_linear(
         dtype (fp32 adapters on bf16 activations compute the path in fp32, as PEFT does); the row
         scale multiplies the rounded pre-scale output in the wider of x's and c's dtype.
     """
-    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale, training)
     return unchecked_tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
 
 
@@ -82,7 +82,7 @@ def tied_lora_add(
     Returns:
         (..., N) in x's dtype, with the same roundings as :func:`tied_lora_linear`.
     """
-    check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale, training)
     return unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
 
 

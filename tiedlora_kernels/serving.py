@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import operator
 import re
 import sys
@@ -68,13 +67,14 @@ from .integrations.shell import linear_shell
 from .modules import TiedLoRALinear
 from .ops import autocast_base, resolve_backend
 from .ops.bank_linear import AdapterRows, bank_linear_unchecked, same_device, shared_factors
+from .validation import FLOAT_DTYPES, check_adapter_tensors, check_scaling
 
 #: Routes a layer can take (:meth:`AdapterBank.routes`).
 ROUTES = ("base", "shared", "segmented")
 
 #: dtypes the bank can store A and B in (``factor_dtype``): those the bank's kernels and the torch route
 #: compute with (float8 has neither the arithmetic nor the finiteness checks an add runs).
-FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FACTOR_DTYPES = FLOAT_DTYPES
 
 #: Blocks whose layers' rows cannot be matched to the batch's sequences, by a part of the module path
 #: naming them, with why: mixture-of-experts experts (SwitchTransformers' and NLLB-MoE's
@@ -255,6 +255,11 @@ def _slot_id(adapter, where: str) -> int:
         raise TypeError(f"{where}: adapter must be an adapter id (an integer) or a name, got {adapter!r}") from None
 
 
+def _check_capacity(where: str, capacity) -> None:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"{where}: capacity must be an int >= 1, got {capacity!r}")
+
+
 def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
     """A new (capacity, ...) tensor holding t's rows, the new rows set to ``fill``."""
     out = torch.full((capacity, *t.shape[1:]), fill, device=t.device, dtype=t.dtype)
@@ -344,8 +349,7 @@ class AdapterBank:
             raise ValueError(f"AdapterBank: the model is wrapped ({type(model).__name__}); pass the plain model inside "
                              "(torch.compile of the bank's forward is not supported: its routing is host-side)")
         config = adapter_config(model)  # raises when the model has no adapters
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"AdapterBank: capacity must be an int >= 1, got {capacity!r}")
+        _check_capacity("AdapterBank", capacity)
         rank = config.rank if rank is None else rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"AdapterBank: rank must be an int >= 1, got {rank!r}")
@@ -485,6 +489,7 @@ class AdapterBank:
     def reserve(self, capacity: int) -> None:
         """Grow to at least ``capacity`` slots now (one allocation per tensor), not on a later add."""
         self._refuse_in_use("reserve")
+        _check_capacity("AdapterBank.reserve", capacity)
         if capacity <= self._capacity:
             return
         staged = {ln: s.stage(0, None, capacity) for ln, s in self._layers.items()}
@@ -569,10 +574,15 @@ class AdapterBank:
 
     @_normal_tensors
     def to(self, device) -> "AdapterBank":
-        """Move the bank's tensors to ``device`` (after moving the model)."""
+        """Move the bank's tensors to ``device``, the device the model's adapted layers are on (move the
+        model first); any other device is refused before anything moves."""
         self._refuse_in_use("to")
         # the device as a tensor reports it ("cuda" given: cuda:0), as the layers' weights report theirs
         device = torch.empty(0, device=device).device
+        layer_devices = {layer.weight.device for layer in self._modules.values()}
+        if layer_devices != {device}:  # elsewhere the bank could serve no request (meta: its adapters' values lost)
+            raise ValueError(f"AdapterBank.to: device must be the device the model's adapted layers are on now "
+                             f"({', '.join(sorted(map(str, layer_devices)))}), got {device}; move the model first")
         for s in self._layers.values():
             ref = {k: (r.to(device) if r is not None else None) for k, r in s.ref.items()}
             for k, t in s.tensors().items():
@@ -618,20 +628,14 @@ class AdapterBank:
             if not isinstance(e, LayerAdapter):
                 e = LayerAdapter(*e)
             s = self._layers[ln]
-            A, B = e.A.detach(), e.B.detach()
-            if A.dim() != 2 or A.shape[1] != s.K:
-                raise ValueError(f"AdapterBank.add: layer {ln!r}: A must be (r, K={s.K}), got {tuple(A.shape)}")
-            r = A.shape[0]
+            # the op's checks (tensors on any device holding values: they are copied to the bank's)
+            where = f"AdapterBank.add: layer {ln!r}"
+            r = check_adapter_tensors(where, s.N, s.K, e.A, e.B, e.u, e.v, e.row_scale, device=None)
+            check_scaling(where, e.scaling)
             if r > R:
                 raise ValueError(f"AdapterBank.add: layer {ln!r} has rank {r}, above the bank's rank {R} "
                                  "(make the bank with AdapterBank(model, rank=...))")
-            for what, t, shape in (("B", B, (s.N, r)), ("u", e.u, (r,)), ("v", e.v, (s.N,)),
-                                   ("row_scale", e.row_scale, (s.N,))):
-                if t is not None and tuple(t.shape) != shape:
-                    raise ValueError(f"AdapterBank.add: layer {ln!r}: {what} must have shape {shape}, "
-                                     f"got {tuple(t.shape)}")
-            if not (isinstance(e.scaling, (int, float)) and math.isfinite(e.scaling)):
-                raise ValueError(f"AdapterBank.add: layer {ln!r}: scaling must be a finite number, got {e.scaling!r}")
+            A, B = e.A.detach(), e.B.detach()
             dev = self.device
             A_pad = torch.zeros((R, s.K), device=dev, dtype=self.factor_dtype)
             A_pad[:r] = A.to(dev, self.factor_dtype)

@@ -9,38 +9,45 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
+
 import torch
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: dtypes the op's tensors may have: those its kernels and the torch route compute with (float8 has
+#: neither the arithmetic nor the finiteness checks).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _check_tensor(name: str, t, shape: tuple, device: torch.device, op: str = "tied_lora_linear") -> None:
+def _check_tensor(name: str, t, shape: tuple, device: Optional[torch.device], op: str = "tied_lora_linear") -> None:
+    """``t`` a floating tensor of ``shape`` on ``device`` (None: any device holding values, not meta)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be a floating tensor (fp16/bf16/fp32/fp64), "
                         f"got {_describe(t)}")
     if tuple(t.shape) != shape:
         want = "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(f"{op}: {name} must have shape {want}, got {_describe(t)}")
-    if t.device != device:
+    if device is None and t.is_meta:
+        raise ValueError(f"{op}: {name} must hold values, got a tensor on the meta device: {_describe(t)}")
+    if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} must be on {device} (the device of x), got {_describe(t)}")
 
 
 def _check_x(x, op: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be a floating tensor (fp16/bf16/fp32/fp64), got {_describe(x)}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got {_describe(x)}")
 
 
-def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale=None) -> None:
+def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale=None, training=True) -> None:
     """Validate the arguments of ``tied_lora_linear`` (see its docstring for the shapes)."""
     _check_x(x, "tied_lora_linear")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -58,10 +65,11 @@ def check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"tied_lora_linear: {name} dtype {t.dtype} must equal x dtype {x.dtype} "
                             "(cast the input or the layer, as for F.linear)")
-    _check_adapter("tied_lora_linear", x, N, K, A, B, u, v, scaling, dropout_p, row_scale)
+    _check_adapter("tied_lora_linear", x, N, K, A, B, u, v, scaling, dropout_p, row_scale, training)
 
 
-def check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale=None) -> None:
+def check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale=None,
+                               training=True) -> None:
     """Validate the arguments of ``tied_lora_add``: x (..., K), base_out (..., N) in x's dtype with
     x's leading dims, bias (N,), A (r, K), B (N, r), u (r,), v (N,), row_scale (N,)."""
     op = "tied_lora_add"
@@ -77,36 +85,50 @@ def check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p
     for name, t in (("base_out", base_out), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} dtype {t.dtype} must equal x dtype {x.dtype}")
-    _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale)
+    _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale, training)
 
 
-def _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale) -> None:
+def _check_adapter(op, x, N, K, A, B, u, v, scaling, dropout_p, row_scale, training) -> None:
     """A (r, K), B (N, r), u (r,), v (N,), row_scale (N,) on x's device; the scalars."""
-    dev = x.device
+    check_adapter_tensors(op, N, K, A, B, u, v, row_scale, x.device)
+    check_scaling(op, scaling)
+    if not _real(dropout_p):
+        raise ValueError(f"{op}: dropout_p must be a real number (a Python or numpy scalar, not a tensor or "
+                         f"bool) in [0, 1), got {dropout_p!r}")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    # a bool, not any truthy value: the string "False" would switch dropout on
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}: training must be a bool (True or False), got {training!r}")
+
+
+def check_adapter_tensors(op: str, N: int, K: int, A, B, u, v, row_scale, device: Optional[torch.device]) -> int:
+    """A (r, K), B (N, r), u (r,) or None, v (N,) or None, row_scale (N,) or None: floating tensors on
+    ``device`` (None: any device holding values); returns the rank r. Errors start with ``op``."""
     if not isinstance(A, torch.Tensor) or A.dim() != 2:
         got = _describe(A) if isinstance(A, torch.Tensor) else type(A).__name__
         raise ValueError(f"{op}: A must be a 2-D tensor (r, K={K}), got {got}")
     r = A.shape[0]
     if r < 1:
         raise ValueError(f"{op}: rank r = A.shape[0] must be >= 1, got {_describe(A)}")
-    _check_tensor("A", A, (r, K), dev, op)
-    _check_tensor("B", B, (N, r), dev, op)
+    _check_tensor("A", A, (r, K), device, op)
+    _check_tensor("B", B, (N, r), device, op)
     if u is not None:
-        _check_tensor("u", u, (r,), dev, op)
+        _check_tensor("u", u, (r,), device, op)
     if v is not None:
-        _check_tensor("v", v, (N,), dev, op)
+        _check_tensor("v", v, (N,), device, op)
     if row_scale is not None:
-        _check_tensor("row_scale", row_scale, (N,), dev, op)
-    # numbers.Real: Python and numpy scalars alike; a tensor (even 0-dim) is refused, since the op takes
-    # the value as a constant and a tensor's gradient would be silently dropped
+        _check_tensor("row_scale", row_scale, (N,), device, op)
+    return r
+
+
+def check_scaling(op: str, scaling) -> None:
+    """``scaling`` a finite real number. numbers.Real: Python and numpy scalars alike; a tensor (even
+    0-dim) is refused, since the op takes the value as a constant and a tensor's gradient would be
+    silently dropped; a bool is refused, not read as 0 or 1."""
     if not _real(scaling) or not math.isfinite(scaling):
         raise ValueError(f"{op}: scaling must be a finite real number (a Python or numpy scalar, not a tensor "
                          f"or bool), got {scaling!r}")
-    if not _real(dropout_p):
-        raise ValueError(f"{op}: dropout_p must be a real number (a Python or numpy scalar, not a tensor or "
-                         f"bool) in [0, 1), got {dropout_p!r}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
 def _real(value) -> bool:
@@ -118,4 +140,5 @@ def adapter_compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, A.dtype)
 
 
-__all__ = ["check_tied_lora_inputs", "check_tied_lora_add_inputs", "adapter_compute_dtype"]
+__all__ = ["FLOAT_DTYPES", "check_adapter_tensors", "check_scaling", "check_tied_lora_inputs",
+           "check_tied_lora_add_inputs", "adapter_compute_dtype"]

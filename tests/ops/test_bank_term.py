@@ -321,7 +321,12 @@ def test_empty_slot_refused():
     ("weight", lambda t: t["weight"].double(), "weight dtype torch.float64 must equal x dtype"),
     ("A", lambda t: t["A"].to("meta"), "A must be on"),
     ("U", lambda t: t["U"][:0], r"U must hold at least one slot"),  # the kernels read a slot's u
-], ids=["A-shape", "B-shape", "V-shape", "row_scale-shape", "weight-dtype", "A-device", "no-slots"])
+    # float8: the dtypes tied_lora_linear takes, not any floating one (the torch route cannot promote
+    # float8, the kernels would compute in it and return it)
+    ("x", lambda t: t["x"].to(torch.float8_e4m3fn), r"x must be a floating tensor \(\.\.\., K\) \(fp16/bf16/fp32/fp64\)"),
+    ("A", lambda t: t["A"].to(torch.float8_e5m2), r"A must be a floating tensor \(fp16/bf16/fp32/fp64\)"),
+], ids=["A-shape", "B-shape", "V-shape", "row_scale-shape", "weight-dtype", "A-device", "no-slots", "x-float8",
+        "A-float8"])
 def test_tensor_checks_name_the_argument(key, bad, msg):
     t = make(3, 2, 33, 40, 3, 4)
     t[key] = bad(t)

@@ -214,3 +214,19 @@ def test_wide_dot_rule():
     assert not wide_dot(t(bf16), t(bf16)) and not wide_dot(t(bf16), t(bf16), v.bfloat16())
     assert wide_dot(t(bf16), t(bf16), v)
     assert not wide_dot(t(fp32), t(fp32), v) and not wide_dot(t(fp32), t(bf16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["linear", "add"])
+def test_a_training_flag_that_is_no_bool_is_refused_on_every_route(backend, op, monkeypatch):
+    """training="False" is truthy: the triton route applied dropout with it, the torch route failed
+    inside dropout(). Refused on both, naming the argument."""
+    if backend == "triton" and not ops.triton_interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    g = torch.Generator().manual_seed(0)
+    x, W, A, B = (torch.randn(*s, generator=g) for s in ((3, 8), (6, 8), (2, 8), (6, 2)))
+    for fn in (getattr(tiedlora_kernels, f"tied_lora_{op}"), getattr(reference, f"tied_lora_{op}")):
+        second = W if op == "linear" else x @ W.t()
+        with pytest.raises(TypeError, match=r"training must be a bool"):
+            fn(x, second, None, A, B, None, None, 1.0, 0.5, "False")

@@ -12,6 +12,7 @@ any correct implementation and adapts to cancellation, while a wrong term breaks
 """
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tiedlora_kernels
-from tiedlora_kernels import TiedLoRAConfig, inject, reference
+from tiedlora_kernels import TiedLoRAConfig, inject, reference, validation
 
 KERNEL_FILE = Path(tiedlora_kernels.__file__).parent / "ops" / "tied_lora.py"
 needs_kernels = pytest.mark.skipif(not KERNEL_FILE.exists(), reason="GPU path (ops/tied_lora.py) missing")
@@ -373,6 +374,19 @@ def test_bad_arguments_raise_errors_naming_the_argument(monkeypatch, fn, backend
 def test_bad_scalars_raise_errors_naming_the_argument(kw, match):
     with pytest.raises(ValueError, match=match):
         tiedlora_kernels.tied_lora_linear(**_args(), **kw)
+
+
+@pytest.mark.parametrize("training", ["False", 0, None, torch.tensor(False)], ids=["str", "int", "None", "tensor"])
+@pytest.mark.parametrize("check", [validation.check_tied_lora_inputs, validation.check_tied_lora_add_inputs],
+                         ids=["linear", "add"])
+def test_training_flag_must_be_a_bool(check, training):
+    """``training`` decides whether dropout runs: a truthy non-bool (the string "False") would switch it on
+    in the kernels, so only True or False is taken."""
+    a = _args()
+    second = a["weight"] if check is validation.check_tied_lora_inputs else a["x"] @ a["weight"].t()  # base_out
+    with pytest.raises(TypeError, match=rf"training must be a bool \(True or False\), got {re.escape(repr(training))}"):
+        check(a["x"], second, a["bias"], a["A"], a["B"], a["u"], a["v"], 1.0, 0.5, training=training)
+    check(a["x"], second, a["bias"], a["A"], a["B"], a["u"], a["v"], 1.0, 0.5, training=False)
 
 
 def test_unknown_backend_is_named():

@@ -194,7 +194,7 @@ def tied_lora_linear(
         True
     """
     x, weight, bias = autocast_base(x, weight, bias)
-    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale, training)
     if resolve_backend(x, weight, bias, A.shape[0], (A, B, u, v, row_scale)) == "triton":
         from .tied_lora import tied_lora_linear_triton
 
@@ -232,7 +232,7 @@ def tied_lora_add(
         (..., N) in x's dtype.
     """
     x, base_out, bias = autocast_base(x, base_out, bias)
-    check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale)
+    check_tied_lora_add_inputs(x, base_out, bias, A, B, u, v, scaling, dropout_p, row_scale, training)
     if resolve_backend(x, None, bias, A.shape[0], (A, B, u, v, row_scale, base_out), op="tied_lora_add") == "triton":
         from .tied_lora import tied_lora_add_triton
 

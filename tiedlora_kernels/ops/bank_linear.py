@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..validation import FLOAT_DTYPES
 from . import autocast_base, resolve_backend
 
 #: ``AdapterRows``' id dtypes: any integer tensor (int64 or int32 usually).
@@ -341,8 +342,8 @@ def _torch_route(x2, weight, bias, rows, T, A, B, U, V, C):
 def check_bank_inputs(x, weight, bias, A, B, U, V=None, row_scale=None) -> None:
     """Validate the tensors of :func:`bank_linear` (shapes in its docstring); each error names the argument."""
     op = "bank_linear"
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError(f"{op}: x must be a floating tensor (..., K), got {_describe(x)}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1:
+        raise TypeError(f"{op}: x must be a floating tensor (..., K) (fp16/bf16/fp32/fp64), got {_describe(x)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{op}: weight must be a 2-D tensor (N, K), got {_describe(weight)}")
     N, K = weight.shape
@@ -362,8 +363,8 @@ def check_bank_inputs(x, weight, bias, A, B, U, V=None, row_scale=None) -> None:
                 raise ValueError(f"{op}: {name} is required")
             continue
         shapes = want[name] if isinstance(want[name], list) else [want[name]]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating tensor, got {_describe(t)}")
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating tensor (fp16/bf16/fp32/fp64), got {_describe(t)}")
         if tuple(t.shape) not in shapes:
             raise ValueError(f"{op}: {name} must have shape {' or '.join(str(s) for s in shapes)}, got {_describe(t)}")
         if t.device != x.device:
