@@ -132,6 +132,8 @@ BAD = [
     (dict(preset="partial", banks=5), "banks must be a pair"),
     (dict(gamma=0), "gamma must be"),
     (dict(gamma=True), "gamma must be"),  # a bool would read as 1
+    (dict(rank=1, alpha=1e300, gamma=1e200), "the scaling s = alpha / r . gamma .. 1 is not finite"),
+    (dict(rank=1, alpha=1.7e308, gamma=2.0), "is not finite for alpha=1.7e"),
     (dict(alpha=True), "alpha must be a finite nonzero number"),
     (dict(alpha=0.0), "alpha must be a finite nonzero number"),  # s = 0: no output, no gradient, for good
     (dict(alpha_pattern={"q_proj": 0}), r"alpha_pattern\['q_proj'\] must be a finite nonzero number"),

@@ -387,6 +387,14 @@ class TiedLoRAConfig:
                              "zero factor)")
         if not any(getattr(p, n).train for n in "ABuv"):
             raise ValueError("TiedLoRAConfig: nothing is trained (A, B, u and v all frozen)")
+        for alpha in (self.alpha, *self.alpha_pattern.values()):
+            try:
+                s = self._scaling(alpha)
+            except OverflowError:
+                s = math.inf
+            if not math.isfinite(s):  # (each factor finite, the product not: every forward would fail)
+                raise ValueError(f"TiedLoRAConfig: the scaling s = alpha / r * gamma ** {len(self.gamma_factors)} is "
+                                 f"not finite for alpha={alpha!r}, rank={self.rank}, gamma={self.gamma!r}")
 
     def _validate_patterns(self) -> None:
         for fname in ("alpha_pattern", "kinds"):

@@ -215,6 +215,36 @@ def test_the_feed_forward_of_a_torch_transformer_encoder_layer_is_left_out():
         inject(Encoder(), TiedLoRAConfig(rank=2, target_modules=["linear1"]))
 
 
+def test_a_linear_root_is_refused_before_anything_changes():
+    """A bare nn.Linear as the root would have to replace itself: refused, its flags unchanged (a
+    KeyError came after every parameter was frozen)."""
+    root = torch.nn.Linear(8, 8)
+    with pytest.raises(TypeError, match=r"the root is itself a layer to adapt \(Linear\); wrap it"):
+        inject(root, TiedLoRAConfig(rank=2))
+    assert all(p.requires_grad for p in root.parameters())
+
+
+def test_misspelt_pattern_keys_are_warned_of():
+    """An alpha_pattern or kinds key that matches no adapted layer changes nothing, silently: warned."""
+    with pytest.warns(UserWarning, match=r"alpha_pattern keys \['q_porj'\] match no adapted layer"):
+        inject(tiny_llama(), TiedLoRAConfig(rank=4, alpha_pattern={"q_porj": 16}))
+    with pytest.warns(UserWarning, match=r"kinds keys \['v_porj'\] match no adapted layer"):
+        inject(tiny_llama(), TiedLoRAConfig(rank=4, kinds={"v_porj": "value"}))
+
+
+def test_merge_refuses_a_non_finite_adapter_leaving_every_weight_as_it_was():
+    """NaN or inf folded into a base weight cannot be taken out by unmerge: refused before any layer merges."""
+    model = inject(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6"))
+    randomize_adapters(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.tiedlora["v_proj"].A[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"merge: adapter tensor 'tiedlora\.v_proj\.A' holds non-finite values"):
+        merge(model)
+    assert not any(layer.merged for _, layer in adapted_layers(model))
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if "tiedlora" not in n)
+
+
 def _three_linears():
     model = torch.nn.Module()
     model.a, model.b, model.proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -374,6 +375,10 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
                          "tiedlora_kernels.from_peft(peft_model), or start from the base model")
     # Every check that can refuse comes before the first change: a refused inject leaves the model as it was.
     targets = find_targets(model, config)
+    if any(not t.name for t in targets):  # the root would have to replace itself
+        raise TypeError(f"inject: the root is itself a layer to adapt ({type(model).__name__}); wrap it in an "
+                        "nn.Module first")
+    _warn_unmatched_patterns(config, [t.name for t in targets])
     p = config.resolved()
     r = config.rank
     for t in targets:
@@ -533,12 +538,27 @@ def reset_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def _warn_unmatched_patterns(config: TiedLoRAConfig, names: list[str]) -> None:
+    """Warn of ``alpha_pattern`` / ``kinds`` keys that match no adapted layer: a misspelt key changes
+    nothing, silently (PEFT's rule; a warning, not an error, so PEFT configs still convert)."""
+    for field in ("alpha_pattern", "kinds"):
+        unmatched = [key for key in getattr(config, field) if not any(match_pattern({key: 1}, n) for n in names)]
+        if unmatched:
+            warnings.warn(f"inject: TiedLoRAConfig.{field} keys {unmatched} match no adapted layer; they change "
+                          "nothing", UserWarning, stacklevel=3)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (fp32 arithmetic, dtype kept): zero adapter overhead.
 
     Refused, before any layer changes, when an adapted layer's weight is also another module's
-    (tied input and output embeddings with ``lm_head`` adapted): merging would change both."""
+    (tied input and output embeddings with ``lm_head`` adapted): merging would change both, or when
+    an adapter holds NaN or inf (folded in, it could not be taken out again)."""
     adapter_config(model)
+    for name, prm in adapter_named_parameters(model):
+        if prm.is_floating_point() and not torch.isfinite(prm).all():
+            raise ValueError(f"merge: adapter tensor {name!r} holds non-finite values (NaN or inf); merging would "
+                             "write them into the base weight for good")
     shared = shared_weights(model)
     if shared:
         name, others = next(iter(shared.items()))
