@@ -393,8 +393,9 @@ class TiedLoRAConfig:
             except OverflowError:
                 s = math.inf
             if not math.isfinite(s):  # (each factor finite, the product not: every forward would fail)
-                raise ValueError(f"TiedLoRAConfig: the scaling s = alpha / r * gamma ** {len(self.gamma_factors)} is "
-                                 f"not finite for alpha={alpha!r}, rank={self.rank}, gamma={self.gamma!r}")
+                raise ValueError(f"TiedLoRAConfig: the scaling s = alpha / {'sqrt(r)' if self.rslora else 'r'} * gamma ** "
+                                 f"{len(self.gamma_factors)} is not finite for alpha={alpha!r}, rank={self.rank}, "
+                                 f"gamma={self.gamma!r}")
 
     def _validate_patterns(self) -> None:
         for fname in ("alpha_pattern", "kinds"):

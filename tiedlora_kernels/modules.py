@@ -173,7 +173,10 @@ class AdapterFactors(nn.ModuleDict):
             for factors in self.values():
                 factors.end_forward_pass()
             return
-        if torch._C._current_graph_task_id() == -1 and getattr(self, "_pass_frame", None) is sys._getframe(1):
+        running, caller = getattr(self, "_pass_frame", None), sys._getframe(1)
+        # the post-hooks run in the frame the pre-hooks ran in, or, when the forward raised, in its caller
+        # (nn.Module._call_impl's except branch): either way the pass's own call has ended
+        if torch._C._current_graph_task_id() == -1 and running is not None and caller in (running, running.f_back):
             self._pass_frame = None
             for factors in self.values():
                 factors.end_forward_pass()

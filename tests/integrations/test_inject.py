@@ -1,6 +1,7 @@
 """inject / merge / unmerge on real transformers models built from configs."""
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -706,6 +707,31 @@ def test_an_in_place_write_during_the_pass_is_seen_by_the_layers():
 
     model.model.register_forward_pre_hook(triple)
     assert torch.equal(model(IDS).logits, want(IDS).logits)
+
+
+def test_a_forward_that_raises_ends_its_pass():
+    """The post-hooks of a forward that raised run in nn.Module's except branch, not in the frame
+    the pre-hooks ran in: the pass must end all the same (it held the failed batch's casts and the
+    call's inputs until the next forward, through an out-of-memory retry loop)."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+
+    def fail(module, args, output):
+        raise RuntimeError("out of memory (simulated)")
+
+    handle = model.model.layers[1].register_forward_hook(fail)
+    ids = IDS.clone()
+    alive = weakref.ref(ids)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model(ids, labels=ids)
+    handle.remove()
+    del ids
+    assert model.tiedlora._pass_frame is None and not model.tiedlora["q_proj"]._fp32_views
+    gc.collect()
+    assert alive() is None
 
 
 def test_a_forward_interrupted_by_ctrl_c_leaves_no_stale_cast():
