@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     plots from its JSON; with --tests-exit-code, first record the exit code of a test run made after
     the benchmark (nonzero withdraws the speed claims); with --readme, print the README speed section
     for that run instead."""
-    from .run import add_ratios, targets
+    from .run import add_ratios
+    from .targets import targets
 
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0])

@@ -551,8 +551,10 @@ def write(out: Path, meta: dict, records: list[dict], e2e: list[dict], probes: O
         write_json(out, meta, records, e2e, probes)
 
 
-class Stopped(Exception):
-    """A benchmark stopped from outside (SIGTERM): what it measured is written, marked as cut short."""
+class Stopped(BaseException):
+    """A benchmark stopped from outside (SIGTERM): what it measured is written, marked as cut short.
+    A BaseException, as KeyboardInterrupt is: no ``except Exception`` that records a failing
+    measurement swallows it."""
 
 
 def stop_on_signal(signum, frame):
@@ -579,8 +581,6 @@ def run_probes(grid: dict, device: str, probes: dict, deadline: float) -> None:
             continue
         try:
             probes[name] = fn()
-        except Stopped:
-            raise
         except Exception as e:
             probes[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
         if device == "cuda":
@@ -686,8 +686,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(jobs)}] {_job_name(case, impl, op)}", file=sys.stderr)
             try:
                 records.append(measure(case, impl, op, device, cache))
-            except Stopped:
-                raise
             except Exception as e:  # a failing impl is recorded, not fatal: the others still run
                 records.append(dict(impl=impl, op=op, M=case.M, K=case.K, N=case.N, rank=case.rank,
                                     preset=case.preset, error=f"{type(e).__name__}: {e}"[:500]))
@@ -714,8 +712,6 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     rec.update(profile_record(case, impl, op, device, cache))
                     meta["profiled"] += 1
-                except Stopped:
-                    raise
                 except Exception as e:
                     rec["profile_error"] = f"{type(e).__name__}: {e}"[:300]
             meta["profile_planned"] = len(todo)

@@ -64,13 +64,9 @@ def restamp(out: Path, code: Union[int, str]) -> None:
         data = _load(path)
         if not data or data["meta"].get("tests_exit_code") == code:
             continue
-        claimed = data["meta"].get("speed_claims")
         apply_tests_exit_code(data["meta"], code)
         key = "fastest" if path.name == "tile_sweep.json" else "targets"
-        if not data["meta"].get("speed_claims"):
-            data[key] = []
-        elif not claimed:
-            data[key] = _verdicts(path, data)
+        data[key] = _verdicts(path, data) if data["meta"].get("speed_claims") else []
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)

@@ -203,7 +203,7 @@ def looks_like_quantized_linear(module: nn.Module) -> bool:
     ``nn.Linear``: a quantizing class name and linear sizes (HQQ, GPTQ, AWQ, HIGGS, BitNet layers), or a
     linear or quantizing class name and a weight that is not floating point (EETQ's ``EetqLinear``,
     which has no sizes). Embeddings are no linear layers, quantized or not."""
-    if isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "num_embeddings"):
+    if isinstance(module, nn.Linear) or hasattr(module, "num_embeddings"):
         return False
     cls = type(module).__name__
     sized = any(hasattr(module, a) and hasattr(module, b) for a, b in (("in_features", "out_features"),

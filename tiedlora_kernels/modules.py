@@ -28,6 +28,7 @@ from .ops import tied_lora_add, tied_lora_linear
 #: ``quantized``: a base layer that computes its own output (``base_layer``, see ``bases.py``).
 LAYOUTS = ("linear", "conv1d", "quantized")
 
+
 class TiedFactors(nn.Module):
     """The factors of one kind (tied) or of one layer (untied).
 

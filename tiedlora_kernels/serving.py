@@ -288,7 +288,7 @@ def _generate_copies(model: nn.Module, kwargs: dict) -> int:
     num_return_sequences), each read as generate reads it (kwargs, then a passed generation_config's
     set fields, then the model's)."""
     configs = [kwargs, vars(kwargs["generation_config"]) if kwargs.get("generation_config") is not None else {},
-               vars(getattr(model, "generation_config", None) or object())]
+               getattr(getattr(model, "generation_config", None), "__dict__", {})]
 
     def setting(key: str) -> int:
         return int(next((c[key] for c in configs if c.get(key) is not None), 1))
@@ -317,8 +317,8 @@ class _Route:
             rows.fit(x)
             return nn.functional.linear(x, weight, bias)
         return bank_linear_unchecked(x, weight, bias, rows, slots.A, slots.B, slots.U, slots.V, slots.C,
-                                     resolve_backend(x, weight, bias, slots.R,
-                                                     (slots.A, slots.B, slots.U, slots.V, slots.C), op="bank_linear"))
+                                     # (B has A's dtype, U, V, C are fp32: A alone decides what they could)
+                                     resolve_backend(x, weight, bias, slots.R, (slots.A,), op="bank_linear"))
 
 
 class AdapterBank:
@@ -383,6 +383,7 @@ class AdapterBank:
         self._layers = {name: _Slots(layer.in_features, layer.out_features, rank, capacity, self.device, factor_dtype)
                         for name, layer in layers}
         self._modules = dict(layers)
+        self._calls = _model_calls(model)  # the calls whose shape use() records (the module tree is fixed)
         self._routes = {name: _Route(self, name) for name in self._layers}
         self._active: Optional[AdapterRows] = None
 
@@ -542,7 +543,7 @@ class AdapterBank:
             rows.frames.pop()
 
         hooks = []
-        for module in _model_calls(self.model):
+        for module in self._calls:
             hooks += [module.register_forward_pre_hook(enter, with_kwargs=True),
                       module.register_forward_hook(leave, always_call=True)]
         for name, layer in self._modules.items():

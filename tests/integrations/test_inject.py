@@ -580,14 +580,19 @@ def test_meta_inject_then_reset_adapters_equals_inject_on_loaded_model(preset):
         assert got[n].requires_grad == want[n].requires_grad, n
 
 
-def test_importing_the_package_registers_no_global_hook():
-    """No import-time global state: the optimizer-step hook that guards the shared fp32 casts is
-    registered by the first cast of a trained bf16 tied factor, not by ``import tiedlora_kernels``."""
+def test_training_registers_no_global_hook():
+    """No global state: importing the package and training bf16 tied factors (whose shared fp32 casts
+    live only during a forward pass) register no global optimizer or module hook."""
     import subprocess
     import sys
 
-    code = ("import torch.optim.optimizer as o, tiedlora_kernels, tiedlora_kernels.modules; "
-            "print(len(o._global_optimizer_post_hooks))")
+    code = ("import torch, torch.optim.optimizer as o, torch.nn.modules.module as mm, tiedlora_kernels as tk; "
+            "m = torch.nn.Module(); m.a, m.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8); "
+            "tk.inject(m, tk.TiedLoRAConfig(rank=2, preset='tl6', adapter_dtype='bfloat16', kinds={'a|b': 'k'})); "
+            "opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]); "
+            "m.b(m.a(torch.randn(3, 8))).sum().backward(); opt.step(); "
+            "print(len(o._global_optimizer_post_hooks) + len(mm._global_forward_pre_hooks) "
+            "+ len(mm._global_forward_hooks))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "0", out.stdout + out.stderr[-2000:]
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from ..config import TiedLoRAConfig
 from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_dtypes, adapter_named_parameters,
-                     build_factors, find_targets, inject, refuse_merged)
+                     build_factors, find_targets, inject, refuse_merged, refuse_nonfinite)
 from .shell import linear_shell
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -124,14 +124,6 @@ def as_directory(directory, op: str) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"{op}: directory must be a path (str or os.PathLike), got {type(directory).__name__}")
     return Path(directory)
-
-
-def refuse_nonfinite(tensors: dict[str, torch.Tensor], op: str, what: str = "tensor") -> None:
-    """Refuse a floating tensor holding NaN or inf, naming it: a diverged adapter is no checkpoint (load_adapter
-    refuses such a file, so saving one would replace a good checkpoint with one that never loads)."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{op}: {what} {name!r} holds non-finite values (NaN or inf)")
 
 
 def _is_writer() -> bool:
@@ -367,7 +359,10 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
             if other_targets is not None and _table(other_targets) == layers:
                 config, targets = other, other_targets
         _check_layers(_table(targets), layers)
-        _check_tensors(tensors, dict(adapter_named_parameters(inject(linear_shell(model, meta=True), config))))
+        with warnings.catch_warnings():  # the shell's inject: its warnings are the model's, given just below
+            warnings.simplefilter("ignore")
+            shell = inject(linear_shell(model, meta=True), config)
+        _check_tensors(tensors, dict(adapter_named_parameters(shell)))
         _check_dtypes(tensors, adapter_dtypes(model, config, targets))
         _refuse_meta(model, [t.name for t in targets])
         inject(model, config)

@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 
 from ..modules import TiedLoRALinear
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import _is_writer, as_directory, file_format, fsync_dir, refuse_nonfinite, unwrapped, usual_mode
-from .inject import ROOT_ATTR, adapted_layers, adapter_config
+from .checkpoint import _is_writer, as_directory, file_format, fsync_dir, unwrapped, usual_mode
+from .inject import ROOT_ATTR, adapted_layers, adapter_config, refuse_nonfinite
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -137,6 +137,11 @@ def _output_head_layers(model: nn.Module, rule: str) -> set[int]:
     return {id(m) for m in head.modules()} if rule == "heads" else {id(head)}
 
 
+def _all_excluded(what: str, config: TiedLoRAConfig) -> ValueError:
+    return ValueError(f"inject: {what} matches only layers that exclude_modules={config.exclude_modules!r} excludes "
+                      "(the default keeps output heads frozen); pass exclude_modules without them to adapt those layers")
+
+
 def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
     """The layers ``config.target_modules`` selects, in module order. Raises if none, if a listed
     name matches no ``nn.Linear`` / ``Conv1D``, or if one selected is a layer no adapter can change."""
@@ -159,9 +164,7 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
         matched = [(n, m, lay) for n, m, lay in candidates if rx.fullmatch(n)]
         chosen = [(n, m, lay) for n, m, lay in matched if not excluded(n)]
         if matched and not chosen:
-            raise ValueError(f"inject: target_modules={tm!r} matches only layers that exclude_modules="
-                             f"{config.exclude_modules!r} excludes (the default keeps output heads frozen); "
-                             "pass exclude_modules without them to adapt those layers")
+            raise _all_excluded(f"target_modules={tm!r}", config)
     else:
         listed = [(n, m, lay) for n, m, lay in candidates if any(_name_matches(n, t) for t in tm)]
         chosen = [(n, m, lay) for n, m, lay in listed if not excluded(n)]
@@ -171,9 +174,7 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
                 raise ValueError(f"inject: target_modules entry {t!r} matches no nn.Linear / Conv1D in "
                                  f"{type(model).__name__}; available names: {kinds}")
             if not any(_name_matches(n, t) for n, _, _ in chosen):
-                raise ValueError(f"inject: target_modules entry {t!r} matches only layers that exclude_modules="
-                                 f"{config.exclude_modules!r} excludes (the default keeps output heads frozen); "
-                                 "pass exclude_modules without them to adapt those layers")
+                raise _all_excluded(f"target_modules entry {t!r}", config)
     if not chosen:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
         raise ValueError(f"inject: target_modules={tm!r} matches no nn.Linear / Conv1D in "
@@ -538,6 +539,15 @@ def reset_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], op: str, what: str = "tensor") -> None:
+    """Refuse a floating tensor holding NaN or inf, naming it: a diverged adapter is no checkpoint (load_adapter
+    refuses such a file, so saving one would replace a good checkpoint with one that never loads), and
+    merged into a base weight it could not be taken out again."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{op}: {what} {name!r} holds non-finite values (NaN or inf)")
+
+
 def _warn_unmatched_patterns(config: TiedLoRAConfig, names: list[str]) -> None:
     """Warn of ``alpha_pattern`` / ``kinds`` keys that match no adapted layer: a misspelt key changes
     nothing, silently (PEFT's rule; a warning, not an error, so PEFT configs still convert)."""
@@ -555,10 +565,7 @@ def merge(model: nn.Module) -> nn.Module:
     (tied input and output embeddings with ``lm_head`` adapted): merging would change both, or when
     an adapter holds NaN or inf (folded in, it could not be taken out again)."""
     adapter_config(model)
-    for name, prm in adapter_named_parameters(model):
-        if prm.is_floating_point() and not torch.isfinite(prm).all():
-            raise ValueError(f"merge: adapter tensor {name!r} holds non-finite values (NaN or inf); merging would "
-                             "write them into the base weight for good")
+    refuse_nonfinite(dict(adapter_named_parameters(model)), "merge", "adapter tensor")
     shared = shared_weights(model)
     if shared:
         name, others = next(iter(shared.items()))
