@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -44,7 +45,8 @@ class TiedFactors(nn.Module):
         self.A = nn.Parameter(A, requires_grad=train_A)
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
-        self._fp32_views: dict[str, tuple] = {}  # name -> (factor, its version, its fp32 cast) of this pass
+        self._fp32_views: dict[str, tuple] = {}  # name -> (factor, its version, its fp32 cast) of the last pass
+        self._pass_running = False  # between the pass's start and end (eager only)
         self._used_with_grad: set[str] = set()  # factors the forward of this pass used with grad
 
     def new_forward_pass(self) -> None:
@@ -56,17 +58,29 @@ class TiedFactors(nn.Module):
         self._fp32_views.clear()
         if not torch.is_grad_enabled():  # (a no-grad forward, e.g. DPO's reference logits, is no pass of
             return                       # the graph the next backward runs: it keeps what that one used)
-        if not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             self._used_with_grad.clear()
+            self._pass_running = True
         for name in ("A", "B", "core_bank"):
             p = getattr(self, name)
             if p is not None and p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-                self._fp32_views[name] = (p, _version(p), p.float())
+                cast = p.float()
+                self._fp32_views[name] = (p, _version(p), cast)
+                if not compiling:
+                    cast.register_hook(_ForgetCast(self, name, cast))
 
-    def end_forward_pass(self) -> None:
-        """End of the forward pass: the casts have served it (its graph keeps them for the backward).
-        Dropped here, so no later call, after an optimizer step or any other write, reads a stale one."""
-        self._fp32_views.clear()
+    def end_forward_pass(self, raised: bool = False) -> None:
+        """End of the forward pass. An eager pass keeps its casts for its backward: a checkpointed
+        segment recomputed there must run as its forward did (a compiled segment that took the cast as
+        an input in the forward and casts by itself in the recompute saves other tensors, and the
+        checkpoint fails). They are dropped when the backward has passed them (:class:`_ForgetCast`),
+        by the next pass, or here for a forward that raised (no backward follows) and under
+        torch.compile (whose recompute runs inside the compiled graph)."""
+        if not torch.compiler.is_compiling():
+            self._pass_running = False
+        if raised or torch.compiler.is_compiling():
+            self._fp32_views.clear()
 
     @property
     def rank(self) -> int:
@@ -83,18 +97,23 @@ class TiedFactors(nn.Module):
         rounded to the parameter's dtype once (used directly, autograd would add the per-layer
         gradients in bf16).
 
-        Outside a forward pass (a layer called on its own, activation checkpointing recomputing in
-        the backward) and for a factor computed anew at each access (a parametrization) each call
-        casts by itself: always current, and a recompute's gradient still reaches the forward's
-        shared cast through the forward's graph (non-reentrant checkpointing)."""
+        A non-reentrant checkpoint's recompute in the pass's backward uses the pass's cast, as its
+        forward did. Outside a pass (a layer called on its own) and for a factor computed anew at each
+        access (a parametrization) each call casts by itself: always current."""
         p = getattr(self, name)
         if p.dtype in (torch.float32, torch.float64) or not (p.requires_grad and torch.is_grad_enabled()):
             return p
         shared = self._fp32_views.get(name)
-        if not torch.compiler.is_compiling():
-            if torch._C._current_graph_task_id() == -1:
-                self._used_with_grad.add(name)
-            elif _in_reentrant_checkpoint() or name not in self._used_with_grad:
+        if torch.compiler.is_compiling():
+            # A compiled region guards on what it reads: on the presence and identity of the cast only (a
+            # guard on the version, which every optimizer step moves, recompiled it each step until
+            # torch.compile gave up). Outside the pass and its backward the cast is gone (_ForgetCast).
+            return shared[2] if shared is not None and shared[0] is p else p.float()
+        in_backward = torch._C._current_graph_task_id() != -1
+        reentrant = in_backward and _in_reentrant_checkpoint()
+        if not in_backward:
+            self._used_with_grad.add(name)
+        elif reentrant or name not in self._used_with_grad:
                 # A recompute inside the backward of a segment that is then run on its own (reentrant
                 # checkpointing: torch's, detected from the running node, or any other whose forward
                 # ran without grad): each segment adds its part into the 16-bit .grad by itself.
@@ -104,14 +123,17 @@ class TiedFactors(nn.Module):
                               "use_reentrant=False (transformers: gradient_checkpointing_enable("
                               "gradient_checkpointing_kwargs={'use_reentrant': False})) or fp32 adapters.",
                               stacklevel=4)
-        # The pass's cast while it is the factor the layer sees, unwritten since (an in-place write
-        # within the pass, a step of an inner training loop, moves the version)
-        current = shared is not None and shared[0] is p and shared[1] == _version(p)
+        # The pass's cast, in the pass or in its backward (a non-reentrant checkpoint's recompute; a
+        # reentrant one backpropagates each segment on its own), while it is the factor the layer sees,
+        # unwritten since (an in-place write within the pass, a step of an inner training loop, moves
+        # the version). A layer called on its own after the pass casts by itself.
+        current = (shared is not None and shared[0] is p and shared[1] == _version(p)
+                   and (self._pass_running or (in_backward and not reentrant)))
         return shared[2] if current else p.float()
 
     def __getstate__(self):
         # The casts are graph nodes of a running forward: never copied or pickled with the module.
-        return {**self.__dict__, "_fp32_views": {}, "_used_with_grad": set()}
+        return {**self.__dict__, "_fp32_views": {}, "_pass_running": False, "_used_with_grad": set()}
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
@@ -131,6 +153,21 @@ def _in_reentrant_checkpoint() -> bool:
     from torch.utils.checkpoint import CheckpointFunction
 
     return isinstance(torch._C._current_autograd_node(), CheckpointFunction._backward_cls)
+
+
+class _ForgetCast:
+    """Gradient hook on a pass's fp32 cast: it runs once every layer's gradient has been added into the
+    cast, after the last recompute that needs it, and drops the cast (weak references: the hook keeps
+    neither the cast nor the factors alive)."""
+
+    def __init__(self, factors: TiedFactors, name: str, cast: torch.Tensor):
+        self.factors, self.name, self.cast = weakref.ref(factors), name, weakref.ref(cast)
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        factors = self.factors()
+        shared = None if factors is None else factors._fp32_views.get(self.name)
+        if shared is not None and shared[2] is self.cast():
+            del factors._fp32_views[self.name]
 
 
 class AdapterFactors(nn.ModuleDict):
@@ -180,7 +217,7 @@ class AdapterFactors(nn.ModuleDict):
         if torch._C._current_graph_task_id() == -1 and running is not None and caller in (running, running.f_back):
             self._pass_frame = None
             for factors in self.values():
-                factors.end_forward_pass()
+                factors.end_forward_pass(raised=caller is not running)
 
     def __getstate__(self):
         return {**self.__dict__, "_pass_frame": None}  # (a frame is no state, and cannot be pickled)

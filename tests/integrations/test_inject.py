@@ -981,6 +981,43 @@ def test_torch_compile_fullgraph_of_checkpointed_blocks_matches_eager(adapter_dt
         assert rel_err(grads["compiled"][n], g) < 1e-6, n
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_sum_bf16_tied_gradients_in_fp32_without_recompiling(checkpointing, monkeypatch):
+    """Blocks compiled one by one (torchtitan's recipe; transformers' checkpointing around each): a
+    compiled block reads the pass's fp32 cast guarded on its presence and identity only (guarded on the
+    factor's version, it recompiled at every optimizer step until torch.compile gave up, silently), and
+    a checkpointed block recomputed in the backward sees the cast its forward saw (it cast by itself
+    there, saved other tensors, and the checkpoint failed)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=4)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+    randomize_adapters(model)
+    ref = copy.deepcopy(model).double()
+    ref(IDS, labels=IDS).loss.backward()
+    exact = ref.tiedlora["q_proj"].A.grad.to(torch.bfloat16)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.model.layers:
+        block.compile(backend="aot_eager")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    graphs = []
+    for step in range(4):
+        model(IDS, labels=IDS).loss.backward()
+        if step == 0:
+            assert (model.tiedlora["q_proj"].A.grad == exact).float().mean() > 0.95
+        opt.step()
+        opt.zero_grad()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
+
+
 def test_compiled_submodule_with_a_metric_forward_between_steps_trains_like_eager(monkeypatch):
     """A compiled submodule trained without the root, with a forward under grad and no backward (a
     logged metric) between steps: no cast outlives the forward that made it, so the next step never
