@@ -208,3 +208,24 @@ def test_unknown_backend_raises(monkeypatch):
     t = make_inputs()
     with pytest.raises(ValueError, match="TIEDLORA_BACKEND"):
         tied_lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"])
+
+
+@pytest.mark.parametrize("small", ["u", "v", "scaling"])
+def test_fp16_intermediates_beyond_fp16_range_stay_finite(small):
+    """fp16 activations and adapter with h = x A^T or (h * u) B^T past fp16's 65504 while the output fits
+    (a small u, v or s): the reference keeps them in fp32, as the kernels do (it formed them in fp16:
+    inf and NaN in the output and dA where float64 has none)."""
+    t = make_inputs(M=4, K=32, N=16, r=4, bias=False)
+    x, W = (t["x"].detach() * 30).half(), (t["weight"] / 32**0.5).half()
+    A, B = (t["A"].detach() * 200).half().requires_grad_(), t["B"].detach().half()
+    u = torch.full((4,), 1e-4, dtype=torch.float16) if small == "u" else None
+    v = torch.full((16,), 1e-4, dtype=torch.float16) if small == "v" else None
+    s = 1e-4 if small == "scaling" else 1.0
+    out = reference.tied_lora_linear(x, W, None, A, B, u, v, s)
+    out.float().square().sum().backward()
+    ref = spec_formula(x.double(), W.double(), None, A.detach().double(), B.double(),
+                       None if u is None else u.double(), None if v is None else v.double(), s)[0]
+    assert (x.double() @ A.detach().double().T).abs().max() > 65504 and ref.abs().max() < 1e3
+    assert torch.isfinite(out).all() and torch.isfinite(A.grad).all()
+    assert rel_err(out, ref) < 2e-3
+

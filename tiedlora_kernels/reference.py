@@ -44,7 +44,8 @@ def tied_lora_linear(
 
     Returns:
         (..., N) in x's dtype. The adapter path is computed in the wider of x's and the adapter's
-        dtype (fp32 adapters on bf16 activations compute the path in fp32, as PEFT does); the row
+        dtype, fp32 for fp16 (fp32 adapters on bf16 activations compute the path in fp32, as PEFT does;
+        fp16 intermediates would overflow where the kernels' fp32 ones do not); the row
         scale multiplies the rounded pre-scale output in the wider of x's and c's dtype.
     """
     check_tied_lora_inputs(x, weight, bias, A, B, u, v, scaling, dropout_p, row_scale, training)
@@ -95,7 +96,7 @@ def unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, t
 
 
 def _adapter_delta(x, A, B, u, v, scaling, dropout_p, training) -> torch.Tensor:
-    """s * (((dropout(x) A^T) * u) B^T) * v computed in the wider of x's and A's dtype, cast to x's
+    """s * (((dropout(x) A^T) * u) B^T) * v computed in :func:`adapter_compute_dtype`, cast to x's
     (under torch.autocast too: autocast would otherwise run these products in its lower dtype)."""
     ct = adapter_compute_dtype(x, A)
     with autocast_off(x.device.type):

@@ -136,8 +136,12 @@ def _real(value) -> bool:
 
 
 def adapter_compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
-    """The dtype the adapter path is computed in: the wider of the activation and adapter dtypes."""
-    return torch.promote_types(x.dtype, A.dtype)
+    """The dtype the torch route computes the adapter path in: the wider of the activation and adapter
+    dtypes, fp32 in place of fp16. fp16's range ends at 65504, and h = x A^T or (h * u) B^T may pass it
+    where the output does not (a small u, v or s): the kernels keep them in fp32 and stay finite, so
+    the torch route must too. bf16 has fp32's range and stays bf16 (no M x K fp32 copy of x)."""
+    ct = torch.promote_types(x.dtype, A.dtype)
+    return torch.float32 if ct == torch.float16 else ct
 
 
 __all__ = ["FLOAT_DTYPES", "check_adapter_tensors", "check_scaling", "check_tied_lora_inputs",

@@ -131,6 +131,19 @@ def test_fp16_activations_keep_small_fp32_factors(factors, factor_dtype, backend
 
 
 @pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
+def test_fp16_intermediates_beyond_fp16_range_stay_finite(factors, backend):
+    """fp16 x and factors with h = x A^T past 65504 and a small U, so the output fits fp16: both routes
+    keep h in fp32 and stay finite (the torch route formed h in fp16: inf, then NaN)."""
+    t = make(5, 3, 33, 40, 4, 4, factors=factors, dtype=torch.float16, factor_dtype=torch.float16)
+    t["x"] = t["x"] * 30
+    t["A"] = t["A"] * 5000
+    t["U"] = torch.full_like(t["U"], 1e-4)
+    A0 = t["A"][0] if t["A"].dim() == 3 else t["A"]
+    assert oracle(t).abs().max() < 1e4 and (t["x"].double() @ A0.double().T).abs().max() > 65504
+    check(t)
+
+
+@pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
 def test_base_only_rows_read_no_factor(factors, backend):
     """Rows with id -1 get the base layer alone, whatever the factors hold: a non-finite B (slot 0's,
     or a shared one) must not reach them through 0 * B."""

@@ -17,8 +17,8 @@ Routes (``TIEDLORA_BACKEND``, as for :func:`tiedlora_kernels.tied_lora_linear`):
   adapter); when either is per slot, ``bank_segment_term`` (rows grouped by slot into segments, each
   segment's factors read once, SGMV-style). A row scale adds one elementwise pass: b + y * C[a].
 - torch: the same formula in plain torch (the gather formulation when the factors are shared, one
-  product per segment otherwise), computed in the wider of x's and the factors' dtype as
-  :func:`tiedlora_kernels.reference.tied_lora_linear` is.
+  product per segment otherwise), computed in the dtype (:func:`~tiedlora_kernels.validation.adapter_compute_dtype`)
+  :func:`tiedlora_kernels.reference.tied_lora_linear` computes in.
 
 Which slot each row uses is an :class:`AdapterRows`: the ids validated once (one host sync), the
 row-to-slot maps and segment plans kept for every call made with them (a model's layers, the
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..validation import FLOAT_DTYPES
+from ..validation import FLOAT_DTYPES, adapter_compute_dtype
 from . import autocast_base, resolve_backend
 
 #: ``AdapterRows``' id dtypes: any integer tensor (int64 or int32 usually).
@@ -313,7 +313,7 @@ def _scale_rows(y, bias, C, slots):
 
 
 def _torch_route(x2, weight, bias, rows, T, A, B, U, V, C):
-    ct = torch.promote_types(x2.dtype, A.dtype)
+    ct = adapter_compute_dtype(x2, A)
     slots = rows.row_slots(T)
     live = (slots >= 0)[:, None]
     a = slots.clamp(min=0)
