@@ -633,6 +633,16 @@ def test_double_backward_is_refused_clearly(monkeypatch):
         torch.autograd.grad(out.square().sum(), [t["x"], t["A"]], create_graph=True)
 
 
+def test_batched_gradients_are_refused_clearly(monkeypatch):
+    """autograd.grad(is_grads_batched=True) (jacobian(vectorize=True)) over a forward that ran the kernels:
+    a clear error naming the way out, not the kernels failing on a tensor without storage."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    t = make(7, 33, 40, 3)
+    out = public_tied_lora_linear(**_public_args(t))
+    with pytest.raises(RuntimeError, match="batched gradients .* have no Triton kernels; use TIEDLORA_BACKEND=torch"):
+        torch.autograd.grad(out, [t["x"], t["A"]], torch.randn(4, *out.shape), is_grads_batched=True)
+
+
 @pytest.mark.parametrize("K,N", [(0, 40), (33, 0), (0, 0)], ids=["K0", "N0", "K0-N0"])
 def test_zero_features_give_the_right_result(K, N, monkeypatch):
     """K = 0 (out = b, every adapter gradient 0) and N = 0 (an empty output) have one right answer,

@@ -193,6 +193,14 @@ def _gradients(ctx, grad_out, run_backward):
         raise RuntimeError("tied_lora_linear (triton): double backward (autograd.grad / backward with "
                            "create_graph=True) is not supported by the Triton kernels; use TIEDLORA_BACKEND=torch "
                            "for higher-order gradients")
+    functorch = torch._C._functorch
+    if grad_out is not None and (functorch.is_legacy_batchedtensor(grad_out)
+                                 or functorch.is_functorch_wrapped_tensor(grad_out)):
+        # The forward ran plain (so the kernels), the backward batched: a batched tensor has no
+        # storage for the kernels to read.
+        raise RuntimeError("tied_lora_linear (triton): batched gradients (autograd.grad(is_grads_batched=True), "
+                           "torch.autograd.functional.jacobian/hessian(vectorize=True)) have no Triton kernels; "
+                           "use TIEDLORA_BACKEND=torch, or vectorize=False")
     x, weight, A, B, u, v, row_scale, h, y, seed = ctx.saved_tensors
     ni = ctx.needs_input_grad
     need_base = ni[2]  # the base layer's own output (tied_lora_add): its gradient is G, or G * c
