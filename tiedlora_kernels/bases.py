@@ -40,6 +40,10 @@ class QuantizedBase:
         """Called by ``inject`` for every layer of this kind in the model, adapted or not (a layer
         below an adapter must pass its input's gradient): any one-time set-up the kind needs."""
 
+    def not_ready(self, module: nn.Module) -> Optional[str]:
+        """Why an adapter cannot be put on this layer yet (checked by ``inject`` before any change), or None."""
+        return None
+
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output (..., N) for x, its bias included, in x's dtype, differentiable in x."""
         return module(x)
@@ -69,6 +73,12 @@ class Bnb4bit(QuantizedBase):
 
     def prepare(self, module):
         keep_standard_cpu_layout(module)
+
+    def not_ready(self, module):
+        if module.weight.quant_state is None:  # bitsandbytes quantizes a Linear4bit when it is moved
+            return ("its weight is not quantized yet (bitsandbytes quantizes a Linear4bit when the model is moved: "
+                    "call model.to(device) before inject)")
+        return None
 
     def dequantized_weight(self, module):
         import bitsandbytes.functional as bf

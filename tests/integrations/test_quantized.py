@@ -257,6 +257,20 @@ def test_unsupported_quantized_layer_is_refused_naming_it():
         inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules="all-linear"))
 
 
+def test_4bit_layer_not_quantized_yet_is_refused_before_any_change():
+    """bitsandbytes quantizes a Linear4bit when it is moved: inject before that names the layer and the
+    call to make (it failed inside bitsandbytes' dequantize with a message about absmax)."""
+    model = nn.Module()
+    model.proj = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    trains = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"layer 'proj' \(Linear4bit\): its weight is not quantized yet .* call "
+                                         r"model\.to\(device\) before inject"):
+        inject(model, TiedLoRAConfig(rank=2, preset="tl6", target_modules=["proj"]))
+    assert not hasattr(model, "tiedlora") and [p.requires_grad for p in model.parameters()] == trains
+    model.to("cpu")
+    inject(model, TiedLoRAConfig(rank=2, preset="tl6", target_modules=["proj"]))
+
+
 class MXTensor(torch.Tensor):
     """A stand-in for a quantizing tensor subclass with floating storage (torchao's MX / NVFP4 tensors)."""
 

@@ -384,6 +384,11 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     r = config.rank
     for t in targets:
         check_rank_fits(t.name, t.in_features, t.out_features, r)
+        if t.layout == "quantized":
+            base = model.get_submodule(t.name)
+            reason = quantized_base_of(base).not_ready(base)
+            if reason:
+                raise ValueError(f"inject: layer {t.name!r} ({type(base).__name__}): {reason}")
     groups: dict[str, list[TargetLayer]] = defaultdict(list)
     for t in targets:
         groups[group_name(t, p.tied)].append(t)
