@@ -476,6 +476,31 @@ def test_unmerge_restores_rows_whose_row_scale_is_zero(preset):
         assert rel_err(model(IDS).logits, want) < 1e-5
 
 
+def test_simple_dora_merge_unmerge_keeps_a_pruned_row_pruned():
+    """A zero (pruned) weight row under Simple DoRA: unmerge must give it back exactly zero. Rounding
+    residue (~1e-8) left there made ||W||_row divide it up to a unit direction, and the row's output
+    moved by m |x| after the round trip."""
+    from tiedlora_kernels import merge, unmerge
+
+    changed = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = torch.nn.Module()
+        model.proj = torch.nn.Linear(32, 32)
+        with torch.no_grad():
+            model.proj.weight[3].zero_()
+        inject(model, TiedLoRAConfig(rank=4, preset="simple_dora", alpha=6, rslora=True, target_modules=["proj"]))
+        randomize_adapters(model, std=0.2, seed=seed)
+        x = torch.randn(3, 32)
+        with torch.no_grad():
+            before = model.proj(x)
+            merge(model)
+            unmerge(model)
+            changed += rel_err(model.proj(x), before) > 1e-5
+            assert torch.all(model.proj.weight[3] == 0)
+    assert changed == 0
+
+
 def test_simple_dora_over_a_zero_weight_row_keeps_its_adapter_term():
     """MATH.md: out = m (x W0^T + s x dW^T) + b, W0 = W / ||W||_row (0 on a zero row). v_i = v ||W||
     removed the adapter term from a zero row for good (its m and B rows got no gradient)."""

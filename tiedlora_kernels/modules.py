@@ -455,8 +455,12 @@ class TiedLoRALinear(nn.Module):
         if c is not None:
             self._merged_row_scale = c.detach().to(torch.promote_types(c.dtype, torch.float32)).clone()
             c = self._merged_row_scale
-            # rows with c = 0 merge to zero and cannot be divided back: keep their originals
-            lost = (c == 0).nonzero().flatten()
+            # rows with c = 0 merge to zero and cannot be divided back, and Simple DoRA's zero (pruned) rows
+            # come back as rounding residue that ||W||_row would blow up to a unit direction: keep their originals
+            lost = c == 0
+            if self.magnitude == "simple_dora":
+                lost |= self._merged_base_norm.to(c.device) == 0
+            lost = lost.nonzero().flatten()
             if len(lost):
                 self._merged_lost_rows = (lost, self.weight_nk()[lost].clone())
         w = reference.merged_weight(self.weight_nk(), A, B, u, v, self.scaling, row_scale=c)
