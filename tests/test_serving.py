@@ -357,6 +357,40 @@ def test_live_model_and_mapping_sources(zoo, monkeypatch):
     assert set(bank.routes().values()) == {"shared"}  # identical factors stay shared
 
 
+def test_dora_rows_follow_base_weights_changed_after_the_add(tmp_path, monkeypatch):
+    """DoRA's row scale m / ||W + s B A|| and Simple DoRA's v ||W|| and m / ||W|| depend on the base
+    weight W: the bank kept them as computed at the add, so a model built from its config, adapters
+    added, then the base checkpoint loaded served DoRA rows 7e-2 off their adapter alone (LoRA rows
+    followed). They are derived when use() starts, also after a write through ``.data``, which moves no
+    tensor version a check could read."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    skeleton = tiny_llama()  # the model as built from its config
+    checkpoint = tiny_llama()  # the base weights the adapters were trained on
+    names = ["dora", "simple_dora", "lora", None]
+    dirs = {n: make_adapter(checkpoint, tmp_path, n, seed=i, preset=n) for i, n in enumerate(names) if n}
+    bank = AdapterBank(host_of(skeleton))
+    adapter_ids = [bank.add(dirs[n]) if n else -1 for n in names]
+    ids = torch.randint(0, 97, (len(names), 6), generator=torch.Generator().manual_seed(17))
+    bank.model.load_state_dict(checkpoint.state_dict(), strict=False)
+    with torch.no_grad(), bank.use(adapter_ids):
+        out = bank.model(ids).logits
+    expected = reference_logits(checkpoint, dirs, names, ids, monkeypatch)
+    for i, n in enumerate(names):
+        assert rel_err(out[i], expected[i]) < TOL, f"row {i} ({n}): {rel_err(out[i], expected[i]):.2e}"
+    for layer in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        # a new direction, not only new row norms (Simple DoRA's rows do not depend on W's row norms)
+        shape = checkpoint.get_submodule(layer).weight.shape
+        change = 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(18))
+        for model in (bank.model, checkpoint):
+            model.get_submodule(layer).weight.data.add_(change)
+    with torch.no_grad(), bank.use(adapter_ids):
+        out = bank.model(ids).logits
+    expected = reference_logits(checkpoint, dirs, names, ids, monkeypatch)
+    for i, n in enumerate(names):
+        assert rel_err(out[i], expected[i]) < TOL, f"after .data: row {i} ({n}): {rel_err(out[i], expected[i]):.2e}"
+
+
 def test_gpt2_conv1d_layers_and_kinds(monkeypatch, tmp_path):
     """GPT-2 (Conv1D layers; attn.c_proj and mlp.c_proj are different kinds): files load into the
     bank with the same kinds as into the model."""
@@ -492,9 +526,10 @@ def test_image_and_audio_layers_refused(block):
 def test_encoder_decoder_beams(tmp_path, monkeypatch):
     """T5 with num_beams (and num_return_sequences) 2: the encoder sees the batch, the decoder each
     prompt's beams consecutively. bank.generate repeats one id per prompt for the copies; under use(),
-    ids repeated by the caller serve the decoder and, every 4th, the encoder; each prompt's sequences
-    are its adapter's alone. Per-prompt ids under use() do not fit the expanded batch: refused, not
-    guessed."""
+    ids repeated by the caller serve the decoder and, every 2nd, the encoder; each prompt's sequences
+    are its adapter's alone. Ids that do not fit the expanded batch (per prompt, or repeated 4 times:
+    num_beams times num_return_sequences, where generate makes the larger of the two) are refused, not
+    guessed, and so are repeated ids on a forward of the whole model, whose encoder sees the batch."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
@@ -512,10 +547,15 @@ def test_encoder_decoder_beams(tmp_path, monkeypatch):
                               for i, n in enumerate(names)])
     assert torch.equal(out, expected)
     per_prompt = torch.tensor([slots[n] if n else -1 for n in names])
-    with torch.no_grad(), bank.use(per_prompt.repeat_interleave(4)):
+    with torch.no_grad(), bank.use(per_prompt.repeat_interleave(2)):
         assert torch.equal(bank.model.generate(src, **kw), expected)
-    with torch.no_grad(), bank.use(per_prompt), pytest.raises(ValueError, match=r"repeat_interleave the ids"):
-        bank.model.generate(src, **kw)
+    for wrong in (per_prompt, per_prompt.repeat_interleave(4)):
+        with torch.no_grad(), bank.use(wrong), pytest.raises(ValueError, match=r"repeat_interleave the ids"):
+            bank.model.generate(src, **kw)
+    # a forward of the whole model runs its encoder inside the call, on the batch the ids are for
+    with torch.no_grad(), bank.use(per_prompt.repeat_interleave(2)), \
+            pytest.raises(ValueError, match=r"layer 'encoder\..*adapter_ids has 6 entries .*\(first dim 3\)"):
+        bank.model(input_ids=src, decoder_input_ids=src[:, :2])
 
 
 def test_ids_short_of_the_batch_are_refused_not_broadcast(tmp_path, monkeypatch):
@@ -530,6 +570,54 @@ def test_ids_short_of_the_batch_are_refused_not_broadcast(tmp_path, monkeypatch)
     for short in ([a, b], [a]):
         with torch.no_grad(), bank.use(short), pytest.raises(ValueError, match=r"give one id per sequence"):
             bank.model(ids)
+
+
+def test_ids_repeated_beyond_the_batch_are_refused_on_a_decoder_only_model(tmp_path, monkeypatch):
+    """Ids a whole multiple of the batch, each repeated (4 ids [a, a, b, b] for 2 prompts, 2 for 1 prompt,
+    4 for generate's 2 prompts without beams), ran with every other id: the rule that an encoder run
+    before generate expands the batch takes every e-th id applied to every model call."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = tiny_llama()
+    bank = AdapterBank(host_of(base))
+    a, b = (bank.add(make_adapter(base, tmp_path, n, seed=seed)) for n, seed in (("a", 1), ("b", 2)))
+    ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(19))
+    for adapter_ids, prompts in (([a, a, b, b], ids), ([b, b], ids[:1])):
+        n, batch = len(adapter_ids), len(prompts)
+        with torch.no_grad(), bank.use(adapter_ids), \
+                pytest.raises(ValueError, match=rf"adapter_ids has {n} entries .*\(first dim {batch}\)"):
+            bank.model(prompts)
+    with pytest.raises(ValueError, match=r"adapter_ids has 4 entries .*\(first dim 2\)"):
+        bank.generate(ids, adapter_ids=[a] * 4, attention_mask=torch.ones_like(ids), max_new_tokens=2)
+
+
+def test_per_token_ids_on_a_pooled_layer(tmp_path, monkeypatch):
+    """BERT's pooler reads each sequence's first token: (batch, H) activations under (batch, seq) ids
+    were refused even when every token of a sequence had one adapter. Such a layer takes one id per
+    sequence; a sequence whose tokens name several adapters is refused there, naming the layer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=4, intermediate_size=40)).eval()
+    directory = make_adapter(base, tmp_path, "bert")
+    bank = AdapterBank(host_of(base))
+    slot = bank.add(directory)
+    assert "bert.pooler.dense" in bank.routes()
+    ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(20))
+    per_token = torch.tensor([[slot] * 5, [-1] * 5])
+    with torch.no_grad(), bank.use(per_token):
+        out = bank.model(ids).logits
+    with torch.no_grad():
+        expected = torch.cat([alone(base, directory)(ids[:1]).logits, base(ids[1:]).logits])
+    assert rel_err(out, expected) < TOL
+    per_token[1, 3] = slot
+    with torch.no_grad(), bank.use(per_token), \
+            pytest.raises(ValueError, match=r"layer 'bert.pooler.dense': adapter_ids has shape \(2, 5\) \(one slot "
+                                            r"per token\) .*one row per sequence \(a pooled layer.*sequence 1 has "
+                                            rf"tokens of several \(\[-1, {slot}\]\)"):
+        bank.model(ids)
 
 
 def test_mixture_of_experts_layers_refused(tmp_path):
@@ -613,6 +701,19 @@ def test_to_a_device_the_model_is_not_on_is_refused(zoo, monkeypatch):
         assert torch.equal(bank.model(ids).logits, expected)
 
 
+def test_to_a_dtype_is_refused_clearly(zoo):
+    """bank.to(torch.bfloat16) failed inside torch.empty ("argument 'device' must be torch.device, not
+    torch.dtype"): the bank moves between devices only, its factor_dtype fixed when it is made."""
+    base, dirs = zoo
+    bank = AdapterBank(host_of(base))
+    bank.add(dirs["lora"])
+    before = snapshot(bank)
+    with pytest.raises(TypeError, match=r"AdapterBank.to: device must be a device, got the dtype torch.bfloat16; the "
+                                        r"bank moves between devices only: its factor_dtype \(torch.float32\) is fixed"):
+        bank.to(torch.bfloat16)
+    assert same_snapshot(snapshot(bank), before)
+
+
 def _q_proj_adapter(bank, **fields):
     """(layer name, a {layer: LayerAdapter} mapping for the bank's first q_proj with ``fields`` replaced)."""
     name = "model.layers.0.self_attn.q_proj"
@@ -632,7 +733,10 @@ def _q_proj_adapter(bank, **fields):
     ("A", lambda a: None, ValueError, r"A must be a 2-D tensor \(r, K=32\), got NoneType"),
     ("scaling", lambda s: True, ValueError, r"scaling must be a finite real number .*got True"),
     ("scaling", lambda s: torch.tensor(s), ValueError, r"scaling must be a finite real number"),
-], ids=["complex-A", "int-B", "bool-u", "meta-A", "no-A", "bool-scaling", "tensor-scaling"])
+    ("magnitude", lambda m: "lora", ValueError, r"magnitude must be one of none, dora, simple_dora, got 'lora'"),
+    ("m", lambda m: torch.ones(32), ValueError, r"m is given but magnitude is 'none'"),
+], ids=["complex-A", "int-B", "bool-u", "meta-A", "no-A", "bool-scaling", "tensor-scaling", "unknown-magnitude",
+        "m-without-magnitude"])
 def test_mapping_source_takes_the_ops_tensor_and_scalar_checks(zoo, field, bad, err, msg):
     """A {layer: LayerAdapter} mapping is checked field by field as tied_lora_linear checks its
     arguments (not cast: a complex A would lose its imaginary part, scaling=True would read as 1), the

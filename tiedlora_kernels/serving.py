@@ -25,6 +25,12 @@ launch, the cost of one adapter. Otherwise the factor that differs is stored per
 (S, N, R), and the layer runs the segmented route (rows grouped by adapter, SGMV-style; a shared
 factor is still stored and read once). Each layer chooses by itself, on every add and remove.
 
+DoRA's and Simple DoRA's row scales (c = m / ||W + s B A||, m / ||W||) and Simple DoRA's v_i = v ||W||
+depend on the base weight W: the bank keeps their magnitude m (and Simple DoRA's v) and derives them
+from W as it is when ``use`` starts (for the slots the request names), so a row follows base weights
+loaded or changed after the add, as its adapter alone does at each call (W must not change inside a
+context).
+
 What can be mixed in one bank: adapters of every preset (lora, vera, tl1-tl6, partial, tl_extra,
 tensor_embed, dora, simple_dora) and any alpha, of rank at most the bank's (lower ranks are
 zero-padded), adapting any subset of the model's adapted layers (a layer an adapter leaves out adds
@@ -43,9 +49,10 @@ layers see time-first (seq, batch, H) activations (FSMT, fairseq-style models): 
 the batch, rows would silently get other sequences' adapters.
 
 Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
-row scale, plus R (K + N) factor values for a per-slot factor (``factor_dtype``, fp32 by default).
-Slots are allocated up front (``capacity``) and grown by doubling when full; adding or removing an
-adapter writes its slot only, and a request (``use``) allocates nothing in the bank.
+row scale, N (DoRA) or 2N (Simple DoRA) more for a magnitude's m and v, plus R (K + N) factor values
+for a per-slot factor (``factor_dtype``, fp32 by default). Slots are allocated up front (``capacity``)
+and grown by doubling when full; adding or removing an adapter writes its slot only, and a request
+(``use``) allocates nothing in the bank.
 """
 
 from __future__ import annotations
@@ -61,13 +68,14 @@ from typing import Iterator, Mapping, NamedTuple, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import reference
 from .integrations import adapted_layers, adapter_config, load_adapter
 from .integrations.checkpoint import unwrapped
 from .integrations.shell import linear_shell
 from .modules import TiedLoRALinear
 from .ops import autocast_base, resolve_backend
-from .ops.bank_linear import AdapterRows, bank_linear_unchecked, same_device, shared_factors
-from .validation import FLOAT_DTYPES, check_adapter_tensors, check_scaling
+from .ops.bank_linear import AdapterRows, CallFrame, bank_linear_unchecked, same_device, shared_factors
+from .validation import FLOAT_DTYPES, _check_tensor, check_adapter_tensors, check_scaling
 
 #: Routes a layer can take (:meth:`AdapterBank.routes`).
 ROUTES = ("base", "shared", "segmented")
@@ -106,7 +114,12 @@ def _normal_tensors(method):
 
 class LayerAdapter(NamedTuple):
     """One adapter's effective tensors for one layer (what :meth:`TiedLoRALinear.op_tensors` gives):
-    A (r, K), B (N, r), u (r,) or None, v (N,) or None, row_scale c (N,) or None, and its scaling s."""
+    A (r, K), B (N, r), u (r,) or None, v (N,) or None, row_scale c (N,) or None, and its scaling s.
+
+    Or, for a DoRA or Simple DoRA layer whose row scale the bank derives from the base weight as it is
+    when each :meth:`AdapterBank.use` starts (as the layer does at each call): ``magnitude`` "dora" or
+    "simple_dora" (:class:`TiedLoRALinear`'s), its trained magnitude ``m`` (N,), row_scale None, and v
+    the layer's trained v (Simple DoRA: before its product with ||W||)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -114,12 +127,29 @@ class LayerAdapter(NamedTuple):
     v: Optional[torch.Tensor]
     row_scale: Optional[torch.Tensor]
     scaling: float
+    magnitude: str = "none"
+    m: Optional[torch.Tensor] = None
+
+
+#: ``LayerAdapter.magnitude`` values: a fixed row scale (or none), or one derived from the base weight.
+MAGNITUDES = ("none", "dora", "simple_dora")
+
+
+class _Magnitude(NamedTuple):
+    """What a DoRA or Simple DoRA slot keeps to derive its row scale (and Simple DoRA's v_i) from the
+    base weight: ``kind`` ("dora", "simple_dora"), m (N,), and Simple DoRA's trained v (N,) (ones
+    where it has none), in the adapter's dtypes, as the layer computes them."""
+
+    kind: str
+    m: torch.Tensor
+    v: Optional[torch.Tensor]
 
 
 class _Slots:
     """The slots of one layer. A, B: None (no adapter adapts the layer), shared (R, K) / (N, R), or per
     slot (S, R, K) / (S, N, R). U (S, R) fp32 s * u (0 for slots without this layer); V, C (S, N)
-    fp32 or None (all 1). ``present[s]``: slot s adapts this layer.
+    fp32 or None (all 1). ``present[s]``: slot s adapts this layer. ``magnitudes[s]``: what slot s
+    derives its C row (and Simple DoRA's V row) from, recomputed by :meth:`refresh`.
 
     An add does not compare slots to one another: ``ref[k]`` is the layer's reference A or B (the
     shared one, or the one the first adapters had before another made the factor per slot) and
@@ -137,6 +167,7 @@ class _Slots:
         self.V: Optional[torch.Tensor] = None
         self.C: Optional[torch.Tensor] = None
         self.present = [False] * capacity
+        self.magnitudes: dict[int, _Magnitude] = {}
         self.ref: dict = {"A": None, "B": None}
         self.fid: dict = {"A": [0] * capacity, "B": [0] * capacity}
         self._next_id = 1
@@ -151,7 +182,8 @@ class _Slots:
         return dict(A=self.A, B=self.B, U=self.U, V=self.V, C=self.C)
 
     def nbytes(self) -> int:
-        seen = {id(t): t for t in [*self.tensors().values(), *self.ref.values()] if t is not None}
+        kept = [t for mag in self.magnitudes.values() for t in (mag.m, mag.v)]
+        seen = {id(t): t for t in [*self.tensors().values(), *self.ref.values(), *kept] if t is not None}
         return sum(t.numel() * t.element_size() for t in seen.values())
 
     # Adding is staged: ``stage`` allocates whatever the slot needs (growth, a shared factor turned
@@ -169,7 +201,7 @@ class _Slots:
         t["next_id"] = self._next_id
         if entry is None:
             return t
-        A, B, _, v, c = entry
+        A, B, _, v, c, mag = entry
         for k, new in (("A", A), ("B", B)):
             if t["ref"][k] is None:  # the first adapter of this layer: its factor is the shared one
                 t["ref"][k] = t[k] = new
@@ -181,8 +213,9 @@ class _Slots:
                     t[k] = t[k].unsqueeze(0).repeat(capacity, *([1] * t[k].dim()))
                 t["fid"][k][slot] = t["next_id"]
                 t["next_id"] += 1
+        derived = {"V": mag is not None and mag.kind == "simple_dora", "C": mag is not None}
         for k, given in (("V", v), ("C", c)):
-            if given is not None and t[k] is None:
+            if (given is not None or derived[k]) and t[k] is None:
                 t[k] = torch.ones((capacity, self.N), device=self.device, dtype=torch.float32)
         return t
 
@@ -192,7 +225,7 @@ class _Slots:
         self.present = self.present + [False] * (capacity - len(self.present))
         if entry is None:
             return
-        A, B, U_row, v, c = entry
+        A, B, U_row, v, c, mag = entry
         with torch.no_grad():
             if self.A.dim() == 3:
                 self.A[slot].copy_(A)
@@ -203,6 +236,8 @@ class _Slots:
                 self.V[slot].copy_(v) if v is not None else self.V[slot].fill_(1.0)
             if self.C is not None:
                 self.C[slot].copy_(c) if c is not None else self.C[slot].fill_(1.0)
+        if mag is not None:  # its C (and V) rows are written by refresh, when a request names the slot
+            self.magnitudes[slot] = mag
         self.present[slot] = True
 
     def _all_equal(self, k: str, live: list[int]) -> bool:
@@ -217,6 +252,7 @@ class _Slots:
         if not self.present[slot]:
             return
         self.present[slot] = False
+        self.magnitudes.pop(slot, None)
         with torch.no_grad():
             self.U[slot].zero_()
             for t in (self.V, self.C):
@@ -243,6 +279,27 @@ class _Slots:
                 for s in live:
                     self.fid[k][s] = 0
 
+    def refresh(self, slots: list[int], weight: torch.Tensor) -> None:
+        """Write the C rows (and Simple DoRA's V rows) of ``slots`` (slots with a magnitude) from the base
+        weight (N, K) as it is now, as :meth:`TiedLoRALinear.op_tensors` computes them at each call:
+        Simple DoRA v_i = v ||W||, c = m / ||W||; DoRA c = m / ||W + diag(V) B diag(U) A|| (U = s u, the
+        slot's stored factors)."""
+        with torch.no_grad(), reference.autocast_off(weight.device.type):
+            base_norm = None  # ||W||, one for every Simple DoRA slot
+            for slot in slots:
+                mag = self.magnitudes[slot]
+                if mag.kind == "simple_dora":
+                    if base_norm is None:
+                        base_norm = reference.direction_norm(reference.row_norm(weight))
+                    self.V[slot].copy_(mag.v * base_norm.to(mag.v.dtype))
+                    norm = base_norm
+                else:
+                    A = self.A[slot] if self.A.dim() == 3 else self.A
+                    B = self.B[slot] if self.B.dim() == 3 else self.B
+                    norm = reference.merged_row_norm(weight, A, B, self.U[slot],
+                                                     self.V[slot] if self.V is not None else None, 1.0)
+                self.C[slot].copy_(reference.dora_row_scale(mag.m, norm))
+
 
 def _slot_id(adapter, where: str) -> int:
     """``adapter`` as a slot id: any integer (an int, a numpy integer, a one-element integer tensor),
@@ -267,19 +324,19 @@ def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
     return out
 
 
-def _call_frame(args: tuple, kwargs: dict) -> Optional[tuple[int, Optional[int]]]:
+def _call_frame(args: tuple, kwargs: dict) -> Optional[CallFrame]:
     """(batch, seq) of a transformers model call, from its token ids or embeddings ((batch, None)
     from an audio encoder's ``input_features``: one per prompt), or None: images (``pixel_values``)
     are not one per prompt."""
     for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         t = kwargs.get(key)
         if t is not None:
-            return tuple(t.shape[:2]) if t.dim() >= 2 else None
+            return CallFrame(*t.shape[:2]) if t.dim() >= 2 else None
     if kwargs.get("input_features") is not None and kwargs["input_features"].dim() >= 2:
-        return (kwargs["input_features"].shape[0], None)
+        return CallFrame(kwargs["input_features"].shape[0], None)
     t = args[0] if args else None  # positional token ids
     if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point():
-        return tuple(t.shape[:2])
+        return CallFrame(*t.shape[:2])
     return None
 
 
@@ -303,6 +360,13 @@ def _model_calls(model: nn.Module) -> list[nn.Module]:
     return [model, *[m for m in inner if m is not model]]
 
 
+def _encoders(calls: list[nn.Module]) -> list[nn.Module]:
+    """The encoders of the encoder-decoder models among ``calls``: ``generate`` calls them on their own,
+    on the prompts, before it expands the batch for beams or returned sequences."""
+    return [m.get_encoder() for m in calls
+            if getattr(getattr(m, "config", None), "is_encoder_decoder", False) and hasattr(m, "get_encoder")]
+
+
 class _Route:
     """``TiedLoRALinear.bank_route`` while a bank is in use: the layer's output, each row with its slot."""
 
@@ -310,6 +374,12 @@ class _Route:
         self.bank, self.name = bank, name
 
     def __call__(self, layer: TiedLoRALinear, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(layer, x)
+        except ValueError as e:  # which layer: a pooled layer, a flattened one, an encoder's
+            raise ValueError(f"AdapterBank: layer {self.name!r}: {e}") from None
+
+    def _forward(self, layer: TiedLoRALinear, x: torch.Tensor) -> torch.Tensor:
         rows = self.bank._active
         slots = self.bank._layers[self.name]
         x, weight, bias = autocast_base(x, layer.weight_nk(), layer.bias)
@@ -384,6 +454,8 @@ class AdapterBank:
                         for name, layer in layers}
         self._modules = dict(layers)
         self._calls = _model_calls(model)  # the calls whose shape use() records (the module tree is fixed)
+        self._encoders = _encoders(self._calls)
+        self._calls += [e for e in self._encoders if e not in self._calls]
         self._routes = {name: _Route(self, name) for name in self._layers}
         self._active: Optional[AdapterRows] = None
 
@@ -507,15 +579,20 @@ class AdapterBank:
             adapter_ids: (batch,) slot per sequence (broadcast over its tokens), or (batch, seq) slot
                 per token; an integer tensor on the model's device or a list of ints. -1 = the base
                 model alone. Checked once here (one host sync): dtype, rank, device, range, loaded
-                slots; each layer then checks only that the batch matches.
+                slots; each layer then checks only that the batch matches (ids that do not match it
+                are refused, never broadcast). Per token: a layer with one row per sequence (a pooled
+                layer, such as BERT's pooler, which reads one token of each sequence) takes one id per
+                sequence, so each sequence's ids must then be all equal, else that layer refuses them.
 
         Works for ``model(input_ids)`` and ``model.generate(...)`` (the prefill and every decode step
         keep the batch's order: one id per sequence; with ``num_beams`` or ``num_return_sequences`` > 1
         generate expands the batch, so repeat_interleave the ids to match, or call :meth:`generate`,
         which does; an encoder-decoder's encoder, run before the expansion, takes every e-th id).
-        Under ``torch.autocast`` each row computes what its adapter alone computes under it. Inference
-        only: run it under ``torch.no_grad()`` or ``torch.inference_mode()``; inputs that require grad
-        are refused. The bank cannot be changed while in use, and contexts do not nest.
+        Under ``torch.autocast`` each row computes what its adapter alone computes under it. DoRA's and
+        Simple DoRA's row scales are derived here from the base weights as they are now (for the slots
+        named): change the base between requests, not inside a context. Inference only: run it under
+        ``torch.no_grad()`` or ``torch.inference_mode()``; inputs that require grad are refused. The
+        bank cannot be changed while in use, and contexts do not nest.
         """
         if self._active is not None:
             raise RuntimeError("AdapterBank.use: the bank is already in use (contexts do not nest)")
@@ -530,14 +607,20 @@ class AdapterBank:
                 raise RuntimeError(f"AdapterBank.use: layer {name!r} was merged after the bank was made; unmerge first")
         rows = AdapterRows(adapter_ids, self._capacity, occupied=[n is not None for n in self._names],
                            device=self.device, names=self.adapters)
+        self._refresh_magnitudes(rows)
         self._active = rows
 
         # The shape of each model call, for layers that see its tokens flattened and for an encoder run
         # before generate expands the batch (AdapterRows.fit): the root and every transformers model
         # inside it (a VLM's language model, an encoder-decoder's encoder) push their call's frame
         # and pop it when the call ends, so an inner call neither clears nor inherits the outer one.
+        encoders = {id(e) for e in self._encoders}
+
         def enter(module, args, kwargs):
-            rows.frames.append(_call_frame(args, kwargs))
+            frame = _call_frame(args, kwargs)
+            if frame is not None and not rows.frames and id(module) in encoders:  # generate's encoder call
+                frame = frame._replace(before_expansion=True)
+            rows.frames.append(frame)
 
         def leave(module, args, output):
             rows.frames.pop()
@@ -556,6 +639,19 @@ class AdapterBank:
             for hook in hooks:
                 hook.remove()
             self._active = None
+
+    @_normal_tensors
+    def _refresh_magnitudes(self, rows: AdapterRows) -> None:
+        """The row scales (and Simple DoRA's v ||W||) of the DoRA and Simple DoRA slots ``rows`` name,
+        from each layer's base weight as it is now: once per request, not per call (writes that move no
+        tensor version, ``.data`` or a fused optimizer's, leave no trace a check per call could read)."""
+        if not any(s.magnitudes for s in self._layers.values()):
+            return
+        named = set(rows.host.unique().tolist())
+        for ln, s in self._layers.items():
+            slots = sorted(named.intersection(s.magnitudes))
+            if slots:
+                s.refresh(slots, self._modules[ln].weight_nk())
 
     def generate(self, input_ids: torch.Tensor, adapter_ids, **kwargs) -> torch.Tensor:
         """``model.generate(input_ids, **kwargs)`` with prompt i answered by adapter ``adapter_ids[i]``
@@ -576,8 +672,13 @@ class AdapterBank:
     @_normal_tensors
     def to(self, device) -> "AdapterBank":
         """Move the bank's tensors to ``device``, the device the model's adapted layers are on (move the
-        model first); any other device is refused before anything moves."""
+        model first); any other device is refused before anything moves. Devices only: the factors'
+        dtype is the bank's ``factor_dtype``, fixed when it is made (U, V and row scales are fp32)."""
         self._refuse_in_use("to")
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"AdapterBank.to: device must be a device, got the dtype {device}; the bank moves between "
+                            f"devices only: its factor_dtype ({self.factor_dtype}) is fixed when it is made (make a "
+                            "new AdapterBank(model, factor_dtype=...) for another)")
         # the device as a tensor reports it ("cuda" given: cuda:0), as the layers' weights report theirs
         device = torch.empty(0, device=device).device
         layer_devices = {layer.weight.device for layer in self._modules.values()}
@@ -590,6 +691,8 @@ class AdapterBank:
                 if t is not None:
                     setattr(s, k, ref[k] if k in ref and t is s.ref[k] else t.to(device))
             s.ref, s.device = ref, device
+            s.magnitudes = {slot: mag._replace(m=mag.m.to(device), v=mag.v.to(device) if mag.v is not None else None)
+                            for slot, mag in s.magnitudes.items()}
         self.device = device
         return self
 
@@ -614,8 +717,9 @@ class AdapterBank:
         return _effective_tensors(shell)
 
     def _prepare(self, effective: dict) -> dict:
-        """layer name -> (A (R, K), B (N, R) in factor_dtype, U row (R,) fp32, v (N,), c (N,)) on the
-        bank's device, after checking every layer; raises ValueError naming the first misfit."""
+        """layer name -> (A (R, K), B (N, R) in factor_dtype, U row (R,) fp32, v (N,), c (N,), a
+        :class:`_Magnitude` or None) on the bank's device, after checking every layer; raises
+        ValueError naming the first misfit."""
         unknown = sorted(set(effective) - set(self._layers))
         if unknown:
             raise ValueError(f"AdapterBank.add: the adapter adapts layers the bank's model does not adapt: "
@@ -633,6 +737,7 @@ class AdapterBank:
             where = f"AdapterBank.add: layer {ln!r}"
             r = check_adapter_tensors(where, s.N, s.K, e.A, e.B, e.u, e.v, e.row_scale, device=None)
             check_scaling(where, e.scaling)
+            mag = self._magnitude(where, s.N, e)
             if r > R:
                 raise ValueError(f"AdapterBank.add: layer {ln!r} has rank {r}, above the bank's rank {R} "
                                  "(make the bank with AdapterBank(model, rank=...))")
@@ -646,15 +751,36 @@ class AdapterBank:
             U_row[:r] = float(e.scaling) * (e.u.detach().to(dev, torch.float32) if e.u is not None else 1.0)
             v = e.v.detach().to(dev, torch.float32) if e.v is not None else None
             c = e.row_scale.detach().to(dev, torch.float32) if e.row_scale is not None else None
-            for what, t in (("A", A_pad), ("B", B_pad), ("u", U_row), ("v", v), ("row_scale", c)):
+            if mag is not None and mag.kind == "simple_dora":
+                v = None  # its V row is v ||W||, written when a request names the slot
+            for what, t in (("A", A_pad), ("B", B_pad), ("u", U_row), ("v", v), ("row_scale", c),
+                            ("m", mag.m if mag is not None else None), ("v", mag.v if mag is not None else None)):
                 if t is not None:
                     finite.append((ln, what, torch.isfinite(t).all()))
-            out[ln] = (A_pad, B_pad, U_row, v, c)
+            out[ln] = (A_pad, B_pad, U_row, v, c, mag)
         flags = torch.stack([f for _, _, f in finite]).tolist()  # one host sync for every check
         for (ln, what, _), ok in zip(finite, flags):
             if not ok:
                 raise ValueError(f"AdapterBank.add: layer {ln!r}: {what} holds inf or NaN")
         return out
+
+    def _magnitude(self, where: str, N: int, e: LayerAdapter) -> Optional[_Magnitude]:
+        """The :class:`_Magnitude` of a DoRA or Simple DoRA entry on the bank's device (None: none)."""
+        if e.magnitude not in MAGNITUDES:
+            raise ValueError(f"{where}: magnitude must be one of {', '.join(MAGNITUDES)}, got {e.magnitude!r}")
+        if e.magnitude == "none":
+            if e.m is not None:
+                raise ValueError(f"{where}: m is given but magnitude is 'none' (give magnitude='dora' or "
+                                 "'simple_dora' for a row scale derived from the base weight)")
+            return None
+        if e.row_scale is not None:
+            raise ValueError(f"{where}: a {e.magnitude} layer's row scale is derived from the base weight and its m; "
+                             "give row_scale=None")
+        _check_tensor("m", e.m, (N,), None, where)
+        v = e.v.detach() if e.v is not None else torch.ones(N, dtype=e.B.dtype, device=e.B.device)
+        # copies: a live source model's later changes must not reach the slot
+        return _Magnitude(e.magnitude, e.m.detach().to(self.device, copy=True),
+                          v.to(self.device, copy=True) if e.magnitude == "simple_dora" else None)
 
     def _matches(self, entries: dict) -> dict:
         """layer name -> {"A": bool, "B": bool}: whether the entry's factor equals the layer's reference
@@ -682,8 +808,11 @@ def _effective_tensors(model: nn.Module) -> dict[str, LayerAdapter]:
             if layer.merged:
                 raise ValueError(f"AdapterBank.add: layer {name!r} of the source model is merged; unmerge it first")
             A, B, u, v, c = layer.op_tensors()
-            out[name] = LayerAdapter(A, B, u, v, c, layer.scaling)
+            if layer.magnitude != "none":  # kept as m (and Simple DoRA's v): the bank derives c from W at use()
+                v, c = layer.adapter_v, None
+            out[name] = LayerAdapter(A, B, u, v, c, layer.scaling, layer.magnitude,
+                                     layer.adapter_m if layer.magnitude != "none" else None)
     return out
 
 
-__all__ = ["AdapterBank", "LayerAdapter", "ROUTES"]
+__all__ = ["AdapterBank", "LayerAdapter", "MAGNITUDES", "ROUTES"]

@@ -15,7 +15,7 @@ import torch
 from helpers import rel_err
 from tiedlora_kernels import reference
 from tiedlora_kernels.ops import triton_interpreting
-from tiedlora_kernels.ops.bank_linear import AdapterRows, bank_linear
+from tiedlora_kernels.ops.bank_linear import AdapterRows, CallFrame, bank_linear
 
 if not (torch.cuda.is_available() or triton_interpreting()):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -175,6 +175,31 @@ def test_ids_per_token(factors, backend):
 
 
 @pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
+def test_ids_per_token_on_a_layer_with_one_row_per_sequence(factors, backend):
+    """(batch, seq) ids on (batch, K) activations (a pooled layer: BERT's pooler reads each sequence's
+    first token): one id per sequence where each sequence's ids are all equal; a sequence whose tokens
+    name several adapters is refused, naming it (the layer has one row for the whole sequence). Under
+    the model call's frame, OPT's flattened (batch * seq, K) rows take one id each."""
+    t = make(3, 1, 33, 40, 3, 4, factors=factors, ids=[2, -1, 0])
+    pooled = dict(t, x=t["x"][:, 0])
+    expected = call(pooled)
+    per_token = torch.tensor([[2, 2, 2, 2], [-1, -1, -1, -1], [0, 0, 0, 0]], device=DEVICE)
+    assert torch.equal(call(pooled, ids=per_token), expected)
+    mixed = per_token.clone()
+    mixed[1, 2] = 3
+    with pytest.raises(ValueError, match=r"adapter_ids has shape \(3, 4\) \(one slot per token\) but this layer's "
+                                         r"activations have leading shape \(3,\): one row per sequence \(a pooled "
+                                         r"layer.*sequence 1 has tokens of several \(\[-1, 3\]\)"):
+        call(pooled, ids=mixed)
+    tokens = make(3, 4, 33, 40, 3, 4, factors=factors)
+    tokens["ids"] = torch.tensor([[0, 1, -1, 3], [3, 3, 2, -1], [1, 0, 0, 2]], device=DEVICE)
+    out = check(tokens)
+    rows = AdapterRows(tokens["ids"], 4, device=DEVICE)
+    rows.frames.append(CallFrame(3, 4))
+    assert torch.equal(call(dict(tokens, x=tokens["x"].reshape(12, 33)), ids=rows), out.reshape(12, 40))
+
+
+@pytest.mark.parametrize("factors", ["shared", "both_per_slot"])
 def test_ids_int32_and_list(factors, backend):
     t = make(4, 3, 33, 40, 3, 4, factors=factors, ids=[3, -1, 0, 3])
     ref = call(t)
@@ -231,15 +256,16 @@ def test_triton_route_runs_the_kernels(monkeypatch):
 def test_which_rows_an_id_covers(factors, backend):
     """(n,) ids: x's first dim is the batch; (n * seq, K) when the model call's frame says n sequences
     of seq tokens (OPT flattens them); the call's batch n / e when every e consecutive ids are equal
-    (ids repeated for generate's beams, on an encoder that runs before the expansion). Nothing the
-    call does not account for is guessed: ids short of the batch, a vision tower's patches."""
+    and the call is an encoder run before generate expands the batch (ids repeated for its beams).
+    Nothing the call does not account for is guessed: ids short of the batch, a vision tower's
+    patches, repeated ids on any other call (a decoder-only model's batch: 4 ids for 2 prompts ran)."""
     from tiedlora_kernels.ops.bank_linear import AdapterRows
 
     ids = torch.tensor([2, -1, 0], device=DEVICE)
     t = make(3, 4, 33, 40, 3, 4, factors=factors, ids=ids.tolist())
     out = check(t)
     rows = AdapterRows(ids, 4, device=DEVICE)
-    rows.frames.append((3, 4))
+    rows.frames.append(CallFrame(3, 4))
     flat = dict(t, x=t["x"].reshape(12, 33))
     assert torch.equal(call(flat, ids=rows), out.reshape(12, 40))
     with pytest.raises(ValueError, match=r"adapter_ids has 3 entries .* \(first dim 12\); give one id per "
@@ -248,7 +274,10 @@ def test_which_rows_an_id_covers(factors, backend):
     repeated = AdapterRows(ids.repeat_interleave(2), 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"adapter_ids has 6 entries .* \(first dim 3\)"):
         call(t, ids=repeated)  # 3 rows for 6 ids, and no call says its batch is 3: a vision tower's images
-    repeated.frames.append((3, None))  # an encoder called on the 3 prompts before 2 beams each
+    repeated.frames.append(CallFrame(3, 5))  # a model called on 3 prompts: 6 ids do not fit it
+    with pytest.raises(ValueError, match=r"adapter_ids has 6 entries .* \(first dim 3\)"):
+        call(t, ids=repeated)
+    repeated.frames.append(CallFrame(3, None, before_expansion=True))  # an encoder, before 2 beams each
     assert torch.equal(call(t, ids=repeated), out)
     with pytest.raises(ValueError, match=r"adapter_ids has 2 entries .* \(first dim 3\)"):
         call(t, ids=ids[:2])

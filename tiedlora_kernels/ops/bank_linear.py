@@ -33,7 +33,7 @@ dtype, as the single-adapter op (:func:`tiedlora_kernels.ops.tied_lora_linear`) 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +62,27 @@ def _device_index(device: torch.device) -> int:
     return 0
 
 
+class CallFrame(NamedTuple):
+    """The shape of a model call in progress (:attr:`AdapterRows.frames`): its batch, and its seq where
+    its input gives one (None: an audio encoder's features). ``before_expansion``: the call is an
+    encoder-decoder model's encoder called on its own, as ``generate`` calls it before expanding the
+    batch for beams or returned sequences, so its batch may be the ids' over the copies. Inside a
+    model call (a forward of the whole model) an encoder sees the batch the ids were given for."""
+
+    batch: int
+    seq: Optional[int]
+    before_expansion: bool = False
+
+
 class AdapterRows:
     """The adapter slot of every sequence (or token) of a batch, validated against a bank.
 
     Args:
         adapter_ids: (batch,) one slot per sequence, broadcast over its tokens (see :meth:`fit`),
-            or the exact leading shape of the activations, e.g. (batch, seq), one per token; integer
-            tensor on ``device`` (a list of ints is converted). -1 = the base model alone.
+            or (batch, seq), one per token (a layer with one row per sequence, a pooled layer such as
+            BERT's pooler, takes one id per sequence: allowed where each sequence's ids are all
+            equal); integer tensor on ``device`` (a list of ints is converted). -1 = the base model
+            alone.
         capacity: number of slots S; ids must lie in [-1, S).
         occupied: which slots hold an adapter (None: all); an id naming an empty slot is refused.
         device: the device the layers run on; a tensor elsewhere is refused, not copied.
@@ -121,7 +135,7 @@ class AdapterRows:
         self._plans: dict = {}
         self._rows: dict = {}
         self._collapsed: dict = {}
-        #: (batch, seq or None) of each model call in progress, innermost last, None where the call
+        #: the :class:`CallFrame` of each model call in progress, innermost last, None where the call
         #: does not say (pushed and popped by the bank's hooks on the model)
         self.frames: list = []
 
@@ -132,23 +146,32 @@ class AdapterRows:
         """(the ids x's rows follow, rows of x (..., K), leading dims flattened, each id covers as
         consecutive rows); raises (naming ``adapter_ids``) when x's leading dims do not fit the ids.
 
-        Per token: x's leading shape must be the ids' shape; 1 row each. Per sequence, (n,) ids, and
-        the innermost model call in progress (:attr:`frames`, recorded by the bank):
+        Per token, (batch, seq) ids, and the innermost model call in progress (:attr:`frames`,
+        recorded by the bank):
+        - x's leading shape is the ids' shape: 1 row each;
+        - x is (batch * seq, K) and the call is batch sequences of seq tokens (OPT flattens them): 1 row each;
+        - x is (batch, K), one row per sequence (a pooled layer: BERT's pooler reads each sequence's
+          first token): one id per sequence, where each sequence's ids are all equal; refused otherwise.
+        Per sequence, (n,) ids:
         - x's first dim is n (the batch): id j covers x[j];
         - x is (n * seq, K) and the call is n sequences of seq tokens (OPT flattens its tokens): seq
           rows each;
-        - x's first dim is the call's batch n / e and every e consecutive ids are equal: the ids were
-          repeated for ``generate``'s beams (repeat_interleave), and this is an encoder-decoder's
-          encoder, run before the batch is expanded: ids[::e], one per x[j].
-        Nothing else is guessed: ids short of the batch, or rows the call does not account for, are
-        refused. Activations whose first dim is not the batch but equals it (time-first (seq, batch,
-        H) layouts with seq = batch) cannot be told apart: such models are not supported."""
+        - x's first dim is the call's batch n / e, the call is an encoder-decoder's encoder run before
+          ``generate`` expands the batch (:attr:`CallFrame.before_expansion`), and every e consecutive
+          ids are equal (repeated for the beams, repeat_interleave): ids[::e], one per x[j].
+        Nothing else is guessed: ids short of the batch or beyond it, or rows the call does not account
+        for, are refused. Activations whose first dim is not the batch but equals it (time-first (seq,
+        batch, H) layouts with seq = batch) cannot be told apart: such models are not supported."""
         lead = tuple(x.shape[:-1])
+        frame = self.frames[-1] if self.frames else None
         if self.per_token:
-            if lead != self.shape:
-                raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
-                                 f"have leading shape {lead}")
-            return self, 1
+            flattened = frame is not None and (frame.batch, frame.seq) == self.shape and lead == (len(self),)
+            if lead == self.shape or flattened:
+                return self, 1
+            if lead == self.shape[:1]:
+                return self._per_sequence(), 1
+            raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
+                             f"have leading shape {lead}")
         n = self.shape[0]
         first = lead[0] if lead else None
         rest = 1
@@ -156,10 +179,11 @@ class AdapterRows:
             rest *= d
         if first == n:
             return self, rest
-        frame = self.frames[-1] if self.frames else None
-        if frame is not None and frame[0] == n and frame[1] is not None and len(lead) == 1 and first == n * frame[1]:
-            return self, frame[1]
-        collapsed = self._collapsed_to(first) if frame is not None and frame[0] == first else None
+        if frame is not None and frame.batch == n and frame.seq is not None and len(lead) == 1 \
+                and first == n * frame.seq:
+            return self, frame.seq
+        collapsed = self._one_per_group(first) if frame is not None and frame.before_expansion \
+            and frame.batch == first else None
         if collapsed is not None:
             return collapsed, rest
         raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
@@ -167,16 +191,31 @@ class AdapterRows:
                          "num_beams or num_return_sequences > 1, generate expands the batch: repeat_interleave the "
                          "ids to match, or call AdapterBank.generate, which does)")
 
-    def _collapsed_to(self, first: int) -> Optional["AdapterRows"]:
-        """These ids with every e = n / ``first`` consecutive (equal) ones merged, or None."""
+    def _per_sequence(self) -> "AdapterRows":
+        """Per-token ids as one id per sequence, for a layer with one row per sequence; raises where a
+        sequence's tokens name different adapters."""
+        per_sequence = self._one_per_group(self.shape[0]) if len(self) else self._subset(1)  # (0, seq): (0,)
+        if per_sequence is None:
+            mixed = self.host.reshape(self.shape)
+            i = int((mixed != mixed[:, :1]).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but this layer's activations "
+                             f"have leading shape {self.shape[:1]}: one row per sequence (a pooled layer, such as "
+                             f"BERT's pooler, reads one token of each sequence), which takes one adapter per "
+                             f"sequence, and sequence {i} has tokens of several ({sorted(set(mixed[i].tolist()))}); "
+                             "give every token of a sequence one id")
+        return per_sequence
+
+    def _one_per_group(self, groups: int) -> Optional["AdapterRows"]:
+        """These ids split into ``groups`` runs of n / groups consecutive ids, one id per run where every
+        run's ids are equal; else None (kept per ``groups``)."""
         n = len(self)
-        if not first or first >= n or n % first:
+        if not groups or groups > n or n % groups:
             return None
-        if first not in self._collapsed:
-            groups = self.host.reshape(first, n // first)
-            same = bool((groups == groups[:, :1]).all())
-            self._collapsed[first] = self._subset(n // first) if same else None
-        return self._collapsed[first]
+        if groups not in self._collapsed:
+            runs = self.host.reshape(groups, n // groups)
+            same = bool((runs == runs[:, :1]).all())
+            self._collapsed[groups] = self._subset(n // groups) if same else None
+        return self._collapsed[groups]
 
     def _subset(self, step: int) -> "AdapterRows":
         """Every ``step``-th id, already validated."""
@@ -380,5 +419,5 @@ def _describe(t) -> str:
     return type(t).__name__
 
 
-__all__ = ["AdapterRows", "bank_linear", "bank_linear_unchecked", "check_bank_inputs", "same_device",
+__all__ = ["AdapterRows", "CallFrame", "bank_linear", "bank_linear_unchecked", "check_bank_inputs", "same_device",
            "shared_factors"]
