@@ -1,5 +1,6 @@
 """save_adapter / load_adapter: round trips, what is written, and refusal of bad files."""
 
+import copy
 import json
 
 import pytest
@@ -159,6 +160,30 @@ def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("flag", ["fused", "capturable"])
+def test_a_fused_or_capturable_optimizer_resumes_on_the_gpu(flag, tmp_path):
+    """A fused / capturable AdamW keeps its step as fp32 on the parameter's device (torch's load_state_dict
+    puts it there); a resumed one left it on the CPU and its next step failed."""
+    model = trained("tl6").cuda()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **{flag: True})
+    ids = IDS.cuda()
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    save_adapter(model, tmp_path, optimizer=opt)
+    resumed = copy.deepcopy(model)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2, **{flag: True})
+    load_adapter(resumed, tmp_path, optimizer=opt2)
+    for m, o in ((model, opt), (resumed, opt2)):
+        o.zero_grad()
+        m(ids, labels=ids).loss.backward()
+        o.step()
+    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_refused_load_leaves_a_plain_model_untouched(tmp_path):
     save_adapter(trained("tl6"), tmp_path)
     other = tiny_llama(hidden=48)
@@ -193,6 +218,21 @@ def test_a_model_cast_to_bf16_after_inject_saves_a_file_a_fresh_model_loads(tmp_
     got = dict(adapter_named_parameters(fresh))
     for name, t in adapter_named_parameters(model):
         assert got[name].dtype == torch.float32 and torch.equal(got[name], t.float()), name
+
+
+def test_a_bf16_adapter_file_loads_into_an_injected_model_with_fp32_adapters(tmp_path):
+    """A file saved with adapter_dtype="bfloat16" into a model injected with fp32 adapters: the tensors
+    widen exactly, as a file of a model cast to bf16 after inject does (the config's adapter_dtype was
+    compared as a field and refused it); the other way, narrowing, is refused per tensor."""
+    save_adapter(trained("tl6", adapter_dtype="bfloat16"), tmp_path)
+    fresh = inject(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    load_adapter(fresh, tmp_path)
+    got = dict(adapter_named_parameters(fresh))
+    for name, t in adapter_named_parameters(trained("tl6", adapter_dtype="bfloat16")):
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], t.float()), name
+    save_adapter(fresh, tmp_path / "fp32")
+    with pytest.raises(ValueError, match=r"has dtype torch.float32 in the file, torch.bfloat16 in the model"):
+        load_adapter(trained("tl6", adapter_dtype="bfloat16"), tmp_path / "fp32")
 
 
 def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(tmp_path):

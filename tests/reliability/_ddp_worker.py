@@ -2,9 +2,12 @@
 
 Run as ``python _ddp_worker.py OUT_DIR CASES_JSON`` with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``
 and ``MASTER_PORT`` set (gloo, CPU). One process group serves every case in ``CASES_JSON`` (a
-list of ``{"name", "preset", "ckpt", "wrap"[, "static_graph", "quantized"]}``: ``wrap`` is ``"ddp"`` or ``"fsdp2"``,
-``ckpt`` is false, true (transformers' default non-reentrant activation checkpointing) or
-``"reentrant"``; a case with ``"expect_error": true`` records the ``RuntimeError`` it raises): startup
+list of ``{"name", "preset", "ckpt", "wrap"[, "static_graph", "quantized", "optimizer", "resume_after"]}``:
+``wrap`` is ``"ddp"`` or ``"fsdp2"``, ``ckpt`` is false, true (transformers' default non-reentrant activation
+checkpointing) or ``"reentrant"``, ``optimizer`` is ``"sgd"`` (the default) or ``"adamw"``; an FSDP2 case with
+``"resume_after": k`` saves the adapter and optimizer after step k, loads both into a fresh sharded model and
+optimizer and trains the remaining steps there; a case with ``"expect_error": true`` records the
+``RuntimeError`` it raises): startup
 (imports, rendezvous) costs more than the training itself. Each rank trains on its contiguous
 slice of the same global batch; after the last step rank 0 writes ``OUT_DIR/<name>.pt`` with the
 full (gathered) value of every trainable parameter and a few facts about the wrapper.
@@ -27,12 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from helpers import tiny_llama  # noqa: E402
 
-from tiedlora_kernels import TiedLoRAConfig, inject, save_adapter  # noqa: E402
+from tiedlora_kernels import (TiedLoRAConfig, adapted_layers, export_peft, inject, load_adapter, merge,  # noqa: E402
+                              save_adapter, unmerge)
 
 STEPS = 3
 GLOBAL_BATCH = 4  # rows; each of the 2 ranks trains on 2
 SEQ = 12
 LR = 2.0
+ADAMW_LR = 1e-2
 
 
 def build_model(preset: str, ckpt, quantized: bool = False) -> torch.nn.Module:
@@ -86,19 +91,22 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, 97, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, kind: str = "sgd") -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw":  # state per parameter (moments, step): what a resumed run must get back
+        return torch.optim.AdamW(params, lr=ADAMW_LR)
     # Plain SGD: the update is the gradient itself, so a wrong reduction (sum for mean, a tied
     # gradient reduced twice or not at all) shows up in the parameters at full size.
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    return torch.optim.SGD(params, lr=LR)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train(forward, opt, rows: slice, after_backward=None) -> None:
-    """``STEPS`` optimizer steps of ``forward`` (a model or its wrapper) on ``global_batch(step)[rows]``."""
-    for step in range(STEPS):
+def train(forward, opt, rows: slice, after_backward=None, steps: range = range(STEPS)) -> None:
+    """An optimizer step of ``forward`` (a model or its wrapper) on ``global_batch(step)[rows]`` for each of ``steps``."""
+    for step in steps:
         ids = global_batch(step)[rows]
         opt.zero_grad(set_to_none=True)
         forward(ids, labels=ids).loss.backward()
@@ -108,15 +116,15 @@ def train(forward, opt, rows: slice, after_backward=None) -> None:
 
 
 def train_single(preset: str, ckpt: bool, rows: slice = slice(None), quantized: bool = False,
-                 shards: int = 1) -> dict[str, torch.Tensor]:
+                 shards: int = 1, optimizer: str = "sgd") -> dict[str, torch.Tensor]:
     """One process, ``STEPS`` steps on ``global_batch(step)[rows]``: the result DDP must reproduce.
     ``shards`` > 1: each step's gradient is the mean of the gradients of ``shards`` equal row slices,
     taken one after the other (DDP's arithmetic, without the processes)."""
     model = build_model(preset, ckpt, quantized)
     if shards == 1:
-        train(model, make_optimizer(model), rows)
+        train(model, make_optimizer(model, optimizer), rows)
         return trainable_state(model)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(STEPS):
         ids = global_batch(step)[rows]
@@ -160,10 +168,9 @@ def _run_ddp(case: dict, rank: int, world: int) -> dict:
     return {"params": trainable_state(model), "facts": facts}
 
 
-def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
+def _sharded_model(case: dict, world: int) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     model = build_model(case["preset"], case["ckpt"])
     mesh = init_device_mesh("cpu", (world,))
@@ -172,14 +179,55 @@ def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
     # The root unit owns everything not inside a decoder layer: embeddings, norm, head and
     # model.tiedlora, i.e. the tied A and B, registered only there.
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _state_layout(opt: torch.optim.Optimizer) -> list[dict]:
+    """Per parameter, each optimizer state entry's type and local shape (a DTensor's: this rank's shard)."""
+    return [{k: (type(v).__name__, tuple(v.to_local().shape if hasattr(v, "to_local") else v.shape))
+             for k, v in sorted(opt.state[p].items())} for g in opt.param_groups for p in g["params"]]
+
+
+def _refusal(op, *args):
+    """``op(*args)``'s exception as text, or None when it ran."""
+    try:
+        op(*args)
+    except Exception as e:  # noqa: BLE001 - recorded whatever it is; the test says what it must be
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _run_fsdp2(case: dict, rank: int, world: int) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    model = _sharded_model(case, world)
     tied_names = [f"tiedlora.{g}.{w}" for g in model.tiedlora for w in ("A", "B")]
     named = dict(model.named_parameters())
     facts = {
         "tied_are_dtensors": all(isinstance(named[n], DTensor) for n in tied_names),
         "n_named_trainable": sum(p.requires_grad for p in named.values()),
+        # Refused before any layer changes (the training below must still give the single-process result).
+        "refused": {"merge": _refusal(merge, model), "unmerge": _refusal(unmerge, model),
+                    "export_peft": _refusal(export_peft, model, f"{case['save_dir']}-peft")},
+        "n_merged": sum(layer.merged for _, layer in adapted_layers(model)),
     }
     half = GLOBAL_BATCH // world
-    train(model, make_optimizer(model), slice(rank * half, (rank + 1) * half))
+    rows = slice(rank * half, (rank + 1) * half)
+    opt = make_optimizer(model, case.get("optimizer", "sgd"))
+    resume_after = case.get("resume_after")
+    if resume_after is None:
+        train(model, opt, rows)
+    else:
+        train(model, opt, rows, steps=range(resume_after))
+        facts["state_saved"] = _state_layout(opt)
+        checkpoint = f"{case['save_dir']}-step{resume_after}"
+        save_adapter(model, checkpoint, optimizer=opt)  # every rank (shards are gathered), rank 0 writes
+        torch.distributed.barrier()  # the files are written before any rank reads them
+        model = _sharded_model(case, world)
+        opt = make_optimizer(model, case["optimizer"])
+        load_adapter(model, checkpoint, optimizer=opt)
+        facts["state_loaded"] = _state_layout(opt)
+        train(model, opt, rows, steps=range(resume_after, STEPS))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
             for n, p in model.named_parameters() if p.requires_grad}
     if case.get("save_dir"):

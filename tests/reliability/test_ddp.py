@@ -4,7 +4,9 @@ Tied A and B are used by every layer of a kind but registered once (on ``model.t
 DDP must see each once, reduce its gradient once, and the result of N steps on two half
 batches must equal one process on the whole batch (the loss is a mean over equal-size halves,
 so the DDP average of the half-batch gradients is the full-batch gradient). FSDP2
-(``fully_shard``) is checked the same way, the tied factors owned by the root unit.
+(``fully_shard``) is checked the same way, the tied factors owned by the root unit; an AdamW run saved
+and resumed in a fresh sharded model must equal an uninterrupted one, and merge / unmerge of a sharded
+model are refused before anything changes.
 
 One spawn (two processes) runs every case; startup costs more than the training.
 """
@@ -47,6 +49,9 @@ CASES = ([{"name": f"ddp-{p}-{'ckpt' if c else 'nockpt'}", "preset": p, "ckpt": 
          + [{"name": "ddp-tl6-reentrant-static", "preset": "tl6", "ckpt": "reentrant", "wrap": "ddp",
              "static_graph": True},
             {"name": "fsdp2-tl6-reentrant", "preset": "tl6", "ckpt": "reentrant", "wrap": "fsdp2"},
+            # AdamW, saved with its state after 2 steps and resumed in a fresh sharded model for the last.
+            {"name": "fsdp2-tl6-adamw-resumed", "preset": "tl6", "ckpt": False, "wrap": "fsdp2",
+             "optimizer": "adamw", "resume_after": 2},
             # Last: the refused configuration (both ranks raise at the same point).
             {"name": "ddp-tl6-reentrant-dynamic", "preset": "tl6", "ckpt": "reentrant", "wrap": "ddp",
              "expect_error": True}]
@@ -104,10 +109,11 @@ def test_distributed_steps_equal_one_process_on_the_whole_batch(dist_results, ca
     # after the three lr = 2 steps in one process already (each adapted 4-bit layer alone agrees to
     # 1e-7: the quantized model amplifies rounding). There the oracle is that mean, computed in one
     # process (worker.train_single(shards=...)), at the same tolerances: what DDP must reproduce.
+    optimizer = case.get("optimizer", "sgd")
     single = worker.train_single(case["preset"], case["ckpt"], quantized=quantized,
-                                 shards=WORLD_SIZE if quantized else 1)
+                                 shards=WORLD_SIZE if quantized else 1, optimizer=optimizer)
     control = worker.train_single(case["preset"], case["ckpt"], rows=slice(0, worker.GLOBAL_BATCH // WORLD_SIZE),
-                                  quantized=quantized)
+                                  quantized=quantized, optimizer=optimizer)
     init = worker.trainable_state(worker.build_model(case["preset"], case["ckpt"], quantized))
 
     assert set(got["params"]) == set(single), "distributed and single runs train different tensors"
@@ -151,6 +157,35 @@ def test_fsdp2_shards_the_tied_factors_in_the_root_unit(dist_results, case):
     facts = dist_results[case["name"]]["facts"]
     assert facts["tied_are_dtensors"]
     assert facts["n_named_trainable"] == len(dist_results[case["name"]]["params"])
+
+
+@pytest.mark.parametrize("case", [c for c in TRAINED if c["wrap"] == "fsdp2"],
+                         ids=[c["name"] for c in TRAINED if c["wrap"] == "fsdp2"])
+def test_merge_unmerge_and_export_of_a_sharded_model_are_refused(dist_results, case):
+    """Each rank holds only its shard of the weights to rewrite: merge ran on some models and failed on others
+    part way ("mixed torch.Tensor and DTensor"). Refused, naming what to do, before any layer changed (the
+    training that followed gave the single-process result: see the first test), as export_peft is."""
+    facts = dist_results[case["name"]]["facts"]
+    advice = {"merge": "load_adapter into an unsharded copy of the model (in one process) and merge that",
+              "unmerge": "load_adapter into an unsharded copy of the model (in one process) and unmerge that",
+              "export_peft": "export from one process with the full model"}
+    for op, error in facts["refused"].items():
+        assert error is not None and error.startswith(f"ValueError: {op}: layer 'model.layers.0."), (op, error)
+        assert "holds sharded (FSDP2 / DTensor) tensors" in error and advice[op] in error, (op, error)
+    assert set(facts["refused"]) == set(advice)
+    assert facts["n_merged"] == 0
+    assert not os.path.exists(f"{dist_results[case['name']]['save_dir']}-peft")
+
+
+def test_fsdp2_resume_restores_the_optimizer_state_as_the_optimizer_keeps_it(dist_results):
+    """load_adapter(optimizer=) put whole moments next to sharded parameters, and the next AdamW step
+    failed ("aten.lerp_.Scalar got mixed torch.Tensor and DTensor"). Now each rank gets its shard of
+    them, and ``step`` stays the plain tensor AdamW keeps; the resumed run's result (compared with one
+    process by the first test) is what 3 uninterrupted steps give."""
+    facts = dist_results["fsdp2-tl6-adamw-resumed"]["facts"]
+    assert facts["state_loaded"] == facts["state_saved"]
+    first = facts["state_saved"][0]
+    assert first["exp_avg"][0] == first["exp_avg_sq"][0] == "DTensor" and first["step"] == ("Tensor", ())
 
 
 def test_ddp_with_reentrant_checkpointing_needs_static_graph(dist_results):

@@ -7,9 +7,12 @@ SHA-256 of the tensor contents, so the file alone is the whole checkpoint; ``ada
 beside it is a human-readable copy. Optimizer state can ride along in
 ``optimizer.safetensors`` (keyed by parameter name, not position).
 
-Format versions: ``2`` (written now) adds the config fields ``alpha_pattern``, ``kind_rule`` and
-``kinds``. Files of format ``1`` load as they were written: their kinds follow the rule of the
-time (``kind_rule="last"``: the last module path component), and they hold no per-layer alphas.
+Format versions (``FORMAT_VERSION`` is written, every one of ``READABLE_VERSIONS`` loads as it was
+written): ``2`` adds the config fields ``alpha_pattern``, ``kind_rule`` and ``kinds``; files of
+format ``1`` have kinds by the rule of the time (``kind_rule="last"``: the last module path
+component) and no per-layer alphas. ``3`` adds ``exclude_rule`` (default ``"module"``); ``4`` makes
+it ``"heads"`` (task heads, routers and layers their parent reads directly left out of all-linear):
+older files load with the layers they were saved with.
 """
 
 from __future__ import annotations
@@ -370,10 +373,11 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
         refuse_merged(model, "load_adapter")
         _refuse_meta(model, [name for name, _ in adapted_layers(model)])
         # How layers were selected and kinds named does not matter, only which they are: _check_layers
-        # compares them per layer.
+        # compares them per layer; nor the adapter dtype the file was made with: _check_dtypes takes
+        # each tensor into one of its dtype or wider.
         have = adapter_config(model).to_dict()
         diff = {k: (have[k], v) for k, v in config.to_dict().items()
-                if have.get(k) != v and k not in ("kind_rule", "kinds", "exclude_rule")}
+                if have.get(k) != v and k not in ("kind_rule", "kinds", "exclude_rule", "adapter_dtype")}
         if diff:
             raise ValueError(f"load_adapter: the model's adapter config differs from the saved one "
                              f"(field: (model, file)): {diff}")
@@ -391,14 +395,21 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     with torch.no_grad():
         for name, t in {**tensors, **rebuilt}.items():
             prm = params[name]
-            if hasattr(prm, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the full tensor
-                from torch.distributed.tensor import distribute_tensor
-
-                t = distribute_tensor(t.to(prm.device_mesh.device_type), prm.device_mesh, prm.placements)
-            prm.copy_(t)
+            prm.copy_(_placed_like(t, prm))
     if restore_optimizer is not None:
         restore_optimizer()
     return wrapped
+
+
+def _placed_like(t: torch.Tensor, prm: torch.Tensor) -> torch.Tensor:
+    """``t``, a whole tensor of ``prm``'s shape, placed as ``prm`` is: on its device, or, for an FSDP2 shard
+    (a DTensor), distributed with its mesh and placements, so that this rank keeps its own part
+    (a collective: every rank loads, in the same order)."""
+    if hasattr(prm, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t.to(prm.device_mesh.device_type), prm.device_mesh, prm.placements)
+    return t.to(prm.device)
 
 
 def _refuse_meta(model: nn.Module, layer_names: list[str]) -> None:
@@ -568,10 +579,10 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                 if k != "params" and k in g:
                     g[k] = _like(v, g[k])
         for g in optimizer.param_groups:
+            step_on_device = bool(g.get("fused") or g.get("capturable"))
             for p in g["params"]:
                 prefix = names[id(p)] + "/"
-                # Adam keeps "step" on the CPU (unless fused/capturable); everything else lives with its parameter.
-                state = {k[len(prefix):]: (t if k.endswith("/step") else t.to(p.device))
+                state = {k[len(prefix):]: _restored_state(k[len(prefix):], t, p, step_on_device)
                          for k, t in tensors.items() if k.startswith(prefix)}
                 if state:
                     optimizer.state[p] = state
@@ -579,3 +590,17 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
                     optimizer.state.pop(p, None)
 
     return restore
+
+
+def _restored_state(key: str, t: torch.Tensor, p: torch.Tensor, step_on_device: bool) -> torch.Tensor:
+    """A saved optimizer state tensor as the optimizer keeps it for its parameter ``p``. Adam keeps
+    ``step`` on the CPU, a plain tensor also under FSDP2, and a fused or capturable one as fp32 on the
+    parameter's device (``step_on_device``, as torch's own ``load_state_dict`` puts it). A state tensor of
+    the parameter's shape (moments, momentum) is placed as the parameter is: under FSDP2 a DTensor
+    sharded like it (the step would otherwise mix a whole tensor with the parameter's shard);
+    anything else lives on the parameter's device."""
+    if key == "step":
+        return t.to(p.device, torch.float32) if step_on_device else t
+    if tuple(t.shape) == tuple(p.shape):
+        return _placed_like(t, p)
+    return t.to(p.device)

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from ..modules import TiedLoRALinear
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import _is_writer, as_directory, file_format, fsync_dir, unwrapped, usual_mode
-from .inject import ROOT_ATTR, adapted_layers, adapter_config, refuse_nonfinite
+from .inject import ROOT_ATTR, adapted_layers, adapter_config, refuse_nonfinite, refuse_sharded
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -168,12 +168,10 @@ def peft_factors(layer: TiedLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _refuse_inexact(layers: list[tuple[str, TiedLoRALinear]]) -> None:
     """Raise for anything PEFT LoRA / DoRA would load with different outputs, before anything is written."""
+    refuse_sharded(layers, "export_peft", "export from one process with the full model (e.g. save_adapter, then "
+                   "load_adapter into an unsharded copy)")
     for name, layer in layers:
         for t in (*layer.factors.parameters(), *(getattr(layer, n) for n in TiedLoRALinear.PER_LAYER)):
-            if t is not None and hasattr(t, "full_tensor"):
-                raise ValueError(f"export_peft: layer {name!r} holds sharded (FSDP2 / DTensor) adapter tensors; "
-                                 "export from one process with the full model (e.g. save_adapter, then "
-                                 "load_adapter into an unsharded copy)")
             if t is not None and t.is_meta:
                 raise ValueError(f"export_peft: layer {name!r} has adapter tensors on the meta device; "
                                  "materialise and load them first")
@@ -181,19 +179,31 @@ def _refuse_inexact(layers: list[tuple[str, TiedLoRALinear]]) -> None:
             raise ValueError(f"export_peft: layer {name!r} uses Simple DoRA, which has no PEFT LoRA form: its "
                              "magnitude rescales the frozen base output by m / ||W||_row, which no update "
                              "W + B A can express, and PEFT's DoRA divides by ||W + dW||_row and so computes "
-                             "a different function. Serve it merged instead: tiedlora_kernels.merge(model), "
-                             "then save the full model (model.save_pretrained).")
+                             f"a different function. {_merge_advice(layers)}")
         if layer.magnitude not in ("none", "dora"):
             raise ValueError(f"export_peft: layer {name!r} has magnitude={layer.magnitude!r}, which has no PEFT "
-                             "form; serve it merged instead: tiedlora_kernels.merge(model), then save the model")
+                             f"form. {_merge_advice(layers)}")
     first_name, first = layers[0]
     for name, layer in layers[1:]:
         if (layer.magnitude == "dora") != (first.magnitude == "dora"):
             raise ValueError(f"export_peft: layers {first_name!r} and {name!r} differ in DoRA, but PEFT's use_dora "
-                             "is one flag per adapter; merge instead (tiedlora_kernels.merge)")
+                             f"is one flag per adapter. {_merge_advice(layers)}")
         if layer.dropout != first.dropout:
             raise ValueError(f"export_peft: layers {first_name!r} and {name!r} have different adapter dropout "
                              f"({first.dropout} vs {layer.dropout}), but PEFT's lora_dropout is one value per adapter")
+
+
+def _merge_advice(layers: list[tuple[str, TiedLoRALinear]]) -> str:
+    """How to serve an adapter that has no PEFT form: merged into the base weights. Over a quantized base, into
+    a dense copy: merged into quantized layers the weights are rounded, and the model's ``save_pretrained``
+    checkpoint (base weights under ``base_layer.``) does not load back. ``dequantize()`` keeps the weights
+    the adapter was trained over, so the merged copy computes what the adapted model does."""
+    if any(layer.layout == "quantized" for _, layer in layers):
+        return ("Serve it merged into a dense copy of the model (the base is quantized: merged into it, the weights "
+                "are rounded and the saved model does not load back): save_adapter(model, dir); load the quantized "
+                "base again and dequantize it (transformers: dense = base.dequantize()); load_adapter(dense, dir); "
+                "tiedlora_kernels.merge(dense); then dense.save_pretrained(...).")
+    return "Serve it merged instead: tiedlora_kernels.merge(model), then save the full model (model.save_pretrained)."
 
 
 def _selecting_suffixes(chosen: list[str], universe: list[str]) -> list[str]:

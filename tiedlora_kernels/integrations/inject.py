@@ -563,13 +563,30 @@ def _warn_unmatched_patterns(config: TiedLoRAConfig, names: list[str]) -> None:
                           "nothing", UserWarning, stacklevel=3)
 
 
+def refuse_sharded(layers: list[tuple[str, TiedLoRALinear]], op: str, remedy: str) -> None:
+    """Raise, naming the first, for an adapted layer holding FSDP2 shards (DTensors): its base weight or an
+    adapter tensor, its own or its kind's tied factors. Each rank holds only its part of them, outside the
+    forward that gathers them; ``remedy`` says what to do instead."""
+    for name, layer in layers:
+        for t in (*layer.parameters(), *layer.factors.parameters()):
+            if hasattr(t, "full_tensor"):
+                raise ValueError(f"{op}: layer {name!r} holds sharded (FSDP2 / DTensor) tensors; {remedy}")
+
+
+#: What to do instead of merging or unmerging a sharded model (the weights to rewrite are split across ranks).
+_UNSHARDED_COPY = ("gather it first: save_adapter(model, dir) on every rank, then load_adapter into an unsharded "
+                   "copy of the model (in one process) and {op} that")
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (fp32 arithmetic, dtype kept): zero adapter overhead.
 
     Refused, before any layer changes, when an adapted layer's weight is also another module's
-    (tied input and output embeddings with ``lm_head`` adapted): merging would change both, or when
-    an adapter holds NaN or inf (folded in, it could not be taken out again)."""
+    (tied input and output embeddings with ``lm_head`` adapted): merging would change both, when
+    an adapter holds NaN or inf (folded in, it could not be taken out again), or when the model is
+    sharded (FSDP2)."""
     adapter_config(model)
+    refuse_sharded(list(adapted_layers(model)), "merge", _UNSHARDED_COPY.format(op="merge"))
     refuse_nonfinite(dict(adapter_named_parameters(model)), "merge", "adapter tensor")
     shared = shared_weights(model)
     if shared:
@@ -601,8 +618,9 @@ def shared_weights(model: nn.Module) -> dict[str, list[str]]:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge` on every adapted layer."""
+    """Undo :func:`merge` on every adapted layer; refused for a sharded (FSDP2) model, before any layer changes."""
     adapter_config(model)
+    refuse_sharded(list(adapted_layers(model)), "unmerge", _UNSHARDED_COPY.format(op="unmerge"))
     for _, layer in adapted_layers(model):
         layer.unmerge()
     return model
