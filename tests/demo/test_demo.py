@@ -4,6 +4,7 @@ and keeping its work (results after every preset, resume, Ctrl-C / SIGTERM, prog
 import json
 import os
 import random
+import re
 import shutil
 import signal
 
@@ -170,6 +171,22 @@ def test_empty_train_or_test_sets_are_refused_before_training(flag, tmp_path, mo
     monkeypatch.setattr(demo_run, "pretrain", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(SystemExit, match="--n-train and --n-test must be >= 1"):
         demo_main(["--quick", flag, "0", "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gamma", "0"], "lora r=2: TiedLoRAConfig.gamma must be a finite number > 0"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--base-lr", "0"], "--base-lr must be a positive number"),
+    (["--ranks", "999"], "lora r=999: inject: rank=999 is larger than layer"),
+], ids=["gamma", "lr", "base-lr", "rank"])
+def test_bad_settings_are_refused_before_pretraining(flags, message, tmp_path, monkeypatch):
+    """A bad --gamma, learning rate or a rank the built-in model's layers cannot take: refused at once (they
+    were found only after pretraining the base model, minutes, and writing its results)."""
+    monkeypatch.setattr(demo_run, "pretrain", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        demo_main(["--quick", "--presets", "lora", "--ranks", "2", *flags, "--out", str(tmp_path), "--no-progress",
+                   "--device", "cpu"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_one_target_module_name_and_repeated_presets_and_ranks(tmp_path):

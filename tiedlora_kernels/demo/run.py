@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -36,6 +37,7 @@ import torch
 
 from ..config import PRESETS, TiedLoRAConfig
 from ..integrations.checkpoint import usual_mode
+from ..integrations.inject import inject
 from ..ops import resolve_backend
 from . import report
 from .data import CharTokenizer, HFTokenizer, base_corpus, word_problems
@@ -331,6 +333,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     target = args.target_modules
     if target != "all-linear" and ("," in target or re.fullmatch(r"\w+", target)):  # names, not a regex
         target = [t for t in target.split(",") if t]
+    _refuse_bad_settings(args, presets, ranks, target, quick)
     device = _device(args.device)
     progress = not args.no_progress
     log_every = getattr(args, "log_every", 10.0)
@@ -464,6 +467,29 @@ def run_demo(args: argparse.Namespace) -> dict:
     log(f"tiedlora demo: wrote {', '.join(str(p) for p in written)} in "
         f"{time.perf_counter() - t_start:.0f} s")
     return results
+
+
+def _refuse_bad_settings(args, presets: list, ranks: list, target, quick: bool) -> None:
+    """Learning rates, and every (preset, rank) config built and, on the built-in model, injected into
+    a meta-device copy: a bad ``--gamma`` or a rank the layers cannot take fails at once, not after
+    minutes of pretraining (a ``--model`` is only seen once loaded: its layers are checked then)."""
+    for flag, lr in (("--lr", args.lr), ("--base-lr", args.base_lr)):
+        if lr is not None and not lr > 0:
+            raise SystemExit(f"tiedlora demo: {flag} must be a positive number, got {lr}")
+    skeleton = None
+    if not args.model:
+        hidden, layers, intermediate = MODEL_SHAPE[1 if quick else 0]
+        with torch.device("meta"):
+            skeleton = build_tiny_llama(CharTokenizer().vocab_size, hidden=hidden, layers=layers,
+                                        intermediate=intermediate)
+    for rank in ranks:
+        for preset in presets:
+            try:
+                cfg = TiedLoRAConfig(rank=rank, preset=preset, target_modules=target, gamma=args.gamma, seed=args.seed)
+                if skeleton is not None:
+                    inject(copy.deepcopy(skeleton), cfg)
+            except (ValueError, TypeError) as e:
+                raise SystemExit(f"tiedlora demo: {preset} r={rank}: {e}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
