@@ -39,3 +39,20 @@ def randomize_adapters(model, std=0.1, seed=1):
         for _, p in adapter_named_parameters(model):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * std)
+
+
+def load_quantized(path, bits: int):
+    """The transformers checkpoint at ``path`` loaded as users load a QLoRA base: bitsandbytes 4-bit (NF4,
+    fp32 compute) or 8-bit linear layers, on the CPU (as loaded: in eval mode)."""
+    import warnings
+
+    import transformers
+
+    cfg = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.float32) if bits == 4
+           else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                                 dtype=torch.float32)
+

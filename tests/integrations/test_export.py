@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama
+from helpers import load_quantized, randomize_adapters, rel_err, tiny_gpt2, tiny_llama
 from tiedlora_kernels import (TiedFactors, TiedLoRAConfig, adapted_layers, adapter_named_parameters, export_peft,
                               from_peft, inject, load_adapter, merge, save_adapter)
 from tiedlora_kernels.integrations import export as export_module
@@ -108,20 +108,6 @@ def test_simple_dora_refused_pointing_to_merge(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _quantized(path, bits):
-    """The transformers checkpoint at ``path`` loaded as users load a QLoRA base: bitsandbytes 4-bit (NF4,
-    fp32 compute) or 8-bit linear layers, on the CPU."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("bitsandbytes")
-    cfg = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_compute_dtype=torch.float32) if bits == 4
-           else transformers.BitsAndBytesConfig(load_in_8bit=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
-                                                                 dtype=torch.float32)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_simple_dora_over_a_quantized_base_points_to_a_dense_copy(bits, tmp_path):
     """The advice for a dense base, "merge(model), then model.save_pretrained", gave over a quantized base a
@@ -130,8 +116,10 @@ def test_simple_dora_over_a_quantized_base_points_to_a_dense_copy(bits, tmp_path
     computes what the adapted quantized model does."""
     import transformers
 
+    pytest.importorskip("bitsandbytes")
+
     _base("llama").save_pretrained(tmp_path / "base")
-    model = _quantized(tmp_path / "base", bits).train()  # train mode: an eval forward may repack 4-bit weights
+    model = load_quantized(tmp_path / "base", bits).train()  # train mode: an eval forward may repack 4-bit weights
     inject(model, TiedLoRAConfig(rank=4, preset="simple_dora", alpha=8.0, target_modules="all-linear"))
     randomize_adapters(model, std=0.2)
     with pytest.raises(ValueError, match=r"Simple DoRA.*merged into a dense copy of the model.*dequantize") as refused:
@@ -140,7 +128,7 @@ def test_simple_dora_over_a_quantized_base_points_to_a_dense_copy(bits, tmp_path
     assert not (tmp_path / "out").exists()
 
     save_adapter(model, tmp_path / "adapter")  # the advice, step by step
-    dense = _quantized(tmp_path / "base", bits).dequantize().train()
+    dense = load_quantized(tmp_path / "base", bits).dequantize().train()
     load_adapter(dense, tmp_path / "adapter")
     merge(dense)
     dense.save_pretrained(tmp_path / "merged")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import randomize_adapters, rel_err
+from helpers import load_quantized, randomize_adapters, rel_err
 from tiedlora_kernels import (TiedLoRAConfig, adapter_named_parameters, inject, load_adapter, merge, reference,
                               save_adapter, unmerge)
 from tiedlora_kernels.bases import Bnb4bit, Bnb8bit, quantized_base_of
@@ -41,19 +41,6 @@ def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
     model.save_pretrained(path)
     return path
-
-
-def load_quantized(path, bits: int):
-    if bits == 4:
-        cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                              bnb_4bit_compute_dtype=torch.float32)
-    else:
-        cfg = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
-                                                                  dtype=torch.float32)
-    return model.eval()
 
 
 def dense_twin(path, quantized):

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from helpers import tiny_llama  # noqa: E402
+from helpers import load_quantized, tiny_llama  # noqa: E402
 
 from tiedlora_kernels import (TiedLoRAConfig, adapted_layers, export_peft, inject, load_adapter, merge,  # noqa: E402
                               save_adapter, unmerge)
@@ -68,22 +68,15 @@ def _as_4bit(model: torch.nn.Module) -> torch.nn.Module:
     compute, CPU), as users load a QLoRA base; the quantization is deterministic, so every rank
     holds the same base."""
     import tempfile
-    import warnings
 
-    import transformers
+    from safetensors.torch import save_file
 
-    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as path, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as path:
         # Not save_pretrained: under torch.distributed it writes on rank 0 only; each rank needs its own copy.
-        from safetensors.torch import save_file
-
         model.config.save_pretrained(path)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{path}/model.safetensors",
                   metadata={"format": "pt"})
-        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
-                                                                 dtype=torch.float32)
+        return load_quantized(path, 4)
 
 
 def global_batch(step: int) -> torch.Tensor:
