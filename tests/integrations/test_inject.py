@@ -9,8 +9,8 @@ import torch
 import torch.utils.checkpoint
 
 from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama
-from tiedlora_kernels import (PRESETS, TiedLoRAConfig, TiedLoRALinear, adapted_layers, inject, merge,
-                              trainable_parameters, unmerge)
+from tiedlora_kernels import (PRESETS, TiedLoRAConfig, TiedLoRALinear, adapted_layers, adapter_named_parameters,
+                              inject, merge, trainable_parameters, unmerge)
 
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -979,6 +979,28 @@ def test_torch_compile_fullgraph_of_checkpointed_blocks_matches_eager(adapter_dt
     torch._dynamo.reset()
     for n, g in grads["eager"].items():
         assert rel_err(grads["compiled"][n], g) < 1e-6, n
+
+
+def test_reentrant_checkpointing_turned_on_before_inject_trains_a_vision_model():
+    """Reentrant checkpointing runs its blocks without grad, then backpropagates through their outputs:
+    an input that requires no grad gives the adapters none. transformers makes the input embeddings'
+    output require grad only for models whose input is input_ids; inject does it for any model already
+    checkpointing, as PEFT's wrapping does (ViT's adapters got no gradient at all, silently)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, num_labels=3))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear"))
+    model.classifier.requires_grad_(True)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(pixel_values=torch.randn(2, 3, 16, 16), labels=torch.tensor([0, 2])).loss.backward()
+    trained = [(n, p) for n, p in adapter_named_parameters(model) if p.requires_grad]
+    assert trained and all(p.grad is not None for _, p in trained)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

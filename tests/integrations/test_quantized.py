@@ -244,6 +244,41 @@ def test_unsupported_quantized_layer_is_refused_naming_it():
         inject(model, TiedLoRAConfig(rank=2, preset="lora", target_modules="all-linear"))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_trainer_trains_a_quantized_model_with_adapters(base_dir, bits, tmp_path):
+    """README's QLoRA recipe, "then train as usual": transformers' Trainer refused a quantized model
+    that carries no PEFT adapter ("cannot perform fine-tuning on purely quantized models"). inject
+    marks this model's quantizer as training (its adapters do): Trainer runs, the adapters move, the
+    base stays; a deepcopy keeps the mark, a pickle holds the quantizer as it was."""
+    import copy
+    import pickle
+
+    class Tokens(torch.utils.data.Dataset):
+        ids = torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, max_steps=2, save_strategy="no", report_to=[],
+                                          disable_tqdm=True)
+    with pytest.raises(ValueError, match="purely quantized"):  # the check is there, for a model without adapters
+        transformers.Trainer(model=load_quantized(base_dir, bits), args=args, train_dataset=Tokens())
+    model = load_quantized(base_dir, bits)
+    quantizer_class = type(model.hf_quantizer)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules="all-linear"))
+    randomize_adapters(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens()).train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved == {n for n, p in adapter_named_parameters(model) if p.requires_grad}
+    assert copy.deepcopy(model).hf_quantizer.is_qat_trainable
+    assert type(pickle.loads(pickle.dumps(model.hf_quantizer))) is quantizer_class
+
+
 def test_4bit_layer_not_quantized_yet_is_refused_before_any_change():
     """bitsandbytes quantizes a Linear4bit when it is moved: inject before that names the layer and the
     call to make (it failed inside bitsandbytes' dequantize with a message about absmax)."""

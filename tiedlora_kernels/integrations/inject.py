@@ -32,6 +32,8 @@ kind; tie them with ``kinds``.)
 from __future__ import annotations
 
 import copy
+import copyreg
+import functools
 import math
 import re
 import warnings
@@ -444,7 +446,45 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
     model.add_module(ROOT_ATTR, factors)
     factors.config = config
     factors.watch(model)  # shared fp32 casts of bf16/fp16 tied factors, fresh for each forward pass
+    _prepare_for_transformers_training(model)
     return model
+
+
+def _prepare_for_transformers_training(model: nn.Module) -> None:
+    """What transformers needs to train a model carrying our adapters, as PEFT's wrapping does for its own:
+
+    - checkpointing already on: the input embeddings' output requires grad
+      (``enable_input_require_grads``), or reentrant checkpointing (run without grad, then backward
+      through its outputs) gives the adapters no gradient where the model's input is not ``input_ids``
+      (transformers does it by itself only for those: ViT and Whisper trained nothing, or crashed);
+    - a quantized model (``hf_quantizer``): ``Trainer`` refuses one that carries no PEFT adapter
+      unless its quantizer says it trains (``is_qat_trainable``, read by that check alone). This
+      model's quantizer (and only it) says so: :func:`_trains_with_adapters`."""
+    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_qat_trainable", True):
+        quantizer.__class__ = _trains_with_adapters(type(quantizer))
+
+
+@functools.lru_cache(maxsize=None)
+def _trains_with_adapters(quantizer_class: type) -> type:
+    """``quantizer_class`` saying ``is_qat_trainable`` (its adapters train; the quantized weights stay
+    frozen). A deepcopy keeps it; a pickle holds the quantizer it was (a class made here has no
+    importable name)."""
+
+    def reduce_as_original(self, protocol):
+        return copyreg._reconstructor, (quantizer_class, object, None), self.__dict__
+
+    def deepcopy_as_is(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    return type(quantizer_class.__name__, (quantizer_class,),
+                {"is_qat_trainable": True, "__reduce_ex__": reduce_as_original, "__deepcopy__": deepcopy_as_is,
+                 "__module__": __name__, "__qualname__": f"_trains_with_adapters.{quantizer_class.__name__}"})
 
 
 def adapter_dtypes(model: nn.Module, config: TiedLoRAConfig, targets: list[TargetLayer]) -> dict[str, torch.dtype]:
