@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import re
 import warnings
 
 import pytest
@@ -116,8 +117,13 @@ _MOE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
     (lambda: _tiny("PhimoeConfig", "PhimoeForCausalLM", **_MOE, num_local_experts=16), ["model.layers.0.mlp.router"]),
     (lambda: _tiny("JetMoeConfig", "JetMoeForCausalLM", **_MOE, num_local_experts=8, kv_channels=8),
      ["model.layers.0.mlp.router.layer", "model.layers.0.self_attention.experts.router.layer"]),
+    (lambda: _tiny("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", **_MOE, num_experts=4, moe_topk=2, head_dim=8),
+     ["model.layers.0.mlp.gate.wg"]),
+    (lambda: _tiny("DogeConfig", "DogeForCausalLM", **{**_MOE, "num_attention_heads": 8, "num_key_value_heads": 8},
+                   is_moe=True, num_experts=16, num_experts_per_tok=2),
+     ["model.layers.0.mlp.router_gate"]),
 ], ids=["electra-discriminator", "gpt2-multiple-choice", "xlnet-summary", "qwen2moe-shared-gate", "phimoe-router",
-        "jetmoe-routers"])
+        "jetmoe-routers", "hunyuan-moe-gate", "doge-router-gate"])
 def test_all_linear_leaves_task_heads_and_routers_alone(make, left_out):
     """These heads and routers used to be adapted: a 1- or 2-output head crashed at rank 8, a router was
     silently adapted (changing which experts see a token)."""
@@ -193,6 +199,27 @@ def test_the_out_proj_of_a_torch_multihead_attention_is_left_out_or_refused():
             inject(_tiny_siglip(), TiedLoRAConfig(rank=4, target_modules=target))
     model = inject(_tiny_siglip(), TiedLoRAConfig(rank=4, target_modules=["out_proj"], exclude_modules=["head"]))
     assert {n for n, _ in adapted_layers(model)} == {"encoder.layers.0.self_attn.out_proj"}
+
+
+@pytest.mark.parametrize("make,read", [
+    (lambda: _tiny("WavLMConfig", "WavLMModel", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                   num_attention_heads=4, conv_dim=(16, 16), conv_stride=(4, 2), conv_kernel=(8, 4),
+                   num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, num_buckets=8, max_bucket_distance=16),
+     ["encoder.layers.0.attention.q_proj", "encoder.layers.0.attention.out_proj"]),
+    (lambda: _tiny("MambaConfig", "MambaForCausalLM", hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4,
+                   expand=2, time_step_rank=4, use_mambapy=False),
+     ["backbone.layers.0.mixer.dt_proj", "backbone.layers.0.mixer.x_proj", "backbone.layers.0.mixer.out_proj"]),
+], ids=["wavlm-attention", "mamba-mixer"])
+def test_layers_a_transformers_parent_reads_directly_are_left_out_or_refused(make, read):
+    """WavLM's attention passes q/k/v/out_proj's weights to F.multi_head_attention_forward; a Mamba mixer
+    multiplies by dt_proj.weight (and mamba-ssm's CUDA kernels take x_proj and out_proj's too): adapters
+    there got no gradient and changed nothing, and merge() then changed the output. "all-linear" leaves
+    them out; naming one is refused."""
+    model = inject(make(), TiedLoRAConfig(rank=2, preset="lora"))
+    names = {n for n, _ in adapted_layers(model)}
+    assert names and not names & set(read)
+    with pytest.raises(ValueError, match=f"selects layer '{re.escape(read[0])}', whose parent .* reads its weight"):
+        inject(make(), TiedLoRAConfig(rank=2, target_modules=[read[0].rsplit(".", 1)[-1]]))
 
 
 def test_the_feed_forward_of_a_torch_transformer_encoder_layer_is_left_out():

@@ -122,11 +122,44 @@ def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
             if read_by_parent(parent, cn, child)}
 
 
+#: transformers modules (by class name) that read some children's weights without calling them, on
+#: some path: WavLM's attention passes q/k/v/out_proj's weights to ``F.multi_head_attention_forward``;
+#: Mamba mixers multiply by ``dt_proj.weight`` on the CPU path, and mamba-ssm's CUDA kernels take
+#: x_proj, dt_proj and out_proj's weights (only in_proj is called on every path); Gemma 3n's AltUp
+#: reads ``correction_coefs.weight`` (clamped) in training.
+CHILDREN_READ_BY_CLASS = {
+    "WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    **{mixer: ("x_proj", "dt_proj", "out_proj") for mixer in ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")},
+    "Gemma3nTextAltUp": ("correction_coefs",),
+}
+
+
 def read_by_parent(parent: nn.Module, name: str, child: nn.Module) -> bool:
     """Whether ``parent`` reads its child ``name``'s weight without calling it (see
     :func:`_weights_read_by_parent`; ``child`` may be a PEFT layer wrapping the linear)."""
     return (isinstance(child, NonDynamicallyQuantizableLinear) or isinstance(parent, nn.MultiheadAttention)
-            or (isinstance(parent, nn.TransformerEncoderLayer) and name in ("linear1", "linear2")))
+            or (isinstance(parent, nn.TransformerEncoderLayer) and name in ("linear1", "linear2"))
+            or name in CHILDREN_READ_BY_CLASS.get(type(parent).__name__, ()))
+
+
+#: Names of MoE routers beyond ``DEFAULT_EXCLUDED_HEADS``' ``router`` (Doge, Gemma 3n's AltUp); every
+#: linear inside a module whose class is a router (``...Router``, or an MoE ``...Gate``) is a router's
+#: too (HunYuan's ``gate.wg``, Zaya's router MLP; not a linear attention's ``ForgetGate``).
+ROUTER_NAMES = ("router_gate", "modality_router")
+
+
+def _is_router_class(name: str) -> bool:
+    return name.endswith("Router") or (name.endswith("Gate") and "moe" in name.lower())
+
+
+def _router_layers(model: nn.Module) -> set[int]:
+    """ids of the linears ``"all-linear"`` leaves out as routers under the ``heads`` rule: an adapter on
+    one changes which experts every token goes to."""
+    out = set()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ROUTER_NAMES or _is_router_class(type(module).__name__):
+            out.update(id(m) for m in module.modules())
+    return out
 
 
 def _output_head_layers(model: nn.Module, rule: str) -> set[int]:
@@ -159,6 +192,8 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
     tm = config.target_modules
     if isinstance(tm, str) and tm == "all-linear":
         head = _output_head_layers(model, config.exclude_rule)
+        if config.exclude_rule == "heads":
+            head |= _router_layers(model)
         chosen = [(n, m, lay) for n, m, lay in candidates
                   if not excluded(n) and id(m) not in head and n not in read_by_parent]
     elif isinstance(tm, str):
