@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from . import reference
 from .bases import QuantizedBase, warn_requantized
@@ -47,6 +48,7 @@ class TiedFactors(nn.Module):
         self.core_bank = None if core_bank is None else nn.Parameter(core_bank)
         self._fp32_views: dict[str, tuple] = {}  # name -> (factor, its version, its fp32 cast) of the last pass
         self._pass_running = False  # between the pass's start and end (eager only)
+        self._cast_live = False  # the casts serve the running pass or its backward (what compiled code reads)
         self._used_with_grad: set[str] = set()  # factors the forward of this pass used with grad
 
     def new_forward_pass(self) -> None:
@@ -59,6 +61,7 @@ class TiedFactors(nn.Module):
         if not torch.is_grad_enabled():  # (a no-grad forward, e.g. DPO's reference logits, is no pass of
             return                       # the graph the next backward runs: it keeps what that one used)
         compiling = torch.compiler.is_compiling()
+        self._cast_live = True
         if not compiling:
             self._used_with_grad.clear()
             self._pass_running = True
@@ -70,17 +73,27 @@ class TiedFactors(nn.Module):
                 if not compiling:
                     cast.register_hook(_ForgetCast(self, name, cast))
 
-    def end_forward_pass(self, raised: bool = False) -> None:
+    def end_forward_pass(self, backward_may_follow: bool = True) -> None:
         """End of the forward pass. An eager pass keeps its casts for its backward: a checkpointed
         segment recomputed there must run as its forward did (a compiled segment that took the cast as
         an input in the forward and casts by itself in the recompute saves other tensors, and the
-        checkpoint fails). They are dropped when the backward has passed them (:class:`_ForgetCast`),
-        by the next pass, or here for a forward that raised (no backward follows) and under
-        torch.compile (whose recompute runs inside the compiled graph)."""
-        if not torch.compiler.is_compiling():
-            self._pass_running = False
-        if raised or torch.compiler.is_compiling():
+        checkpoint fails). Between the pass and its backward they serve no one (``_cast_live``: a
+        compiled block called on its own after an optimizer step must not read them); the backward
+        revives them (:class:`_BackwardStarts`) and drops each once it has passed it
+        (:class:`_ForgetCast`). Dropped here where no backward can follow (a forward that raised, or
+        whose outputs require no grad), by the next pass, and under torch.compile (whose recompute
+        runs inside the compiled graph)."""
+        self._cast_live = False
+        if torch.compiler.is_compiling():
             self._fp32_views.clear()
+            return
+        self._pass_running = False
+        if not backward_may_follow:
+            self._fp32_views.clear()
+
+    def backward_starts(self) -> None:
+        """The backward of this pass's outputs has started: its casts serve its recomputes again."""
+        self._cast_live = bool(self._fp32_views) and bool(self._used_with_grad)
 
     @property
     def rank(self) -> int:
@@ -105,10 +118,10 @@ class TiedFactors(nn.Module):
             return p
         shared = self._fp32_views.get(name)
         if torch.compiler.is_compiling():
-            # A compiled region guards on what it reads: on the presence and identity of the cast only (a
-            # guard on the version, which every optimizer step moves, recompiled it each step until
-            # torch.compile gave up). Outside the pass and its backward the cast is gone (_ForgetCast).
-            return shared[2] if shared is not None and shared[0] is p else p.float()
+            # A compiled region guards on what it reads: the presence and identity of the cast and whether
+            # it serves a pass or its backward (a guard on the version, which every optimizer step moves,
+            # recompiled it each step until torch.compile gave up).
+            return shared[2] if shared is not None and shared[0] is p and self._cast_live else p.float()
         in_backward = torch._C._current_graph_task_id() != -1
         reentrant = in_backward and _in_reentrant_checkpoint()
         if not in_backward:
@@ -133,7 +146,8 @@ class TiedFactors(nn.Module):
 
     def __getstate__(self):
         # The casts are graph nodes of a running forward: never copied or pickled with the module.
-        return {**self.__dict__, "_fp32_views": {}, "_pass_running": False, "_used_with_grad": set()}
+        return {**self.__dict__, "_fp32_views": {}, "_pass_running": False, "_cast_live": False,
+                "_used_with_grad": set()}
 
     def slices(self, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (.., r, K), B (.., N, r)) for a layer of that size: views, so gradients reach the full tensors."""
@@ -168,6 +182,20 @@ class _ForgetCast:
         shared = None if factors is None else factors._fp32_views.get(self.name)
         if shared is not None and shared[2] is self.cast():
             del factors._fp32_views[self.name]
+            if not factors._fp32_views:
+                factors._cast_live = False
+
+
+class _BackwardStarts:
+    """Gradient hook on a pass's outputs: the first node a backward of them runs (weak references)."""
+
+    def __init__(self, factors: "AdapterFactors"):
+        self.factors = weakref.ref(factors)
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        factors = self.factors()
+        for f in factors.values() if factors is not None else ():
+            f.backward_starts()
 
 
 class AdapterFactors(nn.ModuleDict):
@@ -216,8 +244,13 @@ class AdapterFactors(nn.ModuleDict):
         # (nn.Module._call_impl's except branch): either way the pass's own call has ended
         if torch._C._current_graph_task_id() == -1 and running is not None and caller in (running, running.f_back):
             self._pass_frame = None
+            # (a forward that raised runs its post-hooks in its caller's frame, with no output)
+            outputs = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
+                       and t.requires_grad] if caller is running else []
             for factors in self.values():
-                factors.end_forward_pass(raised=caller is not running)
+                factors.end_forward_pass(backward_may_follow=bool(outputs))
+            for t in outputs:
+                t.register_hook(_BackwardStarts(self))
 
     def __getstate__(self):
         return {**self.__dict__, "_pass_frame": None}  # (a frame is no state, and cannot be pickled)
@@ -495,8 +528,8 @@ class TiedLoRALinear(nn.Module):
 
     def _warn_if_training_merged(self) -> None:
         """A merged layer computes its adapter inside the base weight: in training with grad, its
-        adapter tensors would get no gradient, silently."""
-        if not (self.training and torch.is_grad_enabled()):
+        adapter tensors would get no gradient, silently. (Not under torch.compile: a warning is not traced.)"""
+        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return
         own = (getattr(self, n) for n in self.PER_LAYER)
         if self._factors.A.requires_grad or self._factors.B.requires_grad or any(

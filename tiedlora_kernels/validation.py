@@ -125,7 +125,11 @@ def check_adapter_tensors(op: str, N: int, K: int, A, B, u, v, row_scale, device
 def check_scaling(op: str, scaling) -> None:
     """``scaling`` a finite real number. numbers.Real: Python and numpy scalars alike; a tensor (even
     0-dim) is refused, since the op takes the value as a constant and a tensor's gradient would be
-    silently dropped; a bool is refused, not read as 0 or 1."""
+    silently dropped; a bool is refused, not read as 0 or 1. Not checked while torch.compile traces:
+    with dynamic shapes, or once a scaling changed, the value is symbolic and ``math.isfinite`` on it
+    broke the graph at every adapted layer (and fullgraph failed); eager calls check it."""
+    if torch.compiler.is_compiling():
+        return
     if not _real(scaling) or not math.isfinite(scaling):
         raise ValueError(f"{op}: scaling must be a finite real number (a Python or numpy scalar, not a tensor "
                          f"or bool), got {scaling!r}")

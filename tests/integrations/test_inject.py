@@ -1067,6 +1067,57 @@ def test_compiled_blocks_sum_bf16_tied_gradients_in_fp32_without_recompiling(che
     assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
 
 
+def test_a_compiled_block_called_on_its_own_after_a_step_sees_the_step(monkeypatch):
+    """A forward under grad never backpropagated (a logged metric) keeps its casts for a backward that
+    does not come; a block compiled on its own and called after the optimizer step (a layer-by-layer
+    loop) must not read them: it gave exactly the output from before the step."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    h = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(9)[None]
+    outs = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_llama(n_layer=2)
+        inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+        randomize_adapters(model)
+        model.train()
+        if mode == "compiled":
+            for block in model.model.layers:
+                block.compile(backend="aot_eager")
+        block, rope = model.model.layers[0], model.model.rotary_emb(h, pos)
+        run = lambda: block(h, position_embeddings=rope, attention_mask=None, position_ids=pos)  # noqa: E731
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        before = run().detach()
+        model(IDS, labels=IDS).loss.backward()
+        model(IDS, labels=IDS)  # the metric
+        opt.step()
+        outs[mode] = (before, run().detach())
+    torch._dynamo.reset()
+    assert not torch.equal(*outs["eager"]) and torch.equal(outs["compiled"][1], outs["eager"][1])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_fullgraph_compile_with_dynamic_shapes_and_of_a_merged_model_in_training(merged, monkeypatch):
+    """torch.compile(dynamic=True, fullgraph=True): the scaling is symbolic there, and math.isfinite on it
+    broke the graph at every adapted layer (fullgraph failed); a merged model in training mode warns
+    in eager, and its warning failed fullgraph."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tiny_llama(n_layer=2).train()
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    randomize_adapters(model)
+    if merged:
+        merge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = model(IDS, labels=IDS).loss
+        got = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")(IDS, labels=IDS).loss
+    torch._dynamo.reset()
+    assert torch.allclose(got, want, rtol=1e-5)
+
+
 def test_compiled_submodule_with_a_metric_forward_between_steps_trains_like_eager(monkeypatch):
     """A compiled submodule trained without the root, with a forward under grad and no backward (a
     logged metric) between steps: no cast outlives the forward that made it, so the next step never

@@ -495,7 +495,11 @@ def _prepare_for_transformers_training(model: nn.Module) -> None:
     - a quantized model (``hf_quantizer``): ``Trainer`` refuses one that carries no PEFT adapter
       unless its quantizer says it trains (``is_qat_trainable``, read by that check alone). This
       model's quantizer (and only it) says so: :func:`_trains_with_adapters`."""
-    if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+    # (transformers 5 renamed is_gradient_checkpointing, which now warns, to is_activation_checkpointing)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and not getattr(quantizer, "is_qat_trainable", True):
