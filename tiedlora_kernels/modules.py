@@ -399,20 +399,23 @@ class TiedLoRALinear(nn.Module):
             return self._derived("effective", self._effective_tensors)
 
     def _effective_tensors(self):
+        # What a layer derives (partial tying's mixtures, Extra's B M_i, Simple DoRA's v * ||W||) is formed
+        # in fp32 at least, with or without grad: 16-bit factors used raw without grad (eval, generate)
+        # rounded A_i, B_i to bf16, ~100x the error of the same forward with grad.
         A, B = self._factors.slices(self.in_features, self.out_features)
         if self._factors.banked:
-            A = torch.einsum("k,krK->rK", self.adapter_wA.to(A.dtype), A)
-            B = torch.einsum("k,kNr->Nr", self.adapter_wB.to(B.dtype), B)
+            A = torch.einsum("k,krK->rK", _wide(self.adapter_wA), _wide(A))
+            B = torch.einsum("k,kNr->Nr", _wide(self.adapter_wB), _wide(B))
         M = self.adapter_M
         if self.adapter_wM is not None:
             core = self._factors.accumulating("core_bank")  # tied: its gradient summed in fp32
-            M = torch.einsum("k,krs->rs", self.adapter_wM.to(core.dtype), core)
+            M = torch.einsum("k,krs->rs", _wide(self.adapter_wM), _wide(core))
         if M is not None:
-            B = B @ M.to(B.dtype)
+            B = _wide(B) @ _wide(M)
         u, v, c, m = self.adapter_u, self.adapter_v, None, self.adapter_m
         if self.magnitude == "simple_dora":  # v_i = v * ||W||, c = m / ||W|| (a zero row: 1 for ||W||)
             n = reference.direction_norm(self.base_row_norm())
-            v = n.to(B.dtype) if v is None else v * n.to(B.dtype)
+            v = n if v is None else _wide(v) * n
             c = reference.dora_row_scale(m, n)
         elif self.magnitude == "dora":  # c = m / ||W + dW||_row, the norm detached (paper, PEFT)
             with torch.no_grad():
@@ -554,6 +557,11 @@ class TiedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"kind={self.kind!r}, layout={layout}, scaling={self.scaling:g}, per_layer={own}, "
                 f"magnitude={self.magnitude}, dropout={self.dropout:g}, merged={self.merged}")
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 at least (fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @contextlib.contextmanager
