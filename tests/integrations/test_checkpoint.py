@@ -224,11 +224,21 @@ def test_a_bf16_adapter_file_loads_into_an_injected_model_with_fp32_adapters(tmp
     """A file saved with adapter_dtype="bfloat16" into a model injected with fp32 adapters: the tensors
     widen exactly, as a file of a model cast to bf16 after inject does (the config's adapter_dtype was
     compared as a field and refused it); the other way, narrowing, is refused per tensor."""
-    save_adapter(trained("tl6", adapter_dtype="bfloat16"), tmp_path)
+    saved = trained("tl6", adapter_dtype="bfloat16")
+    opt = torch.optim.AdamW([p for p in saved.parameters() if p.requires_grad], lr=1e-2)
+    saved(IDS, labels=IDS).loss.backward()
+    opt.step()
+    save_adapter(saved, tmp_path, optimizer=opt)
     fresh = inject(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", seed=5))
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    load_adapter(fresh, tmp_path, optimizer=opt2)  # the bf16 moments widen with their adapters
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt2.state.values())
+    fresh(IDS, labels=IDS).loss.backward()
+    opt2.step()
+    save_adapter(saved, tmp_path)
     load_adapter(fresh, tmp_path)
     got = dict(adapter_named_parameters(fresh))
-    for name, t in adapter_named_parameters(trained("tl6", adapter_dtype="bfloat16")):
+    for name, t in adapter_named_parameters(saved):
         assert got[name].dtype == torch.float32 and torch.equal(got[name], t.float()), name
     save_adapter(fresh, tmp_path / "fp32")
     with pytest.raises(ValueError, match=r"has dtype torch.float32 in the file, torch.bfloat16 in the model"):

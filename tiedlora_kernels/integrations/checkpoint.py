@@ -567,7 +567,9 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
         p = by_name.get(pname)
         if p is None:
             raise ValueError(f"load_adapter: {path}: state {key!r} names no parameter of the optimizer")
-        if skey in _PARAM_SHAPED_STATE and (tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype):
+        # (a moment saved for a bf16 adapter widens exactly into an fp32 one, as the adapter itself does)
+        if skey in _PARAM_SHAPED_STATE and (tuple(t.shape) != tuple(p.shape)
+                                            or torch.promote_types(t.dtype, p.dtype) != p.dtype):
             raise ValueError(f"load_adapter: {path}: state {key!r} is {tuple(t.shape)} {t.dtype}, its parameter "
                              f"{tuple(p.shape)} {p.dtype}")
     refuse_nonfinite(tensors, f"load_adapter: {path}", "state")
@@ -596,11 +598,13 @@ def _restored_state(key: str, t: torch.Tensor, p: torch.Tensor, step_on_device: 
     """A saved optimizer state tensor as the optimizer keeps it for its parameter ``p``. Adam keeps
     ``step`` on the CPU, a plain tensor also under FSDP2, and a fused or capturable one as fp32 on the
     parameter's device (``step_on_device``, as torch's own ``load_state_dict`` puts it). A state tensor of
-    the parameter's shape (moments, momentum) is placed as the parameter is: under FSDP2 a DTensor
+    the parameter's shape (moments, momentum; in its dtype) is placed as the parameter is: under FSDP2 a DTensor
     sharded like it (the step would otherwise mix a whole tensor with the parameter's shard);
     anything else lives on the parameter's device."""
     if key == "step":
         return t.to(p.device, torch.float32) if step_on_device else t
+    if key in _PARAM_SHAPED_STATE:
+        t = t.to(p.dtype)  # (checked: the same dtype or a narrower one, widened exactly)
     if tuple(t.shape) == tuple(p.shape):
         return _placed_like(t, p)
     return t.to(p.device)
