@@ -229,3 +229,29 @@ def test_a_training_flag_that_is_no_bool_is_refused(op):
         second = W if op == "linear" else x @ W.t()
         with pytest.raises(TypeError, match=r"training must be a bool"):
             fn(x, second, None, A, B, None, None, 1.0, 0.5, "False")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_jit_trace_takes_the_torch_route_or_refuses_clearly(backend, monkeypatch):
+    """torch.jit.trace records ops as they run, with sizes as tensors: auto takes the torch route there
+    (on a GPU it took the kernels, whose launchers failed on a tensor size with an AttributeError), and
+    a forced triton route says what to do."""
+    if backend == "triton" and not (torch.cuda.is_available() or ops.triton_interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, W, b, A, B = (t.detach().to(device) for t in _layer_inputs())
+
+    def layer(x):
+        return tiedlora_kernels.tied_lora_linear(x, W, b, A, B, scaling=0.5)
+
+    with torch.no_grad():
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match="torch.jit.trace cannot record the Triton kernels; use "
+                                                   "TIEDLORA_BACKEND=auto or torch"):
+                torch.jit.trace(layer, (x,))
+            return
+        traced = torch.jit.trace(layer, (x,))
+        x2 = torch.randn_like(x)
+        want = reference.tied_lora_linear(x2, W, b, A, B, None, None, 0.5)
+        assert torch.allclose(traced(x2), want, rtol=1e-5, atol=1e-6)

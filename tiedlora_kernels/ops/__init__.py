@@ -100,10 +100,17 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     base_trains = any(t is not None and t.requires_grad for t in (weight, bias))
     present = [t for t in operands if t is not None]
     wide_operand = any(t.dtype == torch.float64 for t in present)  # the kernels compute in fp32 at most
+    # torch.jit.trace records tensor ops as they run, sizes as tensors: the kernels' launchers cannot run
+    # under it, and the torch route traces as it is
+    jit_tracing = torch.jit.is_tracing()
     if want == "auto":
         fits = (x.is_cuda and installed and x.dtype != torch.float64 and not wide_operand and not base_trains
-                and (rank_limit is None or rank <= rank_limit) and not _transformed(x, weight, bias, *present))
+                and (rank_limit is None or rank <= rank_limit) and not _transformed(x, weight, bias, *present)
+                and not jit_tracing)
         return "triton" if fits else "torch"
+    if jit_tracing:
+        raise RuntimeError(f"{op} (triton): torch.jit.trace cannot record the Triton kernels; use "
+                           "TIEDLORA_BACKEND=auto or torch (the torch route traces), or torch.export")
     if not installed:
         raise RuntimeError("TIEDLORA_BACKEND=triton but the triton package is not installed")
     if not x.is_cuda and not interpreting:
