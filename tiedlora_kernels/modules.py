@@ -57,9 +57,9 @@ class TiedFactors(nn.Module):
         outside any activation-checkpointed region (a compiled checkpoint region may not write the
         cache); a factor that is not a parameter (``functional_call``'s fast weights, ``torch.func``)
         is cast too and used while it is the one the layers see."""
+        if not torch.is_grad_enabled():  # a no-grad forward (DPO's reference logits) uses no cast, and
+            return                       # keeps the casts a pending backward needs
         self._fp32_views.clear()
-        if not torch.is_grad_enabled():  # (a no-grad forward, e.g. DPO's reference logits, is no pass of
-            return                       # the graph the next backward runs: it keeps what that one used)
         compiling = torch.compiler.is_compiling()
         self._cast_live = True
         if not compiling:
@@ -82,7 +82,9 @@ class TiedFactors(nn.Module):
         revives them (:class:`_BackwardStarts`) and drops each once it has passed it
         (:class:`_ForgetCast`). Dropped here where no backward can follow (a forward that raised, or
         whose outputs require no grad), by the next pass, and under torch.compile (whose recompute
-        runs inside the compiled graph)."""
+        runs inside the compiled graph). A no-grad pass started nothing, and ends nothing."""
+        if not torch.is_grad_enabled():
+            return
         self._cast_live = False
         if torch.compiler.is_compiling():
             self._fp32_views.clear()
@@ -187,15 +189,26 @@ class _ForgetCast:
 
 
 class _BackwardStarts:
-    """Gradient hook on a pass's outputs: the first node a backward of them runs (weak references)."""
+    """Gradient hook on a pass's outputs: the first node a backward of them runs revives the pass's
+    casts, and the end of that backward retires them (a backward that never reaches a cast, towards
+    the inputs only, drops none: they serve no later call all the same). Weak references."""
 
     def __init__(self, factors: "AdapterFactors"):
         self.factors = weakref.ref(factors)
 
     def __call__(self, grad: torch.Tensor) -> None:
         factors = self.factors()
-        for f in factors.values() if factors is not None else ():
+        if factors is None:
+            return
+        for f in factors.values():
             f.backward_starts()
+        if not torch.compiler.is_compiling():  # compiled autograd traces this hook; queue_callback works
+            torch.autograd.Variable._execution_engine.queue_callback(self.backward_ends)  # there only fullgraph
+
+    def backward_ends(self) -> None:
+        factors = self.factors()
+        for f in factors.values() if factors is not None else ():
+            f._cast_live = False
 
 
 class AdapterFactors(nn.ModuleDict):
@@ -206,7 +219,8 @@ class AdapterFactors(nn.ModuleDict):
         """Hook the forward of ``model`` and of every module a caller may run on its own that holds
         adapted layers (:func:`_entry_points`: ``model.model``, an encoder, CLIP's text model). A call
         of one that runs inside no other is a forward pass: it makes fresh shared fp32 casts of 16-bit
-        trained factors and drops them when it ends; a call nested inside it (``model.model`` inside
+        trained factors and keeps them for its backward only (:meth:`TiedFactors.end_forward_pass`: dropped
+        as that backward passes them, or at once when no output requires grad); a call nested inside it (``model.model`` inside
         the root, a T5 encoder and decoder) shares them. The pass belongs to its call's frame: a pass
         whose call is no longer on the stack (a forward interrupted by Ctrl-C, which skips the
         post-hooks; another thread's) is over, and the next call starts afresh. Under torch.compile

@@ -4,6 +4,7 @@ import copy
 import gc
 import re
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -1095,6 +1096,58 @@ def test_a_compiled_block_called_on_its_own_after_a_step_sees_the_step(monkeypat
         outs[mode] = (before, run().detach())
     torch._dynamo.reset()
     assert not torch.equal(*outs["eager"]) and torch.equal(outs["compiled"][1], outs["eager"][1])
+
+
+def test_a_backward_towards_the_inputs_only_leaves_no_cast_for_a_compiled_block(monkeypatch):
+    """A backward of the pass towards its inputs only (a saliency map, an input-gradient penalty) revives
+    the pass's casts and reaches none of them, so none is dropped: the end of that backward must retire
+    them, or a block compiled on its own, called after the next optimizer step, reads the old cast."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    h = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(9)[None]
+    outs = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = tiny_llama(n_layer=2)
+        inject(model, TiedLoRAConfig(rank=4, preset="tl5", adapter_dtype="bfloat16", target_modules=["q_proj"]))
+        randomize_adapters(model)
+        model.train()
+        if mode == "compiled":
+            model.model.layers[0].compile(backend="aot_eager")
+        block, rope = model.model.layers[0], model.model.rotary_emb(h, pos)
+        run = lambda: block(h, position_embeddings=rope, attention_mask=None, position_ids=pos)  # noqa: E731
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+        before = run().detach()
+        model(IDS, labels=IDS).loss.backward()
+        embeds = model.get_input_embeddings()(IDS).detach().requires_grad_()
+        (saliency,) = torch.autograd.grad(model(inputs_embeds=embeds, labels=IDS).loss, embeds)
+        opt.step()
+        outs[mode] = (before, run().detach(), saliency)
+    torch._dynamo.reset()
+    assert not torch.equal(*outs["eager"][:2]) and torch.equal(outs["compiled"][1], outs["eager"][1])
+    assert torch.equal(outs["compiled"][2], outs["eager"][2])
+
+
+def test_compiled_autograd_without_fullgraph_trains_like_eager(monkeypatch):
+    """Compiled autograd traces the gradient hooks on a pass's outputs: one that queued an engine callback
+    broke it unless fullgraph (torch allows queue_callback there only)."""
+    from torch._dynamo import compiled_autograd
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for mode in ("eager", "compiled_autograd"):
+        torch._dynamo.reset()
+        model = _tied_blocks()
+        loss = model(x)
+        with compiled_autograd._enable(torch.compile(backend="aot_eager")) if mode != "eager" else nullcontext():
+            loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch._dynamo.reset()
+    assert grads["eager"].keys() == grads["compiled_autograd"].keys() and len(grads["eager"]) >= 4
+    for name, g in grads["eager"].items():
+        assert torch.equal(grads["compiled_autograd"][name], g), name
 
 
 @pytest.mark.parametrize("merged", [False, True])
