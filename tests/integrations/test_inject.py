@@ -210,10 +210,14 @@ def test_the_out_proj_of_a_torch_multihead_attention_is_left_out_or_refused():
     (lambda: _tiny("MambaConfig", "MambaForCausalLM", hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4,
                    expand=2, time_step_rank=4, use_mambapy=False),
      ["backbone.layers.0.mixer.dt_proj", "backbone.layers.0.mixer.x_proj", "backbone.layers.0.mixer.out_proj"]),
-], ids=["wavlm-attention", "mamba-mixer"])
+    (lambda: _tiny("Mamba2Config", "Mamba2ForCausalLM", hidden_size=32, num_hidden_layers=1, vocab_size=64,
+                   state_size=4, expand=2, num_heads=4, head_dim=16, n_groups=1, chunk_size=8),
+     ["backbone.layers.0.mixer.out_proj"]),
+], ids=["wavlm-attention", "mamba-mixer", "mamba2-mixer"])
 def test_layers_a_transformers_parent_reads_directly_are_left_out_or_refused(make, read):
     """WavLM's attention passes q/k/v/out_proj's weights to F.multi_head_attention_forward; a Mamba mixer
-    multiplies by dt_proj.weight (and mamba-ssm's CUDA kernels take x_proj and out_proj's too): adapters
+    multiplies by dt_proj.weight (and mamba-ssm's CUDA kernels take x_proj and out_proj's too; a Mamba-2
+    mixer's, out_proj's): adapters
     there got no gradient and changed nothing, and merge() then changed the output. "all-linear" leaves
     them out; naming one is refused."""
     model = inject(make(), TiedLoRAConfig(rank=2, preset="lora"))

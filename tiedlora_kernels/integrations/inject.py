@@ -130,6 +130,9 @@ def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
 CHILDREN_READ_BY_CLASS = {
     "WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
     **{mixer: ("x_proj", "dt_proj", "out_proj") for mixer in ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")},
+    # Mamba-2 and the hybrids built on its mixer: the fused CUDA path takes out_proj's weight.
+    **{mixer: ("out_proj",) for mixer in ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "GraniteMoeHybridMambaLayer",
+                                          "NemotronHMamba2Mixer", "Zamba2MambaMixer")},
     "Gemma3nTextAltUp": ("correction_coefs",),
 }
 
