@@ -1060,3 +1060,23 @@ def test_gpu_mixed_batch_bf16(zoo, monkeypatch):
         with torch.no_grad(), bank.use(adapter_ids):
             out[backend] = bank.model(ids).logits.float()
     assert rel_err(out["triton"], out["torch"]) < 2e-2
+
+
+def test_a_bf16_simple_dora_adapter_serves_its_rows_as_the_adapter_alone(tmp_path, monkeypatch):
+    """Simple DoRA's v_i = v ||W|| is formed in fp32 by the layer; the bank formed it in the file's bf16
+    (||W|| rounded to bf16, the product rounded again): rows ~1e-3 off the adapter alone."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    base = tiny_llama()
+    names = ["simple_dora", None]
+    dirs = {"simple_dora": make_adapter(base, tmp_path, "simple_dora", preset="simple_dora",
+                                        adapter_dtype="bfloat16")}
+    bank = AdapterBank(host_of(base))
+    adapter_ids = [bank.add(dirs["simple_dora"]), -1]
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad(), bank.use(adapter_ids):
+        out = bank.model(ids).logits
+    expected = reference_logits(base, dirs, names, ids, monkeypatch)
+    assert rel_err(expected[0], expected[1]) > 1e-2  # the adapter changes the row
+    for i, n in enumerate(names):
+        assert rel_err(out[i], expected[i]) < TOL, f"row {i} ({n}): {rel_err(out[i], expected[i]):.2e}"

@@ -291,7 +291,9 @@ class _Slots:
                 if mag.kind == "simple_dora":
                     if base_norm is None:
                         base_norm = reference.direction_norm(reference.row_norm(weight))
-                    self.V[slot].copy_(mag.v * base_norm.to(mag.v.dtype))
+                    # in fp32 at least, as the layer forms it (in a bf16 file's dtype ||W|| and the
+                    # product were each rounded to bf16)
+                    self.V[slot].copy_(mag.v.to(torch.promote_types(mag.v.dtype, base_norm.dtype)) * base_norm)
                     norm = base_norm
                 else:
                     A = self.A[slot] if self.A.dim() == 3 else self.A
