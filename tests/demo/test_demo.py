@@ -175,10 +175,11 @@ def test_empty_train_or_test_sets_are_refused_before_training(flag, tmp_path, mo
 
 @pytest.mark.parametrize("flags,message", [
     (["--gamma", "0"], "lora r=2: TiedLoRAConfig.gamma must be a finite number > 0"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--base-lr", "0"], "--base-lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a finite positive number"),
+    (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
+    (["--base-lr", "0"], "--base-lr must be a finite positive number"),
     (["--ranks", "999"], "lora r=999: inject: rank=999 is larger than layer"),
-], ids=["gamma", "lr", "base-lr", "rank"])
+], ids=["gamma", "lr", "lr-inf", "base-lr", "rank"])
 def test_bad_settings_are_refused_before_pretraining(flags, message, tmp_path, monkeypatch):
     """A bad --gamma, learning rate or a rank the built-in model's layers cannot take: refused at once (they
     were found only after pretraining the base model, minutes, and writing its results)."""

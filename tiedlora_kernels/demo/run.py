@@ -21,6 +21,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -474,8 +475,8 @@ def _refuse_bad_settings(args, presets: list, ranks: list, target, quick: bool) 
     a meta-device copy: a bad ``--gamma`` or a rank the layers cannot take fails at once, not after
     minutes of pretraining (a ``--model`` is only seen once loaded: its layers are checked then)."""
     for flag, lr in (("--lr", args.lr), ("--base-lr", args.base_lr)):
-        if lr is not None and not lr > 0:
-            raise SystemExit(f"tiedlora demo: {flag} must be a positive number, got {lr}")
+        if lr is not None and not (math.isfinite(lr) and lr > 0):  # inf trained to NaN
+            raise SystemExit(f"tiedlora demo: {flag} must be a finite positive number, got {lr}")
     skeleton = None
     if not args.model:
         hidden, layers, intermediate = MODEL_SHAPE[1 if quick else 0]
