@@ -393,6 +393,13 @@ def inject(model: nn.Module, config: TiedLoRAConfig) -> nn.Module:
         The same model object, modified in place. Adapter tensors are created on each layer's
         device in ``config.adapter_dtype``. ``model.tiedlora`` holds the tied factors (once).
 
+    Side effects beyond the replaced layers: forward hooks on the model (and on each module that may
+    be called on its own, e.g. ``model.model``) that make the shared fp32 casts of 16-bit tied factors
+    per pass; a transformers model already gradient-checkpointing gets ``enable_input_require_grads()``
+    (as PEFT does); a quantized transformers model whose quantizer says it cannot train
+    (``is_qat_trainable``) gets a quantizer that says it can, so ``Trainer`` accepts it (only that
+    model's quantizer object changes).
+
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4))
