@@ -563,9 +563,8 @@ def test_ids_short_of_the_batch_are_refused_not_broadcast(tmp_path, monkeypatch)
     adapter a."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
     torch.manual_seed(0)
-    base = tiny_llama()
-    bank = AdapterBank(host_of(base))
-    a, b = (bank.add(make_adapter(base, tmp_path, n, seed=seed)) for n, seed in (("a", 1), ("b", 2)))
+    bank, _, slots = bank_of_two(tiny_llama(), tmp_path)
+    a, b = slots["a"], slots["b"]
     ids = torch.randint(2, 97, (4, 5), generator=torch.Generator().manual_seed(3))
     for short in ([a, b], [a]):
         with torch.no_grad(), bank.use(short), pytest.raises(ValueError, match=r"give one id per sequence"):
@@ -578,9 +577,8 @@ def test_ids_repeated_beyond_the_batch_are_refused_on_a_decoder_only_model(tmp_p
     before generate expands the batch takes every e-th id applied to every model call."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
     torch.manual_seed(0)
-    base = tiny_llama()
-    bank = AdapterBank(host_of(base))
-    a, b = (bank.add(make_adapter(base, tmp_path, n, seed=seed)) for n, seed in (("a", 1), ("b", 2)))
+    bank, _, slots = bank_of_two(tiny_llama(), tmp_path)
+    a, b = slots["a"], slots["b"]
     ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(19))
     for adapter_ids, prompts in (([a, a, b, b], ids), ([b, b], ids[:1])):
         n, batch = len(adapter_ids), len(prompts)
