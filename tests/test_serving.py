@@ -1078,3 +1078,83 @@ def test_a_bf16_simple_dora_adapter_serves_its_rows_as_the_adapter_alone(tmp_pat
     assert rel_err(expected[0], expected[1]) > 1e-2  # the adapter changes the row
     for i, n in enumerate(names):
         assert rel_err(out[i], expected[i]) < TOL, f"row {i} ({n}): {rel_err(out[i], expected[i]):.2e}"
+
+
+def _tiny_transformers(config_cls, model_cls, **kw):
+    import transformers
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+
+
+_ENC_DEC = dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, pad_token_id=1,
+                decoder_start_token_id=2)
+TIME_FIRST_MODELS = {
+    "longformer": lambda: _tiny_transformers(
+        "LongformerConfig", "LongformerForMaskedLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, vocab_size=64, attention_window=4, max_position_embeddings=64, pad_token_id=1),
+    "led": lambda: _tiny_transformers("LEDConfig", "LEDForConditionalGeneration", attention_window=4,
+                                      max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+                                      **_ENC_DEC),
+    "fsmt": lambda: _tiny_transformers("FSMTConfig", "FSMTForConditionalGeneration", langs=["en", "de"],
+                                       src_vocab_size=64, tgt_vocab_size=64, max_position_embeddings=64,
+                                       **{k: v for k, v in _ENC_DEC.items() if k != "vocab_size"}),
+}
+
+
+@pytest.mark.parametrize("arch", list(TIME_FIRST_MODELS))
+def test_time_first_layers_serve_each_sequence_its_adapter(arch, tmp_path, monkeypatch):
+    """Longformer's and LED's self-attention and FSMT's layers see (seq, batch, H) activations: taken as
+    batch-first, with seq = batch every row silently got other sequences' adapters (Longformer's logits
+    ~1e-1 off), otherwise the ids were refused. They are served on their input transposed; FSMT's
+    encoder, named by both the model and its inner model, under generate's beams too."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    base = TIME_FIRST_MODELS[arch]()
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base))
+    slots = {n: bank.add(d) for n, d in dirs.items()}
+    names = ["a", "b", "b", "a"]
+    ids = torch.randint(3, 60, (4, 4), generator=torch.Generator().manual_seed(5))
+    dec = {"decoder_input_ids": torch.randint(3, 60, (4, 3), generator=torch.Generator().manual_seed(6))} \
+        if arch != "longformer" else {}
+    with torch.no_grad(), bank.use([slots[n] for n in names]):
+        out = bank.model(input_ids=ids, **dec).logits
+    alone = {n: load_adapter(copy.deepcopy(base), d) for n, d in dirs.items()}
+    for i, n in enumerate(names):
+        with torch.no_grad():
+            expected = alone[n](input_ids=ids[i:i + 1], **{k: v[i:i + 1] for k, v in dec.items()}).logits
+        assert rel_err(out[i:i + 1], expected) < TOL, f"row {i} ({n}): {rel_err(out[i:i + 1], expected):.2e}"
+    assert rel_err(out[0], out[3]) > 1e-3 or not torch.equal(ids[0], ids[3])  # rows differ: the check can fail
+    if arch == "fsmt":
+        with torch.no_grad():
+            got = bank.generate(ids[:2], [slots["a"], slots["b"]], num_beams=2, max_new_tokens=3, do_sample=False)
+            for i, n in enumerate(["a", "b"]):
+                assert torch.equal(got[i], alone[n].generate(ids[i:i + 1], num_beams=2, max_new_tokens=3,
+                                                             do_sample=False)[0])
+
+
+def test_a_layer_whose_rows_are_not_the_sequences_serves_batches_of_one_adapter(tmp_path, monkeypatch):
+    """DeBERTa-v2 projects its relative position embeddings, (1, 2 * span, H) for the whole batch, through
+    the adapted query_proj / key_proj: every batch of more than one sequence was refused, blaming the ids.
+    A batch whose sequences all use one adapter is served; a mixed one is refused saying why; ids short
+    of the batch are still refused, never broadcast."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    base = _tiny_transformers("DebertaV2Config", "DebertaV2ForMaskedLM", hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=48, vocab_size=64, relative_attention=True,
+                              pos_att_type=["p2c", "c2p"], max_relative_positions=16, position_buckets=8)
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base))
+    slots = {n: bank.add(d) for n, d in dirs.items()}
+    ids = torch.randint(3, 60, (3, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), bank.use([slots["b"]] * 3):
+        out = bank.model(input_ids=ids).logits
+    with torch.no_grad():
+        expected = load_adapter(copy.deepcopy(base), dirs["b"])(input_ids=ids).logits
+        assert rel_err(expected, base(input_ids=ids).logits) > 1e-3
+    assert rel_err(out, expected) < TOL
+    for adapter_ids, message in (([slots["a"], slots["b"], slots["a"]], r"this layer's rows are not the batch's "
+                                  r"sequences \(position embeddings shared by the batch"),
+                                 ([slots["b"]], r"adapter_ids has 1 entries .*\(first dim 3\); give one id per sequence of the "
+                                  r"batch \(with num_beams [^;]*$")):
+        with torch.no_grad(), bank.use(adapter_ids), pytest.raises(ValueError, match=message):
+            bank.model(input_ids=ids)

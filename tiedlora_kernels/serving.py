@@ -44,9 +44,11 @@ Refused when the bank is made: adapted layers inside a mixture-of-experts block 
 a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
 every sequence) or a multimodal model's image or audio encoder or projector (``vision_tower``,
 ``visual``, ``multi_modal_projector``, ``audio_tower``...: its rows are images' patches or audio
-clips' frames, any number per prompt). Not supported, and not detectable: models whose adapted
-layers see time-first (seq, batch, H) activations (FSMT, fairseq-style models): where seq equals
-the batch, rows would silently get other sequences' adapters.
+clips' frames, any number per prompt). Layers known to see time-first (seq, batch, H) activations
+(:data:`_TIME_FIRST`: Longformer's and LED's self-attention, FSMT's layers, BROS's heads) are served on
+their input transposed. A batch whose sequences all use one adapter is served by any layer, whatever
+its rows are. Not supported, and not detectable: other models whose adapted layers see time-first
+activations: where seq equals the batch, rows would silently get other sequences' adapters.
 
 Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
 row scale, N (DoRA) or 2N (Simple DoRA) more for a magnitude's m and v, plus R (K + N) factor values
@@ -99,6 +101,41 @@ _UNSERVABLE_BLOCKS = (
                 r"connector|perceiver_resampler"), "an image or audio encoder or projector",
      "its rows are images' patches or audio clips' frames, as many per prompt as it has images or clips"),
 )
+
+
+#: Layers that see time-first (seq, batch, H) activations, by their parent's transformers package and
+#: class, with the children concerned (None: every adapted child): Longformer's and LED's encoder
+#: self-attention transpose the batch behind the sequence before query/key/value (and the ``_global``
+#: ones), FSMT keeps fairseq's T x B x C layout through its encoder and decoder layers, and BROS's
+#: SPADE heads run on transposed hidden states (a Sequential, named by its parent). The bank serves
+#: them on ``x.transpose(0, 1)``: taken as batch-first, their rows went to other sequences' adapters.
+_TIME_FIRST = {
+    ("longformer", "LongformerSelfAttention"): None,
+    ("led", "LEDEncoderSelfAttention"): None,
+    ("fsmt", "Attention"): None,
+    ("fsmt", "EncoderLayer"): None,
+    ("fsmt", "DecoderLayer"): None,
+    ("bros", "BrosRelationExtractor"): None,
+    ("bros", "BrosSpadeEEForTokenClassification"): ("initial_token_classifier",),
+}
+
+
+def _time_first(model: nn.Module, name: str) -> bool:
+    """Whether adapted layer ``name`` sees time-first activations (:data:`_TIME_FIRST`)."""
+    parts = name.split(".")
+    for depth in (1, 2):  # the parent, or the grandparent of a layer inside a Sequential
+        if len(parts) <= depth:
+            return False
+        owner = model.get_submodule(".".join(parts[:-depth]))
+        if depth == 1 and isinstance(owner, nn.Sequential):
+            continue
+        package = type(owner).__module__.split(".")
+        key = (package[-2] if len(package) >= 2 else "", type(owner).__name__)
+        if key not in _TIME_FIRST:
+            return False
+        children = _TIME_FIRST[key]
+        return children is None or parts[-depth] in children
+    return False
 
 
 def _normal_tensors(method):
@@ -365,18 +402,22 @@ def _model_calls(model: nn.Module) -> list[nn.Module]:
 def _encoders(calls: list[nn.Module]) -> list[nn.Module]:
     """The encoders of the encoder-decoder models among ``calls``: ``generate`` calls them on their own,
     on the prompts, before it expands the batch for beams or returned sequences."""
-    return [m.get_encoder() for m in calls
-            if getattr(getattr(m, "config", None), "is_encoder_decoder", False) and hasattr(m, "get_encoder")]
+    found = {id(e): e for m in calls  # once each: a model and its inner model name the same encoder
+             if getattr(getattr(m, "config", None), "is_encoder_decoder", False) and hasattr(m, "get_encoder")
+             for e in (m.get_encoder(),)}
+    return list(found.values())
 
 
 class _Route:
     """``TiedLoRALinear.bank_route`` while a bank is in use: the layer's output, each row with its slot."""
 
-    def __init__(self, bank: "AdapterBank", name: str):
-        self.bank, self.name = bank, name
+    def __init__(self, bank: "AdapterBank", name: str, time_first: bool = False):
+        self.bank, self.name, self.time_first = bank, name, time_first
 
     def __call__(self, layer: TiedLoRALinear, x: torch.Tensor) -> torch.Tensor:
         try:
+            if self.time_first and x.dim() >= 3:  # (seq, batch, ...): each sequence's rows batch-first
+                return self._forward(layer, x.transpose(0, 1)).transpose(0, 1).contiguous()
             return self._forward(layer, x)
         except ValueError as e:  # which layer: a pooled layer, a flattened one, an encoder's
             raise ValueError(f"AdapterBank: layer {self.name!r}: {e}") from None
@@ -458,7 +499,7 @@ class AdapterBank:
         self._calls = _model_calls(model)  # the calls whose shape use() records (the module tree is fixed)
         self._encoders = _encoders(self._calls)
         self._calls += [e for e in self._encoders if e not in self._calls]
-        self._routes = {name: _Route(self, name) for name in self._layers}
+        self._routes = {name: _Route(self, name, _time_first(model, name)) for name in self._layers}
         self._active: Optional[AdapterRows] = None
 
     @property

@@ -62,6 +62,13 @@ def _device_index(device: torch.device) -> int:
     return 0
 
 
+#: The end of a refusal where x's rows do not follow the ids: the layer may not have one row group per
+#: sequence at all.
+_NOT_SEQUENCES = ("; or this layer's rows are not the batch's sequences (position embeddings shared by the "
+                  "batch, as DeBERTa's; windows; a time-first layout): such a layer serves only a batch of "
+                  "token ids whose sequences all use one adapter")
+
+
 class CallFrame(NamedTuple):
     """The shape of a model call in progress (:attr:`AdapterRows.frames`): its batch, and its seq where
     its input gives one (None: an audio encoder's features). ``before_expansion``: the call is an
@@ -159,19 +166,30 @@ class AdapterRows:
         - x's first dim is the call's batch n / e, the call is an encoder-decoder's encoder run before
           ``generate`` expands the batch (:attr:`CallFrame.before_expansion`), and every e consecutive
           ids are equal (repeated for the beams, repeat_interleave): ids[::e], one per x[j].
+        Ids that are all equal (every sequence uses one adapter), one per sequence of the call's batch
+        (a per-token ids' first dim), cover every row of any x: a layer
+        whose rows are not the batch's sequences (DeBERTa's relative position embeddings, one set for
+        the batch) is then still each sequence's adapter alone (a call of token ids or embeddings: the
+        ids are then known to be one per sequence of its batch).
         Nothing else is guessed: ids short of the batch or beyond it, or rows the call does not account
         for, are refused. Activations whose first dim is not the batch but equals it (time-first (seq,
-        batch, H) layouts with seq = batch) cannot be told apart: such models are not supported."""
+        batch, H) layouts with seq = batch) cannot be told apart here (the bank transposes the layers
+        it knows to be time-first)."""
         lead = tuple(x.shape[:-1])
         frame = self.frames[-1] if self.frames else None
+        # one adapter for the whole batch of the call (the ids given for that batch: never broadcast)
+        uniform = (len(self) > 0 and frame is not None and frame.batch == self.shape[0]
+                   and bool((self.host == self.host[0]).all()))
         if self.per_token:
             flattened = frame is not None and (frame.batch, frame.seq) == self.shape and lead == (len(self),)
             if lead == self.shape or flattened:
                 return self, 1
             if lead == self.shape[:1]:
                 return self._per_sequence(), 1
+            if uniform:
+                return self._one_for_all(lead)
             raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
-                             f"have leading shape {lead}")
+                             f"have leading shape {lead}{_NOT_SEQUENCES}")
         n = self.shape[0]
         first = lead[0] if lead else None
         rest = 1
@@ -186,10 +204,22 @@ class AdapterRows:
             and frame.batch == first else None
         if collapsed is not None:
             return collapsed, rest
+        if uniform:
+            return self._one_for_all(lead)
         raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
                          f"{tuple(x.shape)} (first dim {first}); give one id per sequence of the batch (with "
                          "num_beams or num_return_sequences > 1, generate expands the batch: repeat_interleave the "
-                         "ids to match, or call AdapterBank.generate, which does)")
+                         "ids to match, or call AdapterBank.generate, which does)"
+                         f"{_NOT_SEQUENCES if frame is None or frame.batch == n else ''}")
+
+    def _one_for_all(self, lead: tuple) -> tuple["AdapterRows", int]:
+        """Ids that are all equal as one id covering every row of activations of leading shape ``lead``."""
+        rows = 1
+        for d in lead:
+            rows *= d
+        if "all" not in self._collapsed:
+            self._collapsed["all"] = self._subset(len(self))
+        return self._collapsed["all"], rows
 
     def _per_sequence(self) -> "AdapterRows":
         """Per-token ids as one id per sequence, for a layer with one row per sequence; raises where a
