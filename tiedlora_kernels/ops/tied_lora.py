@@ -194,8 +194,9 @@ def _gradients(ctx, grad_out, run_backward):
                            "create_graph=True) is not supported by the Triton kernels; use TIEDLORA_BACKEND=torch "
                            "for higher-order gradients")
     functorch = torch._C._functorch
-    if grad_out is not None and (functorch.is_legacy_batchedtensor(grad_out)
-                                 or functorch.is_functorch_wrapped_tensor(grad_out)):
+    # (compiled autograd traces this backward: it cannot call these checks, nor does it batch gradients)
+    if grad_out is not None and not torch.compiler.is_compiling() and (
+            functorch.is_legacy_batchedtensor(grad_out) or functorch.is_functorch_wrapped_tensor(grad_out)):
         # The forward ran plain (so the kernels), the backward batched: a batched tensor has no
         # storage for the kernels to read.
         raise RuntimeError("tied_lora_linear (triton): batched gradients (autograd.grad(is_grads_batched=True), "
