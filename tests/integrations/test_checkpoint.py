@@ -669,6 +669,25 @@ def test_an_optimizer_holding_parameters_outside_the_model_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_optimizer_with_other_parameter_groups_is_refused_naming_the_difference(tmp_path):
+    """Groups built in another order (no-decay first) or another number of groups: refused, saying which
+    group differs and how (the message named nothing: the user could not tell what to change)."""
+    model = trained("tl6")
+    factors = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("tiedlora.")]
+    per_layer = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("tiedlora.")]
+    opt = torch.optim.AdamW([{"params": factors}, {"params": per_layer, "weight_decay": 0.0}], lr=1e-2)
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    save_adapter(model, tmp_path, optimizer=opt)
+    for groups, message in (
+            ([{"params": per_layer, "weight_decay": 0.0}, {"params": factors}],
+             r"group 0 holds \d+ parameters \['model\.layers\.0\..*', \.\.\.\], the saved one \d+ "
+             r"\['tiedlora\..*build its parameter groups as they were saved"),
+            ([{"params": factors + per_layer}], r"it has 1 parameter groups, the saved optimizer 2")):
+        with pytest.raises(ValueError, match=message):
+            load_adapter(model, tmp_path, optimizer=torch.optim.AdamW(groups, lr=1e-2))
+
+
 @pytest.mark.parametrize("directory", [None, 5], ids=["None", "int"])
 def test_a_directory_that_is_no_path_is_refused_naming_it(directory):
     for op, call in (("save_adapter", lambda: save_adapter(trained("tl6"), directory)),

@@ -534,6 +534,23 @@ _PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buff
                        "sum", "ax", "prev")
 
 
+def _check_param_groups(mine: list, saved: list) -> None:
+    """Refuse, naming the first difference, unless the optimizer's groups hold the saved parameter names
+    in the saved order (moments are matched to parameters by position, as torch's load_state_dict does)."""
+    if mine == saved:
+        return
+    where = (f"it has {len(mine)} parameter groups, the saved optimizer {len(saved)}" if len(mine) != len(saved)
+             else next(f"group {i} holds {len(m)} parameters {_first(m)}, the saved one {len(s)} {_first(s)}"
+                       for i, (m, s) in enumerate(zip(mine, saved)) if m != s))
+    raise ValueError(f"load_adapter: the optimizer's parameters differ from the saved optimizer's ({where}); "
+                     "build its parameter groups as they were saved (same groups, same order)")
+
+
+def _first(names: list, n: int = 3) -> str:
+    shown = ", ".join(repr(x) if x is not None else "<not an adapter parameter>" for x in names[:n])
+    return f"[{shown}{', ...' if len(names) > n else ''}]"
+
+
 def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, adapter_sha256: str):
     """Read and check ``optimizer.safetensors`` whole (hash, the adapter it belongs to, its parameter
     groups, every state tensor's parameter, shape, dtype and values, every hyperparameter's type),
@@ -553,9 +570,8 @@ def _read_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Pa
     if not isinstance(saved_groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                      for g in saved_groups):
         raise ValueError(f"load_adapter: {path} has unreadable parameter groups")
-    if len(saved_groups) != len(optimizer.param_groups) or any(
-            [names.get(id(p)) for p in g["params"]] != sg["params"] for g, sg in zip(optimizer.param_groups, saved_groups)):
-        raise ValueError("load_adapter: the optimizer's parameters differ from the saved optimizer's")
+    _check_param_groups([[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups],
+                        [sg["params"] for sg in saved_groups])
     for g, sg in zip(optimizer.param_groups, saved_groups):
         for k, v in sg.items():
             if k != "params" and k in g and not _fits(v, g[k]):
