@@ -560,15 +560,19 @@ def test_encoder_decoder_beams(tmp_path, monkeypatch):
 
 def test_ids_short_of_the_batch_are_refused_not_broadcast(tmp_path, monkeypatch):
     """Two ids for four prompts used to be read as each id covering two prompts: prompt 1 silently got
-    adapter a."""
+    adapter a. One id for four prompts, or per-token ids one token short, all equal, are refused too
+    (equal ids cover any rows only where they are the call's), blaming the ids, not the layer."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
     torch.manual_seed(0)
     bank, _, slots = bank_of_two(tiny_llama(), tmp_path)
     a, b = slots["a"], slots["b"]
     ids = torch.randint(2, 97, (4, 5), generator=torch.Generator().manual_seed(3))
-    for short in ([a, b], [a]):
-        with torch.no_grad(), bank.use(short), pytest.raises(ValueError, match=r"give one id per sequence"):
+    for short, message in (([a, b], r"give one id per sequence"), ([a], r"give one id per sequence"),
+                           (torch.full((4, 4), a), r"adapter_ids has shape \(4, 4\) \(one slot per token\) but "
+                                                   r"the activations have leading shape \(4, 5\)")):
+        with torch.no_grad(), bank.use(short), pytest.raises(ValueError, match=message) as refused:
             bank.model(ids)
+        assert "rows are not the batch's sequences" not in str(refused.value)
 
 
 def test_ids_repeated_beyond_the_batch_are_refused_on_a_decoder_only_model(tmp_path, monkeypatch):
@@ -1089,42 +1093,67 @@ def _tiny_transformers(config_cls, model_cls, **kw):
 _ENC_DEC = dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, pad_token_id=1,
                 decoder_start_token_id=2)
+_BROS_HEADS = ["bbox_projection", "initial_token_classifier.1", "initial_token_classifier.3",
+               "subsequent_token_classifier.query", "subsequent_token_classifier.key"]
+#: name -> (base model, inject targets (None: all-linear), the batch's extra inputs given its ids,
+#: the outputs compared). Each has layers that see the batch on another axis than the first.
 TIME_FIRST_MODELS = {
-    "longformer": lambda: _tiny_transformers(
+    "longformer": (lambda: _tiny_transformers(
         "LongformerConfig", "LongformerForMaskedLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=48, vocab_size=64, attention_window=4, max_position_embeddings=64, pad_token_id=1),
-    "led": lambda: _tiny_transformers("LEDConfig", "LEDForConditionalGeneration", attention_window=4,
-                                      max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
-                                      **_ENC_DEC),
-    "fsmt": lambda: _tiny_transformers("FSMTConfig", "FSMTForConditionalGeneration", langs=["en", "de"],
-                                       src_vocab_size=64, tgt_vocab_size=64, max_position_embeddings=64,
-                                       **{k: v for k, v in _ENC_DEC.items() if k != "vocab_size"}),
+        None, lambda ids, g: {}, lambda out: [out.logits]),
+    "led": (lambda: _tiny_transformers("LEDConfig", "LEDForConditionalGeneration", attention_window=4,
+                                       max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+                                       **_ENC_DEC),
+            None, lambda ids, g: {"decoder_input_ids": torch.randint(3, 60, (len(ids), 3), generator=g)},
+            lambda out: [out.logits]),
+    "fsmt": (lambda: _tiny_transformers("FSMTConfig", "FSMTForConditionalGeneration", langs=["en", "de"],
+                                        src_vocab_size=64, tgt_vocab_size=64, max_position_embeddings=64,
+                                        **{k: v for k, v in _ENC_DEC.items() if k != "vocab_size"}),
+             None, lambda ids, g: {"decoder_input_ids": torch.randint(3, 60, (len(ids), 3), generator=g)},
+             lambda out: [out.logits]),
+    "xlnet": (lambda: _tiny_transformers("XLNetConfig", "XLNetLMHeadModel", vocab_size=64, d_model=32, n_layer=1,
+                                         n_head=4, d_inner=48),
+              None, lambda ids, g: {}, lambda out: [out.logits]),
+    "bros": (lambda: _tiny_transformers("BrosConfig", "BrosSpadeEEForTokenClassification", hidden_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                                        vocab_size=64, num_labels=6, classifier_dropout=0.0),
+             _BROS_HEADS, lambda ids, g: {"bbox": torch.rand(*ids.shape, 8, generator=g),
+                                          "attention_mask": torch.ones_like(ids)},
+             lambda out: [out.initial_token_logits,  # (its masked entries, the dtype's min, left out)
+                          out.subsequent_token_logits.masked_fill(out.subsequent_token_logits < -1e30, 0)]),
 }
 
 
 @pytest.mark.parametrize("arch", list(TIME_FIRST_MODELS))
 def test_time_first_layers_serve_each_sequence_its_adapter(arch, tmp_path, monkeypatch):
-    """Longformer's and LED's self-attention and FSMT's layers see (seq, batch, H) activations: taken as
-    batch-first, with seq = batch every row silently got other sequences' adapters (Longformer's logits
-    ~1e-1 off), otherwise the ids were refused. They are served on their input transposed; FSMT's
-    encoder, named by both the model and its inner model, under generate's beams too."""
+    """Layers that see the batch on another axis: Longformer's and LED's self-attention, FSMT's layers and
+    XLNet's feed-forward (seq, batch, H), BROS's heads (the root's Sequential too) and bbox projection
+    (seq, seq, batch, H). Taken as batch-first, with seq = batch every row silently got other
+    sequences' adapters (Longformer's logits ~1e-1 off), otherwise the ids were refused. They are
+    served with the batch's axis moved first; FSMT's encoder, named by both the model and its inner
+    model, under generate's beams too."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
-    base = TIME_FIRST_MODELS[arch]()
-    dirs = {n: make_adapter(base, tmp_path, n, seed=seed) for n, seed in (("a", 1), ("b", 2))}
-    bank = AdapterBank(host_of(base))
+    make, targets, extra, outputs = TIME_FIRST_MODELS[arch]
+    base = make()
+    cfg = {} if targets is None else {"target_modules": targets}
+    dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **cfg) for n, seed in (("a", 1), ("b", 2))}
+    bank = AdapterBank(host_of(base, **cfg))
     slots = {n: bank.add(d) for n, d in dirs.items()}
-    names = ["a", "b", "b", "a"]
+    names = ["a", "b", None, "a"]
     ids = torch.randint(3, 60, (4, 4), generator=torch.Generator().manual_seed(5))
-    dec = {"decoder_input_ids": torch.randint(3, 60, (4, 3), generator=torch.Generator().manual_seed(6))} \
-        if arch != "longformer" else {}
-    with torch.no_grad(), bank.use([slots[n] for n in names]):
-        out = bank.model(input_ids=ids, **dec).logits
+    inputs = {"input_ids": ids, **extra(ids, torch.Generator().manual_seed(6))}
+    with torch.no_grad(), bank.use([slots[n] if n else -1 for n in names]):
+        got = outputs(bank.model(**inputs))
     alone = {n: load_adapter(copy.deepcopy(base), d) for n, d in dirs.items()}
+    alone[None] = base
     for i, n in enumerate(names):
         with torch.no_grad():
-            expected = alone[n](input_ids=ids[i:i + 1], **{k: v[i:i + 1] for k, v in dec.items()}).logits
-        assert rel_err(out[i:i + 1], expected) < TOL, f"row {i} ({n}): {rel_err(out[i:i + 1], expected):.2e}"
-    assert rel_err(out[0], out[3]) > 1e-3 or not torch.equal(ids[0], ids[3])  # rows differ: the check can fail
+            expected = outputs(alone[n](**{k: v[i:i + 1] for k, v in inputs.items()}))
+            plain = outputs(base(**{k: v[i:i + 1] for k, v in inputs.items()}))
+        for out, want, without in zip(got, expected, plain):
+            assert n is None or rel_err(want, without) > 1e-5  # the adapter changes the row: the check can fail
+            assert rel_err(out[i:i + 1], want) < TOL, f"row {i} ({n}): {rel_err(out[i:i + 1], want):.2e}"
     if arch == "fsmt":
         with torch.no_grad():
             got = bank.generate(ids[:2], [slots["a"], slots["b"]], num_beams=2, max_new_tokens=3, do_sample=False)

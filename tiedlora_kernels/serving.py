@@ -45,8 +45,9 @@ a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to 
 every sequence) or a multimodal model's image or audio encoder or projector (``vision_tower``,
 ``visual``, ``multi_modal_projector``, ``audio_tower``...: its rows are images' patches or audio
 clips' frames, any number per prompt). Layers known to see time-first (seq, batch, H) activations
-(:data:`_TIME_FIRST`: Longformer's and LED's self-attention, FSMT's layers, BROS's heads) are served on
-their input transposed. A batch whose sequences all use one adapter is served by any layer, whatever
+(:data:`_TIME_FIRST`: Longformer's and LED's self-attention, FSMT's layers, XLNet's feed-forward,
+Mask2Former's decoder feed-forward, BROS's heads and bbox projection) are served with the batch's
+axis moved first. A batch whose sequences all use one adapter is served by any layer, whatever
 its rows are. Not supported, and not detectable: other models whose adapted layers see time-first
 activations: where seq equals the batch, rows would silently get other sequences' adapters.
 
@@ -103,39 +104,38 @@ _UNSERVABLE_BLOCKS = (
 )
 
 
-#: Layers that see time-first (seq, batch, H) activations, by their parent's transformers package and
-#: class, with the children concerned (None: every adapted child): Longformer's and LED's encoder
-#: self-attention transpose the batch behind the sequence before query/key/value (and the ``_global``
-#: ones), FSMT keeps fairseq's T x B x C layout through its encoder and decoder layers, and BROS's
-#: SPADE heads run on transposed hidden states (a Sequential, named by its parent). The bank serves
-#: them on ``x.transpose(0, 1)``: taken as batch-first, their rows went to other sequences' adapters.
+#: Layers that see time-first activations (the batch not first), by their parent's transformers package
+#: and class: (the children concerned, None for every adapted child; the batch's axis). Longformer's and
+#: LED's encoder self-attention transpose the batch behind the sequence before query/key/value (and the
+#: ``_global`` ones); FSMT keeps fairseq's T x B x C layout through its encoder and decoder layers;
+#: XLNet runs (qlen, batch, d) through its feed-forward; Mask2Former's decoder layers run (queries,
+#: batch, d) through fc1/fc2; BROS's SPADE heads run on transposed hidden states (a Sequential, named
+#: by its parent) and its bbox projection on (seq, seq, batch, d) pairs. The bank serves them with the
+#: batch's axis moved first: taken as batch-first, their rows went to other sequences' adapters.
 _TIME_FIRST = {
-    ("longformer", "LongformerSelfAttention"): None,
-    ("led", "LEDEncoderSelfAttention"): None,
-    ("fsmt", "Attention"): None,
-    ("fsmt", "EncoderLayer"): None,
-    ("fsmt", "DecoderLayer"): None,
-    ("bros", "BrosRelationExtractor"): None,
-    ("bros", "BrosSpadeEEForTokenClassification"): ("initial_token_classifier",),
+    ("longformer", "LongformerSelfAttention"): (None, 1),
+    ("led", "LEDEncoderSelfAttention"): (None, 1),
+    ("fsmt", "Attention"): (None, 1),
+    ("fsmt", "EncoderLayer"): (None, 1),
+    ("fsmt", "DecoderLayer"): (None, 1),
+    ("xlnet", "XLNetFeedForward"): (None, 1),
+    ("mask2former", "Mask2FormerMaskedAttentionDecoderLayer"): (("fc1", "fc2"), 1),
+    ("bros", "BrosRelationExtractor"): (None, 1),
+    ("bros", "BrosSpadeEEForTokenClassification"): (("initial_token_classifier",), 1),
+    ("bros", "BrosBboxEmbeddings"): (("bbox_projection",), 2),
 }
 
 
-def _time_first(model: nn.Module, name: str) -> bool:
-    """Whether adapted layer ``name`` sees time-first activations (:data:`_TIME_FIRST`)."""
-    parts = name.split(".")
-    for depth in (1, 2):  # the parent, or the grandparent of a layer inside a Sequential
-        if len(parts) <= depth:
-            return False
-        owner = model.get_submodule(".".join(parts[:-depth]))
-        if depth == 1 and isinstance(owner, nn.Sequential):
-            continue
-        package = type(owner).__module__.split(".")
-        key = (package[-2] if len(package) >= 2 else "", type(owner).__name__)
-        if key not in _TIME_FIRST:
-            return False
-        children = _TIME_FIRST[key]
-        return children is None or parts[-depth] in children
-    return False
+def _batch_axis(model: nn.Module, name: str) -> int:
+    """The axis of adapted layer ``name``'s input that is the batch (:data:`_TIME_FIRST`; 0 for the rest)."""
+    *owner_path, child = name.split(".")
+    owner = model.get_submodule(".".join(owner_path))
+    if isinstance(owner, nn.Sequential) and owner_path:  # a layer inside a Sequential: named by its parent
+        *owner_path, child = owner_path
+        owner = model.get_submodule(".".join(owner_path))
+    package = type(owner).__module__.split(".")
+    children, axis = _TIME_FIRST.get((package[-2] if len(package) >= 2 else "", type(owner).__name__), ((), 0))
+    return axis if children is None or child in children else 0
 
 
 def _normal_tensors(method):
@@ -411,13 +411,14 @@ def _encoders(calls: list[nn.Module]) -> list[nn.Module]:
 class _Route:
     """``TiedLoRALinear.bank_route`` while a bank is in use: the layer's output, each row with its slot."""
 
-    def __init__(self, bank: "AdapterBank", name: str, time_first: bool = False):
-        self.bank, self.name, self.time_first = bank, name, time_first
+    def __init__(self, bank: "AdapterBank", name: str, batch_axis: int = 0):
+        self.bank, self.name, self.batch_axis = bank, name, batch_axis
 
     def __call__(self, layer: TiedLoRALinear, x: torch.Tensor) -> torch.Tensor:
+        a = self.batch_axis
         try:
-            if self.time_first and x.dim() >= 3:  # (seq, batch, ...): each sequence's rows batch-first
-                return self._forward(layer, x.transpose(0, 1)).transpose(0, 1).contiguous()
+            if a and x.dim() > a + 1:  # (seq, batch, ...): each sequence's rows batch-first
+                return self._forward(layer, x.movedim(a, 0)).movedim(0, a).contiguous()
             return self._forward(layer, x)
         except ValueError as e:  # which layer: a pooled layer, a flattened one, an encoder's
             raise ValueError(f"AdapterBank: layer {self.name!r}: {e}") from None
@@ -499,7 +500,7 @@ class AdapterBank:
         self._calls = _model_calls(model)  # the calls whose shape use() records (the module tree is fixed)
         self._encoders = _encoders(self._calls)
         self._calls += [e for e in self._encoders if e not in self._calls]
-        self._routes = {name: _Route(self, name, _time_first(model, name)) for name in self._layers}
+        self._routes = {name: _Route(self, name, _batch_axis(model, name)) for name in self._layers}
         self._active: Optional[AdapterRows] = None
 
     @property

@@ -166,8 +166,8 @@ class AdapterRows:
         - x's first dim is the call's batch n / e, the call is an encoder-decoder's encoder run before
           ``generate`` expands the batch (:attr:`CallFrame.before_expansion`), and every e consecutive
           ids are equal (repeated for the beams, repeat_interleave): ids[::e], one per x[j].
-        Ids that are all equal (every sequence uses one adapter), one per sequence of the call's batch
-        (a per-token ids' first dim), cover every row of any x: a layer
+        Ids that are all equal (every sequence uses one adapter) and are the call's (one per sequence
+        of its batch, or per token of its (batch, seq)) cover every row of any x: a layer
         whose rows are not the batch's sequences (DeBERTa's relative position embeddings, one set for
         the batch) is then still each sequence's adapter alone (a call of token ids or embeddings: the
         ids are then known to be one per sequence of its batch).
@@ -177,9 +177,12 @@ class AdapterRows:
         it knows to be time-first)."""
         lead = tuple(x.shape[:-1])
         frame = self.frames[-1] if self.frames else None
-        # one adapter for the whole batch of the call (the ids given for that batch: never broadcast)
-        uniform = (len(self) > 0 and frame is not None and frame.batch == self.shape[0]
-                   and bool((self.host == self.host[0]).all()))
+        # The ids are the call's (one per sequence, or per token of its (batch, seq)): never broadcast.
+        matches_call = frame is not None and frame.batch == self.shape[0] and (
+            not self.per_token or frame.seq is None or frame.seq == self.shape[1])
+        # one adapter for the whole batch of the call
+        uniform = matches_call and len(self) > 0 and bool((self.host == self.host[0]).all())
+        not_sequences = _NOT_SEQUENCES if matches_call else ""
         if self.per_token:
             flattened = frame is not None and (frame.batch, frame.seq) == self.shape and lead == (len(self),)
             if lead == self.shape or flattened:
@@ -189,7 +192,7 @@ class AdapterRows:
             if uniform:
                 return self._one_for_all(lead)
             raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
-                             f"have leading shape {lead}{_NOT_SEQUENCES}")
+                             f"have leading shape {lead}{not_sequences}")
         n = self.shape[0]
         first = lead[0] if lead else None
         rest = 1
@@ -209,8 +212,7 @@ class AdapterRows:
         raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
                          f"{tuple(x.shape)} (first dim {first}); give one id per sequence of the batch (with "
                          "num_beams or num_return_sequences > 1, generate expands the batch: repeat_interleave the "
-                         "ids to match, or call AdapterBank.generate, which does)"
-                         f"{_NOT_SEQUENCES if frame is None or frame.batch == n else ''}")
+                         f"ids to match, or call AdapterBank.generate, which does){not_sequences}")
 
     def _one_for_all(self, lead: tuple) -> tuple["AdapterRows", int]:
         """Ids that are all equal as one id covering every row of activations of leading shape ``lead``."""
