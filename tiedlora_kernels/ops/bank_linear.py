@@ -180,8 +180,9 @@ class AdapterRows:
         # The ids are the call's (one per sequence, or per token of its (batch, seq)): never broadcast.
         matches_call = frame is not None and frame.batch == self.shape[0] and (
             not self.per_token or frame.seq is None or frame.seq == self.shape[1])
-        # one adapter for the whole batch of the call
-        uniform = matches_call and len(self) > 0 and bool((self.host == self.host[0]).all())
+        def uniform() -> bool:  # one adapter for the whole batch of the call (looked at only when needed)
+            return matches_call and len(self) > 0 and bool((self.host == self.host[0]).all())
+
         not_sequences = _NOT_SEQUENCES if matches_call else ""
         if self.per_token:
             flattened = frame is not None and (frame.batch, frame.seq) == self.shape and lead == (len(self),)
@@ -189,7 +190,7 @@ class AdapterRows:
                 return self, 1
             if lead == self.shape[:1]:
                 return self._per_sequence(), 1
-            if uniform:
+            if uniform():
                 return self._one_for_all(lead)
             raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
                              f"have leading shape {lead}{not_sequences}")
@@ -207,7 +208,7 @@ class AdapterRows:
             and frame.batch == first else None
         if collapsed is not None:
             return collapsed, rest
-        if uniform:
+        if uniform():
             return self._one_for_all(lead)
         raise ValueError(f"adapter_ids has {n} entries (one slot per sequence) but the activations have shape "
                          f"{tuple(x.shape)} (first dim {first}); give one id per sequence of the batch (with "
