@@ -1095,30 +1095,38 @@ _ENC_DEC = dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, e
                 decoder_start_token_id=2)
 _BROS_HEADS = ["bbox_projection", "initial_token_classifier.1", "initial_token_classifier.3",
                "subsequent_token_classifier.query", "subsequent_token_classifier.key"]
-#: name -> (base model, inject targets (None: all-linear), the batch's extra inputs given its ids,
-#: the outputs compared). Each has layers that see the batch on another axis than the first.
+#: name -> (base model, inject config fields beyond rank 4 lora, the batch's extra inputs given its
+#: ids, the outputs compared). Each has layers that see the batch on another axis than the first.
 TIME_FIRST_MODELS = {
     "longformer": (lambda: _tiny_transformers(
         "LongformerConfig", "LongformerForMaskedLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=48, vocab_size=64, attention_window=4, max_position_embeddings=64, pad_token_id=1),
-        None, lambda ids, g: {}, lambda out: [out.logits]),
+        {}, lambda ids, g: {}, lambda out: [out.logits]),
     "led": (lambda: _tiny_transformers("LEDConfig", "LEDForConditionalGeneration", attention_window=4,
                                        max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
                                        **_ENC_DEC),
-            None, lambda ids, g: {"decoder_input_ids": torch.randint(3, 60, (len(ids), 3), generator=g)},
+            {}, lambda ids, g: {"decoder_input_ids": torch.randint(3, 60, (len(ids), 3), generator=g)},
             lambda out: [out.logits]),
     "fsmt": (lambda: _tiny_transformers("FSMTConfig", "FSMTForConditionalGeneration", langs=["en", "de"],
                                         src_vocab_size=64, tgt_vocab_size=64, max_position_embeddings=64,
                                         **{k: v for k, v in _ENC_DEC.items() if k != "vocab_size"}),
-             None, lambda ids, g: {"decoder_input_ids": torch.randint(3, 60, (len(ids), 3), generator=g)},
+             {}, lambda ids, g: {"decoder_input_ids": torch.randint(3, 60, (len(ids), 3), generator=g)},
              lambda out: [out.logits]),
     "xlnet": (lambda: _tiny_transformers("XLNetConfig", "XLNetLMHeadModel", vocab_size=64, d_model=32, n_layer=1,
                                          n_head=4, d_inner=48),
-              None, lambda ids, g: {}, lambda out: [out.logits]),
+              {}, lambda ids, g: {}, lambda out: [out.logits]),
+    "dab_detr": (lambda: _tiny_transformers(
+        "DabDetrConfig", "DabDetrForObjectDetection", hidden_size=32, num_queries=4, encoder_layers=1,
+        decoder_layers=4, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=3,
+        backbone_config={"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 16, 32],
+                         "depths": [1, 1, 1, 1], "out_features": ["stage1", "stage2", "stage3", "stage4"]}),
+        {"rank": 2}, lambda ids, g: {"pixel_values": torch.rand(len(ids), 3, 32, 32, generator=g)},
+        lambda out: [out.logits, out.pred_boxes]),
     "bros": (lambda: _tiny_transformers("BrosConfig", "BrosSpadeEEForTokenClassification", hidden_size=64,
                                         num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
                                         vocab_size=64, num_labels=6, classifier_dropout=0.0),
-             _BROS_HEADS, lambda ids, g: {"bbox": torch.rand(*ids.shape, 8, generator=g),
+             {"target_modules": _BROS_HEADS}, lambda ids, g: {"bbox": torch.rand(*ids.shape, 8, generator=g),
                                           "attention_mask": torch.ones_like(ids)},
              lambda out: [out.initial_token_logits,  # (its masked entries, the dtype's min, left out)
                           out.subsequent_token_logits.masked_fill(out.subsequent_token_logits < -1e30, 0)]),
@@ -1128,21 +1136,22 @@ TIME_FIRST_MODELS = {
 @pytest.mark.parametrize("arch", list(TIME_FIRST_MODELS))
 def test_time_first_layers_serve_each_sequence_its_adapter(arch, tmp_path, monkeypatch):
     """Layers that see the batch on another axis: Longformer's and LED's self-attention, FSMT's layers and
-    XLNet's feed-forward (seq, batch, H), BROS's heads (the root's Sequential too) and bbox projection
-    (seq, seq, batch, H). Taken as batch-first, with seq = batch every row silently got other
+    XLNet's feed-forward (seq, batch, H), DAB-DETR's box head (layers, batch, queries, H), BROS's heads
+    (the root's Sequential too) and bbox projection (seq, seq, batch, H). Taken as batch-first, with seq = batch every row silently got other
     sequences' adapters (Longformer's logits ~1e-1 off), otherwise the ids were refused. They are
     served with the batch's axis moved first; FSMT's encoder, named by both the model and its inner
     model, under generate's beams too."""
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
-    make, targets, extra, outputs = TIME_FIRST_MODELS[arch]
+    make, cfg, extra, outputs = TIME_FIRST_MODELS[arch]
     base = make()
-    cfg = {} if targets is None else {"target_modules": targets}
     dirs = {n: make_adapter(base, tmp_path, n, seed=seed, **cfg) for n, seed in (("a", 1), ("b", 2))}
     bank = AdapterBank(host_of(base, **cfg))
     slots = {n: bank.add(d) for n, d in dirs.items()}
     names = ["a", "b", None, "a"]
     ids = torch.randint(3, 60, (4, 4), generator=torch.Generator().manual_seed(5))
     inputs = {"input_ids": ids, **extra(ids, torch.Generator().manual_seed(6))}
+    if "pixel_values" in inputs:  # (4 images; the decoder's 4 layers stacked are what equals the batch)
+        del inputs["input_ids"]
     with torch.no_grad(), bank.use([slots[n] if n else -1 for n in names]):
         got = outputs(bank.model(**inputs))
     alone = {n: load_adapter(copy.deepcopy(base), d) for n, d in dirs.items()}

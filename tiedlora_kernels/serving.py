@@ -46,8 +46,8 @@ every sequence) or a multimodal model's image or audio encoder or projector (``v
 ``visual``, ``multi_modal_projector``, ``audio_tower``...: its rows are images' patches or audio
 clips' frames, any number per prompt). Layers known to see time-first (seq, batch, H) activations
 (:data:`_TIME_FIRST`: Longformer's and LED's self-attention, FSMT's layers, XLNet's feed-forward,
-Mask2Former's decoder feed-forward, BROS's heads and bbox projection) are served with the batch's
-axis moved first. A batch whose sequences all use one adapter is served by any layer, whatever
+Mask2Former's and OneFormer's decoder feed-forward, DAB-DETR's box head, BROS's heads and bbox
+projection) are served with the batch's axis moved first. A batch whose sequences all use one adapter is served by any layer, whatever
 its rows are. Not supported, and not detectable: other models whose adapted layers see time-first
 activations: where seq equals the batch, rows would silently get other sequences' adapters.
 
@@ -108,9 +108,10 @@ _UNSERVABLE_BLOCKS = (
 #: and class: (the children concerned, None for every adapted child; the batch's axis). Longformer's and
 #: LED's encoder self-attention transpose the batch behind the sequence before query/key/value (and the
 #: ``_global`` ones); FSMT keeps fairseq's T x B x C layout through its encoder and decoder layers;
-#: XLNet runs (qlen, batch, d) through its feed-forward; Mask2Former's decoder layers run (queries,
-#: batch, d) through fc1/fc2; BROS's SPADE heads run on transposed hidden states (a Sequential, named
-#: by its parent) and its bbox projection on (seq, seq, batch, d) pairs. The bank serves them with the
+#: XLNet runs (qlen, batch, d) through its feed-forward; Mask2Former's and OneFormer's decoder layers
+#: run (queries, batch, d) through their feed-forward; DAB-DETR's box head runs on every decoder
+#: layer's output stacked, (layers, batch, queries, d); BROS's SPADE heads run on transposed hidden
+#: states and its bbox projection on (seq, seq, batch, d) pairs. The bank serves them with the
 #: batch's axis moved first: taken as batch-first, their rows went to other sequences' adapters.
 _TIME_FIRST = {
     ("longformer", "LongformerSelfAttention"): (None, 1),
@@ -120,6 +121,9 @@ _TIME_FIRST = {
     ("fsmt", "DecoderLayer"): (None, 1),
     ("xlnet", "XLNetFeedForward"): (None, 1),
     ("mask2former", "Mask2FormerMaskedAttentionDecoderLayer"): (("fc1", "fc2"), 1),
+    ("oneformer", "OneFormerTransformerDecoderFFNLayer"): (None, 1),
+    ("oneformer", "OneFormerTransformerDecoderQueryTransformerDecoderLayer"): (None, 1),
+    ("dab_detr", "DabDetrForObjectDetection"): (("bbox_predictor",), 1),
     ("bros", "BrosRelationExtractor"): (None, 1),
     ("bros", "BrosSpadeEEForTokenClassification"): (("initial_token_classifier",), 1),
     ("bros", "BrosBboxEmbeddings"): (("bbox_projection",), 2),
@@ -127,15 +131,19 @@ _TIME_FIRST = {
 
 
 def _batch_axis(model: nn.Module, name: str) -> int:
-    """The axis of adapted layer ``name``'s input that is the batch (:data:`_TIME_FIRST`; 0 for the rest)."""
-    *owner_path, child = name.split(".")
-    owner = model.get_submodule(".".join(owner_path))
-    if isinstance(owner, nn.Sequential) and owner_path:  # a layer inside a Sequential: named by its parent
-        *owner_path, child = owner_path
-        owner = model.get_submodule(".".join(owner_path))
-    package = type(owner).__module__.split(".")
-    children, axis = _TIME_FIRST.get((package[-2] if len(package) >= 2 else "", type(owner).__name__), ((), 0))
-    return axis if children is None or child in children else 0
+    """The axis of adapted layer ``name``'s input that is the batch (:data:`_TIME_FIRST`; 0 for the rest):
+    the nearest ancestor in the table decides, by the child of it the layer sits under (a layer inside
+    a Sequential or an MLP is named by that child: BROS's ``initial_token_classifier``, DAB-DETR's
+    ``bbox_predictor``)."""
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        owner = model.get_submodule(".".join(parts[:-depth]))
+        package = type(owner).__module__.split(".")
+        rule = _TIME_FIRST.get((package[-2] if len(package) >= 2 else "", type(owner).__name__))
+        if rule is not None:
+            children, axis = rule
+            return axis if children is None or parts[-depth] in children else 0
+    return 0
 
 
 def _normal_tensors(method):
