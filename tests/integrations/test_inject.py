@@ -127,12 +127,20 @@ _MOE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
         "jetmoe-routers", "hunyuan-moe-gate", "doge-router-gate"])
 def test_all_linear_leaves_task_heads_and_routers_alone(make, left_out):
     """These heads and routers used to be adapted: a 1- or 2-output head crashed at rank 8, a router was
-    silently adapted (changing which experts see a token)."""
+    silently adapted (changing which experts see a token). The model's linear shell (what a bank reads
+    files into, and load_adapter checks a file against) has the same targets: it lost the router's
+    class (HunYuan's gate), so a bank refused every HunYuan-MoE adapter."""
+    from tiedlora_kernels.integrations.inject import find_targets
+    from tiedlora_kernels.integrations.shell import linear_shell
+
+    config = TiedLoRAConfig(rank=8, preset="tl6")
     model = make()
-    inject(model, TiedLoRAConfig(rank=8, preset="tl6"))
+    in_shell = {t.name for t in find_targets(linear_shell(model, meta=True), config)}
+    inject(model, config)
     names = {n for n, _ in adapted_layers(model)}
     assert names  # the body is adapted
     assert not names & set(left_out), names & set(left_out)
+    assert in_shell == names
 
 
 def test_all_linear_keeps_the_gate_projection_and_expert_layers_of_a_moe_model():

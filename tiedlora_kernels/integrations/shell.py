@@ -61,6 +61,16 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
             return t
         return nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
 
+    classes: dict = {}
+
+    def container(module: nn.Module) -> nn.Module:
+        # An empty module whose class has the original's name: inject tells routers by their class's
+        # name (HunYuan's ``gate``, a HunYuanMoEV1Gate), so the shell's targets are the model's.
+        name = type(module).__name__
+        if name not in classes:
+            classes[name] = type(name, (nn.Module,), {"__doc__": f"Shell of a {name}."})
+        return classes[name]()
+
     root = _ShellRoot()
     head = _output_embedding(model)
     read_by_parent = _weights_read_by_parent(model)
@@ -85,9 +95,9 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
             continue
         parent = root
         *path, leaf = name.split(".")
-        for part in path:
+        for depth, part in enumerate(path):
             if part not in parent._modules:
-                parent.add_module(part, nn.Module())
+                parent.add_module(part, container(model.get_submodule(".".join(path[:depth + 1]))))
             parent = parent._modules[part]
         parent.add_module(leaf, shell)
     return root
