@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from . import reference
 from .bases import QuantizedBase, warn_requantized
 from .ops import tied_lora_add, tied_lora_linear
+from .reference import at_least_fp32
 
 #: ``weight_layout`` values: ``nn.Linear`` stores W as (N, K); HF ``Conv1D`` stores W^T as (K, N);
 #: ``quantized``: a base layer that computes its own output (``base_layer``, see ``bases.py``).
@@ -202,8 +203,9 @@ class _BackwardStarts:
             return
         for f in factors.values():
             f.backward_starts()
-        if not torch.compiler.is_compiling():  # compiled autograd traces this hook; queue_callback works
-            torch.autograd.Variable._execution_engine.queue_callback(self.backward_ends)  # there only fullgraph
+        # (compiled autograd traces this hook, and allows queue_callback only fullgraph)
+        if not torch.compiler.is_compiling():
+            torch.autograd.Variable._execution_engine.queue_callback(self.backward_ends)
 
     def backward_ends(self) -> None:
         factors = self.factors()
@@ -418,18 +420,18 @@ class TiedLoRALinear(nn.Module):
         # rounded A_i, B_i to bf16, ~100x the error of the same forward with grad.
         A, B = self._factors.slices(self.in_features, self.out_features)
         if self._factors.banked:
-            A = torch.einsum("k,krK->rK", _wide(self.adapter_wA), _wide(A))
-            B = torch.einsum("k,kNr->Nr", _wide(self.adapter_wB), _wide(B))
+            A = torch.einsum("k,krK->rK", at_least_fp32(self.adapter_wA), at_least_fp32(A))
+            B = torch.einsum("k,kNr->Nr", at_least_fp32(self.adapter_wB), at_least_fp32(B))
         M = self.adapter_M
         if self.adapter_wM is not None:
             core = self._factors.accumulating("core_bank")  # tied: its gradient summed in fp32
-            M = torch.einsum("k,krs->rs", _wide(self.adapter_wM), _wide(core))
+            M = torch.einsum("k,krs->rs", at_least_fp32(self.adapter_wM), at_least_fp32(core))
         if M is not None:
-            B = _wide(B) @ _wide(M)
+            B = at_least_fp32(B) @ at_least_fp32(M)
         u, v, c, m = self.adapter_u, self.adapter_v, None, self.adapter_m
         if self.magnitude == "simple_dora":  # v_i = v * ||W||, c = m / ||W|| (a zero row: 1 for ||W||)
             n = reference.direction_norm(self.base_row_norm())
-            v = n if v is None else _wide(v) * n
+            v = n if v is None else at_least_fp32(v) * n
             c = reference.dora_row_scale(m, n)
         elif self.magnitude == "dora":  # c = m / ||W + dW||_row, the norm detached (paper, PEFT)
             with torch.no_grad():
@@ -503,7 +505,7 @@ class TiedLoRALinear(nn.Module):
         if self.magnitude == "simple_dora":
             self._merged_base_norm = self.base_row_norm()
         if c is not None:
-            self._merged_row_scale = c.detach().to(torch.promote_types(c.dtype, torch.float32)).clone()
+            self._merged_row_scale = at_least_fp32(c.detach()).clone()
             c = self._merged_row_scale
             # rows with c = 0 merge to zero and cannot be divided back, and Simple DoRA's zero (pruned) rows
             # come back as rounding residue that ||W||_row would blow up to a unit direction: keep their originals
@@ -571,11 +573,6 @@ class TiedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"kind={self.kind!r}, layout={layout}, scaling={self.scaling:g}, per_layer={own}, "
                 f"magnitude={self.magnitude}, dropout={self.dropout:g}, merged={self.merged}")
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32 at least (fp64 stays fp64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @contextlib.contextmanager

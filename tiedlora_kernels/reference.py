@@ -157,11 +157,16 @@ def _merged_wide(weight, A, B, u, v, scaling) -> torch.Tensor:
     return weight.to(ct, copy=True).addmm_(Bm, A.to(ct), alpha=scaling)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 at least (fp64 stays fp64): where what is derived from 16-bit adapters is formed."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
     """||W||_2 per row (N,) of weight (N, K), fp32 (fp64 for fp64 weights), unrounded: DoRA's
     magnitude starts at this value and its row scale is m / :func:`merged_row_norm`, which at init
     (a zero update) reduces the same wide values in the same layout: c = 1 exactly."""
-    return torch.linalg.vector_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=1)
+    return torch.linalg.vector_norm(at_least_fp32(weight), dim=1)
 
 
 def direction_norm(norm: torch.Tensor) -> torch.Tensor:
@@ -175,8 +180,7 @@ def dora_row_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     3e-3 relative off float64 where every other preset is ~2e-7), the norm through
     :func:`direction_norm` (c = m on a zero row: m starts at the norm, 0, so the row starts at its
     base output)."""
-    wide = torch.promote_types(torch.promote_types(magnitude.dtype, norm.dtype), torch.float32)
-    return magnitude.to(wide) / direction_norm(norm.to(wide))
+    return at_least_fp32(magnitude) / direction_norm(at_least_fp32(norm))
 
 
 def merged_row_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, u: Optional[torch.Tensor],

@@ -44,12 +44,13 @@ Refused when the bank is made: adapted layers inside a mixture-of-experts block 
 a part named ``experts`` or ``expert_<n>``: an expert sees the tokens routed to it, gathered from
 every sequence) or a multimodal model's image or audio encoder or projector (``vision_tower``,
 ``visual``, ``multi_modal_projector``, ``audio_tower``...: its rows are images' patches or audio
-clips' frames, any number per prompt). Layers known to see time-first (seq, batch, H) activations
+clips' frames, any number per prompt). Layers known to see the batch on another axis than the first
 (:data:`_TIME_FIRST`: Longformer's and LED's self-attention, FSMT's layers, XLNet's feed-forward,
 Mask2Former's and OneFormer's decoder feed-forward, DAB-DETR's box head, BROS's heads and bbox
-projection) are served with the batch's axis moved first. A batch whose sequences all use one adapter is served by any layer, whatever
-its rows are. Not supported, and not detectable: other models whose adapted layers see time-first
-activations: where seq equals the batch, rows would silently get other sequences' adapters.
+projection) are served with that axis moved first. A batch whose sequences all use one adapter is
+served by any layer, whatever its rows are. Not supported, and not detectable: other models whose
+adapted layers see time-first activations: where seq equals the batch, rows would silently get
+other sequences' adapters.
 
 Memory: per layer and slot, R + N fp32 values (U, V; V only once an adapter has a v), N more with a
 row scale, N (DoRA) or 2N (Simple DoRA) more for a magnitude's m and v, plus R (K + N) factor values
@@ -104,8 +105,8 @@ _UNSERVABLE_BLOCKS = (
 )
 
 
-#: Layers that see time-first activations (the batch not first), by their parent's transformers package
-#: and class: (the children concerned, None for every adapted child; the batch's axis). Longformer's and
+#: Layers that see time-first activations (the batch not first), by an ancestor's transformers package
+#: and class: (its children concerned, None for every adapted layer below it; the batch's axis). Longformer's and
 #: LED's encoder self-attention transpose the batch behind the sequence before query/key/value (and the
 #: ``_global`` ones); FSMT keeps fairseq's T x B x C layout through its encoder and decoder layers;
 #: XLNet runs (qlen, batch, d) through its feed-forward; Mask2Former's and OneFormer's decoder layers
@@ -338,7 +339,7 @@ class _Slots:
                         base_norm = reference.direction_norm(reference.row_norm(weight))
                     # in fp32 at least, as the layer forms it (in a bf16 file's dtype ||W|| and the
                     # product were each rounded to bf16)
-                    self.V[slot].copy_(mag.v.to(torch.promote_types(mag.v.dtype, base_norm.dtype)) * base_norm)
+                    self.V[slot].copy_(reference.at_least_fp32(mag.v) * base_norm)
                     norm = base_norm
                 else:
                     A = self.A[slot] if self.A.dim() == 3 else self.A
@@ -410,10 +411,13 @@ def _model_calls(model: nn.Module) -> list[nn.Module]:
 def _encoders(calls: list[nn.Module]) -> list[nn.Module]:
     """The encoders of the encoder-decoder models among ``calls``: ``generate`` calls them on their own,
     on the prompts, before it expands the batch for beams or returned sequences."""
-    found = {id(e): e for m in calls  # once each: a model and its inner model name the same encoder
-             if getattr(getattr(m, "config", None), "is_encoder_decoder", False) and hasattr(m, "get_encoder")
-             for e in (m.get_encoder(),)}
-    return list(found.values())
+    found: list[nn.Module] = []
+    for m in calls:
+        if getattr(getattr(m, "config", None), "is_encoder_decoder", False) and hasattr(m, "get_encoder"):
+            encoder = m.get_encoder()
+            if all(encoder is not e for e in found):  # once: a model and its inner model name the same one
+                found.append(encoder)
+    return found
 
 
 class _Route:

@@ -137,6 +137,16 @@ def test_corrupted_and_truncated_files_are_refused(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "nowhere")
 
 
+def _assert_the_next_steps_agree(original, resumed, ids):
+    """One more step of each (model, optimizer): the resumed run takes exactly the original's."""
+    for m, o in (original, resumed):
+        o.zero_grad()
+        m(ids, labels=ids).loss.backward()
+        o.step()
+    for (n, a), (_, b) in zip(original[0].named_parameters(), resumed[0].named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path):
     model = trained("tl6")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -152,12 +162,7 @@ def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path):
     load_adapter(resumed, tmp_path)
     opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
     load_adapter(resumed, tmp_path, optimizer=opt2)
-    for m, o in ((model, opt), (resumed, opt2)):
-        o.zero_grad()
-        m(IDS, labels=IDS).loss.backward()
-        o.step()
-    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(a, b), n
+    _assert_the_next_steps_agree((model, opt), (resumed, opt2), IDS)
 
 
 @pytest.mark.cuda
@@ -176,12 +181,7 @@ def test_a_fused_or_capturable_optimizer_resumes_on_the_gpu(flag, tmp_path):
     resumed = copy.deepcopy(model)
     opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2, **{flag: True})
     load_adapter(resumed, tmp_path, optimizer=opt2)
-    for m, o in ((model, opt), (resumed, opt2)):
-        o.zero_grad()
-        m(ids, labels=ids).loss.backward()
-        o.step()
-    for (n, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(a, b), n
+    _assert_the_next_steps_agree((model, opt), (resumed, opt2), ids)
 
 
 def test_refused_load_leaves_a_plain_model_untouched(tmp_path):

@@ -33,6 +33,7 @@ dtype, as the single-adapter op (:func:`tiedlora_kernels.ops.tied_lora_linear`) 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -217,12 +218,9 @@ class AdapterRows:
 
     def _one_for_all(self, lead: tuple) -> tuple["AdapterRows", int]:
         """Ids that are all equal as one id covering every row of activations of leading shape ``lead``."""
-        rows = 1
-        for d in lead:
-            rows *= d
         if "all" not in self._collapsed:
             self._collapsed["all"] = self._subset(len(self))
-        return self._collapsed["all"], rows
+        return self._collapsed["all"], math.prod(lead)
 
     def _per_sequence(self) -> "AdapterRows":
         """Per-token ids as one id per sequence, for a layer with one row per sequence; raises where a
