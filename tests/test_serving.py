@@ -1196,3 +1196,64 @@ def test_a_layer_whose_rows_are_not_the_sequences_serves_batches_of_one_adapter(
                                   r"batch \(with num_beams [^;]*$")):
         with torch.no_grad(), bank.use(adapter_ids), pytest.raises(ValueError, match=message):
             bank.model(input_ids=ids)
+
+
+def _swin_classifier():
+    return _tiny_transformers("SwinConfig", "SwinForImageClassification", image_size=32, patch_size=4, embed_dim=16,
+                              depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=3)
+
+
+def test_images_of_one_adapter_are_served_by_window_layers(tmp_path, monkeypatch):
+    """Swin's attention sees windows, several per image, (batch * windows, tokens, H): a batch of
+    images was refused even with one adapter for all of them (a call of images gave no batch to check
+    the ids against). Images that all use one adapter are served as that adapter alone; a mixed batch
+    is refused, saying the layer's rows are not the images; ids short of the batch are still refused."""
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    base = _swin_classifier()
+    bank, dirs, slots = bank_of_two(base, tmp_path)
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), bank.use([slots["b"]] * 3):
+        out = bank.model(pixel_values=pixels).logits
+    with torch.no_grad():
+        expected = alone(base, dirs["b"])(pixel_values=pixels).logits
+        assert rel_err(expected, base(pixel_values=pixels).logits) > 1e-3
+    assert rel_err(out, expected) < TOL
+    for adapter_ids, message in (([slots["a"], slots["b"], -1], r"rows are not the batch's sequences .*windows"),
+                                 ([slots["b"]] * 2, r"adapter_ids has 2 entries .*\(first dim 12\)")):
+        with torch.no_grad(), bank.use(adapter_ids), pytest.raises(ValueError, match=message):
+            bank.model(pixel_values=pixels)
+
+
+@pytest.mark.parametrize("encoder", ["vit", "swin"])
+def test_an_image_encoder_with_a_text_decoder_generates_each_image_with_its_adapter(encoder, tmp_path, monkeypatch):
+    """A vision encoder-decoder (TrOCR's, Donut's shape) under bank.generate(None, ids, pixel_values=...):
+    with beams, the ids were not repeated for the copies (the prompts' count was read from token ids
+    or audio only) and every call was refused. Each image is answered as by its adapter alone: a ViT
+    encoder with mixed ids, a Swin one (windows) with one adapter for all images, beams or not."""
+    import transformers
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    enc = (transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, intermediate_size=48) if encoder == "vit" else
+           transformers.DonutSwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                        window_size=4))
+    dec = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, add_cross_attention=True,
+                                  is_decoder=True, bos_token_id=1, eos_token_id=2)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
+    base = transformers.VisionEncoderDecoderModel(config).eval()
+    base.generation_config.decoder_start_token_id, base.generation_config.pad_token_id = 1, 0
+    bank, dirs, slots = bank_of_two(base, tmp_path)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    names = ["a", "b"] if encoder == "vit" else ["b", "b"]
+    single = {n: alone(base, dirs[n]) for n in set(names)}
+    for beams in (1, 2):
+        settings = dict(num_beams=beams, max_new_tokens=4, do_sample=False)
+        got = bank.generate(None, [slots[n] for n in names], pixel_values=pixels, **settings)
+        for i, n in enumerate(names):
+            with torch.no_grad():
+                expected = single[n].generate(pixel_values=pixels[i:i + 1], **settings)[0]
+            assert torch.equal(got[i], expected), f"image {i} ({n}), beams {beams}"
+    with torch.no_grad():  # the adapters change the answers: the check can fail
+        assert not torch.equal(single["b"].generate(pixel_values=pixels, max_new_tokens=4, do_sample=False),
+                               base.generate(pixel_values=pixels, max_new_tokens=4, do_sample=False))

@@ -373,18 +373,21 @@ def _resized(t: torch.Tensor, capacity: int, fill: float) -> torch.Tensor:
 
 
 def _call_frame(args: tuple, kwargs: dict) -> Optional[CallFrame]:
-    """(batch, seq) of a transformers model call, from its token ids or embeddings ((batch, None)
-    from an audio encoder's ``input_features``: one per prompt), or None: images (``pixel_values``)
-    are not one per prompt."""
+    """(batch, seq) of a transformers model call, from its token ids or embeddings; (batch, None) from
+    a call of images or audio alone (``pixel_values``, ``input_features``, ``input_values``, or a
+    floating first argument: one per example there; a multimodal model's call gives token ids, which
+    decide, and its image or audio encoder, which sees its own count of images, is not served); else None."""
     for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         t = kwargs.get(key)
         if t is not None:
             return CallFrame(*t.shape[:2]) if t.dim() >= 2 else None
-    if kwargs.get("input_features") is not None and kwargs["input_features"].dim() >= 2:
-        return CallFrame(kwargs["input_features"].shape[0], None)
-    t = args[0] if args else None  # positional token ids
-    if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point():
-        return CallFrame(*t.shape[:2])
+    for key in ("pixel_values", "input_features", "input_values"):
+        t = kwargs.get(key)
+        if t is not None and t.dim() >= 2:
+            return CallFrame(t.shape[0], None)
+    t = args[0] if args else None  # positional: token ids, or images or audio (an inner model's call)
+    if isinstance(t, torch.Tensor) and t.dim() >= 2:
+        return CallFrame(t.shape[0], None) if t.is_floating_point() else CallFrame(*t.shape[:2])
     return None
 
 
@@ -714,7 +717,8 @@ class AdapterBank:
         (one id per prompt; with ``num_beams`` or ``num_return_sequences`` > 1, repeated here for the
         prompt's copies as ``generate`` expands the batch)."""
         copies = _generate_copies(self.model, kwargs)
-        prompts = next((t.shape[0] for t in (input_ids, kwargs.get("inputs_embeds"), kwargs.get("input_features"))
+        prompts = next((t.shape[0] for t in (input_ids, *map(kwargs.get, ("inputs_embeds", "input_features",
+                                                                           "pixel_values", "input_values")))
                         if isinstance(t, torch.Tensor)), None)
         if isinstance(adapter_ids, (list, tuple)):
             adapter_ids = torch.tensor(adapter_ids, dtype=torch.int64, device=self.device) \

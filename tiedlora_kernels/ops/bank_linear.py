@@ -66,8 +66,8 @@ def _device_index(device: torch.device) -> int:
 #: The end of a refusal where x's rows do not follow the ids: the layer may not have one row group per
 #: sequence at all.
 _NOT_SEQUENCES = ("; or this layer's rows are not the batch's sequences (position embeddings shared by the "
-                  "batch, as DeBERTa's; windows; a time-first layout): such a layer serves only a batch of "
-                  "token ids whose sequences all use one adapter")
+                  "batch, as DeBERTa's; windows, as Swin's; a time-first layout): such a layer serves only a batch "
+                  "whose sequences (or images, or clips) all use one adapter")
 
 
 class CallFrame(NamedTuple):
@@ -178,8 +178,11 @@ class AdapterRows:
         it knows to be time-first)."""
         lead = tuple(x.shape[:-1])
         frame = self.frames[-1] if self.frames else None
-        # The ids are the call's (one per sequence, or per token of its (batch, seq)): never broadcast.
-        matches_call = frame is not None and frame.batch == self.shape[0] and (
+        # The ids are the call's (one per sequence, or per token of its (batch, seq); or, for an encoder
+        # run before generate expands the batch, one per copy of each sequence): never broadcast.
+        n_ids = self.shape[0]
+        matches_call = frame is not None and (
+            frame.batch == n_ids or (frame.before_expansion and frame.batch and n_ids % frame.batch == 0)) and (
             not self.per_token or frame.seq is None or frame.seq == self.shape[1])
         def uniform() -> bool:  # one adapter for the whole batch of the call (looked at only when needed)
             return matches_call and len(self) > 0 and bool((self.host == self.host[0]).all())
