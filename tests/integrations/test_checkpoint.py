@@ -245,6 +245,31 @@ def test_a_bf16_adapter_file_loads_into_an_injected_model_with_fp32_adapters(tmp
         load_adapter(trained("tl6", adapter_dtype="bfloat16"), tmp_path / "fp32")
 
 
+def test_an_injected_model_takes_a_file_whose_layers_it_adapts_however_it_selected_them(tmp_path):
+    """The same layers selected by another spelling (a list in another order, a regex, longer names):
+    refused as a config that differs, though only which layers are adapted matters (compared per
+    layer, with their kinds); other layers are still refused."""
+    saved = trained("tl6", target_modules=["q_proj", "v_proj"])
+    save_adapter(saved, tmp_path)
+    for targets in (["v_proj", "q_proj"], r".*\.(q|v)_proj", ["self_attn.q_proj", "self_attn.v_proj"]):
+        fresh = inject(base_of_trained(), TiedLoRAConfig(rank=4, preset="tl6", seed=5, target_modules=targets))
+        load_adapter(fresh, tmp_path)
+        with torch.no_grad():
+            assert torch.equal(fresh(IDS).logits, saved(IDS).logits), targets
+    other = inject(tiny_llama(), TiedLoRAConfig(rank=4, preset="tl6", seed=5, target_modules=["q_proj", "k_proj"]))
+    with pytest.raises(ValueError, match="load_adapter"):
+        load_adapter(other, tmp_path)
+
+
+def test_a_peft_directory_is_refused_pointing_to_from_peft(tmp_path):
+    from tiedlora_kernels import export_peft
+
+    export_peft(trained("tl6"), tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"not a tiedlora adapter file .*\(a PEFT adapter directory, as export_peft "
+                       r"writes: load it with peft.PeftModel.from_pretrained, then convert with tiedlora_kernels.from_peft\)"):
+        load_adapter(tiny_llama(), tmp_path / "peft")
+
+
 def test_saved_files_get_the_usual_mode_and_unknown_format_versions_are_refused(tmp_path):
     import os
 

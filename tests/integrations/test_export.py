@@ -331,3 +331,91 @@ def test_a_directory_that_is_no_path_is_refused_naming_it(directory):
     with pytest.raises(TypeError, match=rf"export_peft: directory must be a path \(str or os.PathLike\), got "
                                         rf"{type(directory).__name__}"):
         export_peft(model, directory)
+
+
+def _tiny_transformers(config_cls, model_cls, **kw):
+    import transformers
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw))
+
+
+_ROBERTA = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                num_labels=3, max_position_embeddings=40)
+
+
+@pytest.mark.parametrize("loader", ["PeftModel", "AutoPeftModel"])
+def test_a_trained_task_head_exports_as_a_module_to_save(loader, tmp_path):
+    """A sequence classifier trains its head with the adapter: the export left the head out (no warning,
+    no modules_to_save), so PEFT served the base model's untrained head (logits 0.7 off). It goes in as
+    PEFT's modules_to_save with task_type SEQ_CLS (AutoPeftModelForSequenceClassification loads it)."""
+    base = _tiny_transformers("RobertaConfig", "RobertaForSequenceClassification", **_ROBERTA)
+    base.save_pretrained(tmp_path / "base")
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="tl6"))
+    randomize_adapters(model, std=0.2)
+    model.classifier.requires_grad_(True)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    model.eval()
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    logits = model(ids).logits.detach()
+    logits64 = copy.deepcopy(model).double()(ids).logits.detach()
+    export_peft(model, tmp_path / "out", base_model_name_or_path=str(tmp_path / "base"))
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]  # (the head, whole)
+    if loader == "PeftModel":
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    else:
+        pm = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert rel_err(base(ids).logits, logits) > 1e-2
+        assert_exact(pm(ids).logits, (logits, logits64))
+
+
+def test_seq2seq_lm_exports_for_auto_peft(tmp_path):
+    """An encoder-decoder LM's export named no task type, so AutoPeftModelForSeq2SeqLM refused it
+    ('Cannot infer the auto class')."""
+    base = _tiny_transformers("T5Config", "T5ForConditionalGeneration", vocab_size=97, d_model=32, d_kv=8, d_ff=48,
+                              num_layers=1, num_heads=4, decoder_start_token_id=0)
+    base.save_pretrained(tmp_path / "base")
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="vera"))
+    randomize_adapters(model, std=0.2)
+    export_peft(model.eval(), tmp_path / "out", base_model_name_or_path=str(tmp_path / "base"))
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    pm = peft.AutoPeftModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out")).eval()
+    inputs = dict(input_ids=IDS, decoder_input_ids=IDS[:, :4])
+    with torch.no_grad():
+        logits, logits64 = model(**inputs).logits, copy.deepcopy(model).double()(**inputs).logits
+        assert rel_err(base(**inputs).logits, logits) > 1e-3
+        assert_exact(pm(**inputs).logits, (logits, logits64))
+
+
+def test_an_adapted_classifier_exports_without_the_task_type(tmp_path):
+    """PEFT's SEQ_CLS copies the head as a module to save and keeps LoRA off it: a model whose adapter
+    adapts the classifier exports as a plain PeftModel directory instead."""
+    base = _tiny_transformers("BertConfig", "BertForSequenceClassification", **_ROBERTA)
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=2, preset="lora", exclude_modules=[]))
+    assert "classifier" in {n for n, _ in adapted_layers(model)}
+    randomize_adapters(model, std=0.2)
+    model.eval()
+    export_peft(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["task_type"] is None and cfg["modules_to_save"] is None
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert_exact(pm(IDS).logits, (model(IDS).logits, copy.deepcopy(model).double()(IDS).logits))
+
+
+@pytest.mark.parametrize("trained, message", [
+    ("model.embed_tokens.weight", r"'model.embed_tokens.weight' is shared with 'lm_head.weight' \(tied weights\)"),
+    ("model.layers.0.self_attn.q_proj.weight", r"belongs to 'model.layers.0.self_attn.q_proj', and PEFT's copy"),
+])
+def test_a_trained_parameter_peft_cannot_hold_is_refused(trained, message, tmp_path):
+    """A trained embedding tied to the head (PEFT's module copy unties them) or an adapted layer's own
+    base weight: refused naming the parameter, nothing written."""
+    model = tiny_llama(n_layer=1, tie_word_embeddings=True)
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    model.get_parameter(trained).requires_grad_(True)
+    with pytest.raises(ValueError, match=message):
+        export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -205,6 +205,19 @@ def test_several_adapters_are_refused():
         from_peft(pm)
 
 
+def test_a_peft_model_with_its_adapters_disabled_converts_them_on_with_a_warning():
+    """disable_adapter_layers() makes PEFT compute the base model: the conversion (the adapter, on) no
+    longer matched the PEFT model's outputs, silently."""
+    pm, _ = _peft_model("llama", "lora", lora_alpha=8)
+    logits_on = pm(IDS).logits.detach()
+    pm.base_model.disable_adapter_layers()
+    assert rel_err(pm(IDS).logits, logits_on) > 1e-2
+    with pytest.warns(UserWarning, match=r"have their adapters disabled \(disable_adapter_layers\), so the PEFT model "
+                      r"computes the base model there; they are converted with their adapters on"):
+        ours = from_peft(pm)
+    assert rel_err(ours(IDS).logits, logits_on) < 1e-6
+
+
 def test_dora_with_dropout_warns_that_training_steps_differ():
     torch.manual_seed(0)
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,

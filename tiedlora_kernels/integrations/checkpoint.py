@@ -248,6 +248,14 @@ def _warn_trained_outside_adapter(model: nn.Module) -> None:
                       "freeze them)", UserWarning, stacklevel=3)
 
 
+def _is_peft_directory(directory: Path) -> bool:
+    """Whether ``directory``'s config is a PEFT adapter's (it names a ``peft_type``)."""
+    try:
+        return "peft_type" in json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _read_safetensors(path: Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file; any read failure is a ValueError naming the file."""
     try:
@@ -270,7 +278,10 @@ def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Ten
         raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}")
     meta, tensors = _read_safetensors(path, "adapter")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})")
+        hint = (" (a PEFT adapter directory, as export_peft writes: load it with peft.PeftModel.from_pretrained, "
+                "then convert with tiedlora_kernels.from_peft)" if _is_peft_directory(Path(directory)) else "")
+        raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})"
+                         f"{hint}")
     missing = [k for k in ("format_version", "config", "layers", "sha256") if k not in meta]
     if missing:
         raise ValueError(f"load_adapter: {path} lacks metadata {missing}: the file is corrupted")
@@ -372,12 +383,14 @@ def load_adapter(model: nn.Module, directory, optimizer: Optional[torch.optim.Op
     else:
         refuse_merged(model, "load_adapter")
         _refuse_meta(model, [name for name, _ in adapted_layers(model)])
-        # How layers were selected and kinds named does not matter, only which they are: _check_layers
-        # compares them per layer; nor the adapter dtype the file was made with: _check_dtypes takes
-        # each tensor into one of its dtype or wider.
+        # How layers were selected (target_modules, exclude_modules and their rule) and kinds named does
+        # not matter, only which they are: _check_layers compares them per layer, with their kinds; nor
+        # the adapter dtype the file was made with: _check_dtypes takes each tensor into one of its
+        # dtype or wider.
         have = adapter_config(model).to_dict()
         diff = {k: (have[k], v) for k, v in config.to_dict().items()
-                if have.get(k) != v and k not in ("kind_rule", "kinds", "exclude_rule", "adapter_dtype")}
+                if have.get(k) != v and k not in ("target_modules", "exclude_modules", "exclude_rule", "kind_rule",
+                                                  "kinds", "adapter_dtype")}
         if diff:
             raise ValueError(f"load_adapter: the model's adapter config differs from the saved one "
                              f"(field: (model, file)): {diff}")

@@ -40,7 +40,8 @@ from safetensors.torch import save_file
 from ..modules import TiedLoRALinear
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import _is_writer, as_directory, file_format, fsync_dir, unwrapped, usual_mode
-from .inject import ROOT_ATTR, adapted_layers, adapter_config, refuse_nonfinite, refuse_sharded
+from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, refuse_nonfinite,
+                     refuse_sharded)
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -67,6 +68,14 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
     DoRA exports as PEFT DoRA (``use_dora=True``, ``lora_magnitude_vector = m``): the same outputs in
     eval mode (PEFT, unlike us, applies DoRA's base term to the dropped-out input while training with
     dropout > 0). vLLM does not load DoRA.
+
+    Trained parameters outside the adapter (an unfrozen task head, a trained norm) go in as PEFT's
+    ``modules_to_save``: each parameter's module by its full path, with its trained tensors in
+    their dtype, so ``PeftModel.from_pretrained`` computes what the model does (serving engines
+    that ignore ``modules_to_save``, vLLM among them, serve the base model's head). Refused when PEFT
+    cannot hold one so: a parameter of an adapted layer itself (its base weight or bias), of a
+    module that holds adapted layers, of the model's root, or shared with another module (a trained
+    embedding tied to the output head: PEFT's copy would untie them).
 
     A merged model (:func:`merge`) exports as it is, untouched: merging changes the base weights,
     never the adapter tensors, and the export is an adapter for the *original* base model.
@@ -96,8 +105,9 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
 
     Raises:
         ValueError: for an adapter tensor holding NaN or inf (naming it); for adapters with no exact PEFT LoRA form (Simple DoRA; layers that mix DoRA
-            and plain LoRA, or differ in dropout), naming why and pointing to :func:`merge`; for a
-            sharded model; or for an existing ``directory`` holding other files or a tiedlora checkpoint.
+            and plain LoRA, or differ in dropout; a trained parameter outside the adapter that
+            ``modules_to_save`` cannot hold), naming why; for a sharded model; or for an existing
+            ``directory`` holding other files or a tiedlora checkpoint.
     """
     model = unwrapped(model)
     directory = as_directory(directory, "export_peft")
@@ -114,6 +124,8 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
             if dora:
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _cpu_fp32(layer.adapter_m)
+    head_tensors, modules_to_save, task_type = _modules_to_save(model, layers, _task_type(model))
+    tensors.update(head_tensors)
     refuse_nonfinite(tensors, "export_peft")  # a diverged adapter: PEFT and engines would serve NaN
     all_modules = [n for n, _ in model.named_modules() if n and n != ROOT_ATTR and not n.startswith(ROOT_ATTR + ".")]
     adapted = [n for n, _ in layers]
@@ -129,7 +141,7 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
                                    or None)
     config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": r,
@@ -141,7 +153,7 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
         "bias": "none",
         "use_rslora": False,
         "use_dora": dora,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "init_lora_weights": True,
@@ -225,11 +237,93 @@ def _selecting_suffixes(chosen: list[str], universe: list[str]) -> list[str]:
     return out
 
 
+#: PEFT's ``task_type`` of a model class, by the transformers auto-class mapping that loads that class:
+#: ``AutoPeftModelFor<task>`` loads the base with that auto class and accepts the directory only with it.
+_TASK_TYPES = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+)
+
+
 def _task_type(model: nn.Module) -> Optional[str]:
-    """PEFT's ``task_type`` for causal LMs (so ``AutoPeftModelForCausalLM`` accepts the directory); None
-    otherwise (a plain ``PeftModel``: other task types would add modules to save)."""
+    """PEFT's ``task_type`` for a model class that a transformers auto class of a PEFT task loads (a
+    causal or sequence-to-sequence LM, a sequence or token classifier, extractive QA), so that
+    ``AutoPeftModelFor<task>`` accepts the directory; ``CAUSAL_LM`` for any other ``...ForCausalLM`` /
+    ``...LMHeadModel``; None otherwise (a plain ``PeftModel``). The classifier and QA task types make
+    PEFT copy the head (``classifier`` / ``score`` / ``qa_outputs``) as a module to save: the base's
+    own head where the file holds none, the same function."""
     name = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # no transformers: no auto classes to match
+        modeling_auto = None
+    for mapping, task in _TASK_TYPES:
+        classes = getattr(modeling_auto, mapping, {}).values() if modeling_auto is not None else ()
+        if any(name == c or (isinstance(c, (tuple, list)) and name in c) for c in classes):
+            return task
     return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
+
+
+#: The modules PEFT adds to ``modules_to_save`` itself for a task type (its PeftModelFor<task> classes).
+_PEFT_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                      "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]], task: Optional[str]
+                     ) -> tuple[dict[str, torch.Tensor], list[str], Optional[str]]:
+    """({PEFT key: tensor}, ``modules_to_save``, ``task_type``) for the trained parameters outside the
+    adapter. PEFT copies every module whose path ends with a listed name, or with one its task type
+    adds (:data:`_PEFT_TASK_MODULES`), and loads each copy's whole state from the file (keys
+    ``base_model.model.<module path>.<state key>``): the file holds every such module's state as the
+    model has it. Raises for a trained parameter PEFT would load as another function; a task type whose
+    head would copy an adapted layer is dropped (a plain ``PeftModel`` loads the directory)."""
+    adapted = [n for n, _ in layers]
+    adapter = {id(prm) for _, prm in adapter_named_parameters(model)}
+    names_of: dict[int, list[str]] = {}
+    for pname, prm in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(prm), []).append(pname)
+    module_names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+
+    def copied(targets) -> list[str]:  # PEFT's rule: the module's path ends with a target
+        return [n for n in module_names if any(n.endswith(t) for t in targets)]
+
+    def adapted_in(n: str) -> Optional[str]:  # an adapted layer that is n, holds n or is held by n
+        return next((a for a in adapted if a == n or a.startswith(n + ".") or n.startswith(a + ".")), None)
+
+    owners: list[str] = []
+    for pname, prm in model.named_parameters():
+        if not prm.requires_grad or id(prm) in adapter:
+            continue
+        owner = pname.rpartition(".")[0]
+        why = None
+        if len(names_of[id(prm)]) > 1:
+            why = f"is shared with {names_of[id(prm)][1]!r} (tied weights), which PEFT's module copy would untie"
+        elif not owner:
+            why = "belongs to the model's root, which PEFT cannot copy as a module"
+        else:
+            clash = next(((n, adapted_in(n)) for n in copied([owner]) if adapted_in(n)), None)
+            if clash is not None:
+                why = (f"belongs to {owner!r}, and PEFT's copy of {clash[0]!r} as a module to save would "
+                       f"hold the adapted layer {clash[1]!r}")
+        if why is not None:
+            raise ValueError(f"export_peft: the trained parameter {pname!r} {why}; freeze it before exporting. "
+                             f"{_merge_advice(layers)}")
+        if owner not in owners:
+            owners.append(owner)
+    auto = _PEFT_TASK_MODULES.get(task, ())
+    if any(adapted_in(n) for n in copied(auto)):  # an adapted head: not PEFT's task layout
+        task, auto = None, ()
+    # One copy per module: a module inside another copied one (RoBERTa's classifier.dense inside the
+    # classifier SEQ_CLS copies) goes with it (PEFT's copies of both fail to load).
+    listed = list(dict.fromkeys([*[t for t in auto if copied([t])], *owners]))
+    outer = [n for n in copied(listed) if not any(n.startswith(c + ".") for c in copied(listed))]
+    listed = [t for t in listed if any(n.endswith(t) for n in outer)]
+    tensors = {f"{PEFT_PREFIX}{n}.{k}": _full(t).contiguous()
+               for n in outer for k, t in model.get_submodule(n).state_dict().items()}
+    return tensors, listed, task
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

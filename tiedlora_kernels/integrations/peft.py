@@ -80,6 +80,11 @@ def from_peft(peft_model) -> nn.Module:
     if merged:  # their base weights hold the update already: converted, it would be applied twice
         raise ValueError(f"from_peft: PEFT layers {merged[:3]}{' ...' if len(merged) > 3 else ''} are merged into "
                          "their base weights; call peft_model.unmerge_adapter() first")
+    disabled = [n for n, m in layers if getattr(m, "disable_adapters", False)]
+    if disabled:  # PEFT computes the base model there now; the adapter is what is asked for
+        warnings.warn(f"from_peft: PEFT layers {disabled[:3]}{' ...' if len(disabled) > 3 else ''} have their "
+                      "adapters disabled (disable_adapter_layers), so the PEFT model computes the base model there; "
+                      "they are converted with their adapters on", UserWarning, stacklevel=2)
     captured = {}
     # Everything is checked before peft_model.unload(): after it, a refusal would leave the user
     # with neither PEFT's adapter nor ours.
