@@ -135,6 +135,13 @@ def check_scaling(op: str, scaling) -> None:
                          f"or bool), got {scaling!r}")
 
 
+def plain_float(value):
+    """A checked real number as torch takes it: a Python float (a ``fractions.Fraction`` or a numpy
+    float32 is no operand of ``F.dropout`` or of a tensor product), unchanged while torch.compile
+    traces (``float()`` would specialise a symbolic value)."""
+    return value if isinstance(value, float) or torch.compiler.is_compiling() else float(value)
+
+
 def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -149,4 +156,4 @@ def adapter_compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
 
 
 __all__ = ["FLOAT_DTYPES", "check_adapter_tensors", "check_scaling", "check_tied_lora_inputs",
-           "check_tied_lora_add_inputs", "adapter_compute_dtype"]
+           "check_tied_lora_add_inputs", "adapter_compute_dtype", "plain_float"]

@@ -165,6 +165,41 @@ def test_numpy_scalars_are_accepted_and_tensors_refused():
         ops.tied_lora_linear(x, W, b, A, B, dropout_p=np.float32(1.5))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fractions_and_numpy_float32_scale_and_drop_on_every_route(backend, monkeypatch):
+    """Validation takes any real number; the torch route handed a Fraction or a numpy float32 to torch
+    as it was (TypeError from the product or F.dropout), the kernels' route converted it."""
+    import numpy as np
+    from fractions import Fraction
+
+    monkeypatch.setenv("TIEDLORA_BACKEND", backend)
+    x, W, b, A, B = _layer_inputs(requires_grad=False)
+    B = B + 1
+    want = reference.tied_lora_linear(x, W, b, A, B, scaling=0.7)
+    for scaling in (Fraction(7, 10), np.float32(0.7)):
+        got = ops.tied_lora_linear(x, W, b, A, B, scaling=scaling)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), scaling
+    for p in (Fraction(3, 10), np.float32(0.3)):
+        torch.manual_seed(0)
+        got = ops.tied_lora_linear(x, W, b, A, B, scaling=0.7, dropout_p=p, training=True)
+        torch.manual_seed(0)
+        same = ops.tied_lora_linear(x, W, b, A, B, scaling=0.7, dropout_p=float(p), training=True)
+        assert torch.equal(got, same) and not torch.allclose(got, want), p
+
+
+def test_a_sparse_x_takes_the_torch_route_or_a_clear_error(monkeypatch):
+    """A sparse x reached the kernels' reshape ('reshape is not implemented for sparse tensors')."""
+    x, W, b, A, B = _layer_inputs(requires_grad=False)
+    sparse = x.reshape(-1, x.shape[-1]).to_sparse()
+    want = reference.tied_lora_linear(sparse.to_dense(), W, b, A, B + 1)
+    monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
+    assert torch.allclose(ops.tied_lora_linear(sparse, W, b, A, B + 1), want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
+    with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor on the Triton backend, got layout "
+                       r"torch.sparse_coo"):
+        ops.tied_lora_linear(sparse, W, b, A, B + 1)
+
+
 def test_unknown_backend_is_named(monkeypatch):
     monkeypatch.setenv("TIEDLORA_BACKEND", "cublas")
     x, W, *_ = _layer_inputs()

@@ -28,7 +28,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import reference
-from ..validation import check_tied_lora_add_inputs, check_tied_lora_inputs
+from ..validation import check_tied_lora_add_inputs, check_tied_lora_inputs, plain_float
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -104,7 +104,8 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
     # under it, and the torch route traces as it is
     jit_tracing = torch.jit.is_tracing()
     if want == "auto":
-        fits = (x.is_cuda and installed and x.dtype != torch.float64 and not wide_operand and not base_trains
+        fits = (x.is_cuda and installed and x.layout == torch.strided and x.dtype != torch.float64
+                and not wide_operand and not base_trains
                 and (rank_limit is None or rank <= rank_limit) and not _transformed(x, weight, bias, *present)
                 and not jit_tracing)
         return "triton" if fits else "torch"
@@ -117,6 +118,9 @@ def resolve_backend(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias
         raise RuntimeError(f"{op} (triton): x must be a CUDA tensor, got device {x.device}; "
                            "set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU "
                            "interpreter, or use TIEDLORA_BACKEND=torch")
+    if x.layout != torch.strided:
+        raise TypeError(f"{op} (triton): x must be a dense (strided) tensor on the Triton backend, got layout "
+                        f"{x.layout}; use TIEDLORA_BACKEND=torch (or auto), or x.to_dense()")
     if x.dtype == torch.float64:
         raise TypeError(f"{op} (triton): x must be float32, bfloat16 or float16 on the Triton "
                         f"backend, got dtype {x.dtype}; use TIEDLORA_BACKEND=torch (or auto) for float64")
@@ -207,7 +211,8 @@ def tied_lora_linear(
 
         return tied_lora_linear_triton(x, weight, bias, A, B, u, v, float(scaling), float(dropout_p), training,
                                        row_scale=row_scale)
-    return reference.unchecked_tied_lora_linear(x, weight, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+    return reference.unchecked_tied_lora_linear(x, weight, bias, A, B, u, v, plain_float(scaling),
+                                                plain_float(dropout_p), training, row_scale)
 
 
 def tied_lora_add(
@@ -245,4 +250,5 @@ def tied_lora_add(
 
         return tied_lora_add_triton(x, base_out, bias, A, B, u, v, float(scaling), float(dropout_p), training,
                                     row_scale=row_scale)
-    return reference.unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, scaling, dropout_p, training, row_scale)
+    return reference.unchecked_tied_lora_add(x, base_out, bias, A, B, u, v, plain_float(scaling),
+                                             plain_float(dropout_p), training, row_scale)
