@@ -110,6 +110,15 @@ class Bnb8bit(QuantizedBase):
         bnb = _bnb()
         return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
+    def prepare(self, module):
+        # A layer whose weight holds int8 rows without their scales (PEFT's DoRA over 8-bit leaves
+        # weight.CB set and weight.SCB None once it has run): bitsandbytes' next call would take the
+        # missing scales as the layer's and fail inside its matmul; the scales are in its state
+        weight, state = module.weight, module.state
+        if getattr(weight, "CB", None) is not None and getattr(weight, "SCB", None) is None \
+                and getattr(state, "SCB", None) is not None:
+            weight.SCB = state.SCB
+
     def dequantized_weight(self, module):
         weight, state = module.weight, module.state
         CB = weight.CB if getattr(weight, "CB", None) is not None else state.CB
@@ -126,7 +135,9 @@ class Bnb8bit(QuantizedBase):
         import bitsandbytes as bnb
 
         old = module.weight
-        fresh = bnb.nn.Int8Params(weight.to("cpu", torch.float16).contiguous(), requires_grad=False,
+        # int8 weights are quantized from fp16; kept 16/32-bit weights (has_fp16_weights) keep their dtype
+        dtype = old.dtype if old.has_fp16_weights else torch.float16
+        fresh = bnb.nn.Int8Params(weight.to("cpu", dtype).contiguous(), requires_grad=False,
                                   has_fp16_weights=old.has_fp16_weights)
         module.weight = fresh.to(old.device)  # quantizes on the way
         module.state.reset_grads()

@@ -203,6 +203,26 @@ def test_4bit_merge_requantizes_with_a_warning(base_dir):
         assert quantized.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8
 
 
+def test_an_8bit_layer_keeping_its_float_weights_keeps_their_dtype_through_merge():
+    """has_fp16_weights=True keeps the weight in its float dtype (fp32 here) and quantizes on each call:
+    merge and unmerge wrote it back as fp16 (merge promises the weight's dtype kept)."""
+    torch.manual_seed(0)
+    q = bnb.nn.Linear8bitLt(48, 40, bias=True, has_fp16_weights=True, threshold=0.0)
+    q.weight = bnb.nn.Int8Params(torch.randn(40, 48) / 7, requires_grad=False, has_fp16_weights=True)
+    model = nn.Module()
+    model.proj = q.to("cpu")
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6", target_modules=["proj"], seed=1))
+    randomize_adapters(model, std=0.1)
+    x = torch.randn(5, 48)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (merge's rounding warning)
+        adapted = model.proj(x)
+        for step in (merge, unmerge):
+            step(model)
+            assert model.proj.base_layer.weight.dtype == torch.float32, step.__name__
+            assert rel_err(model.proj(x), adapted) < 1e-2, step.__name__  # int8 rounding of the weight
+
+
 class Int8WeightLinear(nn.Linear):
     """A stand-in for a quantized linear of a library we do not support: an nn.Linear with int8 storage."""
 
@@ -416,10 +436,13 @@ def test_8bit_dora_starts_as_the_base_layer(fp16_weights):
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_from_peft_over_a_4bit_model(base_dir, use_dora):
-    """A PEFT LoRA (or DoRA) trained over a 4-bit model converts to ours with the same logits."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_from_peft_over_a_quantized_model(base_dir, use_dora, bits):
+    """A PEFT LoRA (or DoRA) trained over a 4-bit or 8-bit model converts to ours with the same logits.
+    PEFT's DoRA over 8-bit, once run, leaves the int8 weight without its scales (weight.SCB None):
+    the converted model's first call failed inside bitsandbytes."""
     peft = pytest.importorskip("peft")
-    model = load_quantized(base_dir, 4)
+    model = load_quantized(base_dir, bits)
     pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora,
                            init_lora_weights=False)
     with warnings.catch_warnings():
@@ -428,7 +451,7 @@ def test_from_peft_over_a_4bit_model(base_dir, use_dora):
     ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = peft_model(ids).logits
-        base = load_quantized(base_dir, 4).train()(ids).logits
+        base = load_quantized(base_dir, bits).train()(ids).logits
     from tiedlora_kernels import from_peft
 
     ours = from_peft(peft_model).train()
