@@ -36,11 +36,11 @@ def compile_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile")
     proc = _compile_for_hopper("bench.compile_report", "--quick", "--arch", "90", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "compile_report.json").read_text()), (out / "compile_report.md").read_text()
+    return json.loads((out / "compile_report.json").read_text()), (out / "compile_report.md").read_text(), proc.stderr
 
 
 def test_every_kernel_compiles_for_hopper(compile_report):
-    rep, md = compile_report
+    rep, md, _ = compile_report
     assert rep["arch"] == 90 and rep["triton"]
     assert {r["kernel"] for r in rep["rows"]} == KERNELS
     assert rep["ptxas"]["path"] and rep["ptxas"]["version"]
@@ -51,10 +51,17 @@ def test_every_kernel_compiles_for_hopper(compile_report):
     assert md.count("\n| train-") + md.count("\n| serve-") + md.count("\n| fused-decode-") == len(rep["rows"])
 
 
+def test_every_launch_sets_fp_fusion(compile_report):
+    """Every launch asks for FP fusion (FMA), the default before triton 3.10 that the kernels are
+    checked with: 3.10 turns the default off, and 3.9 warns at the first compile that does not say."""
+    _, _, stderr = compile_report
+    assert "TRITON_DEFAULT_FP_FUSION" not in stderr
+
+
 def test_nothing_spills(compile_report):
     """No kernel spills registers, at r = 128 included (the [BR, BN] tile of the up projection
     shrinks with the rank for that)."""
-    rep, _ = compile_report
+    rep, _, _ = compile_report
     assert any(r["rank"] == 128 for r in rep["rows"])
     spilling = [(r["case"], r["kernel"], r["config"], r["spill_store_bytes"]) for r in rep["rows"]
                 if r["spill_store_bytes"]]
@@ -64,7 +71,7 @@ def test_nothing_spills(compile_report):
 def test_bf16_rank_r_dots_run_on_tensor_cores(compile_report):
     """The bf16 dot over the activations runs on tensor cores (wgmma or mma.sync): adapter_term's and
     the serving banks'."""
-    rep, _ = compile_report
+    rep, _, _ = compile_report
     term = [r for r in rep["rows"] if r["kernel"] in ("_adapter_term_kernel", "_bank_term_kernel",
                                                        "_bank_segment_term_kernel") and r["dtype"] == "bfloat16"]
     assert term

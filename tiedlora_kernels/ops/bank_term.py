@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .adapter_term import _tiles
-from .common import block_r, cdiv, column_splits, down_project, precisions, store_with_bias, up_project, vec, wide_dot
+from .common import (block_r, cdiv, column_splits, down_project, launch_options, precisions, store_with_bias, up_project,
+                     vec, wide_dot)
 
 
 @triton.jit
@@ -113,6 +114,6 @@ def bank_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, U: torch.Tensor
         HAS_V=V is not None, HAS_BIAS=bias is not None,
         WIDE_DOT=wide_dot(x, A),
         **precisions(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=r_block,
-        num_warps=cfg.num_warps,
+        **launch_options(cfg.num_warps),
     )
     return out

@@ -191,9 +191,15 @@ def column_splits(row_programs: int, N: int, block_n: int, device, splits: Optio
     return splits, cdiv(col_tiles, splits) * block_n
 
 
-def launch_options(num_warps: int, num_stages: Optional[int]) -> dict:
-    """The launch keywords of a kernel: ``num_stages`` only when set (None: Triton's default)."""
-    return dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+def launch_options(num_warps: int, num_stages: Optional[int] = None) -> dict:
+    """The launch keywords of every kernel: ``num_stages`` only when set (None: Triton's default), and
+    FP fusion (FMA) on, as every Triton before 3.10 defaults to and these kernels are checked with:
+    triton 3.10 turns the default off (3.9 warns about it at the first compile), which would change
+    their rounding with the installed version."""
+    options = dict(num_warps=num_warps, enable_fp_fusion=True)
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return options
 
 
 def row_splits(M: int, block_m: int, other_programs: int, bytes_per_split: int, device) -> tuple[int, int]:

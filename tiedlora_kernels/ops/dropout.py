@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, keep_mask
+from .common import cdiv, keep_mask, launch_options
 
 
 @triton.jit
@@ -43,5 +43,5 @@ def dropout_mask(seed: torch.Tensor, shape, p: float, device=None) -> torch.Tens
     keep = torch.empty((M, K), device=device, dtype=torch.int8)
     if M * K:
         _dropout_keep_kernel[(cdiv(M, 32), cdiv(K, 32))](
-            seed.to(device), keep, M, K, float(p), BLOCK_M=32, BLOCK_K=32)
+            seed.to(device), keep, M, K, float(p), BLOCK_M=32, BLOCK_K=32, **launch_options(4))
     return keep.bool()

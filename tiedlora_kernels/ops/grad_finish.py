@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_r, cdiv, vec
+from .common import block_r, cdiv, launch_options, vec
 
 
 @triton.jit
@@ -95,6 +95,6 @@ def grad_finish(part: Optional[torch.Tensor], da_part: Optional[torch.Tensor], A
         p_programs,
         part.stride(0) if part is not None else 0, B.stride(0), B.stride(1),
         NEED_DA=need_da, NEED_DB=need_db, NEED_DV=need_dv, NEED_DU=need_du, HAS_V=v is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block, num_warps=4,
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=r_block, **launch_options(4),
     )
     return da, db, dv, du

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, reduction_tiles, row_splits, vec
+from .common import cdiv, launch_options, reduction_tiles, row_splits, vec
 
 
 @triton.jit
@@ -62,6 +62,6 @@ def row_scale_grad(G: torch.Tensor, y: Optional[torch.Tensor], c: torch.Tensor, 
     _row_scale_grad_kernel[(n_tiles, splits)](
         G, y if need_dc else G, vec(c, G), gs if need_gs else G, dc_part if need_dc else G,
         M, N, rows, G.stride(0), G.stride(1), y.stride(0) if need_dc else 0,
-        NEED_GS=need_gs, NEED_DC=need_dc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        NEED_GS=need_gs, NEED_DC=need_dc, BLOCK_M=block_m, BLOCK_N=block_n, **launch_options(warps),
     )
     return gs, (dc_part.sum(0) if need_dc else None)
