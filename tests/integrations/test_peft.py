@@ -145,11 +145,10 @@ def test_a_peft_scale_changed_after_creation_is_carried_exactly(tmp_path):
     (dict(lora_bias=True), r"lora_B \(LoraConfig\.lora_bias=True\)"),
     (dict(alora_invocation_tokens=[5, 6]), "uses PEFT's ALoraLinearVariant"),
     (dict(rank_pattern={"q_proj": 2}), r"rank 2 != r=4 \(per-layer ranks, LoraConfig\.rank_pattern"),
-    (dict(modules_to_save=["lm_head"]), r"LoraConfig\.modules_to_save=\['lm_head'\] trains base-model tensors"),
     (dict(bias="lora_only"), r"LoraConfig\.bias='lora_only' trains base-model tensors"),
     (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' rewrites the base model's weights"),
     (dict(init_lora_weights="olora"), r"init_lora_weights='olora' rewrites the base model's weights"),
-], ids=["lora_bias", "alora", "rank_pattern", "modules_to_save", "bias", "pissa", "olora"])
+], ids=["lora_bias", "alora", "rank_pattern", "bias", "pissa", "olora"])
 def test_peft_options_without_an_equivalent_are_refused(kw, msg):
     pm, _ = _peft_model("llama", "lora", lora_alpha=8, **kw)
     with pytest.raises(ValueError, match=msg):
@@ -216,6 +215,42 @@ def test_a_peft_model_with_its_adapters_disabled_converts_them_on_with_a_warning
                       r"computes the base model there; they are converted with their adapters on"):
         ours = from_peft(pm)
     assert rel_err(ours(IDS).logits, logits_on) < 1e-6
+
+
+def test_a_sequence_classifier_converts_with_its_trained_head(tmp_path):
+    """PEFT's SEQ_CLS models train their head as a module to save: from_peft refused every one. The
+    head becomes a trained module of ours (PEFT's trained copy): the same logits and head gradients,
+    and export_peft writes it back, so PEFT loads the export with the same logits."""
+    import copy
+
+    import transformers
+
+    from tiedlora_kernels import export_peft
+
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_labels=3))
+    pristine = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                   task_type="SEQ_CLS"))
+    _randomize(pm, ["lora_B", "modules_to_save"])
+    labels = torch.tensor([0, 2])
+    want = pm.eval()(IDS, labels=labels)
+    want.loss.backward()
+    want_head = {n.split("modules_to_save.default.")[1]: p.grad.clone() for n, p in pm.named_parameters()
+                 if "modules_to_save" in n}
+    ours = from_peft(pm)
+    ours.zero_grad()  # (the head is PEFT's parameter, its gradient from PEFT's backward above)
+    got = ours(IDS, labels=labels)
+    got.loss.backward()
+    assert rel_err(want.logits, pristine.eval()(IDS).logits) > 1e-2
+    assert rel_err(got.logits, want.logits) < 1e-6
+    assert set(want_head) == {"weight", "bias"}
+    for n, g in want_head.items():
+        assert rel_err(getattr(ours.classifier, n).grad, g) < 1e-6, n
+    export_peft(ours, tmp_path / "out")
+    loaded = peft.PeftModel.from_pretrained(pristine, str(tmp_path / "out")).eval()
+    assert rel_err(loaded(IDS).logits, want.logits) < 1e-6
 
 
 def test_dora_with_dropout_warns_that_training_steps_differ():

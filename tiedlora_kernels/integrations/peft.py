@@ -27,6 +27,11 @@ def from_peft(peft_model) -> nn.Module:
     per layer; lambda_d -> u, lambda_b -> v). The PEFT wrapper is consumed: its base model is
     returned with our modules in place of PEFT's.
 
+    PEFT's ``modules_to_save`` (a classifier head that trains with the adapter; every sequence- or
+    token-classification PEFT model has one) become plain trained modules of the returned model,
+    PEFT's trained copies in place of the originals: :func:`export_peft` writes them back as
+    ``modules_to_save``; :func:`save_adapter` does not hold them (it warns: save them separately).
+
     DoRA with ``lora_dropout > 0`` differs in training mode (identical in eval mode and in
     expectation): PEFT computes W x + (c - 1) W x_d + c s B A x_d with x_d the dropped-out input,
     ours c (W x + s B A x_d), dropout on the adapter's input only; a warning says so.
@@ -61,9 +66,9 @@ def from_peft(peft_model) -> nn.Module:
         raise ValueError(f"from_peft: LoraConfig.init_lora_weights={init!r} rewrites the base model's weights, "
                          "which a tiedlora adapter does not hold; convert it to a plain LoRA adapter of the original "
                          "base first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-    # Trained tensors outside the adapter layers: from_peft would keep them in the base model, but no
-    # adapter file carries them, so a saved and reloaded adapter would compute another function.
-    for field in ("modules_to_save", "trainable_token_indices", "bias"):
+    # Trained tensors outside the adapter layers that are no whole module (a bias, token rows): no
+    # module of ours holds them. Whole modules (modules_to_save) stay trained modules of the model.
+    for field in ("trainable_token_indices", "bias"):
         value = getattr(pcfg, field, None)
         if value and value != "none":
             raise ValueError(f"from_peft: {type(pcfg).__name__}.{field}={value!r} trains base-model tensors, "
@@ -148,8 +153,11 @@ def from_peft(peft_model) -> nn.Module:
             if not math.isclose(config.layer_scaling(n), t["scaling"], rel_tol=1e-12, abs_tol=0.0):
                 raise ValueError(f"from_peft: layer {n!r} has scaling {t['scaling']!r}, which no alpha reproduces "
                                  f"(lora_alpha={pcfg.lora_alpha}, alpha_pattern={pcfg.alpha_pattern})")
-    base = peft_model.unload()
+    base = peft_model.unload()  # PEFT's trained copies of its modules_to_save take their modules' places
+    heads = [prm for prm in base.parameters() if prm.requires_grad]
     inject(base, config)
+    for prm in heads:  # inject froze them with the base model: they train as they did in PEFT
+        prm.requires_grad_(True)
     ours = dict(adapted_layers(base))
     with torch.no_grad():
         for n, t in captured.items():
