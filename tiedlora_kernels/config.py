@@ -127,14 +127,15 @@ EXCLUDE_RULES = ("heads", "module", "name")
 #: The default ``exclude_modules``: transformers' output and task heads (causal-LM and
 #: sequence-classification heads, BERT-style pre-training heads, question answering, BART's
 #: classification head, ELECTRA / Funnel discriminator heads, GPT-2's multiple-choice head, XLNet /
-#: XLM sequence summaries and classification projections) and mixture-of-experts routers (PhiMoE,
+#: XLM sequence summaries and classification projections, ESM's contact-prediction head: its one-output
+#: regression, in_features = layers x heads) and mixture-of-experts routers (PhiMoE,
 #: JetMoE, Llama 4; Qwen2-MoE's one-output shared-expert gate). A rank-r adapter on a 2-label head
 #: is meaningless, a head tied to the input embedding cannot be merged, and an adapted router would
 #: change which experts see a token. (Not ``gate``: other models name ordinary projections so.)
 #: Saved configs list the names, so a file saved under a shorter default loads with its own list.
 DEFAULT_EXCLUDED_HEADS = ("lm_head", "score", "classifier", "classification_head", "qa_outputs", "cls",
                           "discriminator_predictions", "multiple_choice_head", "sequence_summary", "logits_proj",
-                          "router", "shared_expert_gate")
+                          "contact_head", "router", "shared_expert_gate")
 
 #: A kind name given in ``kinds``: dotted identifiers (``attn_out``, ``attn.c_proj``).
 _KIND_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -123,8 +123,11 @@ _MOE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_laye
     (lambda: _tiny("DogeConfig", "DogeForCausalLM", **{**_MOE, "num_attention_heads": 8, "num_key_value_heads": 8},
                    is_moe=True, num_experts=16, num_experts_per_tok=2),
      ["model.layers.0.mlp.router_gate"]),
+    (lambda: _tiny("EsmConfig", "EsmForMaskedLM", vocab_size=33, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=64, pad_token_id=1),
+     ["esm.contact_head.regression"]),
 ], ids=["electra-discriminator", "gpt2-multiple-choice", "xlnet-summary", "qwen2moe-shared-gate", "phimoe-router",
-        "jetmoe-routers", "hunyuan-moe-gate", "doge-router-gate"])
+        "jetmoe-routers", "hunyuan-moe-gate", "doge-router-gate", "esm-contact-head"])
 def test_all_linear_leaves_task_heads_and_routers_alone(make, left_out):
     """These heads and routers used to be adapted: a 1- or 2-output head crashed at rank 8, a router was
     silently adapted (changing which experts see a token). The model's linear shell (what a bank reads
@@ -221,11 +224,14 @@ def test_the_out_proj_of_a_torch_multihead_attention_is_left_out_or_refused():
     (lambda: _tiny("Mamba2Config", "Mamba2ForCausalLM", hidden_size=32, num_hidden_layers=1, vocab_size=64,
                    state_size=4, expand=2, num_heads=4, head_dim=16, n_groups=1, chunk_size=8),
      ["backbone.layers.0.mixer.out_proj"]),
-], ids=["wavlm-attention", "mamba-mixer", "mamba2-mixer"])
+    (lambda: _tiny("NeoMMEConfig", "NeoMMEForMaskedLM", vocab_size=64, hidden_size=32, intermediate_size=48,
+                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, embedding_rank=16),
+     ["unembedding_projection"]),
+], ids=["wavlm-attention", "mamba-mixer", "mamba2-mixer", "neomme-unembedding"])
 def test_layers_a_transformers_parent_reads_directly_are_left_out_or_refused(make, read):
     """WavLM's attention passes q/k/v/out_proj's weights to F.multi_head_attention_forward; a Mamba mixer
     multiplies by dt_proj.weight (and mamba-ssm's CUDA kernels take x_proj and out_proj's too; a Mamba-2
-    mixer's, out_proj's): adapters
+    mixer's, out_proj's); NeoMME's masked LM multiplies by unembedding_projection.weight: adapters
     there got no gradient and changed nothing, and merge() then changed the output. "all-linear" leaves
     them out; naming one is refused."""
     model = inject(make(), TiedLoRAConfig(rank=2, preset="lora"))

@@ -134,6 +134,8 @@ CHILDREN_READ_BY_CLASS = {
     **{mixer: ("out_proj",) for mixer in ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "GraniteMoeHybridMambaLayer",
                                           "NemotronHMamba2Mixer", "Zamba2MambaMixer")},
     "Gemma3nTextAltUp": ("correction_coefs",),
+    # its factorised output head: hidden @ unembedding_projection.weight, then lm_head
+    "NeoMMEForMaskedLM": ("unembedding_projection",),
 }
 
 
