@@ -1257,3 +1257,16 @@ def test_an_image_encoder_with_a_text_decoder_generates_each_image_with_its_adap
     with torch.no_grad():  # the adapters change the answers: the check can fail
         assert not torch.equal(single["b"].generate(pixel_values=pixels, max_new_tokens=4, do_sample=False),
                                base.generate(pixel_values=pixels, max_new_tokens=4, do_sample=False))
+
+
+def test_a_call_frame_is_the_token_ids_when_a_call_has_both():
+    """A multimodal call gives token ids (positional or keyword) and images: the ids decide its batch
+    (the images' count is not the prompts'); images or audio alone give their own batch."""
+    from tiedlora_kernels.serving import _call_frame
+
+    ids, pixels, audio = torch.zeros(2, 10, dtype=torch.long), torch.rand(1, 3, 8, 8), torch.rand(3, 80)
+    assert _call_frame((ids,), {"pixel_values": pixels}) == (2, 10, False)
+    assert _call_frame((), {"input_ids": ids, "pixel_values": pixels}) == (2, 10, False)
+    assert _call_frame((), {"pixel_values": pixels}) == (1, None, False)
+    assert _call_frame((pixels,), {}) == (1, None, False)
+    assert _call_frame((), {"input_values": audio}) == (3, None, False)

@@ -100,7 +100,8 @@ def _adapter_delta(x, A, B, u, v, scaling, dropout_p, training) -> torch.Tensor:
     (under torch.autocast too: autocast would otherwise run these products in its lower dtype)."""
     ct = adapter_compute_dtype(x, A)
     with autocast_off(x.device.type):
-        xd = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+        # (torch draws no dropout mask over a sparse tensor: a sparse x is dropped out densified)
+        xd = F.dropout(x if x.layout == torch.strided else x.to_dense(), dropout_p) if dropout_p > 0 and training else x
         h = F.linear(xd.to(ct), A.to(ct))
         z = h * u.to(ct) if u is not None else h
         delta = F.linear(z, B.to(ct))

@@ -381,14 +381,15 @@ def _call_frame(args: tuple, kwargs: dict) -> Optional[CallFrame]:
         t = kwargs.get(key)
         if t is not None:
             return CallFrame(*t.shape[:2]) if t.dim() >= 2 else None
+    first = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 else None
+    if first is not None and not first.is_floating_point():  # positional token ids
+        return CallFrame(*first.shape[:2])
     for key in ("pixel_values", "input_features", "input_values"):
         t = kwargs.get(key)
         if t is not None and t.dim() >= 2:
             return CallFrame(t.shape[0], None)
-    t = args[0] if args else None  # positional: token ids, or images or audio (an inner model's call)
-    if isinstance(t, torch.Tensor) and t.dim() >= 2:
-        return CallFrame(t.shape[0], None) if t.is_floating_point() else CallFrame(*t.shape[:2])
-    return None
+    # positional images or audio (an inner model's call)
+    return CallFrame(first.shape[0], None) if first is not None else None
 
 
 def _generate_copies(model: nn.Module, kwargs: dict) -> int:

@@ -408,7 +408,8 @@ def test_an_adapted_classifier_exports_without_the_task_type(tmp_path):
 
 @pytest.mark.parametrize("trained, message", [
     ("model.embed_tokens.weight", r"'model.embed_tokens.weight' is shared with 'lm_head.weight' \(tied weights\)"),
-    ("model.layers.0.self_attn.q_proj.weight", r"belongs to 'model.layers.0.self_attn.q_proj', and PEFT's copy"),
+    ("model.layers.0.self_attn.q_proj.weight", r"belongs to the adapted layer 'model.layers.0.self_attn.q_proj' "
+                                               r"itself \(its base weight or bias\)"),
 ])
 def test_a_trained_parameter_peft_cannot_hold_is_refused(trained, message, tmp_path):
     """A trained embedding tied to the head (PEFT's module copy unties them) or an adapted layer's own
@@ -419,3 +420,24 @@ def test_a_trained_parameter_peft_cannot_hold_is_refused(trained, message, tmp_p
     with pytest.raises(ValueError, match=message):
         export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_head_whose_name_ends_another_adapted_layers_is_refused_saying_so(tmp_path):
+    """DistilBERT's classifier: PEFT copies every module whose name ends with 'classifier', the adapted
+    pre_classifier too; refused saying to leave that layer out, and exported once it is."""
+    def distilbert():
+        return _tiny_transformers("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=97, dim=32,
+                                  n_layers=1, n_heads=4, hidden_dim=48, num_labels=3)
+
+    for exclude, refused in (([], True), (["pre_classifier"], False)):
+        model = inject(distilbert(), TiedLoRAConfig(rank=4, preset="tl6",
+                                                    exclude_modules=[*TiedLoRAConfig().exclude_modules, *exclude]))
+        model.classifier.requires_grad_(True)
+        if refused:
+            with pytest.raises(ValueError, match=r"PEFT copies every module whose name ends with 'classifier'\) would "
+                               r"hold the adapted layer 'pre_classifier'; inject without adapting 'pre_classifier'"):
+                export_peft(model, tmp_path / "out")
+        else:
+            export_peft(model, tmp_path / "out")
+            assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] == \
+                ["classifier"]

@@ -217,10 +217,13 @@ def test_a_peft_model_with_its_adapters_disabled_converts_them_on_with_a_warning
     assert rel_err(ours(IDS).logits, logits_on) < 1e-6
 
 
-def test_a_sequence_classifier_converts_with_its_trained_head(tmp_path):
+@pytest.mark.parametrize("peft_model_from", ["get_peft_model", "from_pretrained"])
+def test_a_sequence_classifier_converts_with_its_trained_head(peft_model_from, tmp_path):
     """PEFT's SEQ_CLS models train their head as a module to save: from_peft refused every one. The
     head becomes a trained module of ours (PEFT's trained copy): the same logits and head gradients,
-    and export_peft writes it back, so PEFT loads the export with the same logits."""
+    and export_peft writes it back, so PEFT loads the export with the same logits. Also from a PEFT
+    model loaded for inference (PeftModel.from_pretrained: its head copy frozen), whose head was
+    otherwise left frozen and out of the export."""
     import copy
 
     import transformers
@@ -234,11 +237,20 @@ def test_a_sequence_classifier_converts_with_its_trained_head(tmp_path):
     pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                    task_type="SEQ_CLS"))
     _randomize(pm, ["lora_B", "modules_to_save"])
+    if peft_model_from == "from_pretrained":
+        pm.save_pretrained(tmp_path / "peft")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "peft"))
+        assert not any(p.requires_grad for p in pm.parameters())
     labels = torch.tensor([0, 2])
+    for n, p in pm.named_parameters():  # (the head's gradients in PEFT, whichever way it was made)
+        p.requires_grad_("modules_to_save" in n or "lora_" in n)
     want = pm.eval()(IDS, labels=labels)
     want.loss.backward()
     want_head = {n.split("modules_to_save.default.")[1]: p.grad.clone() for n, p in pm.named_parameters()
                  if "modules_to_save" in n}
+    if peft_model_from == "from_pretrained":  # frozen as PeftModel.from_pretrained leaves it
+        for p in pm.parameters():
+            p.requires_grad_(False)
     ours = from_peft(pm)
     ours.zero_grad()  # (the head is PEFT's parameter, its gradient from PEFT's backward above)
     got = ours(IDS, labels=labels)

@@ -188,12 +188,21 @@ def test_fractions_and_numpy_float32_scale_and_drop_on_every_route(backend, monk
 
 
 def test_a_sparse_x_takes_the_torch_route_or_a_clear_error(monkeypatch):
-    """A sparse x reached the kernels' reshape ('reshape is not implemented for sparse tensors')."""
+    """A sparse x reached the kernels' reshape ('reshape is not implemented for sparse tensors'); on the
+    torch route, with dropout, torch's bernoulli_ (no mask over a sparse tensor)."""
     x, W, b, A, B = _layer_inputs(requires_grad=False)
     sparse = x.reshape(-1, x.shape[-1]).to_sparse()
     want = reference.tied_lora_linear(sparse.to_dense(), W, b, A, B + 1)
     monkeypatch.setenv("TIEDLORA_BACKEND", "torch")
     assert torch.allclose(ops.tied_lora_linear(sparse, W, b, A, B + 1), want, rtol=1e-5, atol=1e-6)
+    dense = sparse.to_dense()  # with dropout (torch draws no mask over a sparse tensor: it failed in bernoulli_)
+    for layout in (sparse, sparse.to_sparse_csr()):
+        torch.manual_seed(3)
+        got = ops.tied_lora_linear(layout, W, b, A, B + 1, dropout_p=0.3, training=True)
+        torch.manual_seed(3)
+        same = ops.tied_lora_linear(dense, W, b, A, B + 1, dropout_p=0.3, training=True)  # (the same mask)
+        assert torch.allclose(got, same, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, want)
     monkeypatch.setenv("TIEDLORA_BACKEND", "triton")
     with pytest.raises(TypeError, match=r"x must be a dense \(strided\) tensor on the Triton backend, got layout "
                        r"torch.sparse_coo"):

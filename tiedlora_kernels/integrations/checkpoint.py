@@ -248,12 +248,14 @@ def _warn_trained_outside_adapter(model: nn.Module) -> None:
                       "freeze them)", UserWarning, stacklevel=3)
 
 
-def _is_peft_directory(directory: Path) -> bool:
-    """Whether ``directory``'s config is a PEFT adapter's (it names a ``peft_type``)."""
+def _peft_hint(directory: Path) -> str:
+    """What to do with ``directory`` when its config is a PEFT adapter's (it names a ``peft_type``), or ""."""
     try:
-        return "peft_type" in json.loads((directory / CONFIG_FILE).read_text())
+        peft_config = "peft_type" in json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError, TypeError):
-        return False
+        peft_config = False
+    return (" (a PEFT adapter directory, as export_peft writes: load it with peft.PeftModel.from_pretrained, then "
+            "convert with tiedlora_kernels.from_peft)" if peft_config else "")
 
 
 def _read_safetensors(path: Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -275,13 +277,11 @@ def read_adapter(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tenso
 def _read_verified(directory) -> tuple[TiedLoRAConfig, list, dict[str, torch.Tensor], str]:
     path = as_directory(directory, "load_adapter") / ADAPTER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}")
+        raise FileNotFoundError(f"load_adapter: no {ADAPTER_FILE} in {directory}{_peft_hint(Path(directory))}")
     meta, tensors = _read_safetensors(path, "adapter")
     if meta.get("format") != FORMAT:
-        hint = (" (a PEFT adapter directory, as export_peft writes: load it with peft.PeftModel.from_pretrained, "
-                "then convert with tiedlora_kernels.from_peft)" if _is_peft_directory(Path(directory)) else "")
         raise ValueError(f"load_adapter: {path} is not a tiedlora adapter file (format={meta.get('format')!r})"
-                         f"{hint}")
+                         f"{_peft_hint(Path(directory))}")
     missing = [k for k in ("format_version", "config", "layers", "sha256") if k not in meta]
     if missing:
         raise ValueError(f"load_adapter: {path} lacks metadata {missing}: the file is corrupted")

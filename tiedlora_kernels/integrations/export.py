@@ -300,14 +300,19 @@ def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]],
         owner = pname.rpartition(".")[0]
         why = None
         if len(names_of[id(prm)]) > 1:
-            why = f"is shared with {names_of[id(prm)][1]!r} (tied weights), which PEFT's module copy would untie"
+            why = (f"is shared with {names_of[id(prm)][1]!r} (tied weights), which PEFT's module copy would untie "
+                   "(this export writes no ensure_weight_tying)")
         elif not owner:
             why = "belongs to the model's root, which PEFT cannot copy as a module"
+        elif adapted_in(owner) is not None and not any(a.startswith(owner + ".") for a in adapted):
+            why = (f"belongs to the adapted layer {adapted_in(owner)!r} itself (its base weight or bias), which a "
+                   "PEFT LoRA file does not hold")
         else:
             clash = next(((n, adapted_in(n)) for n in copied([owner]) if adapted_in(n)), None)
             if clash is not None:
-                why = (f"belongs to {owner!r}, and PEFT's copy of {clash[0]!r} as a module to save would "
-                       f"hold the adapted layer {clash[1]!r}")
+                why = (f"belongs to {owner!r}, and PEFT's copy of {clash[0]!r} as a module to save (PEFT copies "
+                       f"every module whose name ends with {owner!r}) would hold the adapted layer {clash[1]!r}; "
+                       f"inject without adapting {clash[1]!r} (exclude_modules) to export the head")
         if why is not None:
             raise ValueError(f"export_peft: the trained parameter {pname!r} {why}; freeze it before exporting. "
                              f"{_merge_advice(layers)}")

@@ -47,6 +47,7 @@ def from_peft(peft_model) -> nn.Module:
     from peft.tuners.lora.variants import DoraLinearVariant
     from peft.tuners.tuners_utils import BaseTuner
     from peft.tuners.vera import VeraLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
     if not isinstance(peft_model, PeftModel):
         hint = ""
@@ -153,8 +154,12 @@ def from_peft(peft_model) -> nn.Module:
             if not math.isclose(config.layer_scaling(n), t["scaling"], rel_tol=1e-12, abs_tol=0.0):
                 raise ValueError(f"from_peft: layer {n!r} has scaling {t['scaling']!r}, which no alpha reproduces "
                                  f"(lora_alpha={pcfg.lora_alpha}, alpha_pattern={pcfg.alpha_pattern})")
-    base = peft_model.unload()  # PEFT's trained copies of its modules_to_save take their modules' places
-    heads = [prm for prm in base.parameters() if prm.requires_grad]
+    # PEFT's copies of its modules_to_save (frozen when PEFT loaded the adapter for inference): they
+    # take their modules' places in unload() and train with the adapter, as inject makes it trainable.
+    heads = [prm for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)
+             for prm in m.modules_to_save[name].parameters()]
+    base = peft_model.unload()
+    heads += [prm for prm in base.parameters() if prm.requires_grad]  # anything else PEFT trained
     inject(base, config)
     for prm in heads:  # inject froze them with the base model: they train as they did in PEFT
         prm.requires_grad_(True)
