@@ -406,20 +406,37 @@ def test_an_adapted_classifier_exports_without_the_task_type(tmp_path):
         assert_exact(pm(IDS).logits, (model(IDS).logits, copy.deepcopy(model).double()(IDS).logits))
 
 
-@pytest.mark.parametrize("trained, message", [
-    ("model.embed_tokens.weight", r"'model.embed_tokens.weight' is shared with 'lm_head.weight' \(tied weights\)"),
-    ("model.layers.0.self_attn.q_proj.weight", r"belongs to the adapted layer 'model.layers.0.self_attn.q_proj' "
-                                               r"itself \(its base weight or bias\)"),
-])
-def test_a_trained_parameter_peft_cannot_hold_is_refused(trained, message, tmp_path):
-    """A trained embedding tied to the head (PEFT's module copy unties them) or an adapted layer's own
-    base weight: refused naming the parameter, nothing written."""
+def test_a_trained_parameter_peft_cannot_hold_is_refused(tmp_path):
+    """An adapted layer's own base weight: refused naming the parameter, nothing written."""
     model = tiny_llama(n_layer=1, tie_word_embeddings=True)
     inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
-    model.get_parameter(trained).requires_grad_(True)
-    with pytest.raises(ValueError, match=message):
+    model.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad_(True)
+    with pytest.raises(ValueError, match=r"belongs to the adapted layer 'model.layers.0.self_attn.q_proj' itself "
+                                         r"\(its base weight or bias\)"):
         export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_embedding_tied_to_the_head_exports_with_weight_tying(tmp_path):
+    """A trained input embedding that is also the output head (tie_word_embeddings): exported as PEFT
+    does it (modules_to_save of the embedding, ensure_weight_tying, both modules' states in the file);
+    PEFT loads it tied, with our logits (refused before, as a copy that PEFT would untie)."""
+    torch.manual_seed(0)
+    base = tiny_llama(n_layer=1, tie_word_embeddings=True)
+    model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="tl6"))
+    randomize_adapters(model, std=0.2)
+    embedding = model.get_parameter("model.embed_tokens.weight")
+    embedding.requires_grad_(True)
+    with torch.no_grad():
+        embedding.add_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(4)) * 0.3)
+    logits, logits64 = model(IDS).logits.detach(), copy.deepcopy(model).double()(IDS).logits.detach()
+    export_peft(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["model.embed_tokens"] and cfg["ensure_weight_tying"] is True
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert rel_err(base(IDS).logits, logits) > 1e-2
+        assert_exact(pm(IDS).logits, (logits, logits64))
 
 
 def test_a_trained_head_whose_name_ends_another_adapted_layers_is_refused_saying_so(tmp_path):

@@ -72,10 +72,11 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
     Trained parameters outside the adapter (an unfrozen task head, a trained norm) go in as PEFT's
     ``modules_to_save``: each parameter's module by its full path, with its trained tensors in
     their dtype, so ``PeftModel.from_pretrained`` computes what the model does (serving engines
-    that ignore ``modules_to_save``, vLLM among them, serve the base model's head). Refused when PEFT
-    cannot hold one so: a parameter of an adapted layer itself (its base weight or bias), of a
-    module that holds adapted layers, of the model's root, or shared with another module (a trained
-    embedding tied to the output head: PEFT's copy would untie them).
+    that ignore ``modules_to_save``, vLLM among them, serve the base model's head). A trained input
+    embedding tied to the output head goes in with ``ensure_weight_tying``, as PEFT saves it. Refused
+    when PEFT cannot hold one so: a parameter of an adapted layer itself (its base weight or bias),
+    of a module that holds adapted layers (or whose name ends another module's that does), of the
+    model's root, or shared otherwise (PEFT's copy would untie it).
 
     A merged model (:func:`merge`) exports as it is, untouched: merging changes the base weights,
     never the adapter tensors, and the export is an adapter for the *original* base model.
@@ -124,7 +125,7 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
             if dora:
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = _cpu_fp32(layer.adapter_m)
-    head_tensors, modules_to_save, task_type = _modules_to_save(model, layers, _task_type(model))
+    head_tensors, modules_to_save, task_type, tie = _modules_to_save(model, layers, _task_type(model))
     tensors.update(head_tensors)
     refuse_nonfinite(tensors, "export_peft")  # a diverged adapter: PEFT and engines would serve NaN
     all_modules = [n for n, _ in model.named_modules() if n and n != ROOT_ATTR and not n.startswith(ROOT_ATTR + ".")]
@@ -159,6 +160,7 @@ def export_peft(model: nn.Module, directory, *, base_model_name_or_path: Optiona
         "init_lora_weights": True,
         "inference_mode": True,
         "revision": None,
+        **({"ensure_weight_tying": True} if tie else {}),
     }
     if not _is_writer():
         return directory
@@ -273,19 +275,24 @@ _PEFT_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classif
 
 
 def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]], task: Optional[str]
-                     ) -> tuple[dict[str, torch.Tensor], list[str], Optional[str]]:
-    """({PEFT key: tensor}, ``modules_to_save``, ``task_type``) for the trained parameters outside the
-    adapter. PEFT copies every module whose path ends with a listed name, or with one its task type
-    adds (:data:`_PEFT_TASK_MODULES`), and loads each copy's whole state from the file (keys
-    ``base_model.model.<module path>.<state key>``): the file holds every such module's state as the
-    model has it. Raises for a trained parameter PEFT would load as another function; a task type whose
-    head would copy an adapted layer is dropped (a plain ``PeftModel`` loads the directory)."""
+                     ) -> tuple[dict[str, torch.Tensor], list[str], Optional[str], bool]:
+    """({PEFT key: tensor}, ``modules_to_save``, ``task_type``, ``ensure_weight_tying``) for the trained
+    parameters outside the adapter. PEFT copies every module whose path ends with a listed name, or
+    with one its task type adds (:data:`_PEFT_TASK_MODULES`), and loads each copy's whole state from
+    the file (keys ``base_model.model.<module path>.<state key>``): the file holds every such module's
+    state as the model has it. A trained embedding tied to the output head is listed as the input
+    embedding with ``ensure_weight_tying`` (PEFT keeps the two copies one tensor), both modules'
+    states in the file, as PEFT saves it. Raises for a trained parameter PEFT would load as another
+    function; a task type whose head would copy an adapted layer is dropped (a plain ``PeftModel``
+    loads the directory)."""
     adapted = [n for n, _ in layers]
     adapter = {id(prm) for _, prm in adapter_named_parameters(model)}
     names_of: dict[int, list[str]] = {}
     for pname, prm in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(prm), []).append(pname)
     module_names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    tied = _tied_embeddings(model)
+    tie = False
 
     def copied(targets) -> list[str]:  # PEFT's rule: the module's path ends with a target
         return [n for n in module_names if any(n.endswith(t) for t in targets)]
@@ -299,9 +306,11 @@ def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]],
             continue
         owner = pname.rpartition(".")[0]
         why = None
-        if len(names_of[id(prm)]) > 1:
-            why = (f"is shared with {names_of[id(prm)][1]!r} (tied weights), which PEFT's module copy would untie "
-                   "(this export writes no ensure_weight_tying)")
+        if tied is not None and set(names_of[id(prm)]) == {f"{m}.weight" for m in tied}:
+            owner, tie = tied[0], True  # the input embedding, its output twin kept tied (ensure_weight_tying)
+        if len(names_of[id(prm)]) > 1 and not tie:
+            why = (f"is shared with {names_of[id(prm)][1]!r} (tied weights, not the model's input and output "
+                   "embeddings), which PEFT's module copy would untie")
         elif not owner:
             why = "belongs to the model's root, which PEFT cannot copy as a module"
         elif adapted_in(owner) is not None and not any(a.startswith(owner + ".") for a in adapted):
@@ -326,9 +335,26 @@ def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]],
     listed = list(dict.fromkeys([*[t for t in auto if copied([t])], *owners]))
     outer = [n for n in copied(listed) if not any(n.startswith(c + ".") for c in copied(listed))]
     listed = [t for t in listed if any(n.endswith(t) for n in outer)]
-    tensors = {f"{PEFT_PREFIX}{n}.{k}": _full(t).contiguous()
+    if tie and tied[1] not in outer:
+        outer.append(tied[1])
+    # (copies: safetensors writes no two keys of one storage, which tied modules' states are)
+    tensors = {f"{PEFT_PREFIX}{n}.{k}": _full(t).clone(memory_format=torch.contiguous_format)
                for n in outer for k, t in model.get_submodule(n).state_dict().items()}
-    return tensors, listed, task
+    return tensors, listed, task, tie
+
+
+def _tied_embeddings(model: nn.Module) -> Optional[tuple[str, str]]:
+    """(input embedding path, output embedding path) of a model whose two share one weight, else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    try:
+        pair = (get_in(), get_out()) if callable(get_in) and callable(get_out) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    if pair is None or not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in pair) \
+            or pair[0].weight is not pair[1].weight:
+        return None
+    paths = {id(m): n for n, m in model.named_modules()}
+    return (paths[id(pair[0])], paths[id(pair[1])]) if all(id(m) in paths for m in pair) else None
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
