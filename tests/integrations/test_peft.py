@@ -265,6 +265,23 @@ def test_a_sequence_classifier_converts_with_its_trained_head(peft_model_from, t
     assert rel_err(loaded(IDS).logits, want.logits) < 1e-6
 
 
+def test_a_head_untied_by_modules_to_save_stays_untied():
+    """PEFT's trained copy of a tied lm_head is its own tensor once converted, but the config still said
+    tie_word_embeddings=True: tie_weights() (save_pretrained + from_pretrained, resize_token_embeddings)
+    tied it back to the input embedding, silently (logits 1.0 off)."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    _randomize(pm, ["lora_B", "modules_to_save"])
+    want = pm.eval()(IDS).logits.detach()
+    with pytest.warns(UserWarning, match=r"untied the output head from the input embedding: the model's config now "
+                                         r"says tie_word_embeddings=False"):
+        ours = from_peft(pm)
+    assert ours.config.tie_word_embeddings is False and ours.lm_head.weight is not ours.model.embed_tokens.weight
+    ours.tie_weights()
+    assert rel_err(ours(IDS).logits, want) < 1e-6
+
+
 def test_dora_with_dropout_warns_that_training_steps_differ():
     torch.manual_seed(0)
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,

@@ -159,6 +159,7 @@ def from_peft(peft_model) -> nn.Module:
     heads = [prm for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)
              for prm in m.modules_to_save[name].parameters()]
     base = peft_model.unload()
+    _untie_in_config_where_untied(base)
     heads += [prm for prm in base.parameters() if prm.requires_grad]  # anything else PEFT trained
     inject(base, config)
     for prm in heads:  # inject froze them with the base model: they train as they did in PEFT
@@ -181,3 +182,27 @@ def from_peft(peft_model) -> nn.Module:
                     layer.adapter_m.copy_(t["m"])
     getattr(base, ROOT_ATTR).config = config
     return base
+
+
+def _untie_in_config_where_untied(model: nn.Module) -> None:
+    """A module to save that was tied to another (PEFT's trained copy of ``lm_head``, which was the input
+    embedding's weight) is its own tensor once PEFT unloads: set the config's ``tie_word_embeddings``
+    to False, or ``tie_weights()`` (``save_pretrained`` then ``from_pretrained``, resizing the vocabulary)
+    would tie them again and silently drop the trained head."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    config = getattr(model, "config", None)
+    try:
+        pair = (get_in(), get_out()) if callable(get_in) and callable(get_out) else None
+    except (NotImplementedError, AttributeError):
+        return
+    if pair is None or config is None or not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in pair):
+        return
+    configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
+    if pair[0].weight is pair[1].weight or not any(getattr(c, "tie_word_embeddings", False) for c in configs):
+        return
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    warnings.warn("from_peft: the PEFT model's modules_to_save copy untied the output head from the input "
+                  "embedding: the model's config now says tie_word_embeddings=False, so tie_weights() (saving and "
+                  "reloading, resizing the vocabulary) keeps the trained head", UserWarning, stacklevel=3)
