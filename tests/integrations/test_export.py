@@ -343,19 +343,22 @@ _ROBERTA = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attentio
                 num_labels=3, max_position_embeddings=40)
 
 
+@pytest.mark.parametrize("head", ["trained", "frozen"])
 @pytest.mark.parametrize("loader", ["PeftModel", "AutoPeftModel"])
-def test_a_trained_task_head_exports_as_a_module_to_save(loader, tmp_path):
+def test_a_trained_task_head_exports_as_a_module_to_save(loader, head, tmp_path):
     """A sequence classifier trains its head with the adapter: the export left the head out (no warning,
     no modules_to_save), so PEFT served the base model's untrained head (logits 0.7 off). It goes in as
-    PEFT's modules_to_save with task_type SEQ_CLS (AutoPeftModelForSequenceClassification loads it)."""
+    PEFT's modules_to_save with task_type SEQ_CLS (AutoPeftModelForSequenceClassification loads it).
+    A frozen head too: PEFT's SEQ_CLS copies the classifier and demands its state from the file."""
     base = _tiny_transformers("RobertaConfig", "RobertaForSequenceClassification", **_ROBERTA)
     base.save_pretrained(tmp_path / "base")
     model = inject(copy.deepcopy(base), TiedLoRAConfig(rank=4, preset="tl6"))
     randomize_adapters(model, std=0.2)
-    model.classifier.requires_grad_(True)
-    with torch.no_grad():
-        for p in model.classifier.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    if head == "trained":
+        model.classifier.requires_grad_(True)
+        with torch.no_grad():
+            for p in model.classifier.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
     model.eval()
     ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(1))
     logits = model(ids).logits.detach()
