@@ -366,6 +366,21 @@ def test_target_module_forms(target, expected):
     assert not isinstance(model.lm_head, TiedLoRALinear)
 
 
+def test_all_linear_over_a_model_whose_only_linear_is_its_head_says_so():
+    """ResNet's only linear layer is its classifier: the error said all-linear matched nothing and that
+    the available names were ['1']."""
+    def resnet():
+        return _tiny("ResNetConfig", "ResNetForImageClassification", embedding_size=8, hidden_sizes=[8, 16],
+                     depths=[1, 1], num_labels=3)
+
+    with pytest.raises(ValueError, match=r"'all-linear' leaves out output and task heads, routers and layers read by "
+                                         r"their parent, and ResNetForImageClassification has no other nn.Linear / "
+                                         r"Conv1D: its linear layers are \['classifier.1'\]"):
+        inject(resnet(), TiedLoRAConfig(rank=2))
+    model = inject(resnet(), TiedLoRAConfig(rank=2, target_modules=["classifier.1"], exclude_modules=[]))
+    assert [n for n, _ in adapted_layers(model)] == ["classifier.1"]
+
+
 def test_unknown_target_and_double_inject_and_big_rank_raise():
     with pytest.raises(ValueError, match="'qkv_proj' matches no nn.Linear"):
         inject(tiny_llama(), TiedLoRAConfig(rank=2, target_modules=["qkv_proj"]))

@@ -218,6 +218,12 @@ def find_targets(model: nn.Module, config: TiedLoRAConfig) -> list[TargetLayer]:
             if not any(_name_matches(n, t) for n, _, _ in chosen):
                 raise _all_excluded(f"target_modules entry {t!r}", config)
     if not chosen:
+        if tm == "all-linear" and candidates:  # every linear layer is a head, a router or read by its parent
+            names = [n for n, _, _ in candidates]
+            raise ValueError(f"inject: target_modules='all-linear' leaves out output and task heads, routers and "
+                             f"layers read by their parent, and {type(model).__name__} has no other nn.Linear / "
+                             f"Conv1D: its linear layers are {names[:8]}{' ...' if len(names) > 8 else ''}; name "
+                             "the ones to adapt in target_modules (and exclude_modules=[] for a head)")
         kinds = sorted({n.rsplit(".", 1)[-1] for n, _, _ in candidates})
         raise ValueError(f"inject: target_modules={tm!r} matches no nn.Linear / Conv1D in "
                          f"{type(model).__name__}; available names: {kinds}")
