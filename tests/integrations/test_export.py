@@ -410,12 +410,22 @@ def test_an_adapted_classifier_exports_without_the_task_type(tmp_path):
 
 
 def test_a_trained_parameter_peft_cannot_hold_is_refused(tmp_path):
-    """An adapted layer's own base weight: refused naming the parameter, nothing written."""
+    """An adapted layer's own base weight, or a weight two modules share (not the embedding tied to the
+    head, which exports tied; it came first here and let the shared norm through): refused naming the
+    parameter, nothing written."""
     model = tiny_llama(n_layer=1, tie_word_embeddings=True)
     inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
     model.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad_(True)
     with pytest.raises(ValueError, match=r"belongs to the adapted layer 'model.layers.0.self_attn.q_proj' itself "
                                          r"\(its base weight or bias\)"):
+        export_peft(model, tmp_path / "out")
+    model = tiny_llama(n_layer=2, tie_word_embeddings=True)
+    model.model.layers[1].input_layernorm.weight = model.model.layers[0].input_layernorm.weight
+    inject(model, TiedLoRAConfig(rank=4, preset="tl6"))
+    for name in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+        model.get_parameter(name).requires_grad_(True)
+    with pytest.raises(ValueError, match=r"'model.layers.0.input_layernorm.weight' is shared with "
+                                         r"'model.layers.1.input_layernorm.weight' \(tied weights, not the model's"):
         export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

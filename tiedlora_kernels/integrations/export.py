@@ -40,8 +40,8 @@ from safetensors.torch import save_file
 from ..modules import TiedLoRALinear
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import _is_writer, as_directory, file_format, fsync_dir, unwrapped, usual_mode
-from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, refuse_nonfinite,
-                     refuse_sharded)
+from .inject import (ROOT_ATTR, adapted_layers, adapter_config, adapter_named_parameters, embedding_pair,
+                     refuse_nonfinite, refuse_sharded)
 
 #: PEFT's file names (fixed by PEFT, whatever our own checkpoints are called).
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -306,9 +306,10 @@ def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]],
             continue
         owner = pname.rpartition(".")[0]
         why = None
-        if tied is not None and set(names_of[id(prm)]) == {f"{m}.weight" for m in tied}:
-            owner, tie = tied[0], True  # the input embedding, its output twin kept tied (ensure_weight_tying)
-        if len(names_of[id(prm)]) > 1 and not tie:
+        tied_pair = tied is not None and set(names_of[id(prm)]) == {f"{m}.weight" for m in tied}
+        if tied_pair:  # the input embedding, its output twin kept tied (ensure_weight_tying)
+            owner, tie = tied[0], True
+        if len(names_of[id(prm)]) > 1 and not tied_pair:
             why = (f"is shared with {names_of[id(prm)][1]!r} (tied weights, not the model's input and output "
                    "embeddings), which PEFT's module copy would untie")
         elif not owner:
@@ -333,7 +334,8 @@ def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]],
     # One copy per module: a module inside another copied one (RoBERTa's classifier.dense inside the
     # classifier SEQ_CLS copies) goes with it (PEFT's copies of both fail to load).
     listed = list(dict.fromkeys([*[t for t in auto if copied([t])], *owners]))
-    outer = [n for n in copied(listed) if not any(n.startswith(c + ".") for c in copied(listed))]
+    candidates = copied(listed)
+    outer = [n for n in candidates if not any(n.startswith(c + ".") for c in candidates)]
     listed = [t for t in listed if any(n.endswith(t) for n in outer)]
     if tie and tied[1] not in outer:
         outer.append(tied[1])
@@ -344,14 +346,9 @@ def _modules_to_save(model: nn.Module, layers: list[tuple[str, TiedLoRALinear]],
 
 
 def _tied_embeddings(model: nn.Module) -> Optional[tuple[str, str]]:
-    """(input embedding path, output embedding path) of a model whose two share one weight, else None."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    try:
-        pair = (get_in(), get_out()) if callable(get_in) and callable(get_out) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    if pair is None or not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in pair) \
-            or pair[0].weight is not pair[1].weight:
+    """(input embedding path, output head path) of a model whose two share one weight, else None."""
+    pair = embedding_pair(model)
+    if pair is None or pair[0].weight is not pair[1].weight:
         return None
     paths = {id(m): n for n, m in model.named_modules()}
     return (paths[id(pair[0])], paths[id(pair[1])]) if all(id(m) in paths for m in pair) else None

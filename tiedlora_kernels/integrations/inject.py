@@ -102,13 +102,21 @@ def _self_and_ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def _output_embedding(model: nn.Module) -> Optional[nn.Module]:
-    """transformers' output head (``get_output_embeddings()``), whatever its name, or None."""
-    get = getattr(model, "get_output_embeddings", None)
+def model_embedding(model: nn.Module, which: str) -> Optional[nn.Module]:
+    """transformers' input embedding or output head (``get_input_embeddings()`` /
+    ``get_output_embeddings()``, ``which`` = "input" / "output"), whatever its name, or None."""
+    get = getattr(model, f"get_{which}_embeddings", None)
     try:
         return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         return None
+
+
+def embedding_pair(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(input embedding, output head) of a transformers model, each holding a ``weight`` tensor (tied when
+    it is one tensor), or None."""
+    pair = (model_embedding(model, "input"), model_embedding(model, "output"))
+    return pair if all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in pair) else None
 
 
 def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
@@ -171,7 +179,7 @@ def _output_head_layers(model: nn.Module, rule: str) -> set[int]:
     """ids of the modules ``"all-linear"`` leaves out as the output head under exclude rule ``rule``:
     every module inside ``get_output_embeddings()`` (a ``ModuleList`` of heads included), only that
     module itself (the ``module`` rule of older files), or none (``name``)."""
-    head = _output_embedding(model) if rule != "name" else None
+    head = model_embedding(model, "output") if rule != "name" else None
     if head is None:
         return set()
     return {id(m) for m in head.modules()} if rule == "heads" else {id(head)}

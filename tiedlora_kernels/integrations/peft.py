@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TiedLoRAConfig
-from .inject import ROOT_ATTR, adapted_layers, base_in_out, check_rank_fits, inject, read_by_parent
+from .inject import ROOT_ATTR, adapted_layers, base_in_out, check_rank_fits, embedding_pair, inject, read_by_parent
 
 
 def from_peft(peft_model) -> nn.Module:
@@ -189,16 +189,11 @@ def _untie_in_config_where_untied(model: nn.Module) -> None:
     embedding's weight) is its own tensor once PEFT unloads: set the config's ``tie_word_embeddings``
     to False, or ``tie_weights()`` (``save_pretrained`` then ``from_pretrained``, resizing the vocabulary)
     would tie them again and silently drop the trained head."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    config = getattr(model, "config", None)
-    try:
-        pair = (get_in(), get_out()) if callable(get_in) and callable(get_out) else None
-    except (NotImplementedError, AttributeError):
-        return
-    if pair is None or config is None or not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in pair):
+    pair, config = embedding_pair(model), getattr(model, "config", None)
+    if pair is None or config is None or pair[0].weight is pair[1].weight:
         return
     configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
-    if pair[0].weight is pair[1].weight or not any(getattr(c, "tie_word_embeddings", False) for c in configs):
+    if not any(getattr(c, "tie_word_embeddings", False) for c in configs):
         return
     for c in configs:
         if getattr(c, "tie_word_embeddings", False):

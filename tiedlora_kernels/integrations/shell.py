@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..modules import TiedLoRALinear
-from .inject import ROOT_ATTR, _layout_of, _output_embedding, _weights_read_by_parent
+from .inject import ROOT_ATTR, _layout_of, _weights_read_by_parent, model_embedding
 
 
 class _LinearShell(nn.Linear):
@@ -72,7 +72,7 @@ def linear_shell(model: nn.Module, meta: bool = False) -> nn.Module:
         return classes[name]()
 
     root = _ShellRoot()
-    head = _output_embedding(model)
+    head = model_embedding(model, "output")
     read_by_parent = _weights_read_by_parent(model)
     for name, module in model.named_modules():
         if not name or name == ROOT_ATTR or name.startswith(ROOT_ATTR + "."):

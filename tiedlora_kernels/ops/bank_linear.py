@@ -180,9 +180,9 @@ class AdapterRows:
         frame = self.frames[-1] if self.frames else None
         # The ids are the call's (one per sequence, or per token of its (batch, seq); or, for an encoder
         # run before generate expands the batch, one per copy of each sequence): never broadcast.
-        n_ids = self.shape[0]
+        n = self.shape[0]
         matches_call = frame is not None and (
-            frame.batch == n_ids or (frame.before_expansion and frame.batch and n_ids % frame.batch == 0)) and (
+            frame.batch == n or (frame.before_expansion and frame.batch and n % frame.batch == 0)) and (
             not self.per_token or frame.seq is None or frame.seq == self.shape[1])
         def uniform() -> bool:  # one adapter for the whole batch of the call (looked at only when needed)
             return matches_call and len(self) > 0 and bool((self.host == self.host[0]).all())
@@ -198,11 +198,8 @@ class AdapterRows:
                 return self._one_for_all(lead)
             raise ValueError(f"adapter_ids has shape {self.shape} (one slot per token) but the activations "
                              f"have leading shape {lead}{not_sequences}")
-        n = self.shape[0]
         first = lead[0] if lead else None
-        rest = 1
-        for d in lead[1:]:
-            rest *= d
+        rest = math.prod(lead[1:])
         if first == n:
             return self, rest
         if frame is not None and frame.batch == n and frame.seq is not None and len(lead) == 1 \
